@@ -1,0 +1,220 @@
+"""The ``arrakis-ray`` command. Only this module prints; the library logs.
+
+Heavy imports (torch, ray, altair) happen inside the subcommands that need them, so
+``arrakis-ray sql`` starts fast on a laptop without a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from arrakis_ray.errors import ArrakisError
+
+DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+
+DEMO_QUERY = """SELECT layer,
+       round(avg(target_prob), 3) AS mean_p_next,
+       round(avg(CASE WHEN target_rank = 1 THEN 1 ELSE 0 END), 3) AS top1_acc
+FROM results_logit_lens
+WHERE target_rank IS NOT NULL
+GROUP BY layer ORDER BY layer"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``arrakis-ray`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args) or 0
+    except ArrakisError as exc:
+        print(f"arrakis-ray: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="arrakis-ray", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    h = sub.add_parser("harvest", help="run a pipeline's harvest into a store")
+    h.add_argument("pipeline", help="pipeline YAML file")
+    h.add_argument("--store", required=True, help="store directory (created if needed)")
+    h.set_defaults(func=_cmd_harvest)
+
+    r = sub.add_parser("run", help="harvest, run the pipeline's tools, write the report")
+    r.add_argument("pipeline", help="pipeline YAML file")
+    r.add_argument("--store", required=True, help="store directory (created if needed)")
+    r.set_defaults(func=_cmd_run)
+
+    a = sub.add_parser("analyze", help="run an analysis tool over a harvested run")
+    a.add_argument("run", help="run directory (STORE/runs/ID), or a run id with --store")
+    a.add_argument("--tool", required=True, help="tool name (see 'arrakis-ray tools')")
+    a.add_argument(
+        "--param", action="append", default=[], metavar="K=V", help="tool parameter (repeatable)"
+    )
+    a.add_argument("--store", help="store directory, when RUN is a run id")
+    a.set_defaults(func=_cmd_analyze)
+
+    q = sub.add_parser("sql", help="query a store with SQL (read-only)")
+    q.add_argument("store", help="store directory")
+    q.add_argument("query", help="SQL query; views: runs, tokens, vocab, act_*, results_*")
+    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    q.add_argument("--out", help="write the result to this file instead of stdout")
+    q.set_defaults(func=_cmd_sql)
+
+    rep = sub.add_parser("report", help="write a run's HTML report (+ PNGs)")
+    rep.add_argument("run", help="run directory (STORE/runs/ID), or a run id with --store")
+    rep.add_argument("--store", help="store directory, when RUN is a run id")
+    rep.add_argument("--seq", type=int, help="sequence to show in the heatmap (default: first)")
+    rep.add_argument("--out", help="output directory (default: RUN/report)")
+    rep.set_defaults(func=_cmd_report)
+
+    t = sub.add_parser("tools", help="list the analysis tools and their parameters")
+    t.set_defaults(func=_cmd_tools)
+
+    d = sub.add_parser("demo", help="the whole chain on the shipped demo model")
+    d.add_argument("--store", default="demo_store", help="store directory (default demo_store)")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _cmd_harvest(args) -> None:
+    from arrakis_ray.config import load_pipeline
+    from arrakis_ray.harvest.run import harvest
+
+    result = harvest(load_pipeline(args.pipeline), args.store)
+    _print_harvest(result)
+
+
+def _cmd_run(args) -> None:
+    _run_pipeline(Path(args.pipeline), args.store)
+
+
+def _cmd_analyze(args) -> None:
+    from arrakis_ray.tools.runner import analyze
+
+    result = analyze(args.run, args.tool, _parse_params(args.param), store=args.store)
+    print(
+        f"{result.tool}: {result.rows} rows over {result.shards} shards "
+        f"in {result.seconds:.1f} s -> {result.results_dir}"
+    )
+
+
+def _cmd_sql(args) -> None:
+    from arrakis_ray.store.catalog import Store
+    from arrakis_ray.store.formatting import format_frame
+
+    with Store(args.store) as db:
+        frame = db.sql(args.query)
+    out = format_frame(frame, args.format)
+    if args.out:
+        mode = "wb" if isinstance(out, bytes) else "w"
+        with open(args.out, mode) as f:
+            f.write(out)
+        print(f"{frame.height} rows -> {args.out}")
+    elif isinstance(out, bytes):
+        sys.stdout.buffer.write(out)
+    else:
+        print(out)
+
+
+def _cmd_report(args) -> None:
+    from arrakis_ray.reports.run_report import build_report
+
+    report = build_report(args.run, args.store, seq_id=args.seq, out_dir=args.out)
+    print(f"report: {report.html}")
+    for png in report.pngs:
+        print(f"png:    {png}")
+
+
+def _cmd_tools(args) -> None:
+    import dataclasses
+
+    from arrakis_ray.tools import TOOLS
+
+    for name, cls in sorted(TOOLS.items()):
+        print(f"{name}: {cls.summary}")
+        if cls.reference:
+            print(f"    reference: {cls.reference}")
+        for f in dataclasses.fields(cls.Params):
+            default = f.default if f.default is not dataclasses.MISSING else "required"
+            print(f"    --param {f.name}=...  (default {default})")
+
+
+def _cmd_demo(args) -> None:
+    started = time.perf_counter()
+    run_dir, report = _run_pipeline(DEMO_PIPELINE, args.store)
+    from arrakis_ray.store.catalog import Store
+    from arrakis_ray.store.formatting import format_frame
+
+    with Store(args.store) as db:
+        frame = db.sql(DEMO_QUERY)
+        views = db.views()
+    print("\nExample SQL (how well each layer already predicts the next token):")
+    print(f'  arrakis-ray sql {args.store} "{" ".join(DEMO_QUERY.split())}"\n')
+    print(format_frame(frame, "table"))
+    print(f"\nviews: {', '.join(views)}")
+    print(f"store:  {Path(args.store).resolve()}")
+    print(f"run:    {run_dir}")
+    print(f"report: {report.html}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+
+
+def _run_pipeline(pipeline: Path, store: str):
+    from arrakis_ray.config import load_pipeline
+    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.reports.run_report import build_report
+    from arrakis_ray.tools.runner import analyze
+
+    config = load_pipeline(pipeline)
+    result = harvest(config, store)
+    _print_harvest(result)
+    report = None
+    for step in config.analyze:
+        done = analyze(result.run_dir, step.tool, step.params)
+        print(f"{done.tool}: {done.rows} rows -> {done.results_dir}")
+        if done.tool == "logit_lens":
+            report = build_report(result.run_dir)
+            print(f"report: {report.html}")
+    return result.run_dir, report
+
+
+def _print_harvest(result) -> None:
+    if result.status == "already complete":
+        print(
+            f"run {result.run_id} is already complete ({result.shards_total} shards): "
+            f"nothing to do -> {result.run_dir}"
+        )
+        return
+    rate = result.tokens / result.seconds if result.seconds else 0.0
+    print(
+        f"harvested run {result.run_id}: {result.shards_done}/{result.shards_total} shards, "
+        f"{result.tokens} tokens, {result.bytes_written / 1e6:.1f} MB in "
+        f"{result.seconds:.1f} s ({rate:.0f} tokens/s) -> {result.run_dir}"
+    )
+
+
+def _parse_params(items: list[str]) -> dict:
+    import yaml
+
+    from arrakis_ray.errors import ToolError
+
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ToolError(f"--param {item!r}: expected KEY=VALUE")
+        params[key] = yaml.safe_load(value)
+    return params
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Pipeline configuration: typed, frozen, validated in one place.
+
+A pipeline file (``pipelines/*.yaml``) becomes one frozen ``PipelineConfig``. Every
+error names the file and the dotted field (``pipelines/demo.yaml: harvest.batch_size:
+expected a positive integer, got 'abc'``) and suggests close matches for unknown keys.
+The config is never mutated after loading: derived values (resolved hook names, the
+run id) live in the manifest, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from arrakis_ray.errors import ConfigError
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+StorageDtype = Literal["float16", "float32"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to hook. Exactly one of ``zoo``, ``path`` or ``arch``."""
+
+    zoo: str | None = None
+    """Name of a model shipped with arrakis-ray (``facts-gpt2``); needs no download."""
+    path: str | None = None
+    """Local directory holding an HF checkpoint (``save_pretrained`` output)."""
+    arch: str | None = None
+    """Random-init architecture (gpt2, gpt-neo, gpt-neox, llama, gemma, phi3, qwen2,
+    mistral, stablelm); sizes come from ``config``."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """HF config overrides for ``arch`` (e.g. ``num_hidden_layers: 4``)."""
+    tokenizer: str | None = None
+    """Tokenizer for texts: a local directory or ``zoo:NAME``. Defaults to the one saved
+    with a zoo/path model; required for ``arch`` models."""
+    seed: int = 0
+    """Seed of the random init (``arch`` only)."""
+    dtype: Dtype = "float32"
+    """Dtype the model computes in."""
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("zoo", "path", "arch") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of zoo, path or arch (got {', '.join(given) or 'none'})"
+            )
+        if self.config and not self.arch:
+            raise ValueError("config overrides only apply to a random-init 'arch' model")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the texts come from and how they become token sequences."""
+
+    path: str
+    """A .jsonl, .parquet or .txt file, or a directory of them (relative paths are
+    relative to the pipeline file)."""
+    text_column: str = "text"
+    """Column holding the document text (jsonl/parquet)."""
+    context_length: int = 128
+    """Tokens per sequence; longer documents are truncated (BOS included)."""
+    max_documents: int | None = None
+    """Use only the first N documents (None: all)."""
+
+    def __post_init__(self) -> None:
+        if self.context_length < 2:
+            raise ValueError("context_length must be at least 2")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError("max_documents must be positive")
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """What to capture and how to spread the work over Ray actors."""
+
+    hooks: tuple[str, ...]
+    """Hook names or globs (``blocks.*.hook_resid_post``)."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    shard_size: int = 64
+    """Sequences per shard: the unit of work, of output files and of resume."""
+    actors: int = 1
+    """Model replicas (Ray actors), each holding the whole model."""
+    num_gpus_per_actor: float = 0.0
+    """GPUs per actor (1 on GPU clusters; 0 runs on CPU)."""
+    num_cpus_per_actor: float = 0.5
+    """CPUs reserved per actor; fractional so the write stage is not starved."""
+    storage_dtype: StorageDtype = "float16"
+    """Dtype of stored activations (bfloat16 models are stored as float32)."""
+
+    def __post_init__(self) -> None:
+        if not self.hooks:
+            raise ValueError("hooks: name at least one hook point")
+        for name in ("batch_size", "shard_size", "actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
+            raise ValueError("num_gpus_per_actor and num_cpus_per_actor must be >= 0")
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """One analysis tool to run after the harvest."""
+
+    tool: str
+    """Tool name (``arrakis-ray tools`` lists them)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Tool parameters."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole pipeline: model, data, harvest, then tools."""
+
+    name: str
+    """Human-readable name, shown in the ``runs`` view."""
+    model: ModelConfig
+    data: DataConfig
+    harvest: HarvestConfig
+    analyze: tuple[ToolRun, ...] = ()
+    """Tools to run over the harvested run, in order."""
+    source: str = "<dict>"
+    """Where this config was read from (for error messages)."""
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML file; relative data paths resolve against it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = dict(raw)
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        data_path = Path(data["path"])
+        if not data_path.is_absolute():
+            raw["data"] = {**data, "path": str((path.parent / data_path).resolve())}
+    return pipeline_from_dict(raw, source=str(path))
+
+
+def pipeline_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    """Validate a plain dict (as parsed from YAML) into a ``PipelineConfig``."""
+    return _build(PipelineConfig, {**raw, "source": source}, source, "")
+
+
+def to_dict(config: Any) -> Any:
+    """A config as plain JSON-able data (for manifests and hashing)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, tuple | list):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def _build(cls: type, raw: Any, source: str, where: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``, checking keys and types field by field."""
+    label = where or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {label}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=2)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            allowed = ", ".join(n for n in fields if n != "source")
+            raise ConfigError(
+                f"{source}: {_join(where, key)}: unknown field{hint}; allowed: {allowed}"
+            )
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: {_join(where, name)}: required field is missing")
+            continue
+        values[name] = _coerce(hints[name], raw[name], source, _join(where, name))
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {label}: {exc}") from None
+
+
+def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
+    """Check ``value`` against a type hint, converting lists to tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, source, where)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{source}: {where}: {_show(value)} is not one of "
+                f"{', '.join(map(str, args))}{hint_text}"
+            )
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, where)
+    if origin is tuple:
+        items = [value] if isinstance(value, str | dict) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{source}: {where}: expected a list, got {_show(value)}")
+        return tuple(_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(items))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {where}: expected true or false, got {_show(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {where}: expected an integer, got {_show(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {where}: expected a number, got {_show(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: {where}: expected a non-empty string, got {_show(value)}")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug, not user input
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."

@@ -1,0 +1,201 @@
+"""The two Ray Data steps of a harvest: tokenize a shard, then capture and write it.
+
+Both are plain callables (``__call__(batch) -> batch``), so a unit test runs them
+without Ray and a 100-GPU job runs them in an actor pool. A batch holds one or more
+*shards* (see ``inputs.Shard``). The harvest step writes a shard's Parquet files itself
+(atomically, one file per hook family), then its completion marker; the rows it returns
+downstream are only small statistics, so the activations never travel through Ray's
+object store and the driver never holds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+
+from arrakis_ray.config import PipelineConfig
+from arrakis_ray.harvest import tables
+from arrakis_ray.harvest.inputs import Shard, read_shard_texts
+from arrakis_ray.harvest.model_source import load_model, load_tokenizer, vocab_texts
+from arrakis_ray.store import layout as store_layout
+from arrakis_ray.store import parquet, schemas
+
+log = logging.getLogger(__name__)
+
+SHARD_FIELDS = ("shard", "file", "format", "offset", "count", "first_doc")
+
+
+class TokenizeShard:
+    """Ray Data step: shard descriptors -> token ids (flat) and sequence lengths."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = defaultdict(list)
+        for row in _rows(batch):
+            shard = Shard(**row)
+            ids = [self._encode(t) for t in read_shard_texts(shard, self.config.data.text_column)]
+            for key in SHARD_FIELDS:
+                out[key].append(row[key])
+            out["lengths"].append(np.array([len(x) for x in ids], dtype=np.int32))
+            out["token_ids"].append(np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
+        return {k: _column(v) for k, v in out.items()}
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        # every sequence starts with BOS, as TransformerLens does, so position 0 is a sink
+        # token and not the first word; add it when the tokenizer's template does not
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids[: self.config.data.context_length]
+
+
+class HarvestShard:
+    """Ray Data step (an actor): run the hooked model on a shard and write its tables."""
+
+    def __init__(self, config: PipelineConfig, run_id: str, store_root: str, hooks: list[str]):
+        import torch
+
+        self.config = config
+        self.run_id = run_id
+        self.hooks = hooks
+        self.layout = store_layout.RunLayout(store_root, run_id)
+        use_gpu = config.harvest.num_gpus_per_actor > 0 and torch.cuda.is_available()
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs, so cuda:0 is ours
+        self.device = "cuda" if use_gpu else "cpu"
+        if not use_gpu:
+            threads = max(1, (os.cpu_count() or 1) // config.harvest.actors)
+            torch.set_num_threads(threads)
+        self.model = load_model(config.model, device=self.device)
+        self.vocab_text = np.array(
+            vocab_texts(self.model.tokenizer, self.model.vocab_size), dtype=object
+        )
+        self.pad_id = self.model.tokenizer.pad_token_id or 0
+        self.storage_dtype = config.harvest.storage_dtype
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stats: dict[str, list] = defaultdict(list)
+        for row in _rows(batch):
+            started = time.perf_counter()
+            n_tokens, n_bytes = self.harvest_shard(row)
+            stats["shard"].append(int(row["shard"]))
+            stats["tokens"].append(n_tokens)
+            stats["bytes"].append(n_bytes)
+            stats["seconds"].append(time.perf_counter() - started)
+        return {k: np.asarray(v) for k, v in stats.items()}
+
+    def harvest_shard(self, row: dict) -> tuple[int, int]:
+        """Capture every requested hook for one shard and write it; (tokens, bytes)."""
+        import torch
+
+        shard = int(row["shard"])
+        lengths = np.asarray(row["lengths"], dtype=np.int64)
+        flat = np.asarray(row["token_ids"], dtype=np.int64)
+        seq_ids = int(row["first_doc"]) + np.arange(len(lengths), dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        per_family: dict[str, list] = defaultdict(list)
+        batch_size = self.config.harvest.batch_size
+        token_parts = []
+        for lo in range(0, len(lengths), batch_size):
+            idx = np.arange(lo, min(lo + batch_size, len(lengths)))
+            width = max(1, int(lengths[idx].max()))
+            ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), width), dtype=bool)
+            for j, i in enumerate(idx):
+                ids[j, : lengths[i]] = flat[starts[i] : starts[i] + lengths[i]]
+                mask[j, : lengths[i]] = True
+            _, cache = self.model.run_with_cache(
+                torch.from_numpy(ids).to(self.device),
+                attention_mask=torch.from_numpy(mask).long().to(self.device),
+                hooks=self.hooks,
+            )
+            for name, tensor in cache.items():
+                per_family[store_layout.hook_family(name)].append(
+                    self._table(name, tensor, mask, lengths[idx], seq_ids[idx])
+                )
+            token_parts.append(
+                tables.tokens_table(
+                    schemas.tokens_schema(),
+                    self.run_id,
+                    seq_ids[idx],
+                    seq_ids[idx],
+                    ids,
+                    mask,
+                    self.vocab_text,
+                )
+            )
+        n_bytes = 0
+        for family, parts in per_family.items():
+            n_bytes += self._write_family(family, parts, shard)
+        n_bytes += parquet.write_table(
+            pa.concat_tables(token_parts),
+            self.layout.shard_file(self.layout.tokens_dir, shard),
+            schema_name="tokens",
+            schema_version=schemas.load_schema("tokens").version,
+            expected=schemas.tokens_schema(),
+        )
+        # the marker goes last: a shard without it is redone from scratch on resume
+        marker = self.layout.completion_marker(shard)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("")
+        return int(lengths.sum()), n_bytes
+
+    def _table(self, name: str, tensor, mask: np.ndarray, lengths: np.ndarray, seq_ids):
+        """(layer, table) of one hook's captured tensor for one forward batch."""
+        kind, width = self.model.hook_shape(name)
+        layer = self.model.layer_of(name)
+        values = self._to_numpy(tensor, kind)
+        schema = schemas.activation_schema(kind, width, self.storage_dtype)
+        if kind == "pattern":
+            return layer, tables.pattern_table(schema, self.run_id, layer, values, lengths, seq_ids)
+        build = tables.head_table if kind == "head" else tables.dense_table
+        return layer, build(schema, self.run_id, layer, values, mask, seq_ids)
+
+    def _to_numpy(self, tensor, kind: str) -> np.ndarray:
+        import torch
+
+        # patterns are probabilities stored as float32 (weight column); activations are
+        # stored in the configured dtype. bfloat16 has no numpy/Parquet type: float32.
+        half = self.storage_dtype == "float16" and kind != "pattern"
+        return tensor.detach().to(torch.float16 if half else torch.float32).cpu().numpy()
+
+    def _write_family(self, family: str, parts: list, shard: int) -> int:
+        # rows ordered by layer, so each layer is a contiguous run of row groups whose
+        # min/max statistics let a reader skip the other layers
+        parts.sort(key=lambda item: item[0])
+        table = pa.concat_tables([t for _, t in parts])
+        name = f"activation.{store_layout.family_kind(family)}"
+        return parquet.write_table(
+            table,
+            self.layout.shard_file(self.layout.activation_dir(family), shard),
+            schema_name=name,
+            schema_version=schemas.load_schema(name).version,
+            expected=parts[0][1].schema,  # built from schemas.activation_schema above
+        )
+
+
+def _rows(batch: dict[str, np.ndarray]):
+    """The rows of a columnar Ray Data batch, as dicts."""
+    n = len(next(iter(batch.values())))
+    for i in range(n):
+        yield {
+            k: (v[i].item() if hasattr(v[i], "item") and np.ndim(v[i]) == 0 else v[i])
+            for k, v in batch.items()
+        }
+
+
+def _column(values: list) -> np.ndarray:
+    """A batch column; ragged arrays become an object array (one array per shard)."""
+    if values and isinstance(values[0], np.ndarray):
+        col = np.empty(len(values), dtype=object)
+        col[:] = values
+        return col
+    return np.asarray(values)

@@ -1,0 +1,257 @@
+"""The harvest driver: validate, plan, then stream shards through Ray Data actors.
+
+Everything that can be wrong with the inputs (config, hooks, data, model path) is
+checked before the store is touched. The run id is a content hash of what determines
+the output, so an identical rerun finds its own run and only finishes the shards that
+lack a completion marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from arrakis_ray.config import PipelineConfig, to_dict
+from arrakis_ray.harvest.actor import HarvestShard, TokenizeShard
+from arrakis_ray.harvest.inputs import data_fingerprint, plan_shards
+from arrakis_ray.harvest.model_source import (
+    describe_model,
+    load_tokenizer,
+    model_source_fingerprint,
+    vocab_texts,
+)
+from arrakis_ray.store import layout as store_layout
+from arrakis_ray.store import manifest as store_manifest
+from arrakis_ray.store import parquet, schemas
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HarvestResult:
+    """What a harvest call did."""
+
+    run_id: str
+    run_dir: Path
+    status: str  # "complete" | "already complete"
+    shards_done: int  # shards harvested by this call
+    shards_total: int
+    tokens: int  # tokens harvested by this call
+    bytes_written: int
+    seconds: float
+
+
+def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
+    """Harvest ``config`` into ``store`` (created if needed); resumes a partial run."""
+    started = time.perf_counter()
+    model = describe_model(config.model)
+    hooks = model.resolve_hooks(config.harvest.hooks)
+    shards = plan_shards(config.data.path, config.harvest.shard_size, config.data.max_documents)
+    tokenizer = load_tokenizer(config.model)
+    identity = {
+        "model": model_source_fingerprint(config.model),
+        "data": data_fingerprint(shards, config.data.text_column),
+        "hooks": hooks,
+        "context_length": config.data.context_length,
+        "storage_dtype": config.harvest.storage_dtype,
+        "shard_size": config.harvest.shard_size,
+    }
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    store_layout.init_store(store)
+    layout = store_layout.RunLayout(store, run_id)
+    done = layout.completed_shards() if layout.manifest_path.exists() else set()
+    pending = [s for s in shards if s.shard not in done]
+    manifest = (
+        store_manifest.read_manifest(layout)
+        if layout.manifest_path.exists()
+        else _new_manifest(config, run_id, model, hooks, shards, identity)
+    )
+    if not pending:
+        log.info("run %s is already complete: nothing to do", run_id)
+        if manifest.get("status") != "complete":
+            manifest["status"] = "complete"
+            store_manifest.write_manifest(layout, manifest)
+        return HarvestResult(run_id, layout.root, "already complete", 0, len(shards), 0, 0, 0.0)
+    if done:
+        log.info("resuming run %s: %d of %d shards already done", run_id, len(done), len(shards))
+    manifest["status"] = "running"
+    manifest["harvest"]["resumed"] = manifest["harvest"].get("resumed", False) or bool(done)
+    store_manifest.write_manifest(layout, manifest)
+    if not layout.vocab_path.exists():
+        _write_vocab(layout, tokenizer, model.vocab_size)
+
+    tokens, n_bytes = _run_shards(config, layout, hooks, pending, len(shards))
+    seconds = time.perf_counter() - started
+    _finish_manifest(manifest, layout, tokens, n_bytes, seconds, len(pending))
+    return HarvestResult(
+        run_id, layout.root, "complete", len(pending), len(shards), tokens, n_bytes, seconds
+    )
+
+
+def ensure_ray() -> None:
+    """Connect to Ray: ``RAY_ADDRESS`` if set, else start a local cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
+        )
+
+
+def _run_shards(config, layout, hooks, pending, total) -> tuple[int, int]:
+    import ray.data
+
+    ensure_ray()
+    items = [s.to_dict() for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _tokenize,
+        fn_kwargs={"config": config},
+        batch_size=1,
+        num_cpus=0.25,
+    )
+    ds = ds.map_batches(
+        HarvestShard,
+        fn_constructor_kwargs={
+            "config": config,
+            "run_id": layout.run_id,
+            "store_root": str(layout.store_root),
+            "hooks": hooks,
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=config.harvest.actors),
+        num_cpus=config.harvest.num_cpus_per_actor,
+        num_gpus=config.harvest.num_gpus_per_actor,
+    )
+    tokens = n_bytes = done = 0
+    t0 = time.perf_counter()
+    for row in ds.iter_rows():
+        done += 1
+        tokens += int(row["tokens"])
+        n_bytes += int(row["bytes"])
+        elapsed = time.perf_counter() - t0
+        rate = tokens / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done * (len(pending) - done)
+        log.info(
+            "shard %d done (%d/%d this call, %d total): %d tokens, %.0f tokens/s, "
+            "%.1f MB written, ETA %.0f s",
+            row["shard"],
+            done,
+            len(pending),
+            total,
+            tokens,
+            rate,
+            n_bytes / 1e6,
+            eta,
+        )
+    return tokens, n_bytes
+
+
+def _tokenize(batch, config):
+    return TokenizeShard(config)(batch)
+
+
+def _new_manifest(config, run_id, model, hooks, shards, identity) -> dict:
+    from arrakis_ray import __version__
+
+    return {
+        "run_id": run_id,
+        "name": config.name,
+        "status": "running",
+        "created_at": _now(),
+        "config": to_dict(config),
+        "hooks": hooks,
+        "model": {
+            "source": _model_source(config),
+            "arch": model.arch,
+            "n_layers": model.n_layers,
+            "d_model": model.d_model,
+            "n_heads": model.n_heads,
+            "d_head": model.d_head,
+            "d_mlp": model.d_mlp,
+            "vocab_size": model.vocab_size,
+            "fingerprint": identity["model"],
+        },
+        "data": {
+            "path": config.data.path,
+            "fingerprint": identity["data"],
+            "n_documents": sum(s.count for s in shards),
+            "n_sequences": sum(s.count for s in shards),  # one sequence per document
+            "n_shards": len(shards),
+        },
+        "shard_plan": [s.to_dict() for s in shards],
+        "schemas": {n: schemas.load_schema(n).version for n in schemas.known_schemas()},
+        "harvest": {"resumed": False, "calls": []},
+        "results": {},
+        "versions": _package_versions(__version__),
+    }
+
+
+def _finish_manifest(manifest, layout, tokens, n_bytes, seconds, n_shards) -> None:
+    calls = manifest["harvest"].setdefault("calls", [])
+    calls.append(
+        {
+            "finished_at": _now(),
+            "shards": n_shards,
+            "tokens": tokens,
+            "bytes": n_bytes,
+            "seconds": round(seconds, 3),
+        }
+    )
+    total_tokens = sum(c["tokens"] for c in calls)
+    total_seconds = sum(c["seconds"] for c in calls)
+    manifest["harvest"].update(
+        {
+            "n_tokens": total_tokens,
+            "bytes": sum(c["bytes"] for c in calls),
+            "seconds": round(total_seconds, 3),
+            "tokens_per_s": round(total_tokens / total_seconds, 1) if total_seconds else None,
+        }
+    )
+    manifest["status"] = "complete"
+    manifest["updated_at"] = _now()
+    store_manifest.write_manifest(layout, manifest)
+
+
+def _write_vocab(layout, tokenizer, vocab_size: int) -> None:
+    import pyarrow as pa
+
+    texts = vocab_texts(tokenizer, vocab_size)
+    table = pa.Table.from_arrays(
+        [pa.array(range(vocab_size), pa.int32()), pa.array(texts, pa.string())],
+        schema=schemas.vocab_schema(),
+    )
+    parquet.write_table(
+        table,
+        layout.vocab_path,
+        schema_name="vocab",
+        schema_version=schemas.load_schema("vocab").version,
+        expected=schemas.vocab_schema(),
+    )
+
+
+def _model_source(config: PipelineConfig) -> str:
+    m = config.model
+    return f"zoo:{m.zoo}" if m.zoo else (m.path if m.path else f"random:{m.arch}")
+
+
+def _package_versions(own: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"arrakis-ray": own}
+    for pkg in ("ray", "torch", "transformers", "pyarrow", "duckdb", "polars", "altair"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,312 @@
+"""HookedModel: an HF causal LM with TransformerLens-style hook points.
+
+Hook points are PyTorch forward hooks / forward pre-hooks on the model's real modules,
+located through a per-architecture ``Adapter``. They are registered for one call and
+removed in ``finally``; the model's weights are never touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from arrakis_ray.errors import UnknownHookError
+from arrakis_ray.models.adapters import Adapter, adapter_for, get_module, linear_params
+from arrakis_ray.models.points import (
+    BLOCK_HOOKS,
+    BLOCK_RE,
+    HEAD_HOOKS,
+    READ_ONLY,
+    Point,
+    build_point,
+)
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+Intervention = Callable[["Tensor", str], "Tensor | None"]
+"""``fn(activation, hook_name)``: return a tensor (same shape) to replace it, or None."""
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested activation is cached (no logits wanted)."""
+
+
+class HookedModel:
+    """An HF ``*ForCausalLM`` (eval mode) with TransformerLens hook names.
+
+    Hook names: ``hook_embed``, ``hook_pos_embed`` (learned positions only),
+    ``blocks.{L}.hook_resid_pre|mid|post`` (no ``resid_mid`` in parallel blocks),
+    ``blocks.{L}.attn.hook_q|k|v|z|pattern``, ``blocks.{L}.hook_attn_out``,
+    ``blocks.{L}.mlp.hook_pre|post``, ``blocks.{L}.hook_mlp_out``,
+    ``ln_final.hook_normalized`` and ``logits``. q/k/v are the projections before
+    rotary (and before stablelm's optional qk-norm). Not thread-safe: a call may switch
+    the attention implementation of the wrapped model for its duration.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter | None = None, tokenizer: Any = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.adapter = adapter or adapter_for(model.config)
+        cfg = model.config
+        self.arch: str = self.adapter.arch
+        self.n_layers: int = len(self.adapter.layer_modules(model))
+        self.d_model: int = int(cfg.hidden_size)
+        self.n_heads: int = int(cfg.num_attention_heads)
+        self.n_kv_heads: int = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        # Read widths off the weights rather than the config: head_dim conventions
+        # differ per family (some ignore config.head_dim, some default it).
+        w_o, _ = linear_params(self.adapter.sub(model, 0, self.adapter.o_proj))
+        self.d_head: int = int(w_o.shape[1]) // self.n_heads
+        w_down, _ = linear_params(self.adapter.sub(model, 0, self.adapter.mlp_down))
+        self.d_mlp: int = int(w_down.shape[1])
+        w_u, _ = linear_params(get_module(model, self.adapter.lm_head))
+        self.vocab_size: int = int(w_u.shape[0])
+        param = next(model.parameters())
+        self.device: torch.device = param.device
+        self.dtype: torch.dtype = param.dtype
+        self.parallel_residual: bool = self.adapter.is_parallel(cfg)
+        self._names = self._all_hook_names()
+        self._order = {name: i for i, name in enumerate(self._names)}
+
+    def __repr__(self) -> str:
+        return (
+            f"HookedModel(arch={self.arch!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
+            f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, dtype={self.dtype})"
+        )
+
+    # ------------------------------------------------------------------ hook names
+
+    def _all_hook_names(self) -> list[str]:
+        names = ["hook_embed"]
+        if self.adapter.pos_embed is not None:
+            names.append("hook_pos_embed")
+        for layer in range(self.n_layers):
+            for hook in BLOCK_HOOKS:
+                if hook == "hook_resid_mid" and self.parallel_residual:
+                    continue
+                names.append(f"blocks.{layer}.{hook}")
+        names += ["ln_final.hook_normalized", "logits"]
+        return names
+
+    def hook_names(self) -> list[str]:
+        """Every concrete hook point of this model, in forward order."""
+        return list(self._names)
+
+    def _unknown(self, what: str, hint: str = "") -> UnknownHookError:
+        close = difflib.get_close_matches(what, self._names, n=3, cutoff=0.6)
+        suggestion = f"; did you mean {', '.join(close)}?" if close else ""
+        return UnknownHookError(
+            f"hook {what!r} matches no hook point of this {self.arch} model "
+            f"({self.n_layers} layers){hint}{suggestion}"
+        )
+
+    def resolve_hooks(self, patterns: Sequence[str]) -> list[str]:
+        """Expand names / fnmatch globs into concrete hook names (deduped, forward order)."""
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        found: set[str] = set()
+        for pattern in patterns:
+            if pattern in self._order:
+                found.add(pattern)
+                continue
+            matches = fnmatch.filter(self._names, pattern)
+            if not matches:
+                hint = ""
+                if pattern.endswith("hook_resid_mid") and self.parallel_residual:
+                    hint = " (parallel attn+mlp blocks have no resid_mid)"
+                raise self._unknown(pattern, hint)
+            found.update(matches)
+        return sorted(found, key=self._order.__getitem__)
+
+    def _check(self, name: str) -> str:
+        if name not in self._order:
+            raise self._unknown(name)
+        return name
+
+    def layer_of(self, name: str) -> int:
+        """L for ``blocks.L.*``, -1 for the embeddings, n_layers for ln_final/logits."""
+        self._check(name)
+        match = BLOCK_RE.match(name)
+        if match:
+            return int(match.group(1))
+        return -1 if name in ("hook_embed", "hook_pos_embed") else self.n_layers
+
+    def _block_hook(self, name: str) -> str:
+        match = BLOCK_RE.match(name)
+        return match.group(2) if match else name
+
+    def hook_shape(self, name: str) -> tuple[str, int | None]:
+        """``("dense", width)``, ``("head", d_head)`` or ``("pattern", None)``."""
+        hook = self._block_hook(self._check(name))
+        if hook in HEAD_HOOKS:
+            return "head", self.d_head
+        if hook == "attn.hook_pattern":
+            return "pattern", None
+        if hook in ("mlp.hook_pre", "mlp.hook_post"):
+            return "dense", self.d_mlp
+        if hook == "logits":
+            return "dense", self.vocab_size
+        return "dense", self.d_model
+
+    def n_heads_of(self, name: str) -> int:
+        """Heads in a per-head hook: n_kv_heads for k/v, n_heads for q/z/pattern."""
+        hook = self._block_hook(self._check(name))
+        if hook in ("attn.hook_k", "attn.hook_v"):
+            return self.n_kv_heads
+        if hook in ("attn.hook_q", "attn.hook_z", "attn.hook_pattern"):
+            return self.n_heads
+        raise UnknownHookError(f"hook {name!r} is not a per-head hook point")
+
+    # ------------------------------------------------------------------ running
+
+    def _register(
+        self,
+        name: str,
+        point: Point,
+        cache: dict[str, Tensor],
+        want: set[str],
+        fn: Intervention | None,
+        stop_when_complete: bool,
+    ) -> Any:
+        def record(value: Tensor) -> None:
+            if name in want:
+                cache[name] = value.detach()
+                if stop_when_complete and len(cache) == len(want):
+                    raise _StopForward
+
+        if point.pre:
+
+            def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+                value = point.read(args, kwargs, None)
+                result = None
+                if fn is not None and (new := fn(value, name)) is not None:
+                    result = point.write(args, kwargs, None, new)  # type: ignore[misc]
+                    value = new
+                record(value)
+                return result
+
+            return point.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def fwd_hook(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            value = point.read(args, kwargs, out)
+            result = None
+            if fn is not None and (new := fn(value, name)) is not None:
+                result = point.write(args, kwargs, out, new)  # type: ignore[misc]
+                value = new
+            record(value)
+            return result
+
+        return point.module.register_forward_hook(fwd_hook, with_kwargs=True)
+
+    @torch.inference_mode()
+    def run_with_cache(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        hooks: Sequence[str] = (),
+        *,
+        interventions: Mapping[str, Intervention] | None = None,
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Run the model on ``input_ids [batch, pos]`` and cache the requested hooks.
+
+        ``hooks`` are names or globs. Returns ``(logits or None, cache)``: logits only
+        when ``"logits"`` is requested (or when nothing is requested: a plain forward);
+        otherwise the forward stops as soon as every requested activation is cached.
+        Shapes follow TransformerLens: dense ``[batch, pos, d]``, q/k/v/z
+        ``[batch, pos, head, d_head]``, pattern ``[batch, head, q_pos, k_pos]``.
+
+        With an ``attention_mask``, position ids count only attended tokens (as HF
+        ``generate`` does), so a real token's activations do not depend on padding side.
+
+        ``interventions`` maps hook names/globs to ``fn(activation, name)``; a returned
+        tensor replaces the activation downstream (and in the cache). ``hook_pattern``,
+        ``hook_resid_mid`` and ``logits`` are read-only (named: an error; globs skip them).
+        """
+        names = self.resolve_hooks(hooks)
+        want = set(names)
+        want_logits = "logits" in want or not names
+        want.discard("logits")
+        fns: dict[str, Intervention] = {}
+        for pattern, fn in (interventions or {}).items():
+            if pattern in self._order and pattern.endswith(READ_ONLY):
+                raise UnknownHookError(f"hook {pattern!r} is read-only: it cannot be intervened on")
+            # a glob skips the read-only points it matches
+            for name in self.resolve_hooks([pattern]):
+                if not name.endswith(READ_ONLY):
+                    fns[name] = fn
+        batch = int(input_ids.shape[0])
+        points = {name: build_point(self, name, batch) for name in sorted(want | set(fns))}
+
+        input_ids = input_ids.to(self.device)
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+            kwargs["attention_mask"] = attention_mask
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        cache: dict[str, Tensor] = {}
+        handles = []
+        restore_attn = self._switch_attention(any(n.endswith("hook_pattern") for n in want))
+        try:
+            for name in sorted(points, key=self._order.__getitem__):
+                handles.append(
+                    self._register(name, points[name], cache, want, fns.get(name), not want_logits)
+                )
+            logits = None
+            try:
+                logits = self.model(input_ids, **kwargs).logits.detach()
+            except _StopForward:
+                pass
+            if "logits" in names:
+                cache["logits"] = logits
+            missing = [n for n in names if n not in cache]
+            if missing:  # an adapter pointing at a module the forward never calls
+                raise RuntimeError(f"{self.arch} hook points never fired: {missing}")
+            # hooks fire in module order (z before pattern): hand back hook_names() order
+            return (logits if want_logits else None), {n: cache[n] for n in names}
+        finally:
+            for handle in handles:
+                handle.remove()
+            if restore_attn is not None:
+                self.model.set_attn_implementation(restore_attn)
+
+    def _switch_attention(self, need_eager: bool) -> str | None:
+        """Switch to eager attention (the only one returning weights); return the old one."""
+        current = self.model.config._attn_implementation
+        if not need_eager or current == "eager":
+            return None
+        if not self.model._can_set_attn_implementation():
+            raise UnknownHookError(
+                f"this {self.arch} model runs {current!r} attention and cannot switch to eager, "
+                "so attention patterns are unavailable"
+            )
+        log.debug("switching %s attention from %s to eager for patterns", self.arch, current)
+        self.model.set_attn_implementation("eager")
+        return current
+
+    # ------------------------------------------------------------------ pieces
+
+    # Cached activations are inference tensors, which autograd refuses to record;
+    # with one of those as input these run in inference mode, otherwise they keep grad.
+
+    def ln_final(self, resid: Tensor) -> Tensor:
+        """Apply the model's final norm to a residual-stream tensor ``[..., d_model]``."""
+        with torch.inference_mode(resid.is_inference()):
+            return get_module(self.model, self.adapter.final_norm)(resid)
+
+    def unembed(self, normed: Tensor) -> Tensor:
+        """Logits from final-normed residuals: lm_head (with any bias) and softcapping."""
+        with torch.inference_mode(normed.is_inference()):
+            logits = get_module(self.model, self.adapter.lm_head)(normed)
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            return logits

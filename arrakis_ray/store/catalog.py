@@ -1,0 +1,288 @@
+"""Read-only SQL over every run of a store: an in-memory DuckDB with one view per table.
+
+Views: ``runs`` (one row per run, from the manifests), ``tokens``, ``vocab``,
+``act_<family>`` for every stored hook family and ``results_<tool>`` for every tool
+result; each spans all runs and has a ``run_id`` column. The set of runs is read when the
+Store opens; shards a running harvest adds later to those runs are seen by later queries.
+
+Once the views exist the connection is locked down: it reads only under the store root,
+cannot load extensions or change settings, and ``Store.sql`` runs only SELECT (and
+EXPLAIN of a SELECT), so a query can neither write nor read outside the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from arrakis_ray.errors import QueryError, SchemaError, StoreError
+from arrakis_ray.store.layout import FAMILY_KIND, RunLayout, list_run_ids, open_store
+from arrakis_ray.store.manifest import read_manifest
+from arrakis_ray.store.parquet import check_file_schema
+from arrakis_ray.store.schemas import activation_schema_name, load_schema
+
+log = logging.getLogger(__name__)
+
+SHARD_GLOB = "shard-*.parquet"
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("name", pa.string()),
+        ("status", pa.string()),
+        ("model", pa.string()),
+        ("arch", pa.string()),
+        ("n_sequences", pa.int64()),
+        ("n_tokens", pa.int64()),
+        ("hooks", pa.list_(pa.string())),
+        ("created_at", pa.string()),
+        ("tokens_per_s", pa.float64()),
+        ("bytes", pa.int64()),
+        ("manifest", pa.string()),
+    ]
+)
+# Prefix of EXPLAIN [ANALYZE] [(options)] after leading whitespace and comments.
+_EXPLAIN = re.compile(
+    r"^(?:\s+|--[^\n]*\n|/\*.*?\*/)*EXPLAIN\s*(?:\([^)]*\)\s*)?(?:ANALY[SZ]E\b)?",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _lit(text: str | Path) -> str:
+    """SQL string literal."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def _lookup(manifest: dict, key: str) -> object:
+    """A manifest value at the top level, else in the first nested section that has it."""
+    if key in manifest:
+        return manifest[key]
+    for value in manifest.values():
+        if isinstance(value, dict) and key in value:
+            return value[key]
+    return None
+
+
+def _as(kind: type, value: object) -> object:
+    try:
+        return kind(value) if value is not None and not isinstance(value, dict | list) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for base, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(base, name)).st_size
+            except OSError:
+                pass  # a temp file renamed away while walking
+    return total
+
+
+def _run_row(layout: RunLayout) -> dict:
+    """One row of the ``runs`` view; a run without a readable manifest still gets a row."""
+    row: dict = {"run_id": layout.run_id, "bytes": _dir_bytes(layout.root)}
+    try:
+        manifest = read_manifest(layout)
+    except StoreError as e:
+        log.warning("%s", e)
+        row["status"] = "no-manifest" if not layout.manifest_path.exists() else "corrupt-manifest"
+        return row
+    model = _lookup(manifest, "model")
+    if isinstance(model, dict):
+        row["model"] = _as(str, model.get("source") or model.get("name") or model.get("path"))
+        row["arch"] = _as(str, model.get("arch") or model.get("architecture"))
+    else:
+        row["model"] = _as(str, model)
+        row["arch"] = _as(str, _lookup(manifest, "arch"))
+    hooks = _lookup(manifest, "hooks")
+    if isinstance(hooks, dict):
+        hooks = list(hooks)
+    row["hooks"] = [str(h) for h in hooks] if isinstance(hooks, list) else None
+    for key in ("name", "status", "created_at"):
+        row[key] = _as(str, _lookup(manifest, key))
+    for key in ("n_sequences", "n_tokens"):
+        row[key] = _as(int, _lookup(manifest, key))
+    row["tokens_per_s"] = _as(float, _lookup(manifest, "tokens_per_s"))
+    row["manifest"] = json.dumps(manifest, sort_keys=True)
+    return row
+
+
+class Store:
+    """A store opened for SQL: ``Store(root).sql("SELECT ...")`` returns a Polars frame."""
+
+    def __init__(self, root: str | Path) -> None:
+        # Real path: DuckDB checks file access against it textually.
+        self.root = open_store(root).resolve()
+        self._run_ids = list_run_ids(self.root)
+        self._views: list[str] = []
+        self._tmpdir = tempfile.mkdtemp(prefix="arrakis-duckdb-")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
+        self._con: duckdb.DuckDBPyConnection | None = duckdb.connect(":memory:")
+        try:
+            self._create_runs()
+            self._create_file_views()
+            self._lock_down()
+        except duckdb.Error as e:
+            self.close()
+            raise StoreError(f"{self.root}: could not build the SQL catalog ({e})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    # -- building -----------------------------------------------------------------
+
+    def _create_runs(self) -> None:
+        rows = [_run_row(RunLayout(self.root, r)) for r in self._run_ids]
+        table = pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
+        self._con.from_arrow(table).create("runs")
+        self._views.append("runs")
+
+    def _checked_files(self, pattern: str, schema_name: str) -> list[tuple[str, str, Path]]:
+        """(run id, per-run glob, first file) of one table; the first file's schema checked."""
+        try:
+            max_version = load_schema(schema_name).version
+        except SchemaError:
+            max_version = None  # a tool whose schema file this install lacks
+        found = []
+        for run_id in self._run_ids:
+            run_dir = self.root / "runs" / run_id
+            files = sorted(run_dir.glob(pattern))
+            if not files:
+                continue
+            if max_version is None:
+                log.warning("no schema file for %r: not checking %s", schema_name, files[0])
+            else:
+                check_file_schema(files[0], schema_name, max_version)
+            found.append((run_id, str(run_dir / pattern), files[0]))
+        return found
+
+    def _view(self, name: str, parts: list[tuple[str, str, Path]]) -> None:
+        """View ``name`` over the runs' files, with run_id added where a table lacks it.
+
+        Runs whose files share one schema are read by one read_parquet; otherwise (runs of
+        different widths or dtypes) one read_parquet per run, united by column name: shards
+        of a run share a schema, so binding reads one footer per run rather than all.
+        """
+        if not parts:
+            return
+        schemas = [pq.read_schema(first).remove_metadata() for _r, _p, first in parts]
+        if all(s.equals(schemas[0]) for s in schemas) and "run_id" in schemas[0].names:
+            files = ", ".join(_lit(pattern) for _r, pattern, _f in parts)
+            body = f"SELECT * FROM read_parquet([{files}])"
+        else:
+            selects = []
+            for (run_id, pattern, _first), schema in zip(parts, schemas, strict=True):
+                select = "*" if "run_id" in schema.names else f"{_lit(run_id)} AS run_id, *"
+                selects.append(f"SELECT {select} FROM read_parquet({_lit(pattern)})")
+            body = "\nUNION ALL BY NAME\n".join(selects)
+        self._con.execute(f'CREATE VIEW "{name}" AS {body}')
+        self._views.append(name)
+
+    def _create_file_views(self) -> None:
+        self._view("tokens", self._checked_files(f"tokens/{SHARD_GLOB}", "tokens"))
+        self._view("vocab", self._checked_files("vocab.parquet", "vocab"))
+        families: set[str] = set()
+        tools: set[str] = set()
+        for run_id in self._run_ids:
+            run = RunLayout(self.root, run_id)
+            families |= {p.parent.name for p in run.activations_root.glob(f"*/{SHARD_GLOB}")}
+            tools |= {p.parent.name for p in run.results_root.glob(f"*/{SHARD_GLOB}")}
+        for family in sorted(families):
+            if family not in FAMILY_KIND:
+                log.warning("skipping activations of unknown family %r", family)
+                continue
+            schema_name = activation_schema_name(FAMILY_KIND[family])
+            parts = self._checked_files(f"activations/{family}/{SHARD_GLOB}", schema_name)
+            self._view(f"act_{family}", parts)
+        for tool in sorted(tools):
+            parts = self._checked_files(f"results/{tool}/{SHARD_GLOB}", f"result.{tool}")
+            self._view(f"results_{re.sub(r'[^A-Za-z0-9_]', '_', tool)}", parts)
+
+    def _lock_down(self) -> None:
+        con = self._con
+        con.execute(f"SET temp_directory = {_lit(self._tmpdir)}")
+        con.execute(f"SET allowed_directories = [{_lit(self.root)}]")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        con.execute("SET python_enable_replacements = false")
+        con.execute("SET lock_configuration = true")
+
+    # -- querying -----------------------------------------------------------------
+
+    def _check_read_only(self, query: str) -> None:
+        con = self._require_open()
+        try:
+            statements = con.extract_statements(query)
+        except duckdb.Error as e:
+            raise QueryError(str(e)) from None
+        if len(statements) != 1:
+            raise QueryError(
+                f"one statement per query, got {len(statements)}" if statements else "empty query"
+            )
+        st = statements[0]
+        if st.type == duckdb.StatementType.EXPLAIN:
+            # EXPLAIN ANALYZE runs its statement: only a SELECT may follow.
+            m = _EXPLAIN.match(st.query)
+            try:
+                inner = con.extract_statements(st.query[m.end() :]) if m else []
+            except duckdb.Error:
+                inner = []
+            if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+                return
+            raise QueryError("the query surface is read-only: EXPLAIN only of a SELECT")
+        if st.type == duckdb.StatementType.SELECT:
+            return
+        kind = str(st.type).rsplit(".", 1)[-1]
+        raise QueryError(f"the query surface is read-only: {kind} statements are not allowed")
+
+    def _require_open(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise QueryError(f"the store {self.root} is closed")
+        return self._con
+
+    def sql(self, query: str) -> pl.DataFrame:
+        """Run one read-only query (SELECT, or EXPLAIN of one) and return its result."""
+        self._check_read_only(query)
+        try:
+            relation = self._require_open().sql(query)
+            return relation.pl() if relation is not None else pl.DataFrame()
+        except duckdb.Error as e:
+            raise QueryError(str(e)) from None
+
+    def views(self) -> list[str]:
+        """Names of the queryable views (``runs`` included), sorted."""
+        return sorted(self._views)
+
+    def run_ids(self) -> list[str]:
+        """Ids of the runs the catalog covers, sorted."""
+        return list(self._run_ids)
+
+    def close(self) -> None:
+        """Close the DuckDB connection and remove its temp directory."""
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        self._cleanup()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r}, runs={len(self._run_ids)}, views={len(self._views)})"

@@ -1,0 +1,253 @@
+"""Where things live in a store: the marker, runs, shards, completion markers.
+
+A store is a directory holding ``arrakis-store.json`` and ``runs/<run_id>/``; the full
+layout is documented in ``schemas/README.md``. Only paths are computed here, nothing is
+read or written except the marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from arrakis_ray.errors import StoreError, UnknownHookError
+
+log = logging.getLogger(__name__)
+
+STORE_MARKER = "arrakis-store.json"
+STORE_FORMAT = "arrakis-ray-store"
+STORE_VERSION = 1  # layout version this code reads and writes
+
+# Hook family -> storage kind (which activation schema its rows follow).
+FAMILY_KIND: dict[str, str] = {
+    **{
+        f: "dense"
+        for f in (
+            "embed",
+            "pos_embed",
+            "resid_pre",
+            "resid_mid",
+            "resid_post",
+            "attn_out",
+            "mlp_out",
+            "mlp_pre",
+            "mlp_post",
+            "ln_final",
+            "logits",
+        )
+    },
+    **{f: "head" for f in ("attn_q", "attn_k", "attn_v", "attn_z")},
+    "attn_pattern": "pattern",
+}
+
+# Families that sit outside the blocks: layer -1 before block 0, n_layers after the last.
+_BEFORE_BLOCKS = ("embed", "pos_embed")
+_AFTER_BLOCKS = ("ln_final", "logits")
+
+# Hook name (after "blocks.{L}.") -> family; hooks outside the blocks are listed apart.
+_BLOCK_HOOKS = {
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "resid_post",
+    "hook_attn_out": "attn_out",
+    "hook_mlp_out": "mlp_out",
+    "attn.hook_q": "attn_q",
+    "attn.hook_k": "attn_k",
+    "attn.hook_v": "attn_v",
+    "attn.hook_z": "attn_z",
+    "attn.hook_pattern": "attn_pattern",
+    "mlp.hook_pre": "mlp_pre",
+    "mlp.hook_post": "mlp_post",
+}
+_OUTER_HOOKS = {
+    "hook_embed": "embed",
+    "hook_pos_embed": "pos_embed",
+    "ln_final.hook_normalized": "ln_final",
+    "logits": "logits",
+}
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHARD_DONE = re.compile(r"^shard-(\d+)\.done$")
+
+
+def hook_family(hook_name: str) -> str:
+    """Family of a TransformerLens-style hook name (``blocks.3.attn.hook_q`` -> ``attn_q``).
+
+    Raises UnknownHookError for a name that maps to no stored family.
+    """
+    family = _OUTER_HOOKS.get(hook_name)
+    m = _BLOCK_HOOK.match(hook_name)
+    if m:
+        family = _BLOCK_HOOKS.get(m.group(2))
+    if family is None:
+        known = ", ".join(sorted(FAMILY_KIND))
+        raise UnknownHookError(f"hook {hook_name!r} maps to no stored family (families: {known})")
+    return family
+
+
+def family_kind(family: str) -> str:
+    """Storage kind of a family: ``dense``, ``head`` or ``pattern``."""
+    try:
+        return FAMILY_KIND[family]
+    except KeyError:
+        known = ", ".join(sorted(FAMILY_KIND))
+        raise UnknownHookError(f"unknown hook family {family!r} (families: {known})") from None
+
+
+def hook_layer(hook_name: str, n_layers: int) -> int:
+    """Value of the ``layer`` column for a hook: its block, -1 before block 0, n_layers after."""
+    family = hook_family(hook_name)
+    if family in _BEFORE_BLOCKS:
+        return -1
+    if family in _AFTER_BLOCKS:
+        return n_layers
+    return int(hook_name.split(".")[1])
+
+
+def _read_marker(root: Path) -> None:
+    marker = root / STORE_MARKER
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{marker}: unreadable store marker ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
+        raise StoreError(f"{marker}: not an arrakis-ray store marker (format {STORE_FORMAT!r})")
+    version = data.get("version")
+    if not isinstance(version, int) or version > STORE_VERSION:
+        raise StoreError(
+            f"{root}: store layout version {version!r} is newer than this arrakis-ray "
+            f"(knows version {STORE_VERSION})"
+        )
+
+
+def init_store(root: str | Path) -> Path:
+    """Create a store at ``root`` (or open the one there); returns its absolute path.
+
+    An existing non-empty directory without the marker is refused: a store is never
+    adopted by accident on top of unrelated files.
+    """
+    path = Path(root).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} exists and is not a directory")
+    if (path / STORE_MARKER).exists():
+        _read_marker(path)
+        return path
+    if path.is_dir() and any(path.iterdir()):
+        raise StoreError(
+            f"{path} is a non-empty directory without {STORE_MARKER}: refusing to make it a "
+            "store (choose a new or empty directory)"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "runs").mkdir(exist_ok=True)
+    tmp = path / f".{STORE_MARKER}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}) + "\n")
+    os.replace(tmp, path / STORE_MARKER)
+    log.info("created store %s", path)
+    return path
+
+
+def open_store(root: str | Path) -> Path:
+    """Absolute path of an existing store; StoreError if ``root`` is not one."""
+    path = Path(root).expanduser().absolute()
+    if not path.exists():
+        raise StoreError(f"{path} does not exist")
+    if not (path / STORE_MARKER).is_file():
+        raise StoreError(f"{path} is not an arrakis-ray store (no {STORE_MARKER})")
+    _read_marker(path)
+    return path
+
+
+def list_run_ids(store_root: Path) -> list[str]:
+    """Sorted ids of the run directories of a store (hidden and odd names skipped)."""
+    runs = store_root / "runs"
+    if not runs.is_dir():
+        return []
+    return sorted(p.name for p in runs.iterdir() if p.is_dir() and _RUN_ID.match(p.name))
+
+
+class RunLayout:
+    """Paths of one run: ``<store>/runs/<run_id>/`` and everything under it."""
+
+    def __init__(self, store_root: str | Path, run_id: str) -> None:
+        # The run id becomes a path component and a glob match: keep it to a safe alphabet.
+        if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+            raise StoreError(
+                f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        self.store_root = Path(store_root).expanduser().absolute()
+        self.run_id = run_id
+        self.root = self.store_root / "runs" / run_id
+        self.manifest_path = self.root / "manifest.json"
+        self.vocab_path = self.root / "vocab.parquet"
+        self.tokens_dir = self.root / "tokens"
+        self.activations_root = self.root / "activations"
+        self.completions_dir = self.root / "completions"
+        self.results_root = self.root / "results"
+
+    def __repr__(self) -> str:
+        return f"RunLayout({str(self.store_root)!r}, {self.run_id!r})"
+
+    def activation_dir(self, family: str) -> Path:
+        """Directory of one hook family's shards."""
+        family_kind(family)  # refuse a typo before it becomes a directory
+        return self.activations_root / family
+
+    def results_dir(self, tool: str) -> Path:
+        """Directory of one tool's result shards."""
+        if not _RUN_ID.match(tool):
+            raise StoreError(f"invalid tool name {tool!r} for a results directory")
+        return self.results_root / tool
+
+    def shard_file(self, directory: Path, shard: int) -> Path:
+        """Parquet file of shard number ``shard`` in ``directory``."""
+        return Path(directory) / f"shard-{shard:05d}.parquet"
+
+    def completion_marker(self, shard: int) -> Path:
+        """Empty file whose presence says shard ``shard`` was fully written."""
+        return self.completions_dir / f"shard-{shard:05d}.done"
+
+    def completed_shards(self) -> set[int]:
+        """Shard numbers whose completion marker exists."""
+        if not self.completions_dir.is_dir():
+            return set()
+        done = set()
+        for p in self.completions_dir.iterdir():
+            m = _SHARD_DONE.match(p.name)
+            if m:
+                done.add(int(m.group(1)))
+        return done
+
+
+def resolve_run(run: str | Path, store: str | Path | None = None) -> RunLayout:
+    """Layout of a run given as its directory (``.../runs/<id>``) or its id plus a store.
+
+    A unique prefix of a run id is accepted (run ids are long content hashes).
+    """
+    path = Path(run).expanduser()
+    if path.is_dir() and (store is None or len(path.parts) > 1):
+        path = path.absolute()
+        if path.parent.name != "runs":
+            raise StoreError(f"{path} is not a run directory (expected <store>/runs/<run_id>)")
+        root = open_store(path.parent.parent)
+        return RunLayout(root, path.name)
+    if store is None:
+        raise StoreError(f"run {str(run)!r} is not a run directory; give the store as well")
+    root = open_store(store)
+    run_id = str(run)
+    known = list_run_ids(root)
+    if run_id in known:
+        return RunLayout(root, run_id)
+    matches = [r for r in known if r.startswith(run_id)] if run_id else []
+    if len(matches) == 1:
+        return RunLayout(root, matches[0])
+    if len(matches) > 1:
+        raise StoreError(
+            f"run {run_id!r} is ambiguous in {root}: matches {', '.join(matches[:5])}"
+            + (" ..." if len(matches) > 5 else "")
+        )
+    hint = ", ".join(known[:5]) + (f" ... ({len(known)} runs)" if len(known) > 5 else "")
+    raise StoreError(f"no run {run_id!r} in {root} (runs: {hint or 'none'})")

@@ -1,0 +1,156 @@
+"""The harvest writes exactly what the model computes, once per (sequence, position, hook)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from support import DEMO_DATA, pipeline_dict, store_snapshot
+
+from arrakis_ray.config import pipeline_from_dict
+from arrakis_ray.harvest.run import harvest
+from arrakis_ray.store.layout import RunLayout
+from arrakis_ray.store.manifest import read_manifest
+
+
+def _family(result, family: str):
+    return pq.read_table(result.run_dir / "activations" / family)
+
+
+def _vectors(table, layer: int, seq_id: int) -> np.ndarray:
+    """[pos, d] of one sequence at one layer, ordered by position."""
+    rows = table.filter(pc.and_(pc.equal(table["layer"], layer), pc.equal(table["seq_id"], seq_id)))
+    rows = rows.sort_by("pos")
+    dims = [c for c in rows.column_names if c.startswith("d") and c[1:].isdigit()]
+    return np.column_stack([rows[c].to_numpy() for c in dims])
+
+
+def _texts(n: int) -> list[str]:
+    with open(DEMO_DATA) as f:
+        return [json.loads(line)["text"] for line in f if line.strip()][:n]
+
+
+def _reference_ids(tokenizer, text: str, context: int) -> list[int]:
+    ids = tokenizer(text)["input_ids"]
+    if ids[0] != tokenizer.bos_token_id:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids[:context]
+
+
+@pytest.mark.parametrize("seq_id", [0, 17, 39])
+def test_stored_activations_equal_hf_outputs(harvested, hf_model, seq_id):
+    config, _, result = harvested
+    model, tokenizer = hf_model
+    ids = _reference_ids(tokenizer, _texts(40)[seq_id], config.data.context_length)
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_hidden_states=True, output_attentions=True)
+    n_layers = model.config.n_layer
+    tol = dict(rtol=1e-4, atol=1e-4)
+
+    tokens = pq.read_table(result.run_dir / "tokens").filter(pc.equal(pc.field("seq_id"), seq_id))
+    assert tokens.sort_by("pos")["token_id"].to_pylist() == ids
+
+    resid_pre, resid_post = _family(result, "resid_pre"), _family(result, "resid_post")
+    for layer in range(n_layers):
+        np.testing.assert_allclose(
+            _vectors(resid_pre, layer, seq_id), out.hidden_states[layer][0].numpy(), **tol
+        )
+    for layer in range(n_layers - 1):
+        np.testing.assert_allclose(
+            _vectors(resid_post, layer, seq_id), out.hidden_states[layer + 1][0].numpy(), **tol
+        )
+    # HF's last hidden state is taken after the final norm
+    np.testing.assert_allclose(
+        _vectors(_family(result, "ln_final"), n_layers, seq_id),
+        out.hidden_states[-1][0].numpy(),
+        **tol,
+    )
+    np.testing.assert_allclose(
+        _vectors(_family(result, "logits"), n_layers, seq_id), out.logits[0].numpy(), **tol
+    )
+    embed = _vectors(_family(result, "embed"), -1, seq_id)
+    pos_embed = _vectors(_family(result, "pos_embed"), -1, seq_id)
+    np.testing.assert_allclose(embed + pos_embed, out.hidden_states[0][0].numpy(), **tol)
+
+    patterns = _family(result, "attn_pattern")
+    for layer in range(n_layers):
+        rows = patterns.filter(
+            pc.and_(pc.equal(patterns["layer"], layer), pc.equal(patterns["seq_id"], seq_id))
+        )
+        dense = np.zeros_like(out.attentions[layer][0].numpy())
+        dense[rows["head"].to_numpy(), rows["q_pos"].to_numpy(), rows["k_pos"].to_numpy()] = rows[
+            "weight"
+        ].to_numpy()
+        np.testing.assert_allclose(dense, out.attentions[layer][0].numpy(), **tol)
+
+
+def test_every_token_and_hook_row_exactly_once(harvested):
+    config, _, result = harvested
+    texts = _texts(40)
+    tokens = pq.read_table(result.run_dir / "tokens")
+    keys = set(zip(tokens["seq_id"].to_pylist(), tokens["pos"].to_pylist(), strict=True))
+    assert len(keys) == tokens.num_rows  # no duplicates
+    assert sorted({s for s, _ in keys}) == list(range(len(texts)))
+    n_layers = read_manifest(RunLayout(result.run_dir.parents[1], result.run_id))["model"][
+        "n_layers"
+    ]
+    for family in ("resid_post", "mlp_post", "resid_mid"):
+        table = _family(result, family)
+        assert table.num_rows == n_layers * tokens.num_rows
+        for layer in range(n_layers):
+            rows = table.filter(pc.equal(table["layer"], layer))
+            assert (
+                set(zip(rows["seq_id"].to_pylist(), rows["pos"].to_pylist(), strict=True)) == keys
+            )
+    heads = _family(result, "attn_z")
+    assert heads.num_rows == n_layers * tokens.num_rows * 4  # 4 heads in the demo model
+
+
+def test_manifest_records_the_run(harvested):
+    config, store, result = harvested
+    manifest = read_manifest(RunLayout(store, result.run_id))
+    assert manifest["status"] == "complete"
+    assert manifest["run_id"] == result.run_id
+    assert len(manifest["shard_plan"]) == 3  # 40 documents, 16 per shard
+    tokens = pq.read_table(result.run_dir / "tokens").num_rows
+    assert manifest["harvest"]["n_tokens"] == tokens
+    assert manifest["harvest"]["tokens_per_s"] > 0
+    assert "blocks.1.hook_resid_post" in manifest["hooks"]
+    assert manifest["results"]["logit_lens"]["rows"] > 0
+
+
+def test_rerun_is_a_noop_and_a_partial_run_resumes(ray_session, tmp_path):
+    store = tmp_path / "store"
+    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"], shard_size=8)
+    raw["data"]["max_documents"] = 20
+    config = pipeline_from_dict(raw)
+    first = harvest(config, store)
+    assert (first.shards_done, first.shards_total) == (3, 3)
+    complete = pq.read_table(first.run_dir / "activations" / "resid_post").sort_by(
+        [("layer", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")]
+    )
+
+    before = store_snapshot(store)
+    again = harvest(config, store)
+    assert again.status == "already complete" and again.shards_done == 0
+    assert store_snapshot(store) == before
+
+    # lose shard 1 as a killed run would: no completion marker, files gone or partial
+    layout = RunLayout(store, first.run_id)
+    layout.completion_marker(1).unlink()
+    layout.shard_file(layout.activation_dir("resid_post"), 1).unlink()
+    shutil.copy(layout.shard_file(layout.tokens_dir, 0), layout.shard_file(layout.tokens_dir, 1))
+    resumed = harvest(config, store)
+    assert (resumed.run_id, resumed.shards_done) == (first.run_id, 1)
+    assert read_manifest(layout)["harvest"]["resumed"] is True
+    table = pq.read_table(first.run_dir / "activations" / "resid_post").sort_by(
+        [("layer", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")]
+    )
+    assert table.equals(complete)
+    tokens = pq.read_table(first.run_dir / "tokens")
+    assert sorted(set(tokens["seq_id"].to_pylist())) == list(range(20))

@@ -1,0 +1,284 @@
+"""The DuckDB catalog: views over every run, checked against numpy; read-only surface."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from arrakis_ray.errors import QueryError, SchemaError, StoreError
+from arrakis_ray.store.catalog import Store
+from arrakis_ray.store.layout import RunLayout, init_store
+from arrakis_ray.store.parquet import write_table
+from arrakis_ray.store.schemas import activation_schema
+
+from .storedata import N_HEADS, N_LAYERS, N_POS, N_SEQ, VOCAB, WIDTH, RunData
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_views_and_runs(two_runs: tuple[Path, dict[str, RunData]]) -> None:
+    store, runs = two_runs
+    with Store(store) as s:
+        assert s.run_ids() == ["run-a", "run-b"]
+        assert s.views() == [
+            "act_attn_pattern",
+            "act_attn_q",
+            "act_resid_post",
+            "results_toy",
+            "runs",
+            "tokens",
+            "vocab",
+        ]
+        df = s.sql("SELECT * FROM runs ORDER BY run_id")
+    assert df["run_id"].to_list() == ["run-a", "run-b"]
+    assert df["name"].to_list() == ["test-run-a", "test-run-b"]
+    assert df["status"].to_list() == ["complete", "complete"]
+    assert df["model"].to_list() == ["tiny-1", "tiny-2"]
+    assert df["arch"].to_list() == ["gpt2", "gpt2"]
+    assert df["n_tokens"].to_list() == [N_SEQ * N_POS] * 2
+    assert df["tokens_per_s"].to_list() == [10.0, 20.0]
+    assert df["hooks"].to_list() == [runs[r].manifest["hooks"] for r in ("run-a", "run-b")]
+    sizes = [
+        sum(p.stat().st_size for p in (store / "runs" / r).rglob("*") if p.is_file())
+        for r in ("run-a", "run-b")
+    ]
+    assert df["bytes"].to_list() == sizes
+
+
+def test_top_contexts_match_numpy(two_runs: tuple[Path, dict[str, RunData]]) -> None:
+    store, runs = two_runs
+    query = """
+        SELECT a.run_id, a.seq_id, a.pos, a.d4, t.token_text
+        FROM act_resid_post a JOIN tokens t USING (run_id, seq_id, pos)
+        WHERE a.layer = 1
+        ORDER BY a.d4 DESC LIMIT 5
+    """
+    with Store(store) as s:
+        top = s.sql(query)
+    candidates = []
+    for run_id, data in runs.items():
+        for seq in range(N_SEQ):
+            for pos in range(N_POS):
+                value = float(data.resid[1, seq, pos, 4])
+                text = VOCAB[data.token_ids[seq, pos]]
+                candidates.append((value, run_id, seq, pos, text))
+    expected = sorted(candidates, key=lambda c: -c[0])[:5]
+    assert top["run_id"].to_list() == [c[1] for c in expected]
+    assert list(zip(top["seq_id"], top["pos"], strict=True)) == [(c[2], c[3]) for c in expected]
+    assert top["token_text"].to_list() == [c[4] for c in expected]
+    np.testing.assert_allclose(top["d4"].to_numpy(), [c[0] for c in expected], rtol=1e-6)
+
+
+def test_aggregates_match_numpy(two_runs: tuple[Path, dict[str, RunData]]) -> None:
+    store, runs = two_runs
+    norm = " + ".join(f"d{i} * d{i}" for i in range(WIDTH))
+    with Store(store) as s:
+        means = s.sql(
+            f"SELECT run_id, layer, avg(sqrt({norm})) AS norm, count(*) AS n "
+            "FROM act_resid_post GROUP BY ALL ORDER BY run_id, layer"
+        )
+        q_sum = s.sql("SELECT layer, head, sum(d3) AS s FROM act_attn_q GROUP BY ALL ORDER BY ALL")
+        rows = s.sql(
+            "SELECT seq_id, q_pos, k_pos, weight FROM act_attn_pattern "
+            "WHERE layer = 1 AND head = 0 ORDER BY seq_id, q_pos, k_pos"
+        )
+        mass = s.sql(
+            "SELECT max(abs(total - 1)) AS err, count(*) AS n FROM ("
+            "  SELECT sum(weight) AS total FROM act_attn_pattern"
+            "  GROUP BY run_id, layer, seq_id, head, q_pos)"
+        )
+        vocab = s.sql("SELECT run_id, token_id, token_text FROM vocab ORDER BY run_id, token_id")
+        toy = s.sql("SELECT run_id, layer, score FROM results_toy ORDER BY layer")
+        dtypes = s.sql("SELECT column_type FROM (DESCRIBE act_resid_post) WHERE column_name='d0'")
+
+    for i, (run_id, layer) in enumerate(zip(means["run_id"], means["layer"], strict=True)):
+        x = runs[run_id].resid[layer].astype(np.float64)
+        np.testing.assert_allclose(means["norm"][i], np.linalg.norm(x, axis=-1).mean(), rtol=1e-5)
+        assert means["n"][i] == N_SEQ * N_POS
+    assert means.height == 2 * N_LAYERS
+
+    q = runs["run-a"].q.astype(np.float64)
+    np.testing.assert_allclose(q_sum["s"].to_numpy(), q[..., 3].sum(axis=(1, 2)).ravel(), rtol=1e-5)
+
+    pattern = runs["run-a"].pattern[1, :, 0]  # [seq, q, k]
+    seq, qp, kp = np.nonzero(np.tril(np.ones((N_POS, N_POS)))[None].repeat(N_SEQ, 0))
+    assert rows["k_pos"].to_list() == kp.tolist() and rows["q_pos"].to_list() == qp.tolist()
+    np.testing.assert_array_equal(rows["weight"].to_numpy(), pattern[seq, qp, kp])
+    assert mass["err"][0] < 1e-5 and mass["n"][0] == N_LAYERS * N_SEQ * N_HEADS * N_POS
+
+    assert vocab["run_id"].to_list() == ["run-a"] * len(VOCAB) + ["run-b"] * len(VOCAB)
+    assert vocab["token_text"].to_list() == VOCAB * 2
+    assert toy["run_id"].to_list() == ["run-a"] * N_LAYERS
+    np.testing.assert_allclose(
+        toy["score"].to_numpy(), runs["run-a"].resid.astype(np.float64).mean(axis=(1, 2, 3))
+    )
+    assert dtypes["column_type"].to_list() == ["FLOAT"]  # float16 and float32 runs unite
+
+
+def test_temp_files_are_invisible_and_new_shards_seen(
+    two_runs: tuple[Path, dict[str, RunData]],
+) -> None:
+    store, _runs = two_runs
+    run = RunLayout(store, "run-b")
+    family = run.activation_dir("resid_post")
+    extra = pa.table(
+        {
+            "run_id": ["run-b"],
+            "layer": pa.array([0], pa.int16()),
+            "seq_id": pa.array([99], pa.int64()),
+            "pos": pa.array([0], pa.int32()),
+            **{f"d{i}": pa.array([1.0], pa.float32()) for i in range(WIDTH)},
+        }
+    )
+    schema = activation_schema("dense", WIDTH, "float32")
+    tmp_file = family / ".shard-00007.parquet.tmp-123-abcd"
+    write_table(extra, tmp_file, schema_name="activation.dense", schema_version=1, expected=schema)
+    # A half-written file under a temp name, as a killed writer would leave it.
+    (family / ".shard-00008.parquet.tmp-9-ffff").write_bytes(tmp_file.read_bytes()[:100])
+    with Store(store) as s:
+        count = "SELECT count(*) AS n FROM act_resid_post WHERE run_id = 'run-b'"
+        assert s.sql(count)["n"][0] == N_LAYERS * N_SEQ * N_POS
+        # A shard that lands after opening (a harvest still running) is seen.
+        os.replace(tmp_file, run.shard_file(family, 7))
+        assert s.sql(count)["n"][0] == N_LAYERS * N_SEQ * N_POS + 1
+
+
+HOSTILE = [
+    "COPY (SELECT * FROM tokens) TO '{outside}/leak.csv'",
+    "COPY (SELECT * FROM tokens) TO '{store}/inside.csv'",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('{store}/../secret.txt')",
+    "ATTACH '{store}/x.duckdb' AS x",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "RESET allowed_directories",
+    "DROP VIEW tokens",
+    "CREATE TABLE t AS SELECT 1",
+    "CREATE OR REPLACE VIEW tokens AS SELECT 1",
+    "SELECT 1; DROP VIEW runs",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{store}/x.csv'",
+    "PRAGMA enable_profiling",
+    "CALL pragma_version()",
+    "EXPORT DATABASE '{store}/dump'",
+]
+
+
+def test_hostile_queries_are_refused(two_runs: tuple[Path, dict[str, RunData]]) -> None:
+    store, _runs = two_runs
+    outside = store.parent / "outside"
+    outside.mkdir()
+    (store.parent / "secret.txt").write_text("secret")
+    before = _tree_hashes(store.parent)
+    with Store(store) as s:
+        n_tokens = s.sql("SELECT count(*) AS n FROM tokens")["n"][0]
+        for template in HOSTILE:
+            query = template.format(store=store, outside=outside)
+            with pytest.raises(QueryError):
+                s.sql(query)
+        assert s.sql("SELECT count(*) AS n FROM tokens")["n"][0] == n_tokens
+        assert "runs" in s.sql("SHOW TABLES")["name"].to_list()
+        plan = s.sql("EXPLAIN SELECT count(*) FROM tokens")
+        assert plan.height >= 1
+    assert _tree_hashes(store.parent) == before
+
+
+def test_read_outside_store_names_the_permission(
+    two_runs: tuple[Path, dict[str, RunData]],
+) -> None:
+    store, _runs = two_runs
+    with Store(store) as s, pytest.raises(QueryError, match="Permission Error.*/etc/passwd"):
+        s.sql("SELECT * FROM read_csv('/etc/passwd')")
+
+
+def test_query_errors(two_runs: tuple[Path, dict[str, RunData]]) -> None:
+    store, _runs = two_runs
+    s = Store(store)
+    with pytest.raises(QueryError) as e:
+        s.sql("SELECT * FORM tokens")
+    assert 'syntax error at or near "tokens"' in str(e.value) and "LINE 1" in str(e.value)
+    with pytest.raises(QueryError, match="nope does not exist"):
+        s.sql("SELECT * FROM nope")
+    with pytest.raises(QueryError, match="empty query"):
+        s.sql("  ")
+    s.close()
+    with pytest.raises(QueryError, match="closed"):
+        s.sql("SELECT 1")
+
+
+def test_not_a_store_and_empty_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="is not an arrakis-ray store"):
+        Store(tmp_path)
+    with pytest.raises(StoreError, match="does not exist"):
+        Store(tmp_path / "missing")
+    with Store(init_store(tmp_path / "empty")) as s:
+        assert s.views() == ["runs"] and s.run_ids() == []
+        assert s.sql("SELECT count(*) AS n FROM runs")["n"][0] == 0
+
+
+def test_run_without_manifest_and_newer_schema(
+    two_runs: tuple[Path, dict[str, RunData]],
+) -> None:
+    store, _runs = two_runs
+    RunLayout(store, "run-b").manifest_path.unlink()
+    with Store(store) as s:
+        df = s.sql("SELECT run_id, status, name FROM runs ORDER BY run_id")
+    assert df.rows() == [("run-a", "complete", "test-run-a"), ("run-b", "no-manifest", None)]
+
+    run = RunLayout(store, "run-c")
+    path = run.shard_file(run.tokens_dir, 0)
+    table = pa.table({"run_id": ["run-c"]}).cast(pa.schema([("run_id", pa.string())]))
+    write_table(
+        table, path, schema_name="tokens", schema_version=2, expected=pa.schema(table.schema)
+    )
+    with pytest.raises(SchemaError, match=r"run-c/tokens/shard-00000\.parquet.*schema v2"):
+        Store(store)
+
+
+def test_corrupt_shard_is_named(two_runs: tuple[Path, dict[str, RunData]]) -> None:
+    store, _runs = two_runs
+    run = RunLayout(store, "run-a")
+    path = run.shard_file(run.activation_dir("resid_post"), 1)
+    path.write_bytes(path.read_bytes()[:-50])
+    with Store(store) as s, pytest.raises(QueryError, match=r"shard-00001\.parquet"):
+        s.sql("SELECT sum(d0) FROM act_resid_post")
+    first = run.shard_file(run.activation_dir("resid_post"), 0)
+    first.write_bytes(b"garbage")
+    with pytest.raises(StoreError, match=r"resid_post/shard-00000\.parquet: corrupt"):
+        Store(store)
+
+
+def test_connection_itself_is_locked_down(two_runs: tuple[Path, dict[str, RunData]]) -> None:
+    """Second line of defence, below the statement filter: DuckDB's own settings."""
+    import duckdb
+
+    store, _runs = two_runs
+    outside = store.parent / "outside.csv"
+    with Store(store) as s:
+        con = s._con  # white-box: bypass Store.sql's statement check on purpose
+        for statement in (
+            f"COPY (SELECT 1) TO '{outside}'",
+            "SELECT * FROM read_csv('/etc/passwd')",
+            f"ATTACH '{store.parent}/x.duckdb' AS x",
+            "INSTALL httpfs",
+            "LOAD httpfs",
+            "SET enable_external_access = true",
+            "SET allowed_directories = ['/']",
+            "SET lock_configuration = false",
+        ):
+            with pytest.raises(duckdb.Error):
+                con.execute(statement)
+        # The views still read the store's Parquet files after the lock-down.
+        assert con.sql("SELECT count(*) FROM tokens").fetchall()[0][0] == 2 * N_SEQ * N_POS
+    assert not outside.exists()

@@ -1,0 +1,54 @@
+"""Helpers shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "pipelines" / "data" / "facts.jsonl"
+
+# every family the harvest writes for a gpt2-style model, stored as float32 so the
+# values can be compared tightly with the model's own outputs
+ALL_HOOKS = [
+    "hook_embed",
+    "hook_pos_embed",
+    "blocks.*.hook_resid_pre",
+    "blocks.*.hook_resid_mid",
+    "blocks.*.hook_resid_post",
+    "blocks.*.attn.hook_q",
+    "blocks.*.attn.hook_z",
+    "blocks.*.attn.hook_pattern",
+    "blocks.*.mlp.hook_post",
+    "ln_final.hook_normalized",
+    "logits",
+]
+
+
+def pipeline_dict(**harvest_overrides) -> dict:
+    """A small pipeline over the demo data: 40 documents in 3 shards."""
+    return {
+        "name": "test-facts",
+        "model": {"zoo": "facts-gpt2"},
+        "data": {"path": str(DEMO_DATA), "context_length": 24, "max_documents": 40},
+        "harvest": {
+            "hooks": ALL_HOOKS,
+            "batch_size": 8,
+            "shard_size": 16,
+            "storage_dtype": "float32",
+            **harvest_overrides,
+        },
+        "analyze": [{"tool": "logit_lens"}],
+    }
+
+
+def store_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under ``root``: equal snapshots = store untouched."""
+    return (
+        {
+            str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
+        if root.exists()
+        else {}
+    )
