@@ -28,7 +28,7 @@ browser:
 	  else echo "chromium not found: install it (Debian: apt-get install chromium) for the report test"; fi; }
 
 demo: $(STAMP)
-	RAY_DATA_DISABLE_PROGRESS_BARS=$${RAY_DATA_DISABLE_PROGRESS_BARS:-0} $(BIN)/arrakis-ray demo --store demo_store
+	$(BIN)/arrakis-ray demo --store demo_store
 
 test: $(STAMP) browser
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q tests

@@ -87,14 +87,15 @@ def read_shard_texts(shard: Shard, text_column: str) -> list[str]:
 
 
 def data_fingerprint(shards: list[Shard], text_column: str) -> str:
-    """sha256 of the input bytes the plan covers (so changed data gets a new run id)."""
+    """sha256 of the input bytes and the plan over them (not of where the files lie, so
+    the same data in another checkout or mount gets the same run id)."""
     digest = hashlib.sha256(text_column.encode())
-    for file in sorted({s.file for s in shards}):
-        digest.update(file.encode())
+    for file in dict.fromkeys(s.file for s in shards):  # plan order, each file once
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-    digest.update(json.dumps([s.to_dict() for s in shards], sort_keys=True).encode())
+    plan = [(s.format, s.offset, s.count, s.first_doc) for s in shards]
+    digest.update(json.dumps(plan).encode())
     return digest.hexdigest()
 
 

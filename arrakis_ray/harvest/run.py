@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,11 @@ def ensure_ray() -> None:
     """Connect to Ray: ``RAY_ADDRESS`` if set, else start a local cluster."""
     import ray
 
+    if "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ:
+        from ray.data import DataContext
+
+        # Ray Data's bars in a terminal; in logs and CI our own per-shard lines suffice
+        DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False

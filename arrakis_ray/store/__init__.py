@@ -29,8 +29,6 @@ from arrakis_ray.store.schemas import (
     activation_schema_name,
     add_schema_dir,
     load_schema,
-    register_result_schema,
-    result_schema,
     tokens_schema,
     vocab_schema,
 )
@@ -60,9 +58,7 @@ __all__ = [
     "open_store",
     "read_manifest",
     "read_table",
-    "register_result_schema",
     "resolve_run",
-    "result_schema",
     "tokens_schema",
     "vocab_schema",
     "write_manifest",

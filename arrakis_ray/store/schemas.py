@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -226,33 +225,6 @@ def activation_schema(kind: str, width: int, dtype: str) -> pa.Schema:
     if schema.dims is None:
         return schema.arrow()
     return schema.arrow(width, dtype)
-
-
-_registry_lock = threading.Lock()
-_result_schemas: dict[str, tuple[pa.Schema, int, str]] = {}
-
-
-def register_result_schema(tool: str, schema: pa.Schema, version: int, doc: str) -> None:
-    """Record a tool's result schema; ``schemas/result.<tool>.v<version>.json`` must agree."""
-    name = f"result.{tool}"
-    on_disk = load_schema(name, version)
-    expected = on_disk.arrow()
-    problem = schema_mismatch(schema, expected)
-    if problem:
-        raise SchemaError(
-            f"tool {tool!r}: result schema differs from {name}.v{version}.json: {problem}"
-        )
-    with _registry_lock:
-        _result_schemas[tool] = (schema, version, doc)
-
-
-def result_schema(tool: str) -> tuple[pa.Schema, int]:
-    """Registered result schema of a tool and its version; SchemaError if not registered."""
-    with _registry_lock:
-        entry = _result_schemas.get(tool)
-    if entry is None:
-        raise SchemaError(f"tool {tool!r} registered no result schema")
-    return entry[0], entry[1]
 
 
 def schema_mismatch(actual: pa.Schema, expected: pa.Schema) -> str | None:

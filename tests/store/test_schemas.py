@@ -16,8 +16,6 @@ from arrakis_ray.store.schemas import (
     known_schemas,
     load_schema,
     parse_type,
-    register_result_schema,
-    result_schema,
     tokens_schema,
     type_name,
     vocab_schema,
@@ -80,21 +78,6 @@ def test_schema_errors() -> None:
 )
 def test_type_names_round_trip(t: pa.DataType) -> None:
     assert parse_type(type_name(t)) == t
-
-
-def test_register_result_schema(schema_dir: Path) -> None:
-    good = pa.schema([("run_id", pa.string()), ("layer", pa.int16()), ("score", pa.float64())])
-    register_result_schema("toy", good, 1, "test tool")
-    assert result_schema("toy") == (good, 1)
-    assert load_schema("result.toy").arrow().names == good.names
-
-    bad = pa.schema([("run_id", pa.string()), ("layer", pa.int32()), ("score", pa.float64())])
-    with pytest.raises(SchemaError, match="column 'layer' has type int32, expected int16"):
-        register_result_schema("toy", bad, 1, "test tool")
-    with pytest.raises(SchemaError, match="unknown schema 'result.other'"):
-        register_result_schema("other", good, 1, "no schema file")
-    with pytest.raises(SchemaError, match="no version 2"):
-        register_result_schema("toy", good, 2, "wrong version")
 
 
 def test_schema_file_name_must_match_content(
