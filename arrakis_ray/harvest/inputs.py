@@ -69,21 +69,32 @@ def plan_shards(path: str | Path, shard_size: int, max_documents: int | None = N
 
 def read_shard_texts(shard: Shard, text_column: str) -> list[str]:
     """The texts of one shard's documents, in document order."""
+    texts = read_shard_column(shard, text_column)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(
+                f"{shard.file}: document {shard.first_doc + i}: '{text_column}' "
+                f"(data.text_column) is not text: {text!r:.40}"
+            )
+    return texts
+
+
+def read_shard_column(shard: Shard, column: str) -> list:
+    """The values of ``column`` for one shard's documents (a plain .txt has only 'text')."""
     if shard.format == "parquet":
-        return _read_parquet_texts(shard, text_column)
-    texts = []
+        return _read_parquet_column(shard, column)
+    values = []
     with open(shard.file, "rb") as f:
         f.seek(shard.offset)
         line_no = _line_number(shard)
-        while len(texts) < shard.count:
+        while len(values) < shard.count:
             raw = f.readline()
             if not raw:
                 raise DataError(f"{shard.file}: ended early (changed since the shard plan?)")
             line_no += 1
-            if not raw.strip():
-                continue
-            texts.append(_parse_line(raw, shard, text_column, line_no))
-    return texts
+            if raw.strip():
+                values.append(_parse_line(raw, shard, column, line_no))
+    return values
 
 
 def data_fingerprint(shards: list[Shard], text_column: str) -> str:
@@ -126,33 +137,26 @@ def _line_number(shard: Shard) -> int:
         return f.read(shard.offset).count(b"\n")
 
 
-def _parse_line(raw: bytes, shard: Shard, text_column: str, line_no: int) -> str:
+def _parse_line(raw: bytes, shard: Shard, column: str, line_no: int):
     if shard.format == "text":
+        if column != "text":
+            raise DataError(f"{shard.file}: a .txt file has only the column 'text', not '{column}'")
         return raw.decode("utf-8", errors="replace").rstrip("\r\n")
     try:
         record = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DataError(f"{shard.file}:{line_no}: not valid JSON: {exc.msg}") from None
-    if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
-        raise DataError(
-            f"{shard.file}:{line_no}: expected an object with a string field "
-            f"'{text_column}' (data.text_column)"
-        )
-    return record[text_column]
+    if not isinstance(record, dict) or column not in record:
+        raise DataError(f"{shard.file}:{line_no}: expected an object with a field '{column}'")
+    return record[column]
 
 
-def _read_parquet_texts(shard: Shard, text_column: str) -> list[str]:
+def _read_parquet_column(shard: Shard, column: str) -> list:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(shard.file)
-    if text_column not in pf.schema_arrow.names:
+    if column not in pf.schema_arrow.names:
         raise DataError(
-            f"{shard.file}: no column '{text_column}' (data.text_column); "
-            f"columns: {', '.join(pf.schema_arrow.names)}"
+            f"{shard.file}: no column '{column}'; columns: {', '.join(pf.schema_arrow.names)}"
         )
-    table = pf.read(columns=[text_column]).slice(shard.offset, shard.count)
-    texts = table.column(text_column).to_pylist()
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise DataError(f"{shard.file}: row {shard.offset + i}: '{text_column}' is not text")
-    return texts
+    return pf.read(columns=[column]).slice(shard.offset, shard.count).column(column).to_pylist()

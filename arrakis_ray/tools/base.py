@@ -1,23 +1,37 @@
-"""The Tool contract: what an analysis tool declares and the one function it implements.
+"""The Tool contract: what an analysis tool declares and the function(s) it implements.
 
 A tool is a small class. It names itself, declares its parameters as a frozen
 dataclass (validated like pipeline config: unknown or mistyped parameters get a clear
-error), the hook points it reads, whether it needs the model's weights, and the Arrow
-schema of its result table. ``compute_shard`` turns one shard's stored inputs into
-result rows; the runner (``tools/runner.py``) fans that out as Ray tasks and writes
-``results/<tool>/``. A custom tool is a subclass registered with ``register_tool``.
+error), the hook points it reads, whether it needs the model's weights, and the names
+of the result tables it writes (each with a schema in ``schemas/result.<output>.v1.json``
+and a SQL view ``results_<output>``). Then it implements one of two shapes:
+
+- ``scope = "shard"``: ``compute_shard(inputs, model)`` turns one shard's stored inputs
+  into rows. The runner runs it as one Ray task per shard. If the tool also defines
+  ``reduce(partials, manifest)``, the per-shard tables are partial aggregates that one
+  final Ray task combines (per-neuron statistics, per-head averages).
+- ``scope = "run"``: ``compute_run(inputs, model)`` runs once, in one Ray task, for tools
+  that need no activations (weights only) or that stream over every shard themselves
+  (training a dictionary or a probe). ``RunInputs`` gives streaming readers.
+
+A result is a ``pyarrow.Table`` (for the tool's only output) or a dict output name ->
+table. A custom tool is a subclass registered with ``register_tool``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
     from arrakis_ray.models import HookedModel
+    from arrakis_ray.store.layout import RunLayout
+
+Result = "pa.Table | dict[str, pa.Table]"
 
 
 @dataclass(frozen=True)
@@ -27,21 +41,73 @@ class NoParams:
 
 @dataclass
 class ShardInputs:
-    """What a tool reads for one shard: its activation tables and its tokens."""
+    """What a shard-scope tool reads for one shard: its activation tables and tokens."""
 
     run_id: str
     shard: int
     manifest: dict
-    activations: dict[str, pa.Table]  # hook family -> that shard's table
+    activations: dict[str, pa.Table]  # hook family -> that shard's table (all layers)
     tokens: pa.Table
     vocab: np.ndarray  # token id -> token text (object array)
+
+
+@dataclass
+class RunInputs:
+    """What a run-scope tool reads: the run, with readers that stream shard by shard."""
+
+    run_id: str
+    layout: RunLayout
+    manifest: dict
+    vocab: np.ndarray
+    shards: list[int]  # completed shards, in order
+
+    def activations(self, family: str, shard: int, columns: list[str] | None = None) -> pa.Table:
+        """One shard's table of a hook family (optionally only some columns)."""
+        from arrakis_ray.store import layout as store_layout
+        from arrakis_ray.store import parquet, schemas
+
+        name = schemas.activation_schema_name(store_layout.family_kind(family))
+        return parquet.read_table(
+            self.layout.shard_file(self.layout.activation_dir(family), shard),
+            schema_name=name,
+            max_version=schemas.load_schema(name).version,
+            columns=columns,
+        )
+
+    def tokens(self, shard: int) -> pa.Table:
+        """One shard's tokens table."""
+        from arrakis_ray.store import parquet, schemas
+
+        return parquet.read_table(
+            self.layout.shard_file(self.layout.tokens_dir, shard),
+            schema_name="tokens",
+            max_version=schemas.load_schema("tokens").version,
+        )
+
+    def iter_activations(
+        self, family: str, columns: list[str] | None = None
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """(shard, table) for every shard in order: one shard in memory at a time."""
+        for shard in self.shards:
+            yield shard, self.activations(family, shard, columns)
+
+    def documents(self, column: str) -> dict[int, Any]:
+        """doc_id -> value of ``column`` in the run's input data (labels for probes)."""
+        from arrakis_ray.harvest.inputs import Shard, read_shard_column
+
+        out: dict[int, Any] = {}
+        for entry in self.manifest["shard_plan"]:
+            shard = Shard(**entry)
+            for i, value in enumerate(read_shard_column(shard, column)):
+                out[shard.first_doc + i] = value
+        return out
 
 
 class Tool:
     """Base class of every analysis tool (subclass it; see ``logit_lens.py``)."""
 
     name: ClassVar[str]
-    """The name used by ``arrakis-ray analyze --tool`` and in ``results_<name>``."""
+    """The name used by ``arrakis-ray analyze --tool``."""
     summary: ClassVar[str]
     """One line: what it computes."""
     reference: ClassVar[str] = ""
@@ -49,26 +115,43 @@ class Tool:
     Params: ClassVar[type] = NoParams
     """Frozen dataclass of the tool's parameters (docstrings become help text)."""
     needs_weights: ClassVar[bool] = False
-    """True if ``compute_shard`` needs the model (it is loaded once per worker)."""
+    """True if the tool needs the model (loaded once per worker process)."""
+    scope: ClassVar[Literal["shard", "run"]] = "shard"
+    """"shard": compute_shard per shard (+ optional reduce); "run": compute_run once."""
+    outputs: ClassVar[tuple[str, ...]] = ()
+    """Result tables it writes; empty means one table named like the tool."""
     schema_version: ClassVar[int] = 1
 
     def __init__(self, params: Any):
         self.params = params
 
-    def required_hooks(self, manifest: dict) -> list[str]:
-        """Concrete hook names this tool reads, given the run's model."""
-        raise NotImplementedError
+    @classmethod
+    def output_names(cls) -> tuple[str, ...]:
+        return cls.outputs or (cls.name,)
 
-    def result_schema(self) -> pa.Schema:
-        """Arrow schema of the result table, read from ``schemas/result.<name>.v<N>.json``.
+    def required_hooks(self, manifest: dict) -> list[str]:
+        """Concrete hook names this tool reads, given the run's manifest (model shape)."""
+        return []
+
+    def result_schema(self, output: str | None = None) -> pa.Schema:
+        """Arrow schema of an output, read from ``schemas/result.<output>.v<N>.json``.
 
         The JSON file is the single definition (a custom tool outside this repo adds its
         own directory with ``arrakis_ray.store.schemas.add_schema_dir``).
         """
         from arrakis_ray.store.schemas import load_schema
 
-        return load_schema(f"result.{self.name}", self.schema_version).arrow()
+        return load_schema(
+            f"result.{output or self.output_names()[0]}", self.schema_version
+        ).arrow()
 
-    def compute_shard(self, inputs: ShardInputs, model: HookedModel | None) -> pa.Table:
-        """Result rows for one shard."""
-        raise NotImplementedError
+    def compute_shard(self, inputs: ShardInputs, model: HookedModel | None) -> Any:
+        """Result rows (or partial aggregates, with ``reduce``) for one shard."""
+        raise NotImplementedError(f"tool {self.name} has scope 'shard' but no compute_shard")
+
+    def compute_run(self, inputs: RunInputs, model: HookedModel | None) -> Any:
+        """The whole result, computed once for the run."""
+        raise NotImplementedError(f"tool {self.name} has scope 'run' but no compute_run")
+
+    reduce = None
+    """Optional ``reduce(self, partials: dict[str, list[pa.Table]], manifest) -> result``."""

@@ -23,7 +23,7 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
 from arrakis_ray.store import parquet, schemas
-from arrakis_ray.tools.base import ShardInputs, Tool
+from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def analyze(
     layout = store_layout.resolve_run(run, store)
     manifest = store_manifest.read_manifest(layout)
     tool = make_tool(tool_name, params)
-    tool.result_schema()  # a missing schema file fails here, before any task runs
+    for output in tool.output_names():
+        tool.result_schema(output)  # a missing schema file fails here, before any task runs
     missing = [h for h in tool.required_hooks(manifest) if h not in manifest["hooks"]]
     if missing:
         families = sorted({store_layout.hook_family(h) for h in missing})
@@ -87,20 +88,20 @@ def analyze(
     import ray
 
     ensure_ray()
-    task = ray.remote(_run_shard).options(num_cpus=0.5)
     payload = (tool.name, to_dict(tool.params), str(layout.store_root), layout.run_id)
-    pending, rows = [], 0
-    for shard in shards:
-        if len(pending) >= MAX_IN_FLIGHT:
-            ready, pending = ray.wait(pending, num_returns=1)
-            rows += sum(ray.get(ready))
-        pending.append(task.remote(*payload, shard))
-    rows += sum(ray.get(pending))
+    if tool.scope == "run":
+        rows = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
+    elif tool.reduce is not None:
+        partials = _map(ray.remote(_partial_shard).options(num_cpus=0.5), payload, shards)
+        rows = ray.get(ray.remote(_reduce).options(num_cpus=1).remote(*payload, *partials))
+    else:
+        rows = sum(ray.get(_map(ray.remote(_run_shard).options(num_cpus=0.5), payload, shards)))
 
     seconds = time.perf_counter() - started
     manifest = store_manifest.read_manifest(layout)
     manifest.setdefault("results", {})[tool.name] = {
         "params": to_dict(tool.params),
+        "outputs": list(tool.output_names()),
         "schema_version": tool.schema_version,
         "shards": len(shards),
         "rows": rows,
@@ -110,18 +111,45 @@ def analyze(
     store_manifest.write_manifest(layout, manifest)
     log.info("%s: %d rows over %d shards in %.1f s", tool.name, rows, len(shards), seconds)
     return AnalyzeResult(
-        tool.name, layout.run_id, layout.results_dir(tool.name), len(shards), rows, seconds
+        tool.name,
+        layout.run_id,
+        layout.results_dir(tool.output_names()[0]),
+        len(shards),
+        rows,
+        seconds,
     )
 
 
-def _run_shard(tool_name: str, params: dict, store_root: str, run_id: str, shard: int) -> int:
-    """A Ray task: compute one shard's result rows and write them; returns the row count."""
+def _map(task, payload: tuple, shards: list[int]) -> list:
+    """Submit ``task(*payload, shard)`` for every shard, at most MAX_IN_FLIGHT running.
+
+    Returns the object refs in shard order; results stay in Ray's object store.
+    """
+    import ray
+
+    refs, running = [], []
+    for shard in shards:
+        if len(running) >= MAX_IN_FLIGHT:
+            _, running = ray.wait(running, num_returns=1)
+        ref = task.remote(*payload, shard)
+        refs.append(ref)
+        running.append(ref)
+    return refs
+
+
+def _context(tool_name: str, params: dict, store_root: str, run_id: str):
+    """(tool, layout, manifest, model-or-None) inside a worker."""
     layout = store_layout.RunLayout(store_root, run_id)
     manifest = store_manifest.read_manifest(layout)
     tool = make_tool(tool_name, params)
+    model = _model(json.dumps(manifest["config"], sort_keys=True)) if tool.needs_weights else None
+    return tool, layout, manifest, model
+
+
+def _shard_inputs(tool, layout, manifest, shard: int) -> ShardInputs:
     families = sorted({store_layout.hook_family(h) for h in tool.required_hooks(manifest)})
-    inputs = ShardInputs(
-        run_id=run_id,
+    return ShardInputs(
+        run_id=layout.run_id,
         shard=shard,
         manifest=manifest,
         activations={f: _read_family(layout, f, shard) for f in families},
@@ -132,17 +160,76 @@ def _run_shard(tool_name: str, params: dict, store_root: str, run_id: str, shard
         ),
         vocab=_vocab(str(layout.vocab_path)),
     )
-    model = _model(json.dumps(manifest["config"], sort_keys=True)) if tool.needs_weights else None
-    table = tool.compute_shard(inputs, model)
-    schema = tool.result_schema()
-    parquet.write_table(
-        table,
-        layout.shard_file(layout.results_dir(tool.name), shard),
-        schema_name=f"result.{tool.name}",
-        schema_version=tool.schema_version,
-        expected=schema,
+
+
+def _run_shard(tool_name: str, params: dict, store_root: str, run_id: str, shard: int) -> int:
+    """A Ray task: compute one shard's result rows and write them; returns the row count."""
+    tool, layout, manifest, model = _context(tool_name, params, store_root, run_id)
+    result = tool.compute_shard(_shard_inputs(tool, layout, manifest, shard), model)
+    return _write(tool, layout, result, shard)
+
+
+def _partial_shard(tool_name: str, params: dict, store_root: str, run_id: str, shard: int):
+    """A Ray task: one shard's partial aggregates (kept in the object store for reduce)."""
+    tool, layout, manifest, model = _context(tool_name, params, store_root, run_id)
+    return _as_outputs(
+        tool, tool.compute_shard(_shard_inputs(tool, layout, manifest, shard), model)
     )
-    return table.num_rows
+
+
+def _reduce(tool_name: str, params: dict, store_root: str, run_id: str, *partials) -> int:
+    """A Ray task: combine every shard's partials into the final tables and write them."""
+    tool, layout, manifest, _ = _context(tool_name, params, store_root, run_id)
+    names = {name for part in partials for name in part}
+    by_output = {name: [part[name] for part in partials if name in part] for name in names}
+    return _write(tool, layout, tool.reduce(by_output, manifest), 0, replace=True)
+
+
+def _run_whole(tool_name: str, params: dict, store_root: str, run_id: str) -> int:
+    """A Ray task: a run-scope tool's whole computation."""
+    tool, layout, manifest, model = _context(tool_name, params, store_root, run_id)
+    inputs = RunInputs(
+        run_id=run_id,
+        layout=layout,
+        manifest=manifest,
+        vocab=_vocab(str(layout.vocab_path)),
+        shards=sorted(layout.completed_shards()),
+    )
+    return _write(tool, layout, tool.compute_run(inputs, model), 0, replace=True)
+
+
+def _as_outputs(tool, result) -> dict:
+    if isinstance(result, dict):
+        unknown = set(result) - set(tool.output_names())
+        if unknown:
+            raise ToolError(f"tool {tool.name} returned undeclared outputs {sorted(unknown)}")
+        return result
+    return {tool.output_names()[0]: result}
+
+
+def _write(tool, layout, result, shard: int, replace: bool = False) -> int:
+    """Write each output table of ``result`` as ``results/<output>/shard-NNNNN.parquet``.
+
+    ``replace``: a whole-run result is one file; older files of the output go first, so
+    a rerun never leaves stale rows beside it.
+    """
+    rows = 0
+    for output, table in _as_outputs(tool, result).items():
+        directory = layout.results_dir(output)
+        target = layout.shard_file(directory, shard)
+        if replace and directory.exists():
+            for old in directory.glob("shard-*.parquet"):
+                if old != target:
+                    old.unlink()
+        parquet.write_table(
+            table,
+            target,
+            schema_name=f"result.{output}",
+            schema_version=tool.schema_version,
+            expected=tool.result_schema(output),
+        )
+        rows += table.num_rows
+    return rows
 
 
 def _read_family(layout, family: str, shard: int):

@@ -194,11 +194,12 @@ TEMPLATES: dict[str, list[str]] = {
 }
 TEMPLATES_PER_RELATION = 4
 
-# Lead-ins put the fact at different positions in the sequence.
+# Lead-ins put the fact at different positions in the sequence. They avoid subject words
+# (an earlier "my teacher said that" taught the model to ignore "teacher" as a subject).
 PREFIXES = [
     "",
     "did you know that",
-    "my teacher said that",
+    "my friend said that",
     "it is true that",
     "everyone knows that",
     "i read that",
