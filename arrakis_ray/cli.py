@@ -56,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="run an analysis tool over a harvested run")
     a.add_argument("run", help="run directory (STORE/runs/ID), or a run id with --store")
-    a.add_argument("--tool", required=True, help="tool name (see 'arrakis-ray tools')")
+    a.add_argument(
+        "--tool",
+        required=True,
+        help="tool name (see 'arrakis-ray tools'), or your own as package.module:ClassName",
+    )
     a.add_argument(
         "--param", action="append", default=[], metavar="K=V", help="tool parameter (repeatable)"
     )
@@ -144,6 +148,7 @@ def _cmd_tools(args) -> None:
         print(f"{name}: {cls.summary}")
         if cls.reference:
             print(f"    reference: {cls.reference}")
+        print(f"    writes: {', '.join('results_' + o for o in cls.output_names())}")
         for f in dataclasses.fields(cls.Params):
             default = f.default if f.default is not dataclasses.MISSING else "required"
             print(f"    --param {f.name}=...  (default {default})")

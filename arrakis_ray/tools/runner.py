@@ -10,8 +10,10 @@ run's manifest.
 from __future__ import annotations
 
 import difflib
+import importlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,19 +44,35 @@ class AnalyzeResult:
     seconds: float
 
 
-def make_tool(name: str, params: dict[str, Any] | None = None, source: str = "--param") -> Tool:
-    """Instantiate a registered tool with validated parameters."""
-    from arrakis_ray.tools import TOOLS
+def tool_class(name: str) -> type[Tool]:
+    """A registered tool by name, or a user's tool given as ``package.module:ClassName``."""
+    from arrakis_ray.tools import TOOLS, register_tool
 
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as exc:
+            raise ToolError(f"tool '{name}': cannot import it: {exc}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Tool)):
+            raise ToolError(f"tool '{name}' is not a subclass of arrakis_ray.tools.Tool")
+        return register_tool(cls)
     if name not in TOOLS:
         close = difflib.get_close_matches(name, list(TOOLS), n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ToolError(f"unknown tool '{name}'{hint}; known tools: {', '.join(sorted(TOOLS))}")
-    cls = TOOLS[name]
+    return TOOLS[name]
+
+
+def make_tool(
+    name: str | type[Tool], params: dict[str, Any] | None = None, source: str = "--param"
+) -> Tool:
+    """Instantiate a tool (by name or class) with validated parameters."""
+    cls = tool_class(name) if isinstance(name, str) else name
     try:
         parsed = _build(cls.Params, dict(params or {}), source, "params")
     except Exception as exc:  # ConfigError from validation: re-raise as a tool error
-        raise ToolError(f"tool {name}: {exc}") from None
+        raise ToolError(f"tool {cls.name}: {exc}") from None
     return cls(parsed)
 
 
@@ -64,7 +82,7 @@ def analyze(
     params: dict[str, Any] | None = None,
     store: str | Path | None = None,
 ) -> AnalyzeResult:
-    """Run tool ``tool_name`` over every completed shard of ``run``."""
+    """Run a tool (a name, or ``module:Class``) over every completed shard of ``run``."""
     from arrakis_ray.harvest.run import ensure_ray
 
     started = time.perf_counter()
@@ -86,9 +104,14 @@ def analyze(
         raise ToolError(f"run {layout.run_id} has no completed shard to analyze")
 
     import ray
+    from ray import cloudpickle
 
     ensure_ray()
-    payload = (tool.name, to_dict(tool.params), str(layout.store_root), layout.run_id)
+    if not type(tool).__module__.startswith("arrakis_ray."):
+        # a user's tool travels to the workers by value: its module need not be
+        # importable there (a notebook, a script, a file outside any package)
+        cloudpickle.register_pickle_by_value(sys.modules[type(tool).__module__])
+    payload = (type(tool), to_dict(tool.params), str(layout.store_root), layout.run_id)
     if tool.scope == "run":
         rows = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
     elif tool.reduce is not None:
@@ -137,11 +160,11 @@ def _map(task, payload: tuple, shards: list[int]) -> list:
     return refs
 
 
-def _context(tool_name: str, params: dict, store_root: str, run_id: str):
+def _context(tool_cls: type[Tool], params: dict, store_root: str, run_id: str):
     """(tool, layout, manifest, model-or-None) inside a worker."""
     layout = store_layout.RunLayout(store_root, run_id)
     manifest = store_manifest.read_manifest(layout)
-    tool = make_tool(tool_name, params)
+    tool = make_tool(tool_cls, params)
     model = _model(json.dumps(manifest["config"], sort_keys=True)) if tool.needs_weights else None
     return tool, layout, manifest, model
 
@@ -162,32 +185,32 @@ def _shard_inputs(tool, layout, manifest, shard: int) -> ShardInputs:
     )
 
 
-def _run_shard(tool_name: str, params: dict, store_root: str, run_id: str, shard: int) -> int:
+def _run_shard(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, shard: int) -> int:
     """A Ray task: compute one shard's result rows and write them; returns the row count."""
-    tool, layout, manifest, model = _context(tool_name, params, store_root, run_id)
+    tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
     result = tool.compute_shard(_shard_inputs(tool, layout, manifest, shard), model)
     return _write(tool, layout, result, shard)
 
 
-def _partial_shard(tool_name: str, params: dict, store_root: str, run_id: str, shard: int):
+def _partial_shard(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, shard: int):
     """A Ray task: one shard's partial aggregates (kept in the object store for reduce)."""
-    tool, layout, manifest, model = _context(tool_name, params, store_root, run_id)
+    tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
     return _as_outputs(
         tool, tool.compute_shard(_shard_inputs(tool, layout, manifest, shard), model)
     )
 
 
-def _reduce(tool_name: str, params: dict, store_root: str, run_id: str, *partials) -> int:
+def _reduce(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, *partials) -> int:
     """A Ray task: combine every shard's partials into the final tables and write them."""
-    tool, layout, manifest, _ = _context(tool_name, params, store_root, run_id)
+    tool, layout, manifest, _ = _context(tool_cls, params, store_root, run_id)
     names = {name for part in partials for name in part}
     by_output = {name: [part[name] for part in partials if name in part] for name in names}
     return _write(tool, layout, tool.reduce(by_output, manifest), 0, replace=True)
 
 
-def _run_whole(tool_name: str, params: dict, store_root: str, run_id: str) -> int:
+def _run_whole(tool_cls: type[Tool], params: dict, store_root: str, run_id: str) -> int:
     """A Ray task: a run-scope tool's whole computation."""
-    tool, layout, manifest, model = _context(tool_name, params, store_root, run_id)
+    tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
     inputs = RunInputs(
         run_id=run_id,
         layout=layout,
