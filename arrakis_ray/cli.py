@@ -69,7 +69,11 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("sql", help="query a store with SQL (read-only)")
     q.add_argument("store", help="store directory")
-    q.add_argument("query", help="SQL query; views: runs, tokens, vocab, act_*, results_*")
+    q.add_argument(
+        "query",
+        nargs="?",
+        help="SQL query (views: runs, tokens, vocab, act_*, results_*); none: interactive prompt",
+    )
     q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     q.add_argument("--out", help="write the result to this file instead of stdout")
     q.set_defaults(func=_cmd_sql)
@@ -117,6 +121,9 @@ def _cmd_sql(args) -> None:
     from arrakis_ray.store.formatting import format_frame
 
     with Store(args.store) as db:
+        if args.query is None:
+            _sql_prompt(db, args.format)
+            return
         frame = db.sql(args.query)
     out = format_frame(frame, args.format)
     if args.out:
@@ -128,6 +135,32 @@ def _cmd_sql(args) -> None:
         sys.stdout.buffer.write(out)
     else:
         print(out)
+
+
+def _sql_prompt(db, fmt: str) -> None:
+    """A small REPL: statements end with ';', errors are printed and the prompt goes on."""
+    from arrakis_ray.store.formatting import format_frame
+
+    if fmt == "parquet":
+        fmt = "table"  # binary output makes no sense on a terminal
+    print(f"arrakis-ray sql on {db.root} - views: {', '.join(db.views())}")
+    print("End statements with ';'. Ctrl-D quits.")
+    buffer: list[str] = []
+    while True:
+        try:
+            line = input("sql> " if not buffer else "...> ")
+        except EOFError:
+            print()
+            return
+        buffer.append(line)
+        if not line.rstrip().endswith(";"):
+            continue
+        query = "\n".join(buffer).rstrip().rstrip(";")
+        buffer = []
+        try:
+            print(format_frame(db.sql(query), fmt))
+        except ArrakisError as exc:
+            print(f"error: {exc}")
 
 
 def _cmd_report(args) -> None:

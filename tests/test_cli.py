@@ -103,3 +103,17 @@ def test_tools_lists_logit_lens(capsys):
     assert main(["tools"]) == 0
     out = capsys.readouterr().out
     assert "logit_lens" in out and "include_embed" in out
+
+
+def test_sql_without_a_query_opens_a_prompt(harvested, capsys, monkeypatch):
+    import pyarrow.parquet as pq
+
+    _, store, result = harvested
+    statements = "SELECT count(*) AS n\nFROM tokens;\nSELEC 1;\nSELECT 41 + 1 AS answer;\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(statements))
+    assert main(["sql", str(store)]) == 0
+    out = capsys.readouterr().out
+    tokens = pq.read_table(result.run_dir / "tokens").num_rows
+    assert str(tokens) in out
+    assert "error:" in out and "SELEC" in out  # a bad statement does not end the session
+    assert "42" in out
