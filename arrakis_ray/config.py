@@ -93,6 +93,8 @@ class HarvestConfig:
     """CPUs reserved per actor; fractional so the write stage is not starved."""
     storage_dtype: StorageDtype = "float16"
     """Dtype of stored activations (bfloat16 models are stored as float32)."""
+    max_bytes: int | None = None
+    """Refuse to start a run whose predicted size exceeds this many bytes."""
 
     def __post_init__(self) -> None:
         if not self.hooks:
@@ -100,6 +102,8 @@ class HarvestConfig:
         for name in ("batch_size", "shard_size", "actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
         if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
             raise ValueError("num_gpus_per_actor and num_cpus_per_actor must be >= 0")
 

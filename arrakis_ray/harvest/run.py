@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arrakis_ray.config import PipelineConfig, to_dict
+from arrakis_ray.errors import ConfigError
 from arrakis_ray.harvest.actor import HarvestShard, TokenizeShard
 from arrakis_ray.harvest.inputs import data_fingerprint, plan_shards
 from arrakis_ray.harvest.model_source import (
@@ -63,6 +64,24 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
         "shard_size": config.harvest.shard_size,
     }
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    n_docs = sum(s.count for s in shards)
+    predicted = predict_bytes(
+        model, hooks, n_docs, config.data.context_length, config.harvest.storage_dtype
+    )
+    log.info(
+        "run %s: %d documents in %d shards, at most %.1f MB on disk",
+        run_id,
+        n_docs,
+        len(shards),
+        predicted / 1e6,
+    )
+    budget = config.harvest.max_bytes
+    if budget is not None and predicted > budget:
+        raise ConfigError(
+            f"{config.source}: harvest.max_bytes: this run may write up to {predicted:,} bytes "
+            f"({n_docs} documents x {config.data.context_length} tokens), over the budget of "
+            f"{budget:,}; harvest fewer hooks or documents, or raise the budget"
+        )
 
     store_layout.init_store(store)
     layout = store_layout.RunLayout(store, run_id)
@@ -71,7 +90,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     manifest = (
         store_manifest.read_manifest(layout)
         if layout.manifest_path.exists()
-        else _new_manifest(config, run_id, model, hooks, shards, identity)
+        else _new_manifest(config, run_id, model, hooks, shards, identity, predicted)
     )
     if not pending:
         log.info("run %s is already complete: nothing to do", run_id)
@@ -93,6 +112,26 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     return HarvestResult(
         run_id, layout.root, "complete", len(pending), len(shards), tokens, n_bytes, seconds
     )
+
+
+def predict_bytes(model, hooks: list[str], n_docs: int, context: int, dtype: str) -> int:
+    """Upper bound of the run's size on disk: every document at full context length.
+
+    Values are stored uncompressed in effect (activations barely compress), plus the
+    key columns of each row (layer 2 B, seq_id 8 B, pos 4 B, head 2 B; patterns: q_pos,
+    k_pos 4 B each and a float32 weight).
+    """
+    value = 2 if dtype == "float16" else 4
+    per_token = 40  # tokens table: ids, positions, text
+    for hook in hooks:
+        kind, width = model.hook_shape(hook)
+        if kind == "dense":
+            per_token += width * value + 14
+        elif kind == "head":
+            per_token += model.n_heads_of(hook) * (width * value + 16)
+        else:  # a query attends to (context + 1) / 2 keys on average
+            per_token += model.n_heads_of(hook) * (context + 1) // 2 * 24
+    return n_docs * context * per_token
 
 
 def ensure_ray() -> None:
@@ -163,7 +202,7 @@ def _tokenize(batch, config):
     return TokenizeShard(config)(batch)
 
 
-def _new_manifest(config, run_id, model, hooks, shards, identity) -> dict:
+def _new_manifest(config, run_id, model, hooks, shards, identity, predicted) -> dict:
     from arrakis_ray import __version__
 
     return {
@@ -193,7 +232,7 @@ def _new_manifest(config, run_id, model, hooks, shards, identity) -> dict:
         },
         "shard_plan": [s.to_dict() for s in shards],
         "schemas": {n: schemas.load_schema(n).version for n in schemas.known_schemas()},
-        "harvest": {"resumed": False, "calls": []},
+        "harvest": {"resumed": False, "calls": [], "predicted_max_bytes": predicted},
         "results": {},
         "versions": _package_versions(__version__),
     }

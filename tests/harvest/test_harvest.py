@@ -122,6 +122,8 @@ def test_manifest_records_the_run(harvested):
     assert manifest["harvest"]["tokens_per_s"] > 0
     assert "blocks.1.hook_resid_post" in manifest["hooks"]
     assert manifest["results"]["logit_lens"]["rows"] > 0
+    # the size printed before the run is an upper bound of what it wrote
+    assert manifest["harvest"]["bytes"] <= manifest["harvest"]["predicted_max_bytes"]
 
 
 def test_rerun_is_a_noop_and_a_partial_run_resumes(ray_session, tmp_path):
