@@ -83,6 +83,13 @@ def test_errors_leave_an_existing_store_untouched(harvested, tmp_path, capsys):
         ["harvest", _write_pipeline(tmp_path, missing_model), "--store", str(store)],
         "no-such-model",
     )
+    over_budget = pipeline_dict(max_bytes=1000)
+    _fails(
+        capsys,
+        ["harvest", _write_pipeline(tmp_path, over_budget), "--store", str(store)],
+        "harvest.max_bytes",
+        "over the budget of 1,000",
+    )
     _fails(
         capsys,
         ["analyze", str(result.run_dir), "--tool", "logit_lenz"],
