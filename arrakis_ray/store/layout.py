@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
 from arrakis_ray.errors import StoreError, UnknownHookError
+from arrakis_ray.store.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,8 @@ def init_store(root: str | Path) -> Path:
         )
     path.mkdir(parents=True, exist_ok=True)
     (path / "runs").mkdir(exist_ok=True)
-    tmp = path / f".{STORE_MARKER}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}) + "\n")
-    os.replace(tmp, path / STORE_MARKER)
+    with atomic_open(path / STORE_MARKER, "w") as f:
+        f.write(json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}) + "\n")
     log.info("created store %s", path)
     return path
 

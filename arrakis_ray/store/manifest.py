@@ -8,10 +8,9 @@ view reads are listed in ``schemas/README.md``.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 
 from arrakis_ray.errors import StoreError
+from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.layout import RunLayout
 
 
@@ -24,18 +23,8 @@ def write_manifest(layout: RunLayout, manifest: dict) -> None:
         text = json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise StoreError(f"{path}: manifest is not JSON-serialisable ({e})") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise StoreError(f"{path}: could not write ({e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def read_manifest(layout: RunLayout) -> dict:

@@ -9,14 +9,13 @@ renamed, so readers (and the catalog's ``shard-*.parquet`` globs) never see half
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrakis_ray.errors import SchemaError, StoreError
+from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.schemas import schema_mismatch
 
 log = logging.getLogger(__name__)
@@ -74,26 +73,15 @@ def write_table(
     # dictionaries are useless and statistics halve the write speed of float16
     # (activations are not sorted, so min/max rarely prunes a row group).
     keys = [f.name for f in expected if not pa.types.is_floating(f.type)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden and not ending in .parquet: invisible to shard-*.parquet globs.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(
-                out,
-                f,
-                compression=COMPRESSION,
-                use_dictionary=keys,
-                write_statistics=keys,
-                row_group_size=_row_group_rows(out),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise StoreError(f"{path}: could not write ({e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as f:
+        pq.write_table(
+            out,
+            f,
+            compression=COMPRESSION,
+            use_dictionary=keys,
+            write_statistics=keys,
+            row_group_size=_row_group_rows(out),
+        )
     size = path.stat().st_size
     log.debug("wrote %s: %d rows, %d bytes", path, out.num_rows, size)
     return size
