@@ -1,0 +1,280 @@
+"""Q-, K- and V-composition between attention heads, from the weights alone.
+
+Elhage et al. (2021), "A Mathematical Framework for Transformer Circuits", measure how
+much a later head B reads what an earlier head A writes. The paper writes matrices
+acting on column vectors: ``W_OV = W_O W_V`` and ``W_QK = W_Q^T W_K`` (the attention
+score is ``x_q^T W_QK x_k``). Head A's output ``W_OV^A x`` can enter head B's query,
+key or value side:
+
+- Q-composition: ``||W_QK^B^T W_OV^A||_F / (||W_QK^B^T||_F ||W_OV^A||_F)``
+- K-composition: ``||W_QK^B W_OV^A||_F / (||W_QK^B||_F ||W_OV^A||_F)``
+- V-composition: ``||W_OV^B W_OV^A||_F / (||W_OV^B||_F ||W_OV^A||_F)``
+
+Here weights are TransformerLens-shaped (row vectors: ``x @ W``), where the same
+matrices are transposed: ``W_OV = W_V[h] @ W_O[h]``, ``W_QK = W_Q[h] @ W_K[h]^T``. The
+scores above are then ``||W_OV^A W_B|| / (||W_OV^A|| ||W_B||)`` with ``W_B = W_QK^B``
+(Q), ``W_QK^B^T`` (K) or ``W_OV^B`` (V), which is TransformerLens' ``get_comp_score``.
+
+Computed in factored form, never materialising a ``d_model x d_model`` matrix: every
+matrix is ``L @ R`` with ``L [d_model, d_head]`` and ``R [d_head, d_model]``. With
+``L = Q1 T1`` and ``R^T = Q2 T2`` (thin QR, ``Q`` orthonormal columns) the Frobenius
+norm is unchanged by ``Q1``/``Q2``, so ``||L_A (R_A L_B) R_B|| = ||T1 (R_A L_B) T2^T||``,
+a ``d_head x d_head`` product; only the cross term ``R_A L_B`` contracts over d_model.
+
+Layer norm (``fold_ln``, on by default, as TransformerLens' ``fold_ln`` +
+``center_writing_weights``): a head reads the residual stream through its layer's ln1,
+whose scale ``gamma`` (``1 + weight`` for gemma) multiplies the rows of W_Q, W_K, W_V;
+for LayerNorm families (gpt2, gpt-neo, gpt-neox, stablelm) ln1 also removes the mean
+over d_model, so readers and W_O writers are projected onto the zero-mean subspace.
+The per-token 1/rms factor and the norm's bias are ignored, as are rotary embeddings
+(Q/K composition is position-free here), the attention scale and all biases.
+
+``baseline`` (the paper subtracts the composition of random matrices): the mean score
+of ``BASELINE_SAMPLES`` pairs of random matrices of the same factored shapes (iid
+Gaussian ``d_model x d_head`` factors, fixed seed). For ``d_model >> d_head`` it is
+close to ``1 / sqrt(d_model)`` and the same for the three kinds.
+
+Memory: one float32 copy of every layer's W_O is kept (the size of the model's o_proj
+weights), plus one layer's Q/K/V at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from arrakis_ray.errors import ToolError
+from arrakis_ray.tools.base import RunInputs, Tool
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from torch import Tensor
+
+    from arrakis_ray.models.hooked import HookedModel
+
+log = logging.getLogger(__name__)
+
+KINDS = ("q", "k", "v")
+BASELINE_SAMPLES = 32
+BASELINE_SEED = 0
+
+
+@dataclass(frozen=True)
+class CompositionParams:
+    """Parameters of attention head composition."""
+
+    kinds: tuple[Literal["q", "k", "v"], ...] = KINDS
+    """Which compositions to compute: q, k and/or v."""
+    fold_ln: bool = True
+    """Fold each reading layer's ln1 scale (and LayerNorm's centering) into the weights."""
+    baseline: bool = True
+    """Also report the mean score of random matrices of the same shapes, and score minus it."""
+
+
+@dataclass(frozen=True)
+class HeadFactors:
+    """One layer's heads as factors: the weights plus the R factors of their thin QRs.
+
+    ``T_X[h]`` is upper triangular with ``X[h] = Q T_X[h]`` (``Q`` orthonormal), for
+    ``X`` in W_Q, W_K, W_V and W_O^T: it carries every Frobenius norm of products.
+    """
+
+    W_Q: Tensor  # [n_heads, d_model, d_head]
+    W_K: Tensor
+    W_V: Tensor
+    W_O: Tensor  # [n_heads, d_head, d_model]
+    T_Q: Tensor  # [n_heads, r, d_head], r = min(d_model, d_head)
+    T_K: Tensor
+    T_V: Tensor
+    T_O: Tensor  # R factor of W_O[h]^T
+
+    @classmethod
+    def of(cls, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor) -> HeadFactors:
+        """Factor raw per-head weights (TransformerLens shapes)."""
+        import torch
+
+        def r(x: Tensor) -> Tensor:
+            return torch.linalg.qr(x, mode="r").R
+
+        return cls(W_Q, W_K, W_V, W_O, r(W_Q), r(W_K), r(W_V), r(W_O.transpose(1, 2)))
+
+    def writer(self) -> Writer:
+        """What composition needs of this layer as the writing side."""
+        return Writer(self.W_O, self.T_V, self.T_O)
+
+
+@dataclass(frozen=True)
+class Writer:
+    """The writing side of a layer's heads: W_OV = W_V W_O, as W_O and two R factors."""
+
+    W_O: Tensor  # [n_heads, d_head, d_model]
+    T_V: Tensor  # [n_heads, r, d_head]
+    T_O: Tensor
+
+
+def norm_fold(model: HookedModel, layer: int) -> tuple[Tensor, bool]:
+    """``(gamma [d_model], centers)`` of the norm in front of ``layer``'s attention.
+
+    ``ln1(x) = gamma * P x / rms(P x) + beta`` where ``P`` removes the mean over d_model
+    when ``centers`` (LayerNorm) and is the identity for RMSNorm.
+    """
+    import torch
+    from torch import nn
+
+    norm = model.adapter.sub(model.model, layer, model.adapter.ln1)
+    weight = getattr(norm, "weight", None)
+    gamma = (
+        torch.ones(model.d_model, device=model.device)
+        if weight is None
+        else weight.detach().float().clone()
+    )
+    if "gemma" in type(norm).__name__.lower():
+        gamma = gamma + 1.0  # GemmaRMSNorm multiplies by (1 + weight)
+    return gamma, isinstance(norm, nn.LayerNorm)
+
+
+def layer_factors(model: HookedModel, layer: int, fold_ln: bool) -> HeadFactors:
+    """``layer``'s heads as ``HeadFactors``, with ln1 folded in when ``fold_ln``."""
+    from arrakis_ray.models.weights import attention_weights
+
+    w = attention_weights(model, layer)
+    W_Q, W_K, W_V, W_O = w.W_Q, w.W_K, w.W_V, w.W_O
+    if fold_ln:
+        gamma, centers = norm_fold(model, layer)
+        W_Q, W_K, W_V = (gamma[:, None] * x for x in (W_Q, W_K, W_V))
+        if centers:
+            # P = I - 11^T/d: readers P @ W (mean over d_model rows), writers W_O @ P
+            W_Q, W_K, W_V = (x - x.mean(dim=1, keepdim=True) for x in (W_Q, W_K, W_V))
+            W_O = W_O - W_O.mean(dim=2, keepdim=True)
+    return HeadFactors.of(W_Q, W_K, W_V, W_O)
+
+
+def _frob(x: Tensor) -> Tensor:
+    """Frobenius norm over the last two dims."""
+    return x.flatten(-2).norm(dim=-1)
+
+
+def composition_scores(
+    a: Writer | HeadFactors, b: HeadFactors, kinds: tuple[str, ...] = KINDS
+) -> dict[str, Tensor]:
+    """``kind -> [n_heads_a, n_heads_b]`` composition scores of every head pair.
+
+    ``a`` writes (its W_OV), ``b`` reads. A head whose matrices are zero scores 0.
+    """
+    import torch
+
+    # W_OV^A = W_V^A W_O^A = L_A R_A;  W_B = L_B R_B per kind, with (L_B, T(L_B), T(R_B^T))
+    sides = {"q": (b.W_Q, b.T_Q, b.T_K), "k": (b.W_K, b.T_K, b.T_Q), "v": (b.W_V, b.T_V, b.T_O)}
+    n_a, d_head, d_model = a.W_O.shape
+    norm_a = _frob(a.T_V @ a.T_O.transpose(1, 2))  # ||W_OV^A||
+    out = {}
+    for kind in kinds:
+        L_b, T_left, T_right = sides[kind]
+        n_b = L_b.shape[0]
+        # cross term R_A L_B for all head pairs in one matmul: [n_a*d_head, n_b*d_head]
+        cross = a.W_O.reshape(n_a * d_head, d_model) @ L_b.permute(1, 0, 2).reshape(d_model, -1)
+        cross = cross.reshape(n_a, d_head, n_b, d_head).permute(0, 2, 1, 3)
+        core = torch.einsum("aij,abjk,blk->abil", a.T_V, cross, T_right)
+        norm_b = _frob(T_left @ T_right.transpose(1, 2))  # ||W_B||
+        denom = norm_a[:, None] * norm_b[None, :]
+        score = _frob(core) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        out[kind] = torch.where(denom > 0, score, torch.zeros_like(score))
+    return out
+
+
+def random_baseline(
+    d_model: int, d_head: int, samples: int = BASELINE_SAMPLES, seed: int = BASELINE_SEED
+) -> dict[str, float]:
+    """``kind -> mean score`` of ``samples`` random (iid Gaussian factor) head pairs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand_heads() -> HeadFactors:
+        q, k, v = (torch.randn(samples, d_model, d_head, generator=gen) for _ in range(3))
+        o = torch.randn(samples, d_head, d_model, generator=gen)
+        return HeadFactors.of(q, k, v, o)
+
+    a, b = rand_heads(), rand_heads()
+    scores = composition_scores(a, b)
+    # pairs (i, i) only: independent draws
+    return {kind: float(s.diagonal().mean()) for kind, s in scores.items()}
+
+
+class AttentionHeadComposition(Tool):
+    """Q/K/V composition score of every (earlier head, later head) pair."""
+
+    name = "attention_head_composition"
+    summary = "per head pair (A earlier, B later): Q-, K-, V-composition scores from weights"
+    reference = "Elhage et al. 2021, 'A Mathematical Framework for Transformer Circuits'"
+    Params = CompositionParams
+    needs_weights = True
+    scope = "run"
+
+    def compute_run(self, inputs: RunInputs, model: HookedModel | None) -> pa.Table:
+        import torch
+
+        if model is None:
+            raise ToolError(f"tool {self.name} needs the model's weights, but got none")
+        kinds = tuple(dict.fromkeys(self.params.kinds))
+        if not kinds:
+            raise ToolError(f"tool {self.name}: params.kinds is empty; choose from q, k, v")
+        base = random_baseline(model.d_model, model.d_head) if self.params.baseline else None
+        writers: list[Writer] = []
+        parts: list[dict[str, np.ndarray]] = []
+        with torch.inference_mode():
+            for layer_b in range(model.n_layers):
+                b = layer_factors(model, layer_b, self.params.fold_ln)
+                for layer_a, a in enumerate(writers):
+                    for kind, score in composition_scores(a, b, kinds).items():
+                        parts.append(_rows(kind, layer_a, layer_b, score.cpu().numpy()))
+                writers.append(b.writer())  # keeps W_O only, not Q/K/V
+        return self._table(inputs.run_id, parts, base)
+
+    def _table(self, run_id: str, parts: list[dict], base: dict[str, float] | None) -> pa.Table:
+        import pyarrow as pa
+
+        schema = self.result_schema()
+        if not parts:  # a one-layer model has no head pairs
+            return schema.empty_table()
+        cols = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        n = len(cols["score"])
+        if base is None:
+            baseline = pa.nulls(n, pa.float32())
+            adjusted = pa.nulls(n, pa.float32())
+        else:
+            values = np.array([base[k] for k in cols["kind"]], dtype=np.float32)
+            baseline = pa.array(values)
+            adjusted = pa.array(cols["score"] - values)
+        return pa.Table.from_arrays(
+            [
+                pa.array(np.full(n, run_id, dtype=object), pa.string()),
+                pa.array(cols["kind"], pa.string()),
+                pa.array(cols["layer_a"]),
+                pa.array(cols["head_a"]),
+                pa.array(cols["layer_b"]),
+                pa.array(cols["head_b"]),
+                pa.array(cols["score"]),
+                baseline,
+                adjusted,
+            ],
+            schema=schema,
+        )
+
+
+def _rows(kind: str, layer_a: int, layer_b: int, score: np.ndarray) -> dict[str, np.ndarray]:
+    """Long-format columns of one layer pair's ``[n_heads_a, n_heads_b]`` scores."""
+    n_a, n_b = score.shape
+    head_a, head_b = np.meshgrid(np.arange(n_a), np.arange(n_b), indexing="ij")
+    size = n_a * n_b
+    return {
+        "kind": np.full(size, kind, dtype=object),
+        "layer_a": np.full(size, layer_a, dtype=np.int16),
+        "head_a": head_a.ravel().astype(np.int16),
+        "layer_b": np.full(size, layer_b, dtype=np.int16),
+        "head_b": head_b.ravel().astype(np.int16),
+        "score": score.ravel().astype(np.float32),
+    }
