@@ -5,11 +5,26 @@ An explicit dict, not a metaclass registry: reading this file tells you every to
 
 from __future__ import annotations
 
-from arrakis_ray.tools.base import ShardInputs, Tool
+from arrakis_ray.tools.attention_head_composition import AttentionHeadComposition
+from arrakis_ray.tools.attention_tools import AttentionTools
+from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
+from arrakis_ray.tools.knowledge_prober import KnowledgeProber
 from arrakis_ray.tools.logit_lens import LogitLens
+from arrakis_ray.tools.read_write_heads import ReadWriteHeads
+from arrakis_ray.tools.sparsity_analyzer import SparsityAnalyzer
+from arrakis_ray.tools.superposition_disentangler import SuperpositionDisentangler
 
 TOOLS: dict[str, type[Tool]] = {
-    LogitLens.name: LogitLens,
+    cls.name: cls
+    for cls in (
+        LogitLens,
+        AttentionTools,
+        AttentionHeadComposition,
+        ReadWriteHeads,
+        SparsityAnalyzer,
+        SuperpositionDisentangler,
+        KnowledgeProber,
+    )
 }
 
 
@@ -19,4 +34,4 @@ def register_tool(cls: type[Tool]) -> type[Tool]:
     return cls
 
 
-__all__ = ["TOOLS", "ShardInputs", "Tool", "register_tool"]
+__all__ = ["TOOLS", "RunInputs", "ShardInputs", "Tool", "register_tool"]

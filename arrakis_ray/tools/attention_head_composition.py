@@ -34,8 +34,10 @@ of ``BASELINE_SAMPLES`` pairs of random matrices of the same factored shapes (ii
 Gaussian ``d_model x d_head`` factors, fixed seed). For ``d_model >> d_head`` it is
 close to ``1 / sqrt(d_model)`` and the same for the three kinds.
 
-Memory: one float32 copy of every layer's W_O is kept (the size of the model's o_proj
-weights), plus one layer's Q/K/V at a time.
+Cost: per layer pair and kind, one ``[n_heads*d_head, d_model] @ [d_model,
+n_heads*d_head]`` matmul (the cross terms of all head pairs) plus d_head-sized
+products; each layer is read and QR-factored once. Memory: one float32 copy of every
+layer's W_O (the size of the model's o_proj weights), plus one layer's Q/K/V at a time.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from arrakis_ray.tools.base import RunInputs, Tool
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from torch import Tensor
+    from torch import Tensor, nn
 
     from arrakis_ray.models.hooked import HookedModel
 
@@ -72,6 +74,10 @@ class CompositionParams:
     """Fold each reading layer's ln1 scale (and LayerNorm's centering) into the weights."""
     baseline: bool = True
     """Also report the mean score of random matrices of the same shapes, and score minus it."""
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            raise ValueError("kinds is empty; choose some of q, k, v")
 
 
 @dataclass(frozen=True)
@@ -115,25 +121,28 @@ class Writer:
     T_O: Tensor
 
 
-def norm_fold(model: HookedModel, layer: int) -> tuple[Tensor, bool]:
-    """``(gamma [d_model], centers)`` of the norm in front of ``layer``'s attention.
+def norm_scale(norm: nn.Module, d_model: int) -> tuple[Tensor, bool]:
+    """``(gamma [d_model] float32, centers)`` of a LayerNorm or RMSNorm module.
 
-    ``ln1(x) = gamma * P x / rms(P x) + beta`` where ``P`` removes the mean over d_model
-    when ``centers`` (LayerNorm) and is the identity for RMSNorm.
+    ``norm(x) = gamma * P x / rms(P x) + beta`` where ``P`` removes the mean over
+    d_model when ``centers`` (LayerNorm) and is the identity for RMSNorm.
     """
     import torch
     from torch import nn
 
-    norm = model.adapter.sub(model.model, layer, model.adapter.ln1)
     weight = getattr(norm, "weight", None)
-    gamma = (
-        torch.ones(model.d_model, device=model.device)
-        if weight is None
-        else weight.detach().float().clone()
-    )
+    if weight is None:
+        gamma = torch.ones(d_model)
+    else:
+        gamma = weight.detach().to(dtype=torch.float32, copy=True)
     if "gemma" in type(norm).__name__.lower():
         gamma = gamma + 1.0  # GemmaRMSNorm multiplies by (1 + weight)
     return gamma, isinstance(norm, nn.LayerNorm)
+
+
+def norm_fold(model: HookedModel, layer: int) -> tuple[Tensor, bool]:
+    """``norm_scale`` of the norm in front of ``layer``'s attention (ln1)."""
+    return norm_scale(model.adapter.sub(model.model, layer, model.adapter.ln1), model.d_model)
 
 
 def layer_factors(model: HookedModel, layer: int, fold_ln: bool) -> HeadFactors:
@@ -144,6 +153,7 @@ def layer_factors(model: HookedModel, layer: int, fold_ln: bool) -> HeadFactors:
     W_Q, W_K, W_V, W_O = w.W_Q, w.W_K, w.W_V, w.W_O
     if fold_ln:
         gamma, centers = norm_fold(model, layer)
+        gamma = gamma.to(W_Q.device)
         W_Q, W_K, W_V = (gamma[:, None] * x for x in (W_Q, W_K, W_V))
         if centers:
             # P = I - 11^T/d: readers P @ W (mean over d_model rows), writers W_O @ P
@@ -152,7 +162,7 @@ def layer_factors(model: HookedModel, layer: int, fold_ln: bool) -> HeadFactors:
     return HeadFactors.of(W_Q, W_K, W_V, W_O)
 
 
-def _frob(x: Tensor) -> Tensor:
+def frob(x: Tensor) -> Tensor:
     """Frobenius norm over the last two dims."""
     return x.flatten(-2).norm(dim=-1)
 
@@ -169,7 +179,7 @@ def composition_scores(
     # W_OV^A = W_V^A W_O^A = L_A R_A;  W_B = L_B R_B per kind, with (L_B, T(L_B), T(R_B^T))
     sides = {"q": (b.W_Q, b.T_Q, b.T_K), "k": (b.W_K, b.T_K, b.T_Q), "v": (b.W_V, b.T_V, b.T_O)}
     n_a, d_head, d_model = a.W_O.shape
-    norm_a = _frob(a.T_V @ a.T_O.transpose(1, 2))  # ||W_OV^A||
+    norm_a = frob(a.T_V @ a.T_O.transpose(1, 2))  # ||W_OV^A||
     out = {}
     for kind in kinds:
         L_b, T_left, T_right = sides[kind]
@@ -178,9 +188,9 @@ def composition_scores(
         cross = a.W_O.reshape(n_a * d_head, d_model) @ L_b.permute(1, 0, 2).reshape(d_model, -1)
         cross = cross.reshape(n_a, d_head, n_b, d_head).permute(0, 2, 1, 3)
         core = torch.einsum("aij,abjk,blk->abil", a.T_V, cross, T_right)
-        norm_b = _frob(T_left @ T_right.transpose(1, 2))  # ||W_B||
+        norm_b = frob(T_left @ T_right.transpose(1, 2))  # ||W_B||
         denom = norm_a[:, None] * norm_b[None, :]
-        score = _frob(core) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        score = frob(core) / torch.where(denom > 0, denom, torch.ones_like(denom))
         out[kind] = torch.where(denom > 0, score, torch.zeros_like(score))
     return out
 
@@ -219,9 +229,7 @@ class AttentionHeadComposition(Tool):
 
         if model is None:
             raise ToolError(f"tool {self.name} needs the model's weights, but got none")
-        kinds = tuple(dict.fromkeys(self.params.kinds))
-        if not kinds:
-            raise ToolError(f"tool {self.name}: params.kinds is empty; choose from q, k, v")
+        kinds = tuple(dict.fromkeys(self.params.kinds))  # deduplicated, in the given order
         base = random_baseline(model.d_model, model.d_head) if self.params.baseline else None
         writers: list[Writer] = []
         parts: list[dict[str, np.ndarray]] = []

@@ -115,7 +115,9 @@ class Tool:
     Params: ClassVar[type] = NoParams
     """Frozen dataclass of the tool's parameters (docstrings become help text)."""
     needs_weights: ClassVar[bool] = False
-    """True if the tool needs the model (loaded once per worker process)."""
+    """True if compute_shard/compute_run needs the model (loaded once per worker process)."""
+    reduce_needs_weights: ClassVar[bool] = False
+    """True if ``reduce`` needs the model (then only the reduce task loads it)."""
     scope: ClassVar[Literal["shard", "run"]] = "shard"
     """"shard": compute_shard per shard (+ optional reduce); "run": compute_run once."""
     outputs: ClassVar[tuple[str, ...]] = ()
@@ -154,4 +156,5 @@ class Tool:
         raise NotImplementedError(f"tool {self.name} has scope 'run' but no compute_run")
 
     reduce = None
-    """Optional ``reduce(self, partials: dict[str, list[pa.Table]], manifest) -> result``."""
+    """Optional ``reduce(self, partials: dict[str, list[pa.Table]], manifest, model) -> result``
+    (``model`` is None unless ``reduce_needs_weights``)."""

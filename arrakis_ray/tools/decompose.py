@@ -43,11 +43,14 @@ def check_positions(value: Any) -> str | tuple[int, ...]:
     """``"all"``, ``"last"`` or a tuple of ints (negative counts from a sequence's end)."""
     if value in ("all", "last"):
         return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)  # one position, given bare
     if isinstance(value, list | tuple) and value:
         if all(isinstance(p, int) and not isinstance(p, bool) for p in value):
             return tuple(value)
     raise ValueError(
-        f"positions must be 'all', 'last' or a non-empty list of integers, got {value!r}"
+        f"positions must be 'all', 'last', an integer or a non-empty list of integers, "
+        f"got {value!r}"
     )
 
 
@@ -66,7 +69,9 @@ def token_id(value: str | int, vocab: np.ndarray, field: str) -> int:
 
     if isinstance(value, int):
         if value >= len(vocab):
-            raise ToolError(f"{field}: token id {value} is outside the vocabulary (0..{len(vocab) - 1})")
+            raise ToolError(
+                f"{field}: token id {value} is outside the vocabulary (0..{len(vocab) - 1})"
+            )
         return value
     ids = np.flatnonzero(vocab == value)
     if len(ids) == 1:
@@ -239,7 +244,9 @@ def final_norm(model: HookedModel) -> FinalNorm:
     probe = torch.randn(8, d, generator=generator) * 3.0 + 0.5
     with torch.inference_mode():
         ref = module(probe.to(model.device, model.dtype)).float().cpu()
-    errors = [float((c(probe) - ref).abs().max() / ref.abs().max().clamp(min=1e-12)) for c in candidates]
+    errors = [
+        float((c(probe) - ref).abs().max() / ref.abs().max().clamp(min=1e-12)) for c in candidates
+    ]
     best = int(np.argmin(errors))
     tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2
     if errors[best] > tolerance:
@@ -297,7 +304,10 @@ class ShardComponents:
             if needed and f not in inputs.activations
         ]
         if missing:
-            raise ToolError(f"shard {inputs.shard}: the decomposition needs the stored {missing}")
+            raise ToolError(
+                f"shard {inputs.shard}: the residual decomposition needs the stored hook "
+                f"families {', '.join(missing)}, which these inputs lack"
+            )
         self.has_pos = model.adapter.pos_embed is not None
         self.w_o, self.b_o = [], []
         for layer in range(n_blocks):

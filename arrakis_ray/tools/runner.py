@@ -160,12 +160,13 @@ def _map(task, payload: tuple, shards: list[int]) -> list:
     return refs
 
 
-def _context(tool_cls: type[Tool], params: dict, store_root: str, run_id: str):
+def _context(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, reducing=False):
     """(tool, layout, manifest, model-or-None) inside a worker."""
     layout = store_layout.RunLayout(store_root, run_id)
     manifest = store_manifest.read_manifest(layout)
     tool = make_tool(tool_cls, params)
-    model = _model(json.dumps(manifest["config"], sort_keys=True)) if tool.needs_weights else None
+    wanted = tool.reduce_needs_weights if reducing else tool.needs_weights
+    model = _model(json.dumps(manifest["config"], sort_keys=True)) if wanted else None
     return tool, layout, manifest, model
 
 
@@ -202,10 +203,10 @@ def _partial_shard(tool_cls: type[Tool], params: dict, store_root: str, run_id: 
 
 def _reduce(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, *partials) -> int:
     """A Ray task: combine every shard's partials into the final tables and write them."""
-    tool, layout, manifest, _ = _context(tool_cls, params, store_root, run_id)
+    tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id, reducing=True)
     names = {name for part in partials for name in part}
     by_output = {name: [part[name] for part in partials if name in part] for name in names}
-    return _write(tool, layout, tool.reduce(by_output, manifest), 0, replace=True)
+    return _write(tool, layout, tool.reduce(by_output, manifest, model), 0, replace=True)
 
 
 def _run_whole(tool_cls: type[Tool], params: dict, store_root: str, run_id: str) -> int:

@@ -8,14 +8,22 @@ the stored activations of ONE hook point, streamed shard by shard:
                                                 decoder direction) has unit norm
 
 Loss per token: ``||x - x_hat||^2`` (+ ``l1_coeff * sum(f)`` for "l1"; with unit-norm
-decoder rows the L1 of ``f`` is the L1 of the feature contributions). After every
-Adam step the gradient component parallel to each decoder row is removed before the
-step and the rows are renormalised after it. ``b_dec`` starts at the data mean and
-``W_enc`` at ``W_dec^T`` (Gao et al.).
+decoder rows the L1 of ``f`` is the L1 of the feature contributions). Before every
+Adam step the gradient component parallel to each decoder row is removed, and the
+rows are renormalised after it. ``b_dec`` starts at the data mean and ``W_enc`` at
+``W_dec^T`` (Gao et al.).
+
+Training sees the inputs scaled by one constant ``s`` so that the mean squared
+distance to the mean is ``width``: ``lr`` and ``l1_coeff`` then mean the same on every
+hook whatever its norm. ReLU and TopK commute with a positive scale, so dividing the
+trained biases by ``s`` gives the same SAE in the stored units: feature activations,
+reconstructions and the saved weights are all in the hook's own units.
 
 Memory: one shard in memory at a time. An epoch visits the shards in a seeded random
 order and shuffles rows within each shard. A first pass gathers the mean and total
-variance; a last pass (fixed order) writes the feature activations and the metrics.
+variance; a last pass (fixed order) computes the feature activations and the metrics.
+The sparse feature table (n_tokens x L0 rows) is returned whole to the runner, which
+writes a run-scope result as one file.
 
 Outputs:
 - ``sae_metrics``: one row (hook, kind, sizes, MSE, fraction of variance explained,
@@ -32,9 +40,7 @@ The trained weights are also saved as ``results/superposition_disentangler/<hook
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -63,8 +69,8 @@ class SAEParams:
     """"topk": keep the k largest pre-activations; "l1": ReLU with an L1 penalty."""
     k: int = 32
     """Active features per token for kind "topk"."""
-    l1_coeff: float = 1e-3
-    """Weight of the L1 penalty for kind "l1" (relative to the per-token squared error)."""
+    l1_coeff: float = 1.0
+    """L1 penalty weight for kind "l1", on inputs scaled to mean squared norm = width."""
     epochs: int = 10
     """Passes over the stored activations."""
     lr: float = 1e-3
@@ -126,7 +132,6 @@ class SuperpositionDisentangler(Tool):
         return [self.params.hook]
 
     def compute_run(self, inputs: RunInputs, model) -> dict:
-
         p = self.params
         started = time.perf_counter()
         family = store_layout.hook_family(p.hook)
@@ -139,8 +144,9 @@ class SuperpositionDisentangler(Tool):
             raise ToolError(f"{self.name}: k={p.k} exceeds n_features={m}")
         log.info("%s: %s, %d tokens, width %d -> %d features", self.name, p.hook, n, width, m)
 
-        weights, train_loss = _train(stream, p, m, mean)
-        final = _final_pass(stream, weights, p, inputs.run_id)
+        scale = float(np.sqrt(n * width / total_var)) if total_var > 0 else 1.0
+        weights, train_loss = _train(stream, p, m, mean, scale)
+        final = _final_pass(stream, weights, p, self.result_schema("sae_features"))
         weights_path = _save_weights(inputs, p, weights)
 
         sse, l0_sum, counts = final["sse"], final["active"], final["counts"]
@@ -164,9 +170,13 @@ class SuperpositionDisentangler(Tool):
             "seconds": time.perf_counter() - started,
         }
         return {
-            "sae_metrics": _table(self.result_schema("sae_metrics"), {k: [v] for k, v in metrics.items()}),
+            "sae_metrics": _table(
+                self.result_schema("sae_metrics"), {k: [v] for k, v in metrics.items()}
+            ),
             "sae_features": final["features"],
-            "sae_directions": _directions(self.result_schema("sae_directions"), inputs.run_id, p.hook, weights),
+            "sae_directions": _directions(
+                self.result_schema("sae_directions"), inputs.run_id, p.hook, weights
+            ),
         }
 
 
@@ -218,8 +228,11 @@ def _decode(w: dict, f):
     return f @ w["W_dec"] + w["b_dec"]
 
 
-def _train(stream: _LayerStream, p: SAEParams, m: int, mean: np.ndarray) -> tuple[dict, float]:
-    """Weights after ``p.epochs`` epochs, and the mean training loss of the last epoch."""
+def _train(
+    stream: _LayerStream, p: SAEParams, m: int, mean: np.ndarray, scale: float
+) -> tuple[dict, float]:
+    """Weights after ``p.epochs`` epochs on inputs times ``scale``, back in stored units,
+    and the mean training loss of the last epoch (in the scaled units)."""
     import torch
 
     d = len(mean)
@@ -227,10 +240,10 @@ def _train(stream: _LayerStream, p: SAEParams, m: int, mean: np.ndarray) -> tupl
     w_dec = torch.randn(m, d, generator=gen)
     w_dec /= w_dec.norm(dim=1, keepdim=True)
     w = {
-        "W_enc": w_dec.T.clone(),
+        "W_enc": w_dec.T.contiguous(),
         "b_enc": torch.zeros(m),
         "W_dec": w_dec,
-        "b_dec": torch.from_numpy(mean.copy()),
+        "b_dec": torch.from_numpy(mean * scale),
     }
     for t in w.values():
         t.requires_grad_(True)
@@ -241,7 +254,7 @@ def _train(stream: _LayerStream, p: SAEParams, m: int, mean: np.ndarray) -> tupl
         loss_sum, steps = 0.0, 0
         for shard in rng.permutation(stream.inputs.shards):
             x = stream.read(int(shard))[2]
-            x = torch.from_numpy(x[rng.permutation(len(x))])
+            x = torch.from_numpy(x[rng.permutation(len(x))] * np.float32(scale))
             for lo in range(0, len(x), p.batch_size):
                 xb = x[lo : lo + p.batch_size]
                 f = _encode(w, xb, p.kind, p.k)
@@ -260,17 +273,18 @@ def _train(stream: _LayerStream, p: SAEParams, m: int, mean: np.ndarray) -> tupl
                 loss_sum += loss.item() * len(xb)
                 steps += len(xb)
         log.info("sae epoch %d/%d: loss %.5g", epoch + 1, p.epochs, loss_sum / max(steps, 1))
-    return {name: t.detach() for name, t in w.items()}, loss_sum / max(steps, 1)
+    out = {name: t.detach() for name, t in w.items()}
+    out["b_enc"] = out["b_enc"] / scale
+    out["b_dec"] = out["b_dec"] / scale
+    return out, loss_sum / max(steps, 1)
 
 
-def _final_pass(stream: _LayerStream, w: dict, p: SAEParams, run_id: str) -> dict:
+def _final_pass(stream: _LayerStream, w: dict, p: SAEParams, schema) -> dict:
     """Sparse feature activations of every token, squared error, L0 and feature counts."""
     import pyarrow as pa
     import torch
 
-    from arrakis_ray.store.schemas import load_schema
-
-    schema = load_schema("result.sae_features").arrow()
+    run_id = stream.inputs.run_id
     m = w["W_dec"].shape[0]
     counts = np.zeros(m, dtype=np.int64)
     sse, active, parts = 0.0, 0, []
@@ -332,12 +346,11 @@ def _table(schema, columns: dict[str, list]):
 
 def _save_weights(inputs: RunInputs, p: SAEParams, w: dict) -> Path:
     """Write the weights as safetensors atomically; returns the file's path."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    directory = inputs.layout.results_root / WEIGHTS_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{p.hook}.safetensors"
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    from arrakis_ray.store.atomic import atomic_open
+
+    path = inputs.layout.results_root / WEIGHTS_DIR / f"{p.hook}.safetensors"
     metadata = {
         "run_id": inputs.run_id,
         "hook": p.hook,
@@ -346,9 +359,8 @@ def _save_weights(inputs: RunInputs, p: SAEParams, w: dict) -> Path:
         "l1_coeff": str(p.l1_coeff),
         "layout": "f = act((x - b_dec) @ W_enc + b_enc); x_hat = f @ W_dec + b_dec",
     }
-    try:
-        save_file({n: t.numpy().astype(np.float32) for n, t in w.items()}, str(tmp), metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # safetensors copies raw buffers: a transposed (Fortran-order) array would be garbled
+    tensors = {n: np.ascontiguousarray(t.numpy(), dtype=np.float32) for n, t in w.items()}
+    with atomic_open(path) as f:
+        f.write(save(tensors, metadata))
     return path

@@ -93,3 +93,12 @@ def test_schema_file_name_must_match_content(
             load_schema("result.x")
     finally:
         schemas._versions.cache_clear()
+
+
+def test_readme_result_sections_are_generated_from_the_json_files() -> None:
+    from arrakis_ray.store import schema_docs
+
+    readme = (schema_docs.SCHEMAS_DIR / "README.md").read_text()
+    assert schema_docs.updated_readme(readme) == readme, (
+        "schemas/README.md is stale: run python -m arrakis_ray.store.schema_docs"
+    )

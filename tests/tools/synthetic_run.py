@@ -29,6 +29,7 @@ def write_synthetic_run(
     root: Path,
     hook_template: str,
     acts: dict[int, np.ndarray],
+    *,
     documents: list[dict] | None = None,
     shard_size: int = 50,
     dtype: str = "float32",

@@ -1,0 +1,155 @@
+"""Residual tools: how long the residual stream is, and how much each block moves it.
+
+The states are the stream after each block (``blocks.L.hook_resid_post``, layer L) and,
+when the run harvested ``blocks.0.hook_resid_pre``, the embeddings before block 0
+(layer -1), the logit lens' numbering. Per token and layer: the L2 norm, the relative
+movement ``|r_L - r_{L-1}| / |r_{L-1}|`` (what block L added, relative to what it read)
+and the cosine between ``r_L`` and ``r_{L-1}``. Output ``residual_tokens`` holds those
+rows; ``residual_layers`` their mean and standard deviation per layer over the whole run,
+combined from per-shard partial moments by ``reduce``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from arrakis_ray.tools.base import NoParams, ShardInputs, Tool
+from arrakis_ray.tools.decompose import RowIndex, dense_matrix, sorted_tokens
+
+METRICS = ("norm", "movement", "cosine")
+
+
+class ResidualTools(Tool):
+    """Residual norm, relative movement and cosine between consecutive layers."""
+
+    name = "residual_tools"
+    summary = "per token and layer: residual norm, relative movement and cosine to the layer before"
+    Params = NoParams
+    outputs = ("residual_tokens", "residual_layers")
+
+    def required_hooks(self, manifest: dict) -> list[str]:
+        hooks = [
+            f"blocks.{layer}.hook_resid_post" for layer in range(manifest["model"]["n_layers"])
+        ]
+        if "blocks.0.hook_resid_pre" in manifest.get("hooks", []):
+            hooks.insert(0, "blocks.0.hook_resid_pre")
+        return hooks
+
+    def compute_shard(self, inputs: ShardInputs, model) -> dict:
+        import pyarrow as pa
+
+        seq, pos, _ = sorted_tokens(inputs.tokens)
+        index = RowIndex(seq, pos, inputs.shard)
+        states = [("resid_post", layer) for layer in range(inputs.manifest["model"]["n_layers"])]
+        if "blocks.0.hook_resid_pre" in self.required_hooks(inputs.manifest):
+            states.insert(0, ("resid_pre", 0))
+        n = len(seq)
+        parts, moments = [], []
+        previous = None
+        for family, layer in states:
+            current = dense_matrix(inputs, family, layer, index).astype(np.float64)
+            norm = np.linalg.norm(current, axis=1)
+            if previous is None:
+                movement = cosine = None
+            else:
+                prev_norm = np.linalg.norm(previous, axis=1)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    movement = np.linalg.norm(current - previous, axis=1) / prev_norm
+                    cosine = np.einsum("nd,nd->n", current, previous) / (norm * prev_norm)
+            row_layer = -1 if family == "resid_pre" else layer
+            nulls = np.full(n, previous is None)
+            parts.append(
+                pa.Table.from_arrays(
+                    [
+                        pa.array(np.full(n, inputs.run_id, dtype=object), pa.string()),
+                        pa.array(seq.astype(np.int64)),
+                        pa.array(pos.astype(np.int32)),
+                        pa.array(np.full(n, row_layer, np.int16)),
+                        pa.array(norm.astype(np.float32)),
+                        pa.array(_or_zeros(movement, n), mask=nulls),
+                        pa.array(_or_zeros(cosine, n), mask=nulls),
+                    ],
+                    schema=self.result_schema("residual_tokens"),
+                )
+            )
+            moments.append(_moments(row_layer, norm, movement, cosine))
+            previous = current
+        return {
+            "residual_tokens": pa.concat_tables(parts),
+            "residual_layers": pa.Table.from_pylist(moments),
+        }
+
+    def reduce(self, partials: dict, manifest: dict, model=None) -> dict:
+        """Combine per-shard moments into per-layer mean and standard deviation."""
+        import pyarrow as pa
+
+        rows = [r for table in partials["residual_layers"] for r in table.to_pylist()]
+        out = []
+        for layer in sorted({r["layer"] for r in rows}):
+            mine = [r for r in rows if r["layer"] == layer]
+            row = {
+                "run_id": manifest["run_id"],
+                "layer": layer,
+                "n_tokens": sum(r["n"] for r in mine),
+            }
+            for metric in METRICS:
+                mean, std = _combine(
+                    [
+                        (r["n"], r[f"{metric}_mean"], r[f"{metric}_m2"])
+                        for r in mine
+                        if r[f"{metric}_mean"] is not None
+                    ]
+                )
+                row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
+            out.append(row)
+        result = {
+            "residual_layers": pa.Table.from_pylist(
+                out, schema=self.result_schema("residual_layers")
+            )
+        }
+        # per-token rows pass through unchanged if the runner hands them to reduce
+        if partials.get("residual_tokens"):
+            result["residual_tokens"] = pa.concat_tables(partials["residual_tokens"])
+        return result
+
+
+def _or_zeros(values: np.ndarray | None, n: int) -> np.ndarray:
+    return np.zeros(n, np.float32) if values is None else values.astype(np.float32)
+
+
+def _moments(layer: int, norm, movement, cosine) -> dict:
+    """Count, mean and sum of squared deviations (M2) of each metric for one layer."""
+    row: dict = {"layer": layer, "n": len(norm)}
+    for metric, values in zip(METRICS, (norm, movement, cosine), strict=True):
+        if values is None or not len(values):
+            row[f"{metric}_mean"] = row[f"{metric}_m2"] = None
+        else:
+            mean = float(values.mean())
+            row[f"{metric}_mean"] = mean
+            row[f"{metric}_m2"] = float(((values - mean) ** 2).sum())
+    return row
+
+
+@dataclass
+class _Acc:
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+
+def _combine(parts: list[tuple[int, float, float]]) -> tuple[float | None, float | None]:
+    """(mean, sample std) from per-shard (count, mean, M2) (Chan et al.'s parallel update)."""
+    acc = _Acc()
+    for n, mean, m2 in parts:
+        if not n:
+            continue
+        total = acc.n + n
+        delta = mean - acc.mean
+        acc.mean += delta * n / total
+        acc.m2 += m2 + delta * delta * acc.n * n / total
+        acc.n = total
+    if not acc.n:
+        return None, None
+    return acc.mean, (float(np.sqrt(acc.m2 / (acc.n - 1))) if acc.n > 1 else None)
