@@ -9,8 +9,11 @@ from arrakis_ray.tools.attention_head_composition import AttentionHeadCompositio
 from arrakis_ray.tools.attention_tools import AttentionTools
 from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
 from arrakis_ray.tools.knowledge_prober import KnowledgeProber
+from arrakis_ray.tools.logit_attribution import LogitAttribution
 from arrakis_ray.tools.logit_lens import LogitLens
 from arrakis_ray.tools.read_write_heads import ReadWriteHeads
+from arrakis_ray.tools.residual_decomposition import ResidualDecomposition
+from arrakis_ray.tools.residual_tools import ResidualTools
 from arrakis_ray.tools.sparsity_analyzer import SparsityAnalyzer
 from arrakis_ray.tools.superposition_disentangler import SuperpositionDisentangler
 
@@ -18,6 +21,9 @@ TOOLS: dict[str, type[Tool]] = {
     cls.name: cls
     for cls in (
         LogitLens,
+        LogitAttribution,
+        ResidualDecomposition,
+        ResidualTools,
         AttentionTools,
         AttentionHeadComposition,
         ReadWriteHeads,

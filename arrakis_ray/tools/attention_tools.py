@@ -95,6 +95,7 @@ class AttentionTools(Tool):
     Params = AttentionToolsParams
     reduce_needs_weights = True  # the induction score runs the live model, once, in reduce
     outputs = ("attention_head_scores", "attention_top_positions")
+    reduced_outputs = ("attention_head_scores",)  # top positions are final per shard
 
     def _layers(self, manifest: dict) -> list[int]:
         n_layers = manifest["model"]["n_layers"]
@@ -184,10 +185,7 @@ class AttentionTools(Tool):
         scores_table = pa.Table.from_arrays(
             columns, schema=self.result_schema("attention_head_scores")
         )
-        top = pa.concat_tables(partials["attention_top_positions"]).sort_by(
-            [(c, "ascending") for c in ("layer", "seq_id", "head", "q_pos", "rank")]
-        )
-        return {"attention_head_scores": scores_table, "attention_top_positions": top}
+        return {"attention_head_scores": scores_table}
 
 
 def _pattern_rows(inputs: ShardInputs, layers: list[int]) -> dict[str, np.ndarray]:

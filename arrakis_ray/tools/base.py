@@ -122,6 +122,10 @@ class Tool:
     """"shard": compute_shard per shard (+ optional reduce); "run": compute_run once."""
     outputs: ClassVar[tuple[str, ...]] = ()
     """Result tables it writes; empty means one table named like the tool."""
+    reduced_outputs: ClassVar[tuple[str, ...] | None] = None
+    """With ``reduce``: the outputs whose per-shard tables are partials for ``reduce``
+    (None: all). The others are final per-shard rows, written by the shard tasks, so a
+    per-token table never funnels through the one reduce task."""
     schema_version: ClassVar[int] = 1
 
     def __init__(self, params: Any):

@@ -28,6 +28,7 @@ class ResidualTools(Tool):
     summary = "per token and layer: residual norm, relative movement and cosine to the layer before"
     Params = NoParams
     outputs = ("residual_tokens", "residual_layers")
+    reduced_outputs = ("residual_layers",)  # per-token rows are written shard by shard
 
     def required_hooks(self, manifest: dict) -> list[str]:
         hooks = [
@@ -104,15 +105,11 @@ class ResidualTools(Tool):
                 )
                 row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
             out.append(row)
-        result = {
+        return {
             "residual_layers": pa.Table.from_pylist(
                 out, schema=self.result_schema("residual_layers")
             )
         }
-        # per-token rows pass through unchanged if the runner hands them to reduce
-        if partials.get("residual_tokens"):
-            result["residual_tokens"] = pa.concat_tables(partials["residual_tokens"])
-        return result
 
 
 def _or_zeros(values: np.ndarray | None, n: int) -> np.ndarray:

@@ -194,11 +194,16 @@ def _run_shard(tool_cls: type[Tool], params: dict, store_root: str, run_id: str,
 
 
 def _partial_shard(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, shard: int):
-    """A Ray task: one shard's partial aggregates (kept in the object store for reduce)."""
+    """A Ray task: write one shard's final outputs; return its partials for ``reduce``."""
     tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
-    return _as_outputs(
+    result = _as_outputs(
         tool, tool.compute_shard(_shard_inputs(tool, layout, manifest, shard), model)
     )
+    reduced = tool.output_names() if tool.reduced_outputs is None else tool.reduced_outputs
+    final = {name: table for name, table in result.items() if name not in reduced}
+    if final:
+        _write(tool, layout, final, shard)
+    return {name: table for name, table in result.items() if name in reduced}
 
 
 def _reduce(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, *partials) -> int:
@@ -206,7 +211,12 @@ def _reduce(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, *p
     tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id, reducing=True)
     names = {name for part in partials for name in part}
     by_output = {name: [part[name] for part in partials if name in part] for name in names}
-    return _write(tool, layout, tool.reduce(by_output, manifest, model), 0, replace=True)
+    rows = _write(tool, layout, tool.reduce(by_output, manifest, model), 0, replace=True)
+    if tool.reduced_outputs is not None:  # the per-shard outputs' rows, for the manifest
+        rows += sum(
+            _rows_on_disk(layout, o) for o in tool.output_names() if o not in tool.reduced_outputs
+        )
+    return rows
 
 
 def _run_whole(tool_cls: type[Tool], params: dict, store_root: str, run_id: str) -> int:
@@ -254,6 +264,14 @@ def _write(tool, layout, result, shard: int, replace: bool = False) -> int:
         )
         rows += table.num_rows
     return rows
+
+
+def _rows_on_disk(layout, output: str) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(
+        pq.read_metadata(p).num_rows for p in layout.results_dir(output).glob("shard-*.parquet")
+    )
 
 
 def _read_family(layout, family: str, shard: int):

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from support import DEMO_DATA
@@ -50,7 +51,10 @@ def run_tool(run_dir, params: dict | None = None, model=None) -> dict:
         )
         for name, table in tool.compute_shard(inputs, None).items():
             partials.setdefault(name, []).append(table)
-    return {k: v.to_pandas() for k, v in tool.reduce(partials, manifest, model=model).items()}
+    # outputs outside reduced_outputs are final per shard: the runner writes them as is
+    out = {k: pa.concat_tables(v) for k, v in partials.items() if k not in tool.reduced_outputs}
+    out.update(tool.reduce(partials, manifest, model=model))
+    return {k: v.to_pandas() for k, v in out.items()}
 
 
 def dense_patterns(run_dir) -> tuple[dict, dict]:

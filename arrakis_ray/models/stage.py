@@ -1,0 +1,129 @@
+"""Layer-sharded models: one contiguous range of blocks per pipeline stage.
+
+A model too large for one device is split into stages, each holding the blocks
+``[start, stop)`` on its own device. The blocks outside the range are replaced by
+pass-through modules, so their weights are freed, and the model's own forward still
+computes the attention mask, the position ids and the rotary tables. This is cheap, and
+no architecture needs stage-specific code. A stage after the first receives the
+residual stream from the previous stage and injects it as
+``blocks.{start}.hook_resid_pre``. Then it runs its blocks, and the forward stops after
+its last block unless it is the final stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from arrakis_ray.models.hooked import HookedModel
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a block another stage owns: returns the hidden states unchanged."""
+
+    def __init__(self, replaced: nn.Module):
+        super().__init__()
+        # keep plain attributes (attention_type, layer_idx ...) that model forwards read
+        for key, value in vars(replaced).items():
+            if not key.startswith("_") and isinstance(value, str | int | float | bool | None):
+                setattr(self, key, value)
+
+    def forward(self, *args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def even_ranges(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
+    """Split ``n_layers`` blocks into ``n_stages`` contiguous ranges, sizes differing by <= 1."""
+    if not 1 <= n_stages <= n_layers:
+        raise ValueError(f"cannot split {n_layers} layers into {n_stages} stages")
+    base, extra = divmod(n_layers, n_stages)
+    ranges, start = [], 0
+    for i in range(n_stages):
+        stop = start + base + (1 if i < extra else 0)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+class StageModel:
+    """Blocks ``[start, stop)`` of a HookedModel: a pipeline stage.
+
+    ``hooked`` is modified in place (its other blocks become pass-throughs), so build a
+    stage from a model loaded for it alone.
+    """
+
+    def __init__(self, hooked: HookedModel, start: int, stop: int):
+        if not 0 <= start < stop <= hooked.n_layers:
+            raise ValueError(f"stage [{start}, {stop}) outside 0..{hooked.n_layers}")
+        self.hooked = hooked
+        self.start, self.stop = start, stop
+        self.first = start == 0
+        self.last = stop == hooked.n_layers
+        layers = hooked.adapter.layer_modules(hooked.model)
+        module_list = _parent_list(hooked.model, layers[0])
+        for i, layer in enumerate(layers):
+            if not start <= i < stop:
+                module_list[i] = _PassThrough(layer)
+
+    def owns(self, hook: str, layer_of) -> bool:
+        """True if ``hook`` (a concrete name) is captured by this stage."""
+        layer = layer_of(hook)
+        if layer < 0:
+            return self.first
+        if layer >= self.hooked.n_layers:
+            return self.last
+        return self.start <= layer < self.stop
+
+    def run(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        hooks: Sequence[str],
+        resid_in: Tensor | None,
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """Capture ``hooks`` (this stage's own) and return (cache, residual for the next stage)."""
+        handoff = None if self.last else f"blocks.{self.stop - 1}.hook_resid_post"
+        wanted = list(hooks) + ([handoff] if handoff and handoff not in hooks else [])
+        interventions = None
+        if not self.first:
+            if resid_in is None:
+                raise ValueError(f"stage starting at block {self.start} needs the residual stream")
+            resid = resid_in.to(self.hooked.device, self.hooked.dtype)
+            interventions = {f"blocks.{self.start}.hook_resid_pre": lambda _x, _name: resid}
+        _, cache = self.hooked.run_with_cache(
+            input_ids, attention_mask, wanted, interventions=interventions
+        )
+        resid_out = cache[handoff] if handoff else None
+        if handoff and handoff not in hooks:
+            del cache[handoff]
+        return cache, resid_out
+
+
+def _parent_list(root: nn.Module, layer: nn.Module) -> nn.ModuleList:
+    for module in root.modules():
+        if isinstance(module, nn.ModuleList) and any(m is layer for m in module):
+            return module
+    raise ValueError("the model's blocks are not held in an nn.ModuleList")
+
+
+@torch.inference_mode()
+def run_stages(
+    stages: Sequence[StageModel],
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    hooks: Sequence[str],
+) -> dict[str, Tensor]:
+    """All stages in one process, in order (for tests: equals the unsharded model's cache)."""
+    cache: dict[str, Tensor] = {}
+    resid = None
+    for stage in stages:
+        own = [h for h in hooks if stage.owns(h, stage.hooked.layer_of)]
+        part, resid = stage.run(input_ids, attention_mask, own, resid)
+        cache.update(part)
+    return cache
