@@ -210,18 +210,20 @@ def _run_pipeline(pipeline: Path, store: str):
     from arrakis_ray.config import load_pipeline
     from arrakis_ray.harvest.run import harvest
     from arrakis_ray.reports.run_report import build_report
-    from arrakis_ray.tools.runner import analyze
+    from arrakis_ray.tools.runner import analyze, make_tool
 
     config = load_pipeline(pipeline)
+    for i, step in enumerate(config.analyze):  # a bad tool or parameter fails before the harvest
+        make_tool(step.tool, step.params, source=f"{config.source}: analyze[{i}]")
     result = harvest(config, store)
     _print_harvest(result)
-    report = None
     for step in config.analyze:
         done = analyze(result.run_dir, step.tool, step.params)
-        print(f"{done.tool}: {done.rows} rows -> {done.results_dir}")
-        if done.tool == "logit_lens":
-            report = build_report(result.run_dir)
-            print(f"report: {report.html}")
+        print(f"{done.tool}: {done.rows} rows in {done.seconds:.1f} s -> {done.results_dir}")
+    report = None
+    if any(step.tool == "logit_lens" for step in config.analyze):
+        report = build_report(result.run_dir)
+        print(f"report: {report.html}")
     return result.run_dir, report
 
 

@@ -1,11 +1,13 @@
 """The report of one run: SQL over the store -> Altair charts -> one offline HTML file.
 
 Charts are built from SQL results only, so what a report shows is what anyone can
-query with ``arrakis-ray sql``. The queries are kept here, in plain sight.
+query with ``arrakis-ray sql``. The queries are kept here, in plain sight. A section
+appears when its tool's results exist in the run; the logit lens is required.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,90 @@ FROM results_logit_lens
 WHERE run_id = '{run_id}' AND target_rank IS NOT NULL
 GROUP BY layer ORDER BY layer
 """
+
+# the logit attribution of the position that predicts the sequence's second-to-last
+# token: in the demo's fact sentences ("... is paris ."), the answer
+DLA_FOR_ANSWER = """
+SELECT component, layer, head, contribution
+FROM results_logit_attribution
+WHERE run_id = '{run_id}' AND seq_id = {seq_id}
+  AND pos = (SELECT max(pos) - 2 FROM tokens WHERE run_id = '{run_id}' AND seq_id = {seq_id})
+"""
+
+
+@dataclass(frozen=True)
+class Section:
+    """One optional chart: shown when ``view`` exists in the store."""
+
+    view: str
+    title: str
+    sql: str
+    chart: Callable  # DataFrame -> Altair chart
+
+
+def _sections() -> list[Section]:
+    from arrakis_ray.reports import (
+        attention_charts,
+        dictionary_charts,
+        heads_charts,
+        residual_charts,
+        sparsity_charts,
+    )
+
+    every = "SELECT * FROM {view} WHERE run_id = '{run_id}'"
+    return [
+        Section(
+            "results_logit_attribution",
+            "Direct logit attribution of the answer",
+            DLA_FOR_ANSWER,
+            residual_charts.logit_attribution_chart,
+        ),
+        Section(
+            "results_residual_layers",
+            "Residual stream norm per layer",
+            every,
+            residual_charts.residual_norm_chart,
+        ),
+        Section(
+            "results_attention_head_scores",
+            "Attention head scores",
+            every,
+            attention_charts.head_scores_grid,
+        ),
+        Section(
+            "results_attention_head_composition",
+            "Head composition (minus baseline)",
+            every,
+            lambda df: heads_charts.composition_heatmap(df, value="score_minus_baseline"),
+        ),
+        Section(
+            "results_read_write_heads",
+            "Heads writing to the direction",
+            every,
+            heads_charts.read_write_heatmap,
+        ),
+        Section(
+            "results_sparsity_neurons",
+            "MLP neuron firing frequency",
+            every,
+            sparsity_charts.firing_frequency_chart,
+        ),
+        Section(
+            "results_sparsity_kurtosis",
+            "Residual stream kurtosis per dimension",
+            every,
+            sparsity_charts.kurtosis_chart,
+        ),
+        Section(
+            "results_sae_metrics", "Sparse autoencoder", every, dictionary_charts.sae_metrics_bars
+        ),
+        Section(
+            "results_probe_layers",
+            "Linear probe accuracy per layer",
+            every,
+            dictionary_charts.probe_accuracy_chart,
+        ),
+    ]
 
 
 @dataclass(frozen=True)
@@ -56,50 +142,60 @@ def build_report(
     from arrakis_ray.store.catalog import Store
 
     layout = store_layout.resolve_run(run, store)
+    run_id = layout.run_id
     out_dir = Path(out_dir) if out_dir else layout.root / "report"
     with Store(layout.store_root) as db:
-        if "results_logit_lens" not in db.views():
+        views = set(db.views())
+        if "results_logit_lens" not in views:
             raise ToolError(
-                f"run {layout.run_id} has no logit-lens results: run "
+                f"run {run_id} has no logit-lens results: run "
                 f"'arrakis-ray analyze {layout.root} --tool logit_lens' first"
             )
         if seq_id is None:
             first = db.sql(
-                f"SELECT min(seq_id) AS s FROM results_logit_lens WHERE run_id = '{layout.run_id}'"
+                f"SELECT min(seq_id) AS s FROM results_logit_lens WHERE run_id = '{run_id}'"
             )
             seq_id = int(first["s"][0])
-        lens = db.sql(LENS_FOR_SEQUENCE.format(run_id=layout.run_id, seq_id=int(seq_id)))
+        lens = db.sql(LENS_FOR_SEQUENCE.format(run_id=run_id, seq_id=int(seq_id)))
         if lens.is_empty():
-            raise ToolError(f"run {layout.run_id} has no sequence {seq_id}")
-        by_layer = db.sql(LENS_BY_LAYER.format(run_id=layout.run_id))
-    by_layer = by_layer.unpivot(
-        index="layer", variable_name="measure", value_name="value"
-    ).with_columns(pl.col("value").cast(pl.Float64))
-    text = " ".join(lens.filter(pl.col("layer") == lens["layer"].min())["token_text"].to_list())
-    charts = [
-        (
-            f"Logit lens, sequence {seq_id}",
-            logit_lens_heatmap(
-                lens, title=f"P(actual next token) by layer and position: {text[:80]}"
+            raise ToolError(f"run {run_id} has no sequence {seq_id}")
+        by_layer = (
+            db.sql(LENS_BY_LAYER.format(run_id=run_id))
+            .unpivot(index="layer", variable_name="measure", value_name="value")
+            .with_columns(pl.col("value").cast(pl.Float64))
+        )
+        text = " ".join(lens.filter(pl.col("layer") == lens["layer"].min())["token_text"])
+        charts = [
+            (
+                f"Logit lens, sequence {seq_id}",
+                logit_lens_heatmap(
+                    lens, title=f"P(actual next token) by layer and position: {text[:80]}"
+                ),
             ),
-        ),
-        (
-            "What each layer knows, over the whole run",
-            layer_line_chart(
-                by_layer,
-                x="layer",
-                y="value",
-                color="measure",
-                title="Mean probability of the actual next token, and top-1 accuracy, per layer",
+            (
+                "What each layer knows, over the whole run",
+                layer_line_chart(
+                    by_layer,
+                    x="layer",
+                    y="value",
+                    color="measure",
+                    title="Mean probability of the actual next token, and top-1 accuracy",
+                ),
             ),
-        ),
-    ]
+        ]
+        for section in _sections():
+            if section.view not in views:
+                continue
+            frame = db.sql(section.sql.format(view=section.view, run_id=run_id, seq_id=seq_id))
+            if not frame.is_empty():
+                charts.append((section.title, section.chart(frame)))
     intro = (
-        f"<p>Run <code>{layout.run_id}</code>. Each cell reads the residual stream after "
-        "a layer through the final norm and unembedding. Colour: probability of the token "
-        "that actually comes next; text: the layer's top-1 guess.</p>"
+        f"<p>Run <code>{run_id}</code>. Every chart is drawn from a SQL query over the "
+        "store (<code>arrakis-ray sql</code>). The logit lens reads the residual stream "
+        "after each layer through the final norm and unembedding. Colour: probability of "
+        "the token that actually comes next. Text: the layer's top-1 guess.</p>"
     )
     paths = write_report(
-        charts, out_dir, title=f"arrakis-ray report: {layout.run_id}", intro_html=intro, png=png
+        charts, out_dir, title=f"arrakis-ray report: {run_id}", intro_html=intro, png=png
     )
     return RunReport(paths.html, list(paths.pngs), int(seq_id))

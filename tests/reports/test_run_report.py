@@ -17,7 +17,7 @@ def test_report_renders_offline_with_token_text(harvested, tmp_path, chromium):
     assert '<script src="http' not in html and "cdn." not in html
     rendered = render_in_browser(report.html)
     assert rendered.errors == []
-    assert rendered.statuses == ["rendered", "rendered"]
+    assert len(rendered.statuses) >= 2 and set(rendered.statuses) == {"rendered"}
     assert rendered.svg_count >= 2
     tokens = pq.read_table(result.run_dir / "tokens")
     words = tokens.filter(pc.equal(tokens["seq_id"], 3))["token_text"].to_pylist()
