@@ -95,11 +95,18 @@ class HarvestConfig:
     """Dtype of stored activations (bfloat16 models are stored as float32)."""
     max_bytes: int | None = None
     """Refuse to start a run whose predicted size exceeds this many bytes."""
+    model_shards: int = 1
+    """Split the model's blocks into this many contiguous ranges, one pipeline stage
+    (actor, device) each, for models too large for one device. 1: whole replicas."""
+    layer_ranges: tuple[tuple[int, ...], ...] = ()
+    """Explicit stage ranges instead of model_shards: [[0, 10], [10, 24]] (start, stop)."""
 
     def __post_init__(self) -> None:
         if not self.hooks:
             raise ValueError("hooks: name at least one hook point")
-        for name in ("batch_size", "shard_size", "actors"):
+        if self.layer_ranges and self.model_shards != 1:
+            raise ValueError("give model_shards or layer_ranges, not both")
+        for name in ("batch_size", "shard_size", "actors", "model_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_bytes is not None and self.max_bytes < 1:

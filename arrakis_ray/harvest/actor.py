@@ -58,52 +58,86 @@ class TokenizeShard:
         return ids[: self.config.data.context_length]
 
 
-class HarvestShard:
-    """Ray Data step (an actor): run the hooked model on a shard and write its tables."""
+class HarvestStage:
+    """Ray Data step (an actor): one pipeline stage of the hooked model on a shard.
 
-    def __init__(self, config: PipelineConfig, run_id: str, store_root: str, hooks: list[str]):
+    A stage holds blocks ``[start, stop)`` (all of them in replica mode: one stage). It
+    captures the hooks of its own blocks and writes them; a stage that is not the last
+    passes the residual stream on in the row (``resid``). The last stage writes the
+    tokens and then the shard's completion marker, so a marked shard is complete.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        run_id: str,
+        store_root: str,
+        hooks: list[str],
+        stages: list[tuple[int, int]],
+        stage: int,
+    ):
         import torch
+
+        from arrakis_ray.models.stage import StageModel
 
         self.config = config
         self.run_id = run_id
-        self.hooks = hooks
         self.layout = store_layout.RunLayout(store_root, run_id)
         use_gpu = config.harvest.num_gpus_per_actor > 0 and torch.cuda.is_available()
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs, so cuda:0 is ours
         self.device = "cuda" if use_gpu else "cpu"
         if not use_gpu:
-            threads = max(1, (os.cpu_count() or 1) // config.harvest.actors)
+            threads = max(1, (os.cpu_count() or 1) // (config.harvest.actors * len(stages)))
             torch.set_num_threads(threads)
-        self.model = load_model(config.model, device=self.device)
-        self.vocab_text = np.array(
-            vocab_texts(self.model.tokenizer, self.model.vocab_size), dtype=object
-        )
-        self.pad_id = self.model.tokenizer.pad_token_id or 0
+        hooked = load_model(config.model, device="cpu")
+        self.stage = StageModel(hooked, *stages[stage])  # frees the other stages' blocks
+        hooked.model.to(self.device)
+        hooked.device = torch.device(self.device)
+        self.model = hooked
+        self.hooks = [h for h in hooks if self.stage.owns(h, hooked.layer_of)]
+        # file part suffix: only a layer-sharded run has several parts per shard
+        self.part = stage if len(stages) > 1 else None
+        self.vocab_text = np.array(vocab_texts(hooked.tokenizer, hooked.vocab_size), dtype=object)
+        self.pad_id = hooked.tokenizer.pad_token_id or 0
         self.storage_dtype = config.harvest.storage_dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stats: dict[str, list] = defaultdict(list)
+        out: dict[str, list] = defaultdict(list)
         for row in _rows(batch):
             started = time.perf_counter()
-            n_tokens, n_bytes = self.harvest_shard(row)
-            stats["shard"].append(int(row["shard"]))
-            stats["tokens"].append(n_tokens)
-            stats["bytes"].append(n_bytes)
-            stats["seconds"].append(time.perf_counter() - started)
-        return {k: np.asarray(v) for k, v in stats.items()}
+            n_tokens, n_bytes, resid = self.harvest_shard(row)
+            seconds = float(row.get("seconds", 0.0)) + time.perf_counter() - started
+            n_bytes += int(row.get("bytes", 0))
+            if self.stage.last:
+                out["shard"].append(int(row["shard"]))
+                out["tokens"].append(n_tokens)
+                out["bytes"].append(n_bytes)
+                out["seconds"].append(seconds)
+            else:  # hand the shard on to the next stage
+                for key in (*SHARD_FIELDS, "lengths", "token_ids"):
+                    out[key].append(row[key])
+                out["resid"].append(resid)
+                out["bytes"].append(n_bytes)
+                out["seconds"].append(seconds)
+        return {k: _column(v) for k, v in out.items()}
 
-    def harvest_shard(self, row: dict) -> tuple[int, int]:
-        """Capture every requested hook for one shard and write it; (tokens, bytes)."""
+    def harvest_shard(self, row: dict) -> tuple[int, int, np.ndarray | None]:
+        """Capture this stage's hooks for one shard and write them.
+
+        Returns (tokens, bytes written, residual stream for the next stage or None).
+        """
         import torch
 
         shard = int(row["shard"])
         lengths = np.asarray(row["lengths"], dtype=np.int64)
         flat = np.asarray(row["token_ids"], dtype=np.int64)
+        resid_in = row.get("resid")
         seq_ids = int(row["first_doc"]) + np.arange(len(lengths), dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         per_family: dict[str, list] = defaultdict(list)
-        batch_size = self.config.harvest.batch_size
         token_parts = []
+        resid_out = None
+        batch_size = self.config.harvest.batch_size
         for lo in range(0, len(lengths), batch_size):
             idx = np.arange(lo, min(lo + batch_size, len(lengths)))
             width = max(1, int(lengths[idx].max()))
@@ -112,41 +146,51 @@ class HarvestShard:
             for j, i in enumerate(idx):
                 ids[j, : lengths[i]] = flat[starts[i] : starts[i] + lengths[i]]
                 mask[j, : lengths[i]] = True
-            _, cache = self.model.run_with_cache(
+            cache, resid = self.stage.run(
                 torch.from_numpy(ids).to(self.device),
-                attention_mask=torch.from_numpy(mask).long().to(self.device),
-                hooks=self.hooks,
+                torch.from_numpy(mask).long().to(self.device),
+                self.hooks,
+                None if resid_in is None else torch.from_numpy(resid_in[idx, :width]),
             )
+            if resid is not None:
+                if resid_out is None:  # padded to the shard's longest sequence
+                    resid_out = np.zeros(
+                        (len(lengths), int(lengths.max()), resid.shape[-1]), np.float32
+                    )
+                # float32 holds float16 and bfloat16 values exactly
+                resid_out[idx, :width] = resid.float().cpu().numpy()
             for name, tensor in cache.items():
                 per_family[store_layout.hook_family(name)].append(
                     self._table(name, tensor, mask, lengths[idx], seq_ids[idx])
                 )
-            token_parts.append(
-                tables.tokens_table(
-                    schemas.tokens_schema(),
-                    self.run_id,
-                    seq_ids[idx],
-                    seq_ids[idx],
-                    ids,
-                    mask,
-                    self.vocab_text,
+            if self.stage.last:
+                token_parts.append(
+                    tables.tokens_table(
+                        schemas.tokens_schema(),
+                        self.run_id,
+                        seq_ids[idx],
+                        seq_ids[idx],
+                        ids,
+                        mask,
+                        self.vocab_text,
+                    )
                 )
-            )
         n_bytes = 0
         for family, parts in per_family.items():
             n_bytes += self._write_family(family, parts, shard)
-        n_bytes += parquet.write_table(
-            pa.concat_tables(token_parts),
-            self.layout.shard_file(self.layout.tokens_dir, shard),
-            schema_name="tokens",
-            schema_version=schemas.load_schema("tokens").version,
-            expected=schemas.tokens_schema(),
-        )
-        # the marker goes last: a shard without it is redone from scratch on resume
-        marker = self.layout.completion_marker(shard)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("")
-        return int(lengths.sum()), n_bytes
+        if self.stage.last:
+            n_bytes += parquet.write_table(
+                pa.concat_tables(token_parts),
+                self.layout.shard_file(self.layout.tokens_dir, shard),
+                schema_name="tokens",
+                schema_version=schemas.load_schema("tokens").version,
+                expected=schemas.tokens_schema(),
+            )
+            # the marker goes last: a shard without it is redone from scratch on resume
+            marker = self.layout.completion_marker(shard)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("")
+        return int(lengths.sum()), n_bytes, resid_out
 
     def _table(self, name: str, tensor, mask: np.ndarray, lengths: np.ndarray, seq_ids):
         """(layer, table) of one hook's captured tensor for one forward batch."""
@@ -175,7 +219,7 @@ class HarvestShard:
         name = f"activation.{store_layout.family_kind(family)}"
         return parquet.write_table(
             table,
-            self.layout.shard_file(self.layout.activation_dir(family), shard),
+            self.layout.shard_file(self.layout.activation_dir(family), shard, self.part),
             schema_name=name,
             schema_version=schemas.load_schema(name).version,
             expected=parts[0][1].schema,  # built from schemas.activation_schema above

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from arrakis_ray.config import PipelineConfig, to_dict
 from arrakis_ray.errors import ConfigError
-from arrakis_ray.harvest.actor import HarvestShard, TokenizeShard
+from arrakis_ray.harvest.actor import HarvestStage, TokenizeShard
 from arrakis_ray.harvest.inputs import data_fingerprint, plan_shards
 from arrakis_ray.harvest.model_source import (
     describe_model,
@@ -55,6 +55,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     hooks = model.resolve_hooks(config.harvest.hooks)
     shards = plan_shards(config.data.path, config.harvest.shard_size, config.data.max_documents)
     tokenizer = load_tokenizer(config.model)
+    stages = stage_ranges(config, model.n_layers)
     identity = {
         "model": model_source_fingerprint(config.model),
         "data": data_fingerprint(shards, config.data.text_column),
@@ -63,6 +64,8 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
         "storage_dtype": config.harvest.storage_dtype,
         "shard_size": config.harvest.shard_size,
     }
+    if len(stages) > 1:  # a sharded run stores its layers in per-stage file parts
+        identity["stages"] = stages
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     n_docs = sum(s.count for s in shards)
     predicted = predict_bytes(
@@ -90,7 +93,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     manifest = (
         store_manifest.read_manifest(layout)
         if layout.manifest_path.exists()
-        else _new_manifest(config, run_id, model, hooks, shards, identity, predicted)
+        else _new_manifest(config, run_id, model, hooks, shards, stages, identity, predicted)
     )
     if not pending:
         log.info("run %s is already complete: nothing to do", run_id)
@@ -106,7 +109,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     if not layout.vocab_path.exists():
         _write_vocab(layout, tokenizer, model.vocab_size)
 
-    tokens, n_bytes = _run_shards(config, layout, hooks, pending, len(shards))
+    tokens, n_bytes = _run_shards(config, layout, hooks, stages, pending, len(shards))
     seconds = time.perf_counter() - started
     _finish_manifest(manifest, layout, tokens, n_bytes, seconds, len(pending))
     return HarvestResult(
@@ -149,31 +152,57 @@ def ensure_ray() -> None:
         )
 
 
-def _run_shards(config, layout, hooks, pending, total) -> tuple[int, int]:
+def stage_ranges(config: PipelineConfig, n_layers: int) -> list[tuple[int, int]]:
+    """The pipeline stages' block ranges: [(0, n_layers)] unless the model is sharded."""
+    from arrakis_ray.models.stage import even_ranges
+
+    where = f"{config.source}: harvest"
+    if config.harvest.layer_ranges:
+        ranges = [tuple(r) for r in config.harvest.layer_ranges]
+        expected_start = 0
+        for r in ranges:
+            if len(r) != 2 or r[0] != expected_start or r[1] <= r[0]:
+                raise ConfigError(
+                    f"{where}.layer_ranges: {[list(x) for x in ranges]} must be contiguous "
+                    f"[start, stop) pairs from 0 to n_layers = {n_layers}"
+                )
+            expected_start = r[1]
+        if expected_start != n_layers:
+            raise ConfigError(
+                f"{where}.layer_ranges: the ranges end at {expected_start}, but the model has "
+                f"{n_layers} layers"
+            )
+        return ranges
+    if config.harvest.model_shards > n_layers:
+        raise ConfigError(
+            f"{where}.model_shards: {config.harvest.model_shards} stages for {n_layers} layers"
+        )
+    return even_ranges(n_layers, config.harvest.model_shards)
+
+
+def _run_shards(config, layout, hooks, stages, pending, total) -> tuple[int, int]:
     import ray.data
 
     ensure_ray()
     items = [s.to_dict() for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        _tokenize,
-        fn_kwargs={"config": config},
-        batch_size=1,
-        num_cpus=0.25,
-    )
-    ds = ds.map_batches(
-        HarvestShard,
-        fn_constructor_kwargs={
-            "config": config,
-            "run_id": layout.run_id,
-            "store_root": str(layout.store_root),
-            "hooks": hooks,
-        },
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=config.harvest.actors),
-        num_cpus=config.harvest.num_cpus_per_actor,
-        num_gpus=config.harvest.num_gpus_per_actor,
-    )
+    ds = ds.map_batches(_tokenize, fn_kwargs={"config": config}, batch_size=1, num_cpus=0.25)
+    for stage in range(len(stages)):  # one actor pool per pipeline stage
+        ds = ds.map_batches(
+            HarvestStage,
+            fn_constructor_kwargs={
+                "config": config,
+                "run_id": layout.run_id,
+                "store_root": str(layout.store_root),
+                "hooks": hooks,
+                "stages": stages,
+                "stage": stage,
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=config.harvest.actors),
+            num_cpus=config.harvest.num_cpus_per_actor,
+            num_gpus=config.harvest.num_gpus_per_actor,
+        )
     tokens = n_bytes = done = 0
     t0 = time.perf_counter()
     for row in ds.iter_rows():
@@ -202,7 +231,7 @@ def _tokenize(batch, config):
     return TokenizeShard(config)(batch)
 
 
-def _new_manifest(config, run_id, model, hooks, shards, identity, predicted) -> dict:
+def _new_manifest(config, run_id, model, hooks, shards, stages, identity, predicted) -> dict:
     from arrakis_ray import __version__
 
     return {
@@ -231,6 +260,7 @@ def _new_manifest(config, run_id, model, hooks, shards, identity, predicted) -> 
             "n_shards": len(shards),
         },
         "shard_plan": [s.to_dict() for s in shards],
+        "stages": stages,
         "schemas": {n: schemas.load_schema(n).version for n in schemas.known_schemas()},
         "harvest": {"resumed": False, "calls": [], "predicted_max_bytes": predicted},
         "results": {},

@@ -201,9 +201,23 @@ class RunLayout:
             raise StoreError(f"invalid tool name {tool!r} for a results directory")
         return self.results_root / tool
 
-    def shard_file(self, directory: Path, shard: int) -> Path:
-        """Parquet file of shard number ``shard`` in ``directory``."""
-        return Path(directory) / f"shard-{shard:05d}.parquet"
+    def shard_file(self, directory: Path, shard: int, stage: int | None = None) -> Path:
+        """Parquet file of shard number ``shard`` in ``directory``.
+
+        A layer-sharded harvest writes one part per pipeline stage
+        (``shard-00003.stage-1.parquet``); each part holds the layers of its stage.
+        """
+        suffix = "" if stage is None else f".stage-{stage}"
+        return Path(directory) / f"shard-{shard:05d}{suffix}.parquet"
+
+    def shard_parts(self, directory: Path, shard: int) -> list[Path]:
+        """Every file of shard ``shard`` in ``directory``, in stage (= layer) order."""
+        whole = self.shard_file(directory, shard)
+        parts = sorted(
+            Path(directory).glob(f"shard-{shard:05d}.stage-*.parquet"),
+            key=lambda p: int(p.name.split(".stage-")[1].split(".")[0]),
+        )
+        return ([whole] if whole.exists() else []) + parts
 
     def completion_marker(self, shard: int) -> Path:
         """Empty file whose presence says shard ``shard`` was fully written."""

@@ -63,16 +63,9 @@ class RunInputs:
 
     def activations(self, family: str, shard: int, columns: list[str] | None = None) -> pa.Table:
         """One shard's table of a hook family (optionally only some columns)."""
-        from arrakis_ray.store import layout as store_layout
-        from arrakis_ray.store import parquet, schemas
+        from arrakis_ray.tools.runner import _read_family
 
-        name = schemas.activation_schema_name(store_layout.family_kind(family))
-        return parquet.read_table(
-            self.layout.shard_file(self.layout.activation_dir(family), shard),
-            schema_name=name,
-            max_version=schemas.load_schema(name).version,
-            columns=columns,
-        )
+        return _read_family(self.layout, family, shard, columns)
 
     def tokens(self, shard: int) -> pa.Table:
         """One shard's tokens table."""

@@ -274,13 +274,20 @@ def _rows_on_disk(layout, output: str) -> int:
     )
 
 
-def _read_family(layout, family: str, shard: int):
+def _read_family(layout, family: str, shard: int, columns: list[str] | None = None):
+    """One shard's table of a hook family (all its stage parts, in layer order)."""
+    import pyarrow as pa
+
     name = f"activation.{store_layout.family_kind(family)}"
-    return parquet.read_table(
-        layout.shard_file(layout.activation_dir(family), shard),
-        schema_name=name,
-        max_version=schemas.load_schema(name).version,
-    )
+    directory = layout.activation_dir(family)
+    parts = layout.shard_parts(directory, shard) or [layout.shard_file(directory, shard)]
+    tables = [
+        parquet.read_table(
+            p, schema_name=name, max_version=schemas.load_schema(name).version, columns=columns
+        )
+        for p in parts
+    ]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 @lru_cache(maxsize=2)
