@@ -64,7 +64,10 @@ class DataConfig:
     text_column: str = "text"
     """Column holding the document text (jsonl/parquet)."""
     context_length: int = 128
-    """Tokens per sequence; longer documents are truncated (BOS included)."""
+    """Tokens per sequence (BOS included); in document mode longer documents are cut."""
+    mode: Literal["document", "packed"] = "document"
+    """document: one sequence per document (truncated, padded in batches, padding never
+    stored). packed: documents joined as <bos> text <eos> and cut into full sequences."""
     max_documents: int | None = None
     """Use only the first N documents (None: all)."""
 

@@ -44,3 +44,7 @@ class ToolError(ArrakisError):
 
 class ReportError(ArrakisError):
     """A report could not be written or rendered (bad chart spec, no browser, PNG export)."""
+
+
+class HarvestError(ArrakisError):
+    """A shard failed while being harvested (the message names the shard and the cause)."""

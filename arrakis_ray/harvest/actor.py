@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from arrakis_ray.config import PipelineConfig
+from arrakis_ray.errors import DataError, HarvestError
 from arrakis_ray.harvest import tables
 from arrakis_ray.harvest.inputs import Shard, read_shard_texts
 from arrakis_ray.harvest.model_source import load_model, load_tokenizer, vocab_texts
@@ -30,8 +31,21 @@ log = logging.getLogger(__name__)
 SHARD_FIELDS = ("shard", "file", "format", "offset", "count", "first_doc")
 
 
+PACKED_SEQ_STRIDE = 1 << 20  # packed mode: seq_id = shard * stride + chunk (unique, stable)
+
+
 class TokenizeShard:
-    """Ray Data step: shard descriptors -> token ids (flat) and sequence lengths."""
+    """Ray Data step: shard descriptors -> token sequences.
+
+    Per shard it emits the sequences' ids and lengths and, for every token (flat), its
+    id, source document and position in that document. ``data.mode``:
+
+    - ``document``: one sequence per document, truncated to the context length;
+      ``seq_id`` is the document id.
+    - ``packed``: the shard's documents, each as ``<bos> text <eos>``, joined into one
+      stream cut into full-length sequences (the last may be shorter); nothing is
+      truncated and a sequence may span documents. ``seq_id = shard * 2**20 + chunk``.
+    """
 
     def __init__(self, config: PipelineConfig):
         self.config = config
@@ -41,21 +55,71 @@ class TokenizeShard:
         out: dict[str, list] = defaultdict(list)
         for row in _rows(batch):
             shard = Shard(**row)
-            ids = [self._encode(t) for t in read_shard_texts(shard, self.config.data.text_column)]
+            try:
+                texts = read_shard_texts(shard, self.config.data.text_column)
+                docs = [self._encode(t) for t in texts]
+            except Exception as exc:
+                raise DataError(f"{_where(shard)}: {exc}") from exc
+            context = self.config.data.context_length
+            doc_ids = [np.full(len(d), shard.first_doc + i, np.int64) for i, d in enumerate(docs)]
+            doc_pos = [np.arange(len(d), dtype=np.int32) for d in docs]
+            if self.config.data.mode == "document":
+                seqs = [d[:context] for d in docs]
+                doc_ids = [x[:context] for x in doc_ids]
+                doc_pos = [x[:context] for x in doc_pos]
+                seq_ids = shard.first_doc + np.arange(len(seqs), dtype=np.int64)
+                flat_ids, flat_docs, flat_pos = (
+                    _flat(seqs, np.int32),
+                    _flat(doc_ids, np.int64),
+                    _flat(doc_pos, np.int32),
+                )
+                lengths = np.array([len(x) for x in seqs], dtype=np.int32)
+            else:
+                eos = self.tokenizer.eos_token_id
+                if eos is not None:  # documents end with EOS in the stream
+                    docs = [[*d, eos] for d in docs]
+                    doc_ids = [np.append(x, x[0] if len(x) else 0) for x in doc_ids]
+                    doc_pos = [np.arange(len(d), dtype=np.int32) for d in docs]
+                flat_ids, flat_docs, flat_pos = (
+                    _flat(docs, np.int32),
+                    _flat(doc_ids, np.int64),
+                    _flat(doc_pos, np.int32),
+                )
+                n_chunks = -(-len(flat_ids) // context)
+                lengths = np.array(
+                    [min(context, len(flat_ids) - c * context) for c in range(n_chunks)], np.int32
+                )
+                seq_ids = shard.shard * PACKED_SEQ_STRIDE + np.arange(n_chunks, dtype=np.int64)
             for key in SHARD_FIELDS:
                 out[key].append(row[key])
-            out["lengths"].append(np.array([len(x) for x in ids], dtype=np.int32))
-            out["token_ids"].append(np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
+            out["lengths"].append(lengths)
+            out["seq_ids"].append(seq_ids)
+            out["token_ids"].append(flat_ids)
+            out["doc_ids"].append(flat_docs)
+            out["doc_pos"].append(flat_pos)
         return {k: _column(v) for k, v in out.items()}
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         bos = self.tokenizer.bos_token_id
-        # every sequence starts with BOS, as TransformerLens does, so position 0 is a sink
+        # every document starts with BOS, as TransformerLens does, so position 0 is a sink
         # token and not the first word; add it when the tokenizer's template does not
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
-        return ids[: self.config.data.context_length]
+        return ids
+
+
+def _flat(parts: list, dtype) -> np.ndarray:
+    return (
+        np.concatenate([np.asarray(p, dtype=dtype) for p in parts])
+        if parts
+        else (np.zeros(0, dtype))
+    )
+
+
+def _where(shard: Shard) -> str:
+    last = shard.first_doc + shard.count - 1
+    return f"shard {shard.shard} ({shard.file}, documents {shard.first_doc}-{last})"
 
 
 class HarvestStage:
@@ -105,16 +169,23 @@ class HarvestStage:
         out: dict[str, list] = defaultdict(list)
         for row in _rows(batch):
             started = time.perf_counter()
-            n_tokens, n_bytes, resid = self.harvest_shard(row)
+            try:
+                n_tokens, n_bytes, resid = self.harvest_shard(row)
+            except Exception as exc:
+                raise HarvestError(
+                    f"{_where(Shard(**{k: row[k] for k in SHARD_FIELDS}))}, stage "
+                    f"{self.stage.start}-{self.stage.stop}: {type(exc).__name__}: {exc}"
+                ) from exc
             seconds = float(row.get("seconds", 0.0)) + time.perf_counter() - started
             n_bytes += int(row.get("bytes", 0))
             if self.stage.last:
                 out["shard"].append(int(row["shard"]))
                 out["tokens"].append(n_tokens)
+                out["sequences"].append(len(row["lengths"]))
                 out["bytes"].append(n_bytes)
                 out["seconds"].append(seconds)
             else:  # hand the shard on to the next stage
-                for key in (*SHARD_FIELDS, "lengths", "token_ids"):
+                for key in (*SHARD_FIELDS, "lengths", "seq_ids", "token_ids", "doc_ids", "doc_pos"):
                     out[key].append(row[key])
                 out["resid"].append(resid)
                 out["bytes"].append(n_bytes)
@@ -132,7 +203,9 @@ class HarvestStage:
         lengths = np.asarray(row["lengths"], dtype=np.int64)
         flat = np.asarray(row["token_ids"], dtype=np.int64)
         resid_in = row.get("resid")
-        seq_ids = int(row["first_doc"]) + np.arange(len(lengths), dtype=np.int64)
+        seq_ids = np.asarray(row["seq_ids"], dtype=np.int64)
+        flat_docs = np.asarray(row["doc_ids"], dtype=np.int64)
+        flat_pos = np.asarray(row["doc_pos"], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         per_family: dict[str, list] = defaultdict(list)
         token_parts = []
@@ -142,9 +215,14 @@ class HarvestStage:
             idx = np.arange(lo, min(lo + batch_size, len(lengths)))
             width = max(1, int(lengths[idx].max()))
             ids = np.full((len(idx), width), self.pad_id, dtype=np.int64)
+            docs = np.zeros((len(idx), width), dtype=np.int64)
+            doc_pos = np.zeros((len(idx), width), dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=bool)
             for j, i in enumerate(idx):
-                ids[j, : lengths[i]] = flat[starts[i] : starts[i] + lengths[i]]
+                span = slice(starts[i], starts[i] + lengths[i])
+                ids[j, : lengths[i]] = flat[span]
+                docs[j, : lengths[i]] = flat_docs[span]
+                doc_pos[j, : lengths[i]] = flat_pos[span]
                 mask[j, : lengths[i]] = True
             cache, resid = self.stage.run(
                 torch.from_numpy(ids).to(self.device),
@@ -169,7 +247,8 @@ class HarvestStage:
                         schemas.tokens_schema(),
                         self.run_id,
                         seq_ids[idx],
-                        seq_ids[idx],
+                        docs,
+                        doc_pos,
                         ids,
                         mask,
                         self.vocab_text,

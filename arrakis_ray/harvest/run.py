@@ -12,13 +12,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from arrakis_ray.config import PipelineConfig, to_dict
-from arrakis_ray.errors import ConfigError
+from arrakis_ray.errors import ArrakisError, ConfigError
 from arrakis_ray.harvest.actor import HarvestStage, TokenizeShard
 from arrakis_ray.harvest.inputs import data_fingerprint, plan_shards
 from arrakis_ray.harvest.model_source import (
@@ -61,6 +62,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
         "data": data_fingerprint(shards, config.data.text_column),
         "hooks": hooks,
         "context_length": config.data.context_length,
+        "mode": config.data.mode,
         "storage_dtype": config.harvest.storage_dtype,
         "shard_size": config.harvest.shard_size,
     }
@@ -68,8 +70,12 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
         identity["stages"] = stages
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     n_docs = sum(s.count for s in shards)
+    if config.data.mode == "document":  # every document cut to the context length
+        max_tokens = n_docs * config.data.context_length
+    else:  # packed: nothing is cut; a token takes at least one byte of text (+ BOS, EOS)
+        max_tokens = sum(Path(f).stat().st_size for f in {s.file for s in shards}) + 2 * n_docs
     predicted = predict_bytes(
-        model, hooks, n_docs, config.data.context_length, config.harvest.storage_dtype
+        model, hooks, max_tokens, config.data.context_length, config.harvest.storage_dtype
     )
     log.info(
         "run %s: %d documents in %d shards, at most %.1f MB on disk",
@@ -82,7 +88,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     if budget is not None and predicted > budget:
         raise ConfigError(
             f"{config.source}: harvest.max_bytes: this run may write up to {predicted:,} bytes "
-            f"({n_docs} documents x {config.data.context_length} tokens), over the budget of "
+            f"(at most {max_tokens:,} tokens), over the budget of "
             f"{budget:,}; harvest fewer hooks or documents, or raise the budget"
         )
 
@@ -109,16 +115,28 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     if not layout.vocab_path.exists():
         _write_vocab(layout, tokenizer, model.vocab_size)
 
-    tokens, n_bytes = _run_shards(config, layout, hooks, stages, pending, len(shards))
+    try:
+        done = _run_shards(config, layout, hooks, stages, pending, len(shards))
+    except Exception as exc:
+        # completed shards keep their markers and stay usable; the run says it failed
+        cause = _user_error(exc)
+        manifest = store_manifest.read_manifest(layout)
+        manifest["status"] = "failed"
+        manifest["error"] = str(cause or exc)[:2000]
+        store_manifest.write_manifest(layout, manifest)
+        if cause is not None:
+            raise type(cause)(f"harvest of run {run_id} failed: {cause}") from None
+        raise
     seconds = time.perf_counter() - started
-    _finish_manifest(manifest, layout, tokens, n_bytes, seconds, len(pending))
+    _finish_manifest(manifest, layout, done, seconds, config.data.mode)
+    tokens, n_bytes = done["tokens"], done["bytes"]
     return HarvestResult(
         run_id, layout.root, "complete", len(pending), len(shards), tokens, n_bytes, seconds
     )
 
 
-def predict_bytes(model, hooks: list[str], n_docs: int, context: int, dtype: str) -> int:
-    """Upper bound of the run's size on disk: every document at full context length.
+def predict_bytes(model, hooks: list[str], max_tokens: int, context: int, dtype: str) -> int:
+    """Upper bound of the run's size on disk for at most ``max_tokens`` tokens.
 
     Values are stored uncompressed in effect (activations barely compress), plus the
     key columns of each row (layer 2 B, seq_id 8 B, pos 4 B, head 2 B; patterns: q_pos,
@@ -134,7 +152,7 @@ def predict_bytes(model, hooks: list[str], n_docs: int, context: int, dtype: str
             per_token += model.n_heads_of(hook) * (width * value + 16)
         else:  # a query attends to (context + 1) / 2 keys on average
             per_token += model.n_heads_of(hook) * (context + 1) // 2 * 24
-    return n_docs * context * per_token
+    return max_tokens * per_token
 
 
 def ensure_ray() -> None:
@@ -180,7 +198,7 @@ def stage_ranges(config: PipelineConfig, n_layers: int) -> list[tuple[int, int]]
     return even_ranges(n_layers, config.harvest.model_shards)
 
 
-def _run_shards(config, layout, hooks, stages, pending, total) -> tuple[int, int]:
+def _run_shards(config, layout, hooks, stages, pending, total) -> dict:
     import ray.data
 
     ensure_ray()
@@ -203,28 +221,56 @@ def _run_shards(config, layout, hooks, stages, pending, total) -> tuple[int, int
             num_cpus=config.harvest.num_cpus_per_actor,
             num_gpus=config.harvest.num_gpus_per_actor,
         )
-    tokens = n_bytes = done = 0
+    done = {"tokens": 0, "bytes": 0, "sequences": 0, "shards": 0}
     t0 = time.perf_counter()
     for row in ds.iter_rows():
-        done += 1
-        tokens += int(row["tokens"])
-        n_bytes += int(row["bytes"])
+        done["shards"] += 1
+        done["tokens"] += int(row["tokens"])
+        done["bytes"] += int(row["bytes"])
+        done["sequences"] += int(row["sequences"])
         elapsed = time.perf_counter() - t0
-        rate = tokens / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / done * (len(pending) - done)
+        rate = done["tokens"] / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done["shards"] * (len(pending) - done["shards"])
         log.info(
-            "shard %d done (%d/%d this call, %d total): %d tokens, %.0f tokens/s, "
+            "shard %d done (%d/%d this call, %d in the run): %d tokens, %.0f tokens/s, "
             "%.1f MB written, ETA %.0f s",
             row["shard"],
-            done,
+            done["shards"],
             len(pending),
             total,
-            tokens,
+            done["tokens"],
             rate,
-            n_bytes / 1e6,
+            done["bytes"] / 1e6,
             eta,
         )
-    return tokens, n_bytes
+    return done
+
+
+_REMOTE_ERROR = re.compile(r"arrakis_ray\.errors\.(\w+): (.+)")
+
+
+def _user_error(exc: BaseException) -> ArrakisError | None:
+    """The ArrakisError behind a failure in a Ray task or actor, if there is one.
+
+    Ray Data wraps a step's exception (RayTaskError, UserCodeException) and keeps the
+    original only as text in the remote traceback; the last arrakis error named there
+    is the outermost one, which names the shard.
+    """
+    from arrakis_ray import errors
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ArrakisError):
+            return exc
+        found = _REMOTE_ERROR.findall(str(exc))
+        if found:
+            name, message = found[-1]
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, ArrakisError):
+                return cls(message.strip())
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
 
 
 def _tokenize(batch, config):
@@ -268,17 +314,9 @@ def _new_manifest(config, run_id, model, hooks, shards, stages, identity, predic
     }
 
 
-def _finish_manifest(manifest, layout, tokens, n_bytes, seconds, n_shards) -> None:
+def _finish_manifest(manifest, layout, done: dict, seconds: float, mode: str) -> None:
     calls = manifest["harvest"].setdefault("calls", [])
-    calls.append(
-        {
-            "finished_at": _now(),
-            "shards": n_shards,
-            "tokens": tokens,
-            "bytes": n_bytes,
-            "seconds": round(seconds, 3),
-        }
-    )
+    calls.append({"finished_at": _now(), **done, "seconds": round(seconds, 3)})
     total_tokens = sum(c["tokens"] for c in calls)
     total_seconds = sum(c["seconds"] for c in calls)
     manifest["harvest"].update(
@@ -289,7 +327,10 @@ def _finish_manifest(manifest, layout, tokens, n_bytes, seconds, n_shards) -> No
             "tokens_per_s": round(total_tokens / total_seconds, 1) if total_seconds else None,
         }
     )
+    if mode == "packed":  # known only once tokenized
+        manifest["data"]["n_sequences"] = sum(c.get("sequences", 0) for c in calls)
     manifest["status"] = "complete"
+    manifest.pop("error", None)
     manifest["updated_at"] = _now()
     store_manifest.write_manifest(layout, manifest)
 

@@ -92,11 +92,16 @@ def tokens_table(
     run_id: str,
     seq_ids: np.ndarray,
     doc_ids: np.ndarray,
+    doc_pos: np.ndarray,
     input_ids: np.ndarray,
     mask: np.ndarray,
     vocab_text: np.ndarray,
 ) -> pa.Table:
-    """One row per real token: ids, position and text (joinable to every activation)."""
+    """One row per real token: ids, positions, source document and text.
+
+    ``doc_ids``/``doc_pos``/``input_ids``/``mask`` are ``[batch, pos]``; the tokens table
+    joins to every activation table on (run_id, seq_id, pos).
+    """
     seq_idx, pos = np.nonzero(mask)
     token_ids = input_ids[seq_idx, pos].astype(np.int32)
     n = len(pos)
@@ -105,9 +110,8 @@ def tokens_table(
             pa.array(np.full(n, run_id, dtype=object), pa.string()),
             pa.array(seq_ids[seq_idx].astype(np.int64)),
             pa.array(pos.astype(np.int32)),
-            pa.array(doc_ids[seq_idx].astype(np.int64)),
-            # one document per sequence, so the position in the document is the position
-            pa.array(pos.astype(np.int32)),
+            pa.array(doc_ids[seq_idx, pos].astype(np.int64)),
+            pa.array(doc_pos[seq_idx, pos].astype(np.int32)),
             pa.array(token_ids),
             pa.array(vocab_text[token_ids], pa.string()),
         ],
