@@ -17,7 +17,7 @@ counts are exact), batch 16:
                ``mlp.act``, ``torch.save`` of the same float16 values per batch.
 
 Peak RSS is the sum over the driver and every descendant process (GCS, raylet, Ray
-workers and actors), sampled every 100 ms, during a harvest of the corpus (1x) and of a
+workers and actors), sampled every 200 ms, during a harvest of the corpus (1x) and of a
 corpus ten times larger (10x). ``--profile`` also times the sections of one shard in
 ``HarvestShard`` (run in this process, without Ray) and prints a cProfile summary.
 The last line printed is one JSON object with every figure.
@@ -57,7 +57,7 @@ MODEL = dict(  # gpt2 architecture; generic HF names, which tiny_config honours
 VALUES_PER_TOKEN = MODEL["num_hidden_layers"] * (MODEL["hidden_size"] + MODEL["intermediate_size"])
 TOKENIZER = "zoo:facts-gpt2"
 # (documents of the 1x corpus, shard_size, repeats)
-MODES = {"quick": (64, 32, 2), "full": (512, 64, 3)}
+MODES = {"quick": (32, 32, 2), "full": (256, 64, 3)}
 
 log = logging.getLogger("bench")
 
@@ -68,7 +68,7 @@ class ProcessTree(threading.Thread):
     seconds each role used (a process's CPU is charged to the role it has when sampled).
     """
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.2):
         super().__init__(daemon=True)
         import psutil  # ray vendors psutil and puts it on sys.path once imported
 
@@ -336,11 +336,12 @@ def profile_shard(raw: dict, work: Path, n_shards: int = 4) -> dict:
 
     def timed(key, fn):
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+                times[key + " cpu"] = times.get(key + " cpu", 0.0) + time.process_time() - c0
 
         return wrapper
 
@@ -372,8 +373,9 @@ def profile_shard(raw: dict, work: Path, n_shards: int = 4) -> dict:
         t0, c0 = time.perf_counter(), time.process_time()
         step(batch)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        runs.append({**times, "other (padding, tokens table, marker)": wall - sum(times.values()),
-                     "total": wall, "total_cpu": cpu})  # fmt: skip
+        walls = sum(v for k, v in times.items() if not k.endswith(" cpu"))
+        runs.append({**times, "other (padding, tokens table, marker)": wall - walls,
+                     "total": wall, "total cpu": cpu})  # fmt: skip
     sections = {k: round(min(r[k] for r in runs), 3) for k in runs[0]}
 
     hooked = step.model  # the same batch: bare HF forward vs run_with_cache, interleaved

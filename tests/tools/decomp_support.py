@@ -54,8 +54,10 @@ def model_shard(model, ids: torch.Tensor, mask: torch.Tensor, run_id: str = "tin
         part = build(schema, run_id, model.layer_of(name), tensor.float().numpy(), m, seq_ids)
         families.setdefault(store_layout.hook_family(name), []).append(part)
     vocab = np.array([f"t{i}" for i in range(model.vocab_size)], dtype=object)
+    doc_ids = np.repeat(seq_ids[:, None], m.shape[1], axis=1)  # one document per sequence
+    doc_pos = np.broadcast_to(np.arange(m.shape[1]), m.shape)
     token_table = tables.tokens_table(
-        schemas.tokens_schema(), run_id, seq_ids, seq_ids, ids.numpy(), m, vocab
+        schemas.tokens_schema(), run_id, seq_ids, doc_ids, doc_pos, ids.numpy(), m, vocab
     )
     import pyarrow as pa
 

@@ -12,7 +12,6 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.models import build_model
 from arrakis_ray.models.weights import attention_weights
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.attention_head_composition import (
     AttentionHeadComposition,
     CompositionParams,
@@ -23,16 +22,6 @@ from arrakis_ray.tools.attention_head_composition import (
 )
 from arrakis_ray.tools.base import RunInputs
 from arrakis_ray.tools.runner import analyze, make_tool
-
-register_tool(AttentionHeadComposition)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(model, **params) -> dict:

@@ -21,16 +21,12 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.reports.attention_charts import SCORES, head_score_heatmap, head_scores_grid
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.attention_tools import (
-    AttentionTools,
     induction_score_from_patterns,
     induction_tokens,
 )
 from arrakis_ray.tools.base import RunInputs, ShardInputs
 from arrakis_ray.tools.runner import analyze, make_tool
-
-register_tool(AttentionTools)
 
 
 def run_tool(run_dir, params: dict | None = None, model=None) -> dict:

@@ -11,9 +11,7 @@ from support import DEMO_DATA
 
 from arrakis_ray.errors import DataError, ToolError
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.knowledge_prober import (
-    KnowledgeProber,
     auroc,
     macro_auroc,
     select_positions,
@@ -21,8 +19,6 @@ from arrakis_ray.tools.knowledge_prober import (
 from arrakis_ray.tools.runner import analyze, make_tool
 
 from .synthetic_run import run_inputs, write_synthetic_run
-
-register_tool(KnowledgeProber)
 
 
 def _label_from_layer(tmp_path, first: int, n_layers: int = 5, n_seq: int = 400, seed: int = 0):

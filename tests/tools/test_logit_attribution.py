@@ -13,20 +13,8 @@ from tools.decomp_support import ARCH_CASES, batch, case_id, model_shard, stored
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.logit_attribution import LogitAttribution, LogitAttributionParams
 from arrakis_ray.tools.runner import analyze, make_tool
-
-register_tool(LogitAttribution)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: threads only fight the other test processes for the 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _attribute(inputs, model, **params):

@@ -11,9 +11,7 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.harvest.model_source import vocab_texts
 from arrakis_ray.models import build_model, load_pretrained
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.read_write_heads import (
-    ReadWriteHeads,
     ReadWriteParams,
     resolve_direction,
     weight_scores,
@@ -21,17 +19,7 @@ from arrakis_ray.tools.read_write_heads import (
 from arrakis_ray.tools.runner import analyze, make_tool
 from arrakis_ray.zoo import zoo_path
 
-register_tool(ReadWriteHeads)
-
 TOKEN = "paris"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

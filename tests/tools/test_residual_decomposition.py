@@ -8,29 +8,16 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from tools.decomp_support import ARCH_CASES, batch, case_id, model_shard, stored_shard, tiny, wide
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.decompose import RowIndex, ShardComponents, sorted_tokens
 from arrakis_ray.tools.residual_decomposition import (
     ResidualDecomposition,
     ResidualDecompositionParams,
 )
 from arrakis_ray.tools.runner import analyze, make_tool
-
-register_tool(ResidualDecomposition)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matmuls: threads only fight the other test processes for the 2 cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _decompose(inputs, model, **params):

@@ -11,12 +11,9 @@ import pytest
 from tools.decomp_support import stored_shard
 
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.base import NoParams
 from arrakis_ray.tools.residual_tools import ResidualTools
 from arrakis_ray.tools.runner import analyze
-
-register_tool(ResidualTools)
 
 
 def _run(harvested):

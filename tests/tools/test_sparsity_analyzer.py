@@ -20,12 +20,9 @@ from arrakis_ray.reports.sparsity_charts import (
 )
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.base import RunInputs, ShardInputs
 from arrakis_ray.tools.runner import analyze, make_tool
-from arrakis_ray.tools.sparsity_analyzer import SparsityAnalyzer, gini_index
-
-register_tool(SparsityAnalyzer)
+from arrakis_ray.tools.sparsity_analyzer import gini_index
 
 
 def reduce_over(tool, shards: list[ShardInputs], manifest: dict) -> dict[str, pd.DataFrame]:

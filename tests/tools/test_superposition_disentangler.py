@@ -14,13 +14,9 @@ from arrakis_ray.reports.dictionary_charts import (
     feature_frequency_histogram,
 )
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.tools import register_tool
 from arrakis_ray.tools.runner import analyze, make_tool
-from arrakis_ray.tools.superposition_disentangler import SuperpositionDisentangler
 
 from .synthetic_run import run_inputs, write_synthetic_run
-
-register_tool(SuperpositionDisentangler)
 
 HOOK = "blocks.0.hook_resid_post"
 
