@@ -167,7 +167,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
 
 def pipeline_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
     """Validate a plain dict (as parsed from YAML) into a ``PipelineConfig``."""
-    return _build(PipelineConfig, {**raw, "source": source}, source, "")
+    return build_dataclass(PipelineConfig, {**raw, "source": source}, source, "")
 
 
 def to_dict(config: Any) -> Any:
@@ -181,8 +181,12 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def _build(cls: type, raw: Any, source: str, where: str) -> Any:
-    """Build dataclass ``cls`` from ``raw``, checking keys and types field by field."""
+def build_dataclass(cls: type, raw: Any, source: str, where: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``, checking keys and types field by field.
+
+    Used for pipeline files and for tool parameters alike; errors name ``source`` and
+    the dotted field path ``where``.
+    """
     label = where or "top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {label}: expected a mapping, got {_show(raw)}")
@@ -228,7 +232,7 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
             )
         return value
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, where)
+        return build_dataclass(hint, value, source, where)
     if origin is tuple:
         items = [value] if isinstance(value, str | dict) else value
         if not isinstance(items, list | tuple):

@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from arrakis_ray.config import _build, pipeline_from_dict, to_dict
+from arrakis_ray.config import build_dataclass, pipeline_from_dict, to_dict
 from arrakis_ray.errors import ToolError
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
@@ -70,7 +70,7 @@ def make_tool(
     """Instantiate a tool (by name or class) with validated parameters."""
     cls = tool_class(name) if isinstance(name, str) else name
     try:
-        parsed = _build(cls.Params, dict(params or {}), source, "params")
+        parsed = build_dataclass(cls.Params, dict(params or {}), source, "params")
     except Exception as exc:  # ConfigError from validation: re-raise as a tool error
         raise ToolError(f"tool {cls.name}: {exc}") from None
     return cls(parsed)
