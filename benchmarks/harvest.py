@@ -18,8 +18,8 @@ counts are exact), batch 16:
 
 Peak RSS is the sum over the driver and every descendant process (GCS, raylet, Ray
 workers and actors), sampled every 200 ms, during a harvest of the corpus (1x) and of a
-corpus ten times larger (10x). ``--profile`` also times the sections of one shard in
-``HarvestShard`` (run in this process, without Ray) and prints a cProfile summary.
+corpus ten times larger (10x). ``--profile`` also times the sections of a shard in the
+harvest actor's class (run in this process, without Ray) and prints a cProfile summary.
 The last line printed is one JSON object with every figure.
 """
 
@@ -242,18 +242,6 @@ def _rates(tokens: int, wall: float, tree: ProcessTree) -> dict:
     }
 
 
-class FirstLog(logging.Handler):
-    """Time of the driver's first log line ("run ...: N documents"): its prep is done."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.at: float | None = None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.at is None:
-            self.at = time.perf_counter()
-
-
 def pipeline(name: str, model_dir: Path, data: Path, shard_size: int) -> dict:
     """A pipeline dict (as from YAML) harvesting HOOKS of the saved model over ``data``."""
     return {
@@ -280,17 +268,10 @@ def bench_harvest(raw: dict, store: Path) -> dict:
 
     shutil.rmtree(store, ignore_errors=True)
     config = pipeline_from_dict(raw, source=f"benchmark:{raw['name']}")
-    first = FirstLog()
-    run_log = logging.getLogger("arrakis_ray.harvest.run")
-    run_log.addHandler(first)
-    run_log.setLevel(logging.INFO)
-    try:
-        with ProcessTree() as tree:
-            t0, epoch0 = time.perf_counter(), time.time()
-            result = harvest(config, store)
-            wall = time.perf_counter() - t0
-    finally:
-        run_log.removeHandler(first)
+    with ProcessTree() as tree:
+        t0, epoch0 = time.perf_counter(), time.time()
+        result = harvest(config, store)
+        wall = time.perf_counter() - t0
     out = _rates(result.tokens, wall, tree)
     done = sorted(p.stat().st_mtime for p in (result.run_dir / "completions").iterdir())
     per_shard = result.tokens / result.shards_done  # every shard is full
@@ -299,7 +280,6 @@ def bench_harvest(raw: dict, store: Path) -> dict:
     out.update(
         {
             "shards": result.shards_done,
-            "driver_prep_s": (first.at or t0) - t0,
             "first_shard_done_s": done[0] - epoch0,
             "last_shard_to_return_s": wall - (done[-1] - epoch0),
             "steady_tokens_per_s": per_shard * len(gaps) / (done[-1] - done[0]) if gaps else None,

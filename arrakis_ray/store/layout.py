@@ -123,11 +123,19 @@ def _read_marker(root: Path) -> None:
         )
 
 
+def _store_in_creation(entry: Path) -> bool:
+    """An entry that another process creating the same store may have made already."""
+    if entry.name == "runs":
+        return entry.is_dir() and not any(entry.iterdir())
+    return entry.name.startswith(f".{STORE_MARKER}.tmp")
+
+
 def init_store(root: str | Path) -> Path:
     """Create a store at ``root`` (or open the one there); returns its absolute path.
 
     An existing non-empty directory without the marker is refused: a store is never
-    adopted by accident on top of unrelated files.
+    adopted by accident on top of unrelated files. Two processes creating the same new
+    store at once both succeed (each writes the same marker atomically).
     """
     path = Path(root).expanduser().absolute()
     if path.exists() and not path.is_dir():
@@ -135,7 +143,7 @@ def init_store(root: str | Path) -> Path:
     if (path / STORE_MARKER).exists():
         _read_marker(path)
         return path
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(not _store_in_creation(p) for p in path.iterdir()):
         raise StoreError(
             f"{path} is a non-empty directory without {STORE_MARKER}: refusing to make it a "
             "store (choose a new or empty directory)"

@@ -11,6 +11,7 @@ from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
 from arrakis_ray.tools.knowledge_prober import KnowledgeProber
 from arrakis_ray.tools.logit_attribution import LogitAttribution
 from arrakis_ray.tools.logit_lens import LogitLens
+from arrakis_ray.tools.neuron_dashboard import NeuronDashboard
 from arrakis_ray.tools.read_write_heads import ReadWriteHeads
 from arrakis_ray.tools.residual_decomposition import ResidualDecomposition
 from arrakis_ray.tools.residual_tools import ResidualTools
@@ -30,6 +31,7 @@ TOOLS: dict[str, type[Tool]] = {
         SparsityAnalyzer,
         SuperpositionDisentangler,
         KnowledgeProber,
+        NeuronDashboard,
     )
 }
 
