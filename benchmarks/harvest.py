@@ -443,26 +443,32 @@ def main(argv: list[str] | None = None) -> dict:
 
     # one local cluster for the whole invocation; it idles during (a) and (c) as well
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    with ProcessTree() as idle:
-        time.sleep(2.0)
-    raw1 = pipeline("bench-1x", model_dir, work / "corpus-1x.jsonl", shard_size)
-    raw10 = pipeline("bench-10x", model_dir, work / "corpus-10x.jsonl", shard_size)
-    forward, diy, harvests = [], [], []
-    for r in range(repeats):  # interleaved, so that load from other tenants hits all three
-        forward.append(bench_forward(hf_model, batches))
-        diy.append(bench_diy(hf_model, batches, work / "diy"))
-        harvests.append(bench_harvest(raw1, work / "store-1x"))
-        log.info(
-            "repeat %d: forward %.0f, diy %.0f, harvest %.0f tokens/s (load %.1f)",
-            r, forward[-1]["tokens_per_s"], diy[-1]["tokens_per_s"],
-            harvests[-1]["tokens_per_s"], os.getloadavg()[0],
-        )  # fmt: skip
-    big = bench_harvest(raw10, work / "store-10x")
-    log.info("10x: %.0f tokens/s, peak RSS %.0f MB", big["tokens_per_s"], big["peak_rss_mb"])
-    ray.shutdown()
-    profile = profile_shard(raw10, work) if args.profile else None
-    if args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
+    try:
+        with ProcessTree() as idle:
+            time.sleep(2.0)
+        raw1 = pipeline("bench-1x", model_dir, work / "corpus-1x.jsonl", shard_size)
+        raw10 = pipeline("bench-10x", model_dir, work / "corpus-10x.jsonl", shard_size)
+        forward, diy, harvests = [], [], []
+        for r in range(repeats):  # interleaved: load from other tenants hits all three
+            forward.append(bench_forward(hf_model, batches))
+            diy.append(bench_diy(hf_model, batches, work / "diy"))
+            harvests.append(bench_harvest(raw1, work / "store-1x"))
+            log.info(
+                "repeat %d: forward %.0f, diy %.0f, harvest %.0f tokens/s (load %.1f)",
+                r, forward[-1]["tokens_per_s"], diy[-1]["tokens_per_s"],
+                harvests[-1]["tokens_per_s"], os.getloadavg()[0],
+            )  # fmt: skip
+        big = bench_harvest(raw10, work / "store-10x")
+        log.info("10x: %.0f tokens/s, peak RSS %.0f MB", big["tokens_per_s"], big["peak_rss_mb"])
+        # every document fills the context, so the token counts are exact
+        assert all(x["tokens"] == n_docs * CONTEXT for x in harvests), "harvest lost tokens"
+        assert big["tokens"] == 10 * n_docs * CONTEXT, "harvest lost tokens"
+        ray.shutdown()
+        profile = profile_shard(raw10, work) if args.profile else None
+    finally:
+        ray.shutdown()
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
 
     def med(runs: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in runs)

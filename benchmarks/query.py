@@ -556,23 +556,13 @@ def print_report(f: dict) -> None:
         base = f["baseline_" + name + "_s"]
         print(f"{name:18} {f[name + '_s']:8.4f} {spread:>18} {base:11.2f} {ratio:7.1f}")
     print(f"top-k by pyarrow reading only its columns: {f['topk_column_baseline_s']:.3f} s")
-    keys = (
-        "topk_neuron_s",
-        "macro_topk_neuron_s",
-        "dashboard_lookup_s",
-        "mean_dims_s",
-        "cosine_topk_s",
-    )
-    print(
-        f"\n{'variant':27} {'files':>5} {'rows/rg':>7} {'open_s':>6} topk_s (macro) dash_s "
-        "mean_s cos_s"
-    )
+    keys = ("count_rows", "topk_neuron", "macro_topk_neuron", "dashboard_lookup")
+    keys += ("mean_dims", "cosine_topk")
+    print(f"\n{'variant':27} {'files':>5} {'rows/rg':>7} {'open_s':>6} " + " ".join(keys))
     for label, v in f["variants"].items():
-        cells = " ".join(f"{v[k]:.4f}" if k in v else "-" for k in keys)
-        print(
-            f"{label:27} {v['activation_files']:5} {v['rows_per_row_group']:7} "
-            f"{v['open_s']:6.3f} {cells}"
-        )
+        cells = " ".join(f"{v[k + '_s']:.4f}" if k + "_s" in v else "-" for k in keys)
+        print(f"{label:27} {v['activation_files']:5} {v['rows_per_row_group']:7} ", end="")
+        print(f"{v['open_s']:6.3f} {cells}")
     print(f"targets met: {f['targets_met']}; total {f['total_s']:.0f} s")
 
 

@@ -275,29 +275,27 @@ class HarvestStage:
         """(layer, table) of one hook's captured tensor for one forward batch."""
         kind, width = self.model.hook_shape(name)
         layer = self.model.layer_of(name)
-        values = self._to_numpy(tensor, kind, name)
         schema = schemas.activation_schema(kind, width, self.storage_dtype)
-        if kind == "pattern":
+        tensor = tensor.detach()
+        if kind == "pattern":  # probabilities, stored as float32 (the weight column)
+            values = tensor.float().cpu().numpy()
             return layer, tables.pattern_table(schema, self.run_id, layer, values, lengths, seq_ids)
+        if self.storage_dtype == "float16":
+            self._check_float16_range(tensor, name)
         build = tables.head_table if kind == "head" else tables.dense_table
-        return layer, build(schema, self.run_id, layer, values, mask, seq_ids)
+        return layer, build(schema, self.run_id, layer, tensor, mask, seq_ids)
 
-    def _to_numpy(self, tensor, kind: str, name: str) -> np.ndarray:
-        import torch
-
-        # patterns are probabilities stored as float32 (weight column); activations are
-        # stored in the configured dtype. bfloat16 has no numpy/Parquet type: float16 holds
-        # its values exactly in [6.1e-5, 65504] (8 of float16's 11 mantissa bits), float32
-        # everywhere. Beyond 65504 float16 would store inf: refuse rather than corrupt.
-        half = self.storage_dtype == "float16" and kind != "pattern"
-        if half:
-            peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
-            if peak > 65504.0:
-                raise HarvestError(
-                    f"{name}: |values| up to {peak:.3g} exceed float16's range; "
-                    "set harvest.storage_dtype: float32"
-                )
-        return tensor.detach().to(torch.float16 if half else torch.float32).cpu().numpy()
+    @staticmethod
+    def _check_float16_range(tensor, name: str) -> None:
+        # bfloat16 has no numpy/Parquet type: float16 holds its values exactly in
+        # [6.1e-5, 65504] (8 of float16's 11 mantissa bits), float32 everywhere. Beyond
+        # 65504 float16 would store inf: refuse rather than corrupt.
+        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if peak > 65504.0:
+            raise HarvestError(
+                f"{name}: |values| up to {peak:.3g} exceed float16's range; "
+                "set harvest.storage_dtype: float32"
+            )
 
     def _write_family(self, family: str, parts: list, shard: int) -> int:
         # rows ordered by layer, so each layer is a contiguous run of row groups whose

@@ -204,7 +204,15 @@ def _run_shards(config, layout, hooks, stages, pending, total) -> dict:
     ensure_ray()
     items = [s.to_dict() for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(_tokenize, fn_kwargs={"config": config}, batch_size=1, num_cpus=0.25)
+    # one tokenize task at a time: it is milliseconds per shard, and every extra task is
+    # a worker process importing transformers (benchmarks/BENCHMARKS.md: 3x the wall time)
+    ds = ds.map_batches(
+        _tokenize,
+        fn_kwargs={"config": config},
+        batch_size=1,
+        num_cpus=0.25,
+        compute=ray.data.TaskPoolStrategy(size=1),
+    )
     for stage in range(len(stages)):  # one actor pool per pipeline stage
         ds = ds.map_batches(
             HarvestStage,
