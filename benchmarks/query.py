@@ -10,14 +10,17 @@ tokens and vocab schemas, completion markers, ``write_manifest``): one hook
 (``blocks.3.mlp.hook_post``, width 512) over 16,384 sequences of 128 tokens, with
 synthetic values (normal, a few neurons 8x heavier) instead of a model forward, which
 would take too long here. Shards hold 64 sequences, the harvest's default ``shard_size``
-(8,192 rows, 256 files per directory); a second copy with 1,024 sequences per shard (16
-files) shows what the file count costs. Both are cached under /tmp and reused.
+(8,192 rows, 256 files per directory); copies with 1,024 (and, in the full mode, 256)
+sequences per shard show what the file count costs. The stores are cached under
+/tmp/arrakis-bench-query (~2.2 GB each) and reused; delete the directory to rebuild.
 
 Timed through ``arrakis_ray.store.catalog.Store(store).sql`` (the read-only surface):
 
 - ``topk_neuron``: top-20 contexts of neuron 123 of layer 3, joined to tokens for the text;
+- ``macro_topk_neuron``: the same through the catalog's ``top_contexts`` macro, if present;
 - ``mean_dims``: the mean of every dimension of layer 3;
 - ``cosine_topk``: top-20 rows by cosine similarity with a random direction;
+- ``count_rows``: ``count(*)``, which reads only the files' footers;
 - ``dashboard_lookup``: the top-20 contexts of neuron 123 read from a precomputed per-neuron
   table (``result.neuron_top_contexts``, sorted by layer, neuron, rank; built here with
   numpy from the stored values, written with the project's writer).

@@ -67,12 +67,17 @@ def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
     ``intermediate_size``) work for every family.
     """
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     arch = canonical_arch(arch)
     kwargs = {**_BASE}
     if arch in _GQA:
         kwargs["num_key_value_heads"] = 2
-    kwargs.update(overrides)
+    # a family's own names (gpt2's n_layer, n_embd ...) are aliases of the generic ones:
+    # rename them, or the generic defaults above would silently win over the override
+    aliases = getattr(CONFIG_MAPPING[_MODEL_TYPE[arch]], "attribute_map", {})
+    native_to_generic = {native: generic for generic, native in aliases.items()}
+    kwargs.update({native_to_generic.get(k, k): v for k, v in overrides.items()})
     if arch in _FIXED_HEAD_DIM and "head_dim" not in overrides:
         kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
     if arch == "gpt2":

@@ -106,3 +106,11 @@ def test_ln_final_and_unembed_keep_grad_outside_inference(tiny_models):
         logits.sum().backward()
     assert resid.grad is not None and resid.grad.shape == resid.shape
     assert_close(logits.detach(), hm.model.lm_head(hm.model.transformer.ln_f(resid)).detach())
+
+
+def test_a_familys_own_config_names_override_the_tiny_defaults():
+    from arrakis_ray.models import build_model
+
+    model = build_model("gpt2", n_layer=3, n_embd=96, n_head=4, n_positions=32)
+    assert (model.n_layers, model.d_model, model.n_heads) == (3, 96, 4)
+    assert model.model.config.n_positions == 32
