@@ -88,6 +88,18 @@ def hook_family(hook_name: str) -> str:
     return family
 
 
+# Dense families with one row per (layer, token) inside the blocks -> hook name after
+# "blocks.{L}." (the inverse of _BLOCK_HOOKS for the dense kind).
+DENSE_BLOCK_HOOKS: dict[str, str] = {
+    family: hook for hook, family in _BLOCK_HOOKS.items() if FAMILY_KIND[family] == "dense"
+}
+
+
+def block_hook(family: str, layer: int) -> str:
+    """Hook name of a dense block family at a layer (``mlp_post``, 2 -> ``blocks.2.mlp.hook_post``)."""
+    return f"blocks.{layer}.{DENSE_BLOCK_HOOKS[family]}"
+
+
 def family_kind(family: str) -> str:
     """Storage kind of a family: ``dense``, ``head`` or ``pattern``."""
     try:

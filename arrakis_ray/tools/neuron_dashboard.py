@@ -42,18 +42,9 @@ from typing import Literal
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.store.layout import DENSE_BLOCK_HOOKS
 from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
 
-# Dense families inside the blocks and their hook names after "blocks.{L}.".
-_HOOKS = {
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "mlp_pre": "mlp.hook_pre",
-    "mlp_post": "mlp.hook_post",
-}
 ZERO = 1e-6  # |x| below this lands in the zero bucket (absolute error < 1e-6)
 PERCENTILES = (50, 90, 99)
 BLOCK_CELLS = 1 << 22  # neurons x buckets (or x tokens) handled at once: bounds memory
@@ -81,8 +72,8 @@ class NeuronDashboardParams:
     feature id), from superposition_disentangler's results."""
 
     def __post_init__(self) -> None:
-        if self.family not in _HOOKS:
-            raise ValueError(f"family {self.family!r} is not one of {', '.join(_HOOKS)}")
+        if self.family not in DENSE_BLOCK_HOOKS:
+            raise ValueError(f"family {self.family!r} is not one of {', '.join(DENSE_BLOCK_HOOKS)}")
         if self.k < 1 or self.window < 0:
             raise ValueError(f"k must be >= 1 and window >= 0, got k={self.k}, {self.window=}")
         if not 0 < self.quantile_accuracy < 0.5:
@@ -115,7 +106,7 @@ class NeuronDashboard(Tool):
     def required_hooks(self, manifest: dict) -> list[str]:
         if self.params.source == "sae_features":
             return []
-        hook = _HOOKS[self.params.family]
+        hook = DENSE_BLOCK_HOOKS[self.params.family]
         return [f"blocks.{layer}.{hook}" for layer in self._layers(manifest)]
 
     def compute_shard(self, inputs: ShardInputs, model=None) -> dict:

@@ -34,18 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.store.layout import DENSE_BLOCK_HOOKS, block_hook
 from arrakis_ray.tools.base import ShardInputs, Tool
 
-# Families with one row per (layer, token) inside the blocks, and their hook names.
-_BLOCK_FAMILIES = {
-    "resid_pre": "hook_resid_pre",
-    "resid_mid": "hook_resid_mid",
-    "resid_post": "hook_resid_post",
-    "attn_out": "hook_attn_out",
-    "mlp_out": "hook_mlp_out",
-    "mlp_pre": "mlp.hook_pre",
-    "mlp_post": "mlp.hook_post",
-}
 _KEYS = ("family", "layer")
 
 
@@ -71,8 +62,8 @@ class SparsityParams:
     def __post_init__(self) -> None:
         for name in ("family", "kurtosis_family"):
             value = getattr(self, name)
-            if value is not None and value not in _BLOCK_FAMILIES:
-                raise ValueError(f"{name} {value!r} is not one of {', '.join(_BLOCK_FAMILIES)}")
+            if value is not None and value not in DENSE_BLOCK_HOOKS:
+                raise ValueError(f"{name} {value!r} is not one of {', '.join(DENSE_BLOCK_HOOKS)}")
         if self.hist_bins < 1:
             raise ValueError(f"hist_bins must be >= 1, got {self.hist_bins}")
         for name in ("hist_range", "kurtosis_hist_range"):
@@ -104,7 +95,7 @@ class SparsityAnalyzer(Tool):
 
     def required_hooks(self, manifest: dict) -> list[str]:
         return [
-            f"blocks.{layer}.{_BLOCK_FAMILIES[family]}"
+            block_hook(family, layer)
             for family in self._families()
             for layer in self._layers(manifest)
         ]
