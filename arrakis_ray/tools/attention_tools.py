@@ -98,12 +98,7 @@ class AttentionTools(Tool):
     reduced_outputs = ("attention_head_scores",)  # top positions are final per shard
 
     def _layers(self, manifest: dict) -> list[int]:
-        n_layers = manifest["model"]["n_layers"]
-        layers = list(self.params.layers) or list(range(n_layers))
-        bad = [layer for layer in layers if not 0 <= layer < n_layers]
-        if bad:
-            raise ToolError(f"attention_tools: layers {bad} out of range (model has {n_layers})")
-        return sorted(set(layers))
+        return self.selected_layers(manifest, self.params.layers)
 
     def required_hooks(self, manifest: dict) -> list[str]:
         return [f"blocks.{layer}.attn.hook_pattern" for layer in self._layers(manifest)]

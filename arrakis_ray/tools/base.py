@@ -20,7 +20,7 @@ table. A custom tool is a subclass registered with ``register_tool``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -131,6 +131,17 @@ class Tool:
     def required_hooks(self, manifest: dict) -> list[str]:
         """Concrete hook names this tool reads, given the run's manifest (model shape)."""
         return []
+
+    def selected_layers(self, manifest: dict, layers: Sequence[int]) -> list[int]:
+        """``layers`` (sorted, deduplicated; empty: every layer), checked against the model."""
+        from arrakis_ray.errors import ToolError
+
+        n_layers = manifest["model"]["n_layers"]
+        chosen = sorted(set(layers)) or list(range(n_layers))
+        bad = [layer for layer in chosen if not 0 <= layer < n_layers]
+        if bad:
+            raise ToolError(f"{self.name}: layers {bad} out of range (model has {n_layers})")
+        return chosen
 
     def result_schema(self, output: str | None = None) -> pa.Schema:
         """Arrow schema of an output, read from ``schemas/result.<output>.v<N>.json``.

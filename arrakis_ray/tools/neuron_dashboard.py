@@ -96,12 +96,7 @@ class NeuronDashboard(Tool):
         self.sketch = _Sketch(params.quantile_accuracy)
 
     def _layers(self, manifest: dict) -> list[int]:
-        n_layers = manifest["model"]["n_layers"]
-        layers = sorted(set(self.params.layers)) or list(range(n_layers))
-        bad = [layer for layer in layers if not 0 <= layer < n_layers]
-        if bad:
-            raise ToolError(f"{self.name}: layers {bad} out of range (model has {n_layers})")
-        return layers
+        return self.selected_layers(manifest, self.params.layers)
 
     def required_hooks(self, manifest: dict) -> list[str]:
         if self.params.source == "sae_features":

@@ -82,12 +82,7 @@ class SparsityAnalyzer(Tool):
     outputs = ("sparsity_neurons", "sparsity_layers", "sparsity_kurtosis", "sparsity_histograms")
 
     def _layers(self, manifest: dict) -> list[int]:
-        n_layers = manifest["model"]["n_layers"]
-        layers = sorted(set(self.params.layers)) or list(range(n_layers))
-        bad = [layer for layer in layers if not 0 <= layer < n_layers]
-        if bad:
-            raise ToolError(f"sparsity_analyzer: layers {bad} out of range (model has {n_layers})")
-        return layers
+        return self.selected_layers(manifest, self.params.layers)
 
     def _families(self) -> list[str]:
         extra = self.params.kurtosis_family
