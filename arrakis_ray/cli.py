@@ -46,12 +46,20 @@ def _parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("harvest", help="run a pipeline's harvest into a store")
     h.add_argument("pipeline", help="pipeline YAML file")
-    h.add_argument("--store", required=True, help="store directory (created if needed)")
+    h.add_argument(
+        "--store",
+        required=True,
+        help="store directory, or a URI such as s3://bucket/prefix (created if needed)",
+    )
     h.set_defaults(func=_cmd_harvest)
 
     r = sub.add_parser("run", help="harvest, run the pipeline's tools, write the report")
     r.add_argument("pipeline", help="pipeline YAML file")
-    r.add_argument("--store", required=True, help="store directory (created if needed)")
+    r.add_argument(
+        "--store",
+        required=True,
+        help="store directory, or a URI such as s3://bucket/prefix (created if needed)",
+    )
     r.set_defaults(func=_cmd_run)
 
     a = sub.add_parser("analyze", help="run an analysis tool over a harvested run")
@@ -64,11 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--param", action="append", default=[], metavar="K=V", help="tool parameter (repeatable)"
     )
-    a.add_argument("--store", help="store directory, when RUN is a run id")
+    a.add_argument("--store", help="store directory or URI, when RUN is a run id")
     a.set_defaults(func=_cmd_analyze)
 
     q = sub.add_parser("sql", help="query a store with SQL (read-only)")
-    q.add_argument("store", help="store directory")
+    q.add_argument("store", help="store directory, or a URI such as s3://bucket/prefix")
     q.add_argument(
         "query",
         nargs="?",
@@ -80,9 +88,12 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write a run's HTML report (+ PNGs)")
     rep.add_argument("run", help="run directory (STORE/runs/ID), or a run id with --store")
-    rep.add_argument("--store", help="store directory, when RUN is a run id")
+    rep.add_argument("--store", help="store directory or URI, when RUN is a run id")
     rep.add_argument("--seq", type=int, help="sequence to show in the heatmap (default: first)")
-    rep.add_argument("--out", help="output directory (default: RUN/report)")
+    rep.add_argument(
+        "--out",
+        help="output directory (default: RUN/report; ./report-RUN_ID for an object-store run)",
+    )
     rep.set_defaults(func=_cmd_report)
 
     t = sub.add_parser("tools", help="list the analysis tools and their parameters")

@@ -25,6 +25,7 @@ from arrakis_ray.harvest.inputs import Shard, read_shard_texts
 from arrakis_ray.harvest.model_source import load_model, load_tokenizer, vocab_texts
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import parquet, schemas
+from arrakis_ray.store.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class HarvestStage:
         self,
         config: PipelineConfig,
         run_id: str,
-        store_root: str,
+        store_root,
         hooks: list[str],
         stages: list[tuple[int, int]],
         stage: int,
@@ -266,9 +267,8 @@ class HarvestStage:
                 expected=schemas.tokens_schema(),
             )
             # the marker goes last: a shard without it is redone from scratch on resume
-            marker = self.layout.completion_marker(shard)
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("")
+            with atomic_open(self.layout.completion_marker(shard), "wb"):
+                pass
         return int(lengths.sum()), n_bytes, resid_out
 
     def _table(self, name: str, tensor, mask: np.ndarray, lengths: np.ndarray, seq_ids):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.store import layout as store_layout
+from arrakis_ray.store.location import is_remote
 
 LENS_FOR_SEQUENCE = """
 SELECT l.layer, l.pos, t.token_text, l.top1_token, l.top1_prob,
@@ -143,7 +144,12 @@ def build_report(
 
     layout = store_layout.resolve_run(run, store)
     run_id = layout.run_id
-    out_dir = Path(out_dir) if out_dir else layout.root / "report"
+    if out_dir is None:
+        # a report is opened in a browser: for a store on an object store it goes in a
+        # local directory named after the run
+        remote = is_remote(layout.root)
+        out_dir = Path(f"report-{run_id}") if remote else layout.root / "report"
+    out_dir = Path(out_dir)
     with Store(layout.store_root) as db:
         views = set(db.views())
         if "results_logit_lens" not in views:

@@ -1,13 +1,19 @@
-"""Atomic file writes: write to a hidden temp name beside the target, fsync, rename.
+"""Atomic file writes: readers see the old file or the new one, never half of one.
 
-Readers see the old file or the new one, never half of one. The temp name starts with
-a dot and does not end in ``.parquet``, so the catalog's ``shard-*.parquet`` globs never
-match it, even while it is being written.
+On a local disk: write to a hidden temp name beside the target, fsync, rename. The temp
+name starts with a dot and does not end in ``.parquet``, so the catalog's
+``shard-*.parquet`` globs never match it, even while it is being written.
+
+On an object store (``store/location.py``) there is no rename; instead the file is
+staged in a local temp file and uploaded in one call once complete. An object becomes
+visible only when its upload finishes, so the guarantee is the same; a failed write
+uploads nothing.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,11 +21,16 @@ from pathlib import Path
 from typing import IO
 
 from arrakis_ray.errors import StoreError
+from arrakis_ray.store.location import StorePath, is_remote
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
+def atomic_open(path: StorePath, mode: str = "wb", **kwargs) -> Iterator[IO]:
     """Open a temp file to write; on a clean exit it replaces ``path`` atomically."""
+    if is_remote(path):
+        with _staged_upload(path, mode, **kwargs) as f:
+            yield f
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -33,3 +44,17 @@ def atomic_open(path: Path, mode: str = "wb", **kwargs) -> Iterator[IO]:
         raise StoreError(f"{path}: could not write ({e})") from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _staged_upload(path, mode: str, **kwargs) -> Iterator[IO]:
+    fd, tmp = tempfile.mkstemp(prefix=".arrakis-upload-")
+    os.close(fd)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        path.fs.put_file(tmp, path.path)
+    except OSError as e:
+        raise StoreError(f"{path}: could not write ({e})") from e
+    finally:
+        os.unlink(tmp)

@@ -7,6 +7,10 @@ Store opens; shards a running harvest adds later to those runs are seen by later
 Table macros answer the common questions (``Store.macros()``, schemas/README.md):
 ``top_contexts``, ``cosine_topk``, ``token_across_layers``, ``context_window``.
 
+A store on an object store (``s3://...``) is read through pyarrow datasets registered
+with DuckDB, since DuckDB's own S3 reader is an extension that cannot be downloaded on a
+closed cluster; their file lists are fixed when the Store opens.
+
 Once the views exist the connection is locked down: it reads only under the store root,
 cannot load extensions or change settings, and ``Store.sql`` runs only SELECT (and
 EXPLAIN of a SELECT), so a query can neither write nor read outside the store.
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -26,12 +29,14 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from arrakis_ray.errors import QueryError, SchemaError, StoreError
 from arrakis_ray.store.layout import FAMILY_KIND, RunLayout, list_run_ids, open_store
+from arrakis_ray.store.location import arrow_source, is_remote, tree_bytes
 from arrakis_ray.store.manifest import read_manifest
-from arrakis_ray.store.parquet import check_file_schema
+from arrakis_ray.store.parquet import check_file_schema, read_schema
 from arrakis_ray.store.schemas import activation_schema_name, load_schema
 
 log = logging.getLogger(__name__)
@@ -189,20 +194,17 @@ def _as(kind: type, value: object) -> object:
         return None
 
 
-def _dir_bytes(path: Path) -> int:
-    total = 0
-    for base, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(base, name)).st_size
-            except OSError:
-                pass  # a temp file renamed away while walking
-    return total
+def _duckdb_types(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with float16 as float32: DuckDB's Arrow scan has no float16 (its
+    Parquet reader returns FLOAT for it too, so the two paths give the same types)."""
+    return pa.schema(
+        [f.with_type(pa.float32()) if pa.types.is_float16(f.type) else f for f in schema]
+    )
 
 
 def _run_row(layout: RunLayout) -> dict:
     """One row of the ``runs`` view; a run without a readable manifest still gets a row."""
-    row: dict = {"run_id": layout.run_id, "bytes": _dir_bytes(layout.root)}
+    row: dict = {"run_id": layout.run_id, "bytes": tree_bytes(layout.root)}
     try:
         manifest = read_manifest(layout)
     except StoreError as e:
@@ -233,8 +235,9 @@ class Store:
     """A store opened for SQL: ``Store(root).sql("SELECT ...")`` returns a Polars frame."""
 
     def __init__(self, root: str | Path) -> None:
+        root = open_store(root)
         # Real path: DuckDB checks file access against it textually.
-        self.root = open_store(root).resolve()
+        self.root = root if is_remote(root) else root.resolve()
         self._run_ids = list_run_ids(self.root)
         self._views: list[str] = []
         self._macros: dict[str, str] = {}
@@ -261,8 +264,8 @@ class Store:
         self._con.from_arrow(table).create("runs")
         self._views.append("runs")
 
-    def _checked_files(self, pattern: str, schema_name: str) -> list[tuple[str, str, Path]]:
-        """(run id, per-run glob, first file) of one table; the first file's schema checked."""
+    def _checked_files(self, pattern: str, schema_name: str) -> list[tuple[str, str, list]]:
+        """(run id, per-run glob, files) of one table; the first file's schema checked."""
         try:
             max_version = load_schema(schema_name).version
         except SchemaError:
@@ -277,10 +280,10 @@ class Store:
                 log.warning("no schema file for %r: not checking %s", schema_name, files[0])
             else:
                 check_file_schema(files[0], schema_name, max_version)
-            found.append((run_id, str(run_dir / pattern), files[0]))
+            found.append((run_id, str(run_dir / pattern), files))
         return found
 
-    def _view(self, name: str, parts: list[tuple[str, str, Path]]) -> None:
+    def _view(self, name: str, parts: list[tuple[str, str, list]]) -> None:
         """View ``name`` over the runs' files, with run_id added where a table lacks it.
 
         Runs whose files share one schema are read by one read_parquet; otherwise (runs of
@@ -289,18 +292,36 @@ class Store:
         """
         if not parts:
             return
-        schemas = [pq.read_schema(first).remove_metadata() for _r, _p, first in parts]
-        if all(s.equals(schemas[0]) for s in schemas) and "run_id" in schemas[0].names:
+        schemas = [read_schema(files[0]) for _r, _p, files in parts]
+        if is_remote(self.root):
+            sources = [
+                self._register_dataset(f"{name}_{i}", files, schema)
+                for i, ((_r, _p, files), schema) in enumerate(zip(parts, schemas, strict=True))
+            ]
+        else:
+            sources = [f"read_parquet({_lit(pattern)})" for _r, pattern, _f in parts]
+        local_same = not is_remote(self.root) and all(s.equals(schemas[0]) for s in schemas)
+        if local_same and "run_id" in schemas[0].names:
             files = ", ".join(_lit(pattern) for _r, pattern, _f in parts)
             body = f"SELECT * FROM read_parquet([{files}])"
         else:
             selects = []
-            for (run_id, pattern, _first), schema in zip(parts, schemas, strict=True):
+            for (run_id, _p, _f), schema, source in zip(parts, schemas, sources, strict=True):
                 select = "*" if "run_id" in schema.names else f"{_lit(run_id)} AS run_id, *"
-                selects.append(f"SELECT {select} FROM read_parquet({_lit(pattern)})")
+                selects.append(f"SELECT {select} FROM {source}")
             body = "\nUNION ALL BY NAME\n".join(selects)
         self._con.execute(f'CREATE VIEW "{name}" AS {body}')
         self._views.append(name)
+
+    def _register_dataset(self, name: str, files: list, schema: pa.Schema) -> str:
+        """Register the Parquet files of one run of an object-store view; its SQL source."""
+        paths, filesystem = zip(*(arrow_source(f) for f in files), strict=True)
+        dataset = pads.dataset(
+            list(paths), schema=_duckdb_types(schema), format="parquet", filesystem=filesystem[0]
+        )
+        source = f"_arrow_{name}"
+        self._con.register(source, dataset)
+        return f'"{source}"'
 
     def _create_file_views(self) -> None:
         self._view("tokens", self._checked_files(f"tokens/{SHARD_GLOB}", "tokens"))
@@ -332,7 +353,10 @@ class Store:
     def _lock_down(self) -> None:
         con = self._con
         con.execute(f"SET temp_directory = {_lit(self._tmpdir)}")
-        con.execute(f"SET allowed_directories = [{_lit(self.root)}]")
+        # an object store's files are read by pyarrow, outside DuckDB: DuckDB itself may
+        # then read no directory but its own temp directory
+        local = self._tmpdir if is_remote(self.root) else self.root
+        con.execute(f"SET allowed_directories = [{_lit(local)}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")

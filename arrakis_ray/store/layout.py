@@ -1,6 +1,6 @@
 """Where things live in a store: the marker, runs, shards, completion markers.
 
-A store is a directory holding ``arrakis-store.json`` and ``runs/<run_id>/``; the full
+A store is a directory (local, or an object-store URI: ``store/location.py``) holding ``arrakis-store.json`` and ``runs/<run_id>/``; the full
 layout is documented in ``schemas/README.md``. Only paths are computed here, nothing is
 read or written except the marker.
 """
@@ -14,6 +14,13 @@ from pathlib import Path
 
 from arrakis_ray.errors import StoreError, UnknownHookError
 from arrakis_ray.store.atomic import atomic_open
+from arrakis_ray.store.location import (
+    StorePath,
+    check_bucket,
+    is_uri,
+    make_dirs,
+    store_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +126,7 @@ def hook_layer(hook_name: str, n_layers: int) -> int:
     return int(hook_name.split(".")[1])
 
 
-def _read_marker(root: Path) -> None:
+def _read_marker(root: StorePath) -> None:
     marker = root / STORE_MARKER
     try:
         data = json.loads(marker.read_text())
@@ -135,21 +142,22 @@ def _read_marker(root: Path) -> None:
         )
 
 
-def _store_in_creation(entry: Path) -> bool:
+def _store_in_creation(entry: StorePath) -> bool:
     """An entry that another process creating the same store may have made already."""
     if entry.name == "runs":
         return entry.is_dir() and not any(entry.iterdir())
     return entry.name.startswith(f".{STORE_MARKER}.tmp")
 
 
-def init_store(root: str | Path) -> Path:
+def init_store(root: str | Path) -> StorePath:
     """Create a store at ``root`` (or open the one there); returns its absolute path.
 
     An existing non-empty directory without the marker is refused: a store is never
     adopted by accident on top of unrelated files. Two processes creating the same new
     store at once both succeed (each writes the same marker atomically).
     """
-    path = Path(root).expanduser().absolute()
+    path = store_path(root)
+    check_bucket(path)
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path} exists and is not a directory")
     if (path / STORE_MARKER).exists():
@@ -160,17 +168,17 @@ def init_store(root: str | Path) -> Path:
             f"{path} is a non-empty directory without {STORE_MARKER}: refusing to make it a "
             "store (choose a new or empty directory)"
         )
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "runs").mkdir(exist_ok=True)
+    make_dirs(path / "runs")
     with atomic_open(path / STORE_MARKER, "w") as f:
         f.write(json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}) + "\n")
     log.info("created store %s", path)
     return path
 
 
-def open_store(root: str | Path) -> Path:
+def open_store(root: str | Path) -> StorePath:
     """Absolute path of an existing store; StoreError if ``root`` is not one."""
-    path = Path(root).expanduser().absolute()
+    path = store_path(root)
+    check_bucket(path)
     if not path.exists():
         raise StoreError(f"{path} does not exist")
     if not (path / STORE_MARKER).is_file():
@@ -179,7 +187,7 @@ def open_store(root: str | Path) -> Path:
     return path
 
 
-def list_run_ids(store_root: Path) -> list[str]:
+def list_run_ids(store_root: StorePath) -> list[str]:
     """Sorted ids of the run directories of a store (hidden and odd names skipped)."""
     runs = store_root / "runs"
     if not runs.is_dir():
@@ -197,7 +205,7 @@ class RunLayout:
                 f"invalid run id {run_id!r}: use letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit"
             )
-        self.store_root = Path(store_root).expanduser().absolute()
+        self.store_root = store_path(store_root)
         self.run_id = run_id
         self.root = self.store_root / "runs" / run_id
         self.manifest_path = self.root / "manifest.json"
@@ -210,36 +218,36 @@ class RunLayout:
     def __repr__(self) -> str:
         return f"RunLayout({str(self.store_root)!r}, {self.run_id!r})"
 
-    def activation_dir(self, family: str) -> Path:
+    def activation_dir(self, family: str) -> StorePath:
         """Directory of one hook family's shards."""
         family_kind(family)  # refuse a typo before it becomes a directory
         return self.activations_root / family
 
-    def results_dir(self, tool: str) -> Path:
+    def results_dir(self, tool: str) -> StorePath:
         """Directory of one tool's result shards."""
         if not _RUN_ID.match(tool):
             raise StoreError(f"invalid tool name {tool!r} for a results directory")
         return self.results_root / tool
 
-    def shard_file(self, directory: Path, shard: int, stage: int | None = None) -> Path:
+    def shard_file(self, directory: StorePath, shard: int, stage: int | None = None) -> StorePath:
         """Parquet file of shard number ``shard`` in ``directory``.
 
         A layer-sharded harvest writes one part per pipeline stage
         (``shard-00003.stage-1.parquet``); each part holds the layers of its stage.
         """
         suffix = "" if stage is None else f".stage-{stage}"
-        return Path(directory) / f"shard-{shard:05d}{suffix}.parquet"
+        return directory / f"shard-{shard:05d}{suffix}.parquet"
 
-    def shard_parts(self, directory: Path, shard: int) -> list[Path]:
+    def shard_parts(self, directory: StorePath, shard: int) -> list[StorePath]:
         """Every file of shard ``shard`` in ``directory``, in stage (= layer) order."""
         whole = self.shard_file(directory, shard)
         parts = sorted(
-            Path(directory).glob(f"shard-{shard:05d}.stage-*.parquet"),
+            directory.glob(f"shard-{shard:05d}.stage-*.parquet"),
             key=lambda p: int(p.name.split(".stage-")[1].split(".")[0]),
         )
         return ([whole] if whole.exists() else []) + parts
 
-    def completion_marker(self, shard: int) -> Path:
+    def completion_marker(self, shard: int) -> StorePath:
         """Empty file whose presence says shard ``shard`` was fully written."""
         return self.completions_dir / f"shard-{shard:05d}.done"
 
@@ -260,9 +268,9 @@ def resolve_run(run: str | Path, store: str | Path | None = None) -> RunLayout:
 
     A unique prefix of a run id is accepted (run ids are long content hashes).
     """
-    path = Path(run).expanduser()
+    path = store_path(run) if is_uri(run) else Path(run).expanduser()
     if path.is_dir() and (store is None or len(path.parts) > 1):
-        path = path.absolute()
+        path = store_path(path)
         if path.parent.name != "runs":
             raise StoreError(f"{path} is not a run directory (expected <store>/runs/<run_id>)")
         root = open_store(path.parent.parent)

@@ -9,13 +9,13 @@ renamed, so readers (and the catalog's ``shard-*.parquet`` globs) never see half
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrakis_ray.errors import SchemaError, StoreError
 from arrakis_ray.store.atomic import atomic_open
+from arrakis_ray.store.location import StorePath, arrow_source
 from arrakis_ray.store.schemas import schema_mismatch
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _row_group_rows(schema: pa.Schema) -> int:
 
 def write_table(
     table: pa.Table,
-    path: Path,
+    path: StorePath,
     *,
     schema_name: str,
     schema_version: int,
@@ -57,7 +57,6 @@ def write_table(
     from ``expected``; a non-nullable column holding nulls is refused). Returns the size
     of the written file in bytes.
     """
-    path = Path(path)
     problem = schema_mismatch(table.schema, expected)
     if problem:
         raise SchemaError(
@@ -91,11 +90,11 @@ def write_table(
     return size
 
 
-def file_schema(path: Path) -> tuple[str | None, int | None]:
+def file_schema(path: StorePath) -> tuple[str | None, int | None]:
     """The (schema name, version) recorded in a Parquet file, None where absent."""
-    path = Path(path)
+    source, filesystem = arrow_source(path)
     try:
-        meta = pq.read_metadata(path).metadata or {}
+        meta = pq.read_metadata(source, filesystem=filesystem).metadata or {}
     except FileNotFoundError:
         raise StoreError(f"{path}: file is missing") from None
     except (pa.ArrowException, OSError) as e:
@@ -109,7 +108,7 @@ def file_schema(path: Path) -> tuple[str | None, int | None]:
     return (name.decode() if name is not None else None), version
 
 
-def check_file_schema(path: Path, schema_name: str, max_version: int) -> int:
+def check_file_schema(path: StorePath, schema_name: str, max_version: int) -> int:
     """Check a file holds ``schema_name`` at a version this reader knows; returns it."""
     name, version = file_schema(path)
     if name is None or version is None:
@@ -128,16 +127,49 @@ def check_file_schema(path: Path, schema_name: str, max_version: int) -> int:
 
 
 def read_table(
-    path: Path,
+    path: StorePath,
     *,
     schema_name: str,
     max_version: int,
     columns: list[str] | None = None,
 ) -> pa.Table:
     """Read a stored table after checking its schema name and version."""
-    path = Path(path)
     check_file_schema(path, schema_name, max_version)
+    source, filesystem = arrow_source(path)
     try:
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(source, columns=columns, filesystem=filesystem)
     except (pa.ArrowException, OSError) as e:
         raise StoreError(f"{path}: could not read ({e})") from None
+
+
+def num_rows(path: StorePath) -> int:
+    """Row count of a Parquet file, from its footer."""
+    source, filesystem = arrow_source(path)
+    try:
+        return pq.read_metadata(source, filesystem=filesystem).num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise StoreError(f"{path}: corrupt or truncated Parquet file ({e})") from None
+
+
+def read_files(
+    paths: list[StorePath], *, columns: list[str] | None = None, filters=None
+) -> pa.Table:
+    """Read several stored Parquet files (of one table, one filesystem) as one table."""
+    if not paths:
+        raise StoreError("no files to read")
+    sources = [arrow_source(p) for p in paths]
+    try:
+        return pq.read_table(
+            [s for s, _fs in sources], columns=columns, filters=filters, filesystem=sources[0][1]
+        )
+    except (pa.ArrowException, OSError) as e:
+        raise StoreError(f"{paths[0].parent}: could not read ({e})") from None
+
+
+def read_schema(path: StorePath) -> pa.Schema:
+    """The Arrow schema of a Parquet file (without its key-value metadata)."""
+    source, filesystem = arrow_source(path)
+    try:
+        return pq.read_schema(source, filesystem=filesystem).remove_metadata()
+    except (pa.ArrowException, OSError) as e:
+        raise StoreError(f"{path}: corrupt or truncated Parquet file ({e})") from None

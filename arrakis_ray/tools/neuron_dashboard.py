@@ -389,8 +389,6 @@ def _with_keys(columns: dict, family: str, layer: int):
 
 def _sae_results(inputs: RunInputs, tool: str) -> tuple[str, int, int, list]:
     """(hook, layer, n_features, feature files) of the run's sparse autoencoder."""
-    import pyarrow.parquet as pq
-
     from arrakis_ray.store import parquet, schemas
 
     layout = inputs.layout
@@ -408,7 +406,7 @@ def _sae_results(inputs: RunInputs, tool: str) -> tuple[str, int, int, list]:
             parquet.check_file_schema(
                 path, f"result.{name}", schemas.load_schema(f"result.{name}").version
             )
-    metrics = pq.read_table([str(p) for p in found["sae_metrics"]]).to_pylist()
+    metrics = parquet.read_files(found["sae_metrics"]).to_pylist()
     if len(metrics) != 1:
         raise ToolError(f"{tool}: run {inputs.run_id} has {len(metrics)} SAEs; expected one")
     m = metrics[0]
@@ -417,12 +415,12 @@ def _sae_results(inputs: RunInputs, tool: str) -> tuple[str, int, int, list]:
 
 def _sae_entries(files: list, seq: np.ndarray, pos: np.ndarray):
     """(token row, feature, value) of the SAE activations of these (seq, pos) tokens."""
-    import pyarrow.parquet as pq
+    from arrakis_ray.store import parquet
 
     if len(seq) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    table = pq.read_table(
-        [str(f) for f in files],
+    table = parquet.read_files(
+        files,
         columns=["seq_id", "pos", "feature", "activation"],
         filters=[("seq_id", ">=", int(seq.min())), ("seq_id", "<=", int(seq.max()))],
     )

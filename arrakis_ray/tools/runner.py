@@ -25,6 +25,7 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
 from arrakis_ray.store import parquet, schemas
+from arrakis_ray.store.location import StorePath
 from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def analyze(
         # a user's tool travels to the workers by value: its module need not be
         # importable there (a notebook, a script, a file outside any package)
         cloudpickle.register_pickle_by_value(sys.modules[type(tool).__module__])
-    payload = (type(tool), to_dict(tool.params), str(layout.store_root), layout.run_id)
+    # the store root travels as a path object: a UPath carries its filesystem options
+    payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id)
     if tool.scope == "run":
         rows = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
     elif tool.reduce is not None:
@@ -160,7 +162,9 @@ def _map(task, payload: tuple, shards: list[int]) -> list:
     return refs
 
 
-def _context(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, reducing=False):
+def _context(
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, reducing=False
+):
     """(tool, layout, manifest, model-or-None) inside a worker."""
     layout = store_layout.RunLayout(store_root, run_id)
     manifest = store_manifest.read_manifest(layout)
@@ -182,18 +186,22 @@ def _shard_inputs(tool, layout, manifest, shard: int) -> ShardInputs:
             schema_name="tokens",
             max_version=schemas.load_schema("tokens").version,
         ),
-        vocab=_vocab(str(layout.vocab_path)),
+        vocab=_vocab(layout.vocab_path),
     )
 
 
-def _run_shard(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, shard: int) -> int:
+def _run_shard(
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, shard: int
+) -> int:
     """A Ray task: compute one shard's result rows and write them; returns the row count."""
     tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
     result = tool.compute_shard(_shard_inputs(tool, layout, manifest, shard), model)
     return _write(tool, layout, result, shard)
 
 
-def _partial_shard(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, shard: int):
+def _partial_shard(
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, shard: int
+):
     """A Ray task: write one shard's final outputs; return its partials for ``reduce``."""
     tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
     result = _as_outputs(
@@ -206,7 +214,9 @@ def _partial_shard(tool_cls: type[Tool], params: dict, store_root: str, run_id: 
     return {name: table for name, table in result.items() if name in reduced}
 
 
-def _reduce(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, *partials) -> int:
+def _reduce(
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, *partials
+) -> int:
     """A Ray task: combine every shard's partials into the final tables and write them."""
     tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id, reducing=True)
     names = {name for part in partials for name in part}
@@ -219,14 +229,14 @@ def _reduce(tool_cls: type[Tool], params: dict, store_root: str, run_id: str, *p
     return rows
 
 
-def _run_whole(tool_cls: type[Tool], params: dict, store_root: str, run_id: str) -> int:
+def _run_whole(tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str) -> int:
     """A Ray task: a run-scope tool's whole computation."""
     tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
     inputs = RunInputs(
         run_id=run_id,
         layout=layout,
         manifest=manifest,
-        vocab=_vocab(str(layout.vocab_path)),
+        vocab=_vocab(layout.vocab_path),
         shards=sorted(layout.completed_shards()),
     )
     return _write(tool, layout, tool.compute_run(inputs, model), 0, replace=True)
@@ -267,11 +277,7 @@ def _write(tool, layout, result, shard: int, replace: bool = False) -> int:
 
 
 def _rows_on_disk(layout, output: str) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(
-        pq.read_metadata(p).num_rows for p in layout.results_dir(output).glob("shard-*.parquet")
-    )
+    return sum(parquet.num_rows(p) for p in layout.results_dir(output).glob("shard-*.parquet"))
 
 
 def _read_family(layout, family: str, shard: int, columns: list[str] | None = None):
@@ -300,11 +306,11 @@ def _model(config_json: str):
 
 
 @lru_cache(maxsize=4)
-def _vocab(path: str):
+def _vocab(path):
     import numpy as np
 
     table = parquet.read_table(
-        Path(path), schema_name="vocab", max_version=schemas.load_schema("vocab").version
+        path, schema_name="vocab", max_version=schemas.load_schema("vocab").version
     )
     return np.asarray(table.column("token_text").to_pylist(), dtype=object)
 

@@ -184,13 +184,13 @@ class _LayerStream:
     """One layer of one hook family, read one shard at a time."""
 
     def __init__(self, inputs: RunInputs, family: str, layer: int):
-        import pyarrow.parquet as pq
+        from arrakis_ray.store import parquet
 
         if not inputs.shards:
             raise ToolError(f"run {inputs.run_id}: no completed shard to train on")
         self.inputs, self.family, self.layer = inputs, family, layer
         first = inputs.layout.shard_file(inputs.layout.activation_dir(family), inputs.shards[0])
-        self.columns = ["layer", "seq_id", "pos", *dim_columns(pq.read_schema(first).names)]
+        self.columns = ["layer", "seq_id", "pos", *dim_columns(parquet.read_schema(first).names)]
 
     def read(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         table = self.inputs.activations(self.family, shard, self.columns)

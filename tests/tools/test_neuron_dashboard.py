@@ -192,7 +192,7 @@ def test_sae_features_source(harvested, tmp_path):
     manifest = store_manifest.read_manifest(layout)
     sae = make_tool("neuron_dashboard", {"source": "sae_features", "k": 5, "window": 1})
     shards = sorted(layout.completed_shards())
-    inputs = RunInputs(layout.run_id, layout, manifest, _vocab(str(layout.vocab_path)), shards)
+    inputs = RunInputs(layout.run_id, layout, manifest, _vocab(layout.vocab_path), shards)
     with pytest.raises(ToolError, match="run superposition_disentangler first"):
         sae.compute_run(inputs)
     tokens = pd.read_parquet(run / "tokens").sort_values(["seq_id", "pos"])

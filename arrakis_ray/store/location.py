@@ -1,0 +1,149 @@
+"""Where a store lives: a local directory, or an object-store / fsspec URI.
+
+A local store is a plain ``pathlib.Path``. A URI (``s3://bucket/prefix``, ``gs://...``,
+``memory://...``, any fsspec protocol) becomes a ``upath.UPath``: it has the same path
+API (``/``, ``name``, ``parent``, ``glob``, ``iterdir``, ``exists``, ``open``,
+``stat``), so the layout code is written once for both. Paths are passed to Ray actors
+and tasks as objects, never as strings: a UPath carries its filesystem options (the S3
+endpoint and credentials) with it when pickled, so workers need no environment of
+their own.
+
+What differs for an object store is confined to three places:
+
+- writes (``store/atomic.py``) are staged in a local temp file and uploaded in one
+  call: an object appears only when its upload completes, so readers never see half
+  a file (there is no rename to make it atomic);
+- Parquet reads go through a pyarrow filesystem (``arrow_source`` below);
+- SQL (``store/catalog.py``) scans pyarrow datasets, since DuckDB's own S3 reader is an
+  extension that cannot be downloaded on a closed cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+from arrakis_ray.errors import StoreError
+
+try:  # object stores are optional: a local store needs none of this
+    from upath import UPath
+except ImportError:  # pragma: no cover - universal_pathlib is a declared dependency
+    UPath = None
+
+StorePath = Union[Path, "UPath"]
+
+# S3 settings read from the environment when a store URI is opened, then carried by the
+# path itself (to every Ray worker): fsspec option -> environment variables, first set wins.
+_S3_ENV = {
+    "endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "key": ("AWS_ACCESS_KEY_ID",),
+    "secret": ("AWS_SECRET_ACCESS_KEY",),
+    "token": ("AWS_SESSION_TOKEN",),
+}
+
+
+def is_uri(location: object) -> bool:
+    """True for ``scheme://...`` other than ``file://`` (a Windows drive is no scheme)."""
+    text = str(location)
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme != "file"
+
+
+def is_remote(path: object) -> bool:
+    """True for a path on an fsspec filesystem (not a plain local Path)."""
+    return not isinstance(path, Path)
+
+
+def _s3_options() -> dict:
+    options: dict = {
+        # another process (a harvest actor) adds files: never answer a listing from cache
+        "use_listings_cache": False,
+    }
+    for option, names in _S3_ENV.items():
+        value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        if value:
+            options[option] = value
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    return options
+
+
+def store_path(location: str | os.PathLike) -> StorePath:
+    """The path object for a store location: a local Path (absolute) or a UPath for a URI.
+
+    A path object passes through unchanged; ``file://`` URIs are local paths.
+    """
+    if UPath is not None and isinstance(location, UPath) and is_remote(location):
+        return location
+    if not is_uri(location):
+        text = str(location)
+        if text.startswith("file://"):
+            text = text.removeprefix("file://")
+        return Path(text).expanduser().absolute()
+    if UPath is None:  # pragma: no cover
+        raise StoreError(f"{location}: object-store URIs need the universal_pathlib package")
+    uri = str(location).rstrip("/")
+    protocol = uri.partition("://")[0]
+    options = _s3_options() if protocol in ("s3", "s3a") else {}
+    try:
+        return UPath(uri, **options)
+    except (ImportError, ValueError) as e:
+        raise StoreError(f"{uri}: cannot open this filesystem ({e})") from None
+
+
+def arrow_source(path: StorePath) -> tuple[str, object]:
+    """(path string, pyarrow filesystem or None) for reading ``path`` with pyarrow."""
+    path = store_path(path)  # a string names a local file or a URI
+    if not is_remote(path):
+        return str(path), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return path.path, PyFileSystem(FSSpecHandler(path.fs))
+
+
+def tree_bytes(path: StorePath) -> int:
+    """Total size of the files under ``path`` (0 if it does not exist)."""
+    if is_remote(path):
+        try:
+            return int(path.fs.du(path.path, total=True))
+        except FileNotFoundError:
+            return 0
+    total = 0
+    for base, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(base, name)).st_size
+            except OSError:
+                pass  # a temp file renamed away while walking
+    return total
+
+
+# Object stores have no directories: a "directory" exists once a file is under it.
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+
+
+def make_dirs(path: StorePath) -> None:
+    """Create a directory and its parents (nothing to do on an object store)."""
+    if not is_remote(path):
+        path.mkdir(parents=True, exist_ok=True)
+    elif path.protocol not in _OBJECT_STORES:
+        path.fs.makedirs(path.path, exist_ok=True)
+
+
+def check_bucket(path: StorePath) -> None:
+    """StoreError unless the bucket of an object-store path exists and can be reached.
+
+    Creating a store never creates a bucket: that is an account-level decision, and a
+    typo in a bucket name should fail, not make a new one.
+    """
+    if not is_remote(path) or path.protocol not in _OBJECT_STORES:
+        return
+    bucket = path.path.split("/", 1)[0]
+    try:
+        found = path.fs.exists(bucket)
+    except Exception as e:  # botocore/aiohttp connection errors are not OSErrors
+        raise StoreError(f"{path}: cannot reach the object store ({type(e).__name__}: {e})") from None
+    if not found:
+        raise StoreError(f"{path}: bucket {bucket!r} does not exist (create it first)")

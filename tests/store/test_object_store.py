@@ -1,0 +1,241 @@
+"""A store at s3://bucket/prefix, against a real S3-compatible server on loopback (moto).
+
+The harvest writes through Ray actors straight to the bucket, a tool reads it back
+through Ray tasks, and SQL reads it through pyarrow datasets; the values must equal the
+local store's (the shared ``harvested`` fixture: same data, same shards).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from support import pipeline_dict
+
+from arrakis_ray.errors import QueryError, StoreError
+
+BUCKET = "lab"
+HOOKS = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_z", "blocks.*.attn.hook_pattern"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A moto S3 server on a loopback port, with an empty bucket ``lab``."""
+    pytest.importorskip("moto")
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.2)
+        import s3fs
+
+        s3fs.S3FileSystem(
+            endpoint_url=endpoint, key="testing", secret="testing", use_listings_cache=False
+        ).mkdir(BUCKET)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """The AWS environment a user would set for that server; returns it."""
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def _s3fs(endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        endpoint_url=endpoint, key="testing", secret="testing", use_listings_cache=False
+    )
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_endpoint, ray_session):
+    """A float16 harvest + logit lens into s3://lab/store (run once for the module)."""
+    from arrakis_ray.config import pipeline_from_dict
+    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.tools.runner import analyze
+
+    mp = pytest.MonkeyPatch()
+    for key, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        mp.setenv(key, value)
+    try:
+        config = pipeline_from_dict(pipeline_dict(hooks=HOOKS, storage_dtype="float16"))
+        result = harvest(config, f"s3://{BUCKET}/store")
+        analyze(result.run_dir, "logit_lens")
+        yield config, result
+    finally:
+        mp.undo()
+
+
+def _ordered(store, view: str, columns: str, run_id: str):
+    return store.sql(
+        f"SELECT {columns} FROM {view} WHERE run_id = '{run_id}' ORDER BY ALL"
+    ).to_numpy()
+
+
+def test_harvest_writes_only_to_the_bucket(s3_run, s3_endpoint):
+    _config, result = s3_run
+    assert str(result.run_dir).startswith(f"s3://{BUCKET}/store/runs/")
+    assert result.status == "complete" and result.shards_done == 3
+    files = _s3fs(s3_endpoint).find(f"{BUCKET}/store")
+    names = {f.rsplit("/", 1)[-1] for f in files}
+    assert "arrakis-store.json" in names and "manifest.json" in names
+    for family in ("resid_post", "attn_z", "attn_pattern"):
+        assert sum(f"/activations/{family}/shard-" in f for f in files) == 3
+    assert sum("/completions/shard-" in f for f in files) == 3
+    assert any("/results/logit_lens/shard-" in f for f in files)
+    assert not any(".tmp" in f or "upload" in f for f in files)
+
+
+def test_sql_over_s3_equals_the_local_store(s3_run, s3_env, harvested):
+    from arrakis_ray.store.catalog import Store
+
+    _config, result = s3_run
+    _lconfig, local_root, local = harvested
+    dims = ", ".join(f"d{i}" for i in range(128))
+    with Store(f"s3://{BUCKET}/store") as remote, Store(local_root) as here:
+        assert remote.run_ids() == [result.run_id]
+        runs = remote.sql("SELECT status, n_tokens, bytes FROM runs")
+        assert runs["status"].to_list() == ["complete"] and runs["bytes"][0] > 0
+        for view, cols, dtype in [
+            ("tokens", "seq_id, pos, doc_id, doc_pos, token_id, token_text", None),
+            ("act_resid_post", f"layer, seq_id, pos, {dims}", np.float16),
+            ("act_attn_z", "layer, head, seq_id, pos, d0, d31", np.float16),
+            ("act_attn_pattern", "*", None),
+        ]:
+            cols_remote = cols if cols != "*" else "* EXCLUDE (run_id)"
+            got = _ordered(remote, view, cols_remote, result.run_id)
+            want = _ordered(here, view, cols_remote, local.run_id)
+            assert got.shape == want.shape and len(got) > 0, view
+            if dtype is None:
+                np.testing.assert_array_equal(got, want)
+            else:  # stored as float16 there, float32 here: equal after the same rounding
+                key = 3 if view == "act_resid_post" else 4
+                np.testing.assert_array_equal(got[:, :key], want[:, :key])
+                np.testing.assert_array_equal(
+                    got[:, key:].astype(np.float32),
+                    want[:, key:].astype(np.float32).astype(dtype).astype(np.float32),
+                )
+        # a tool's results, computed by Ray tasks reading from the bucket
+        lens = remote.sql("SELECT count(*) AS n FROM results_logit_lens")["n"][0]
+        assert lens == here.sql(
+            f"SELECT count(*) AS n FROM results_logit_lens WHERE run_id = '{local.run_id}'"
+        )["n"][0]
+        # the macros run on the object store's views too
+        top = remote.sql("SELECT * FROM top_contexts('resid_post', 2, 7, 5)")
+        want_top = here.sql(
+            f"SELECT * FROM top_contexts('resid_post', 2, 7, 5, run_id := '{local.run_id}')"
+        )
+        assert top["token_text"].to_list() == want_top["token_text"].to_list()
+
+
+def test_rerun_on_s3_is_a_no_op(s3_run, s3_env):
+    from arrakis_ray.harvest.run import harvest
+
+    config, result = s3_run
+    again = harvest(config, f"s3://{BUCKET}/store")
+    assert again.status == "already complete" and again.run_id == result.run_id
+
+
+def test_cli_sql_on_an_s3_store(s3_run, s3_env):
+    _config, result = s3_run
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "arrakis_ray.cli",
+            "sql",
+            f"s3://{BUCKET}/store",
+            "SELECT run_id, count(*) AS n FROM tokens GROUP BY run_id",
+            "--format",
+            "csv",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **s3_env},
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "run_id,n" and lines[1].startswith(result.run_id + ",")
+
+
+def test_hostile_queries_are_refused_on_s3(s3_run, s3_env):
+    from arrakis_ray.store.catalog import Store
+
+    with Store(f"s3://{BUCKET}/store") as db:
+        for query in (
+            "SELECT * FROM read_csv('/etc/passwd')",
+            "COPY (SELECT 1) TO '/tmp/arrakis-s3-escape.csv'",
+            "SELECT * FROM read_parquet('s3://lab/store/**/*.parquet')",
+        ):
+            with pytest.raises(QueryError):
+                db.sql(query)
+    assert not os.path.exists("/tmp/arrakis-s3-escape.csv")
+
+
+def test_missing_bucket_is_one_clear_error(s3_env):
+    from arrakis_ray.store.catalog import Store
+    from arrakis_ray.store.layout import init_store
+
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
+        init_store("s3://no-such-bucket/store")
+    with pytest.raises(StoreError, match="no-such-bucket"):
+        Store("s3://no-such-bucket/store")
+
+
+def test_corrupt_shard_on_s3_names_the_file(s3_run, s3_env, s3_endpoint):
+    from arrakis_ray.store.catalog import Store
+
+    _config, result = s3_run
+    fs = _s3fs(s3_endpoint)
+    source = f"{BUCKET}/store/runs/{result.run_id}"
+    copy = f"{BUCKET}/broken/runs/{result.run_id}"
+    fs.copy(f"{BUCKET}/store/arrakis-store.json", f"{BUCKET}/broken/arrakis-store.json")
+    fs.copy(source, copy, recursive=True)
+    victim = f"{copy}/tokens/shard-00000.parquet"
+    fs.pipe_file(victim, fs.cat_file(victim)[:100])  # truncated
+    before = {f: fs.info(f)["size"] for f in fs.find(f"{BUCKET}/broken")}
+    with pytest.raises(StoreError, match="tokens/shard-00000.parquet"):
+        Store(f"s3://{BUCKET}/broken")
+    assert {f: fs.info(f)["size"] for f in fs.find(f"{BUCKET}/broken")} == before
