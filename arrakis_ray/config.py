@@ -86,8 +86,9 @@ class HarvestConfig:
     """Hook names or globs (``blocks.*.hook_resid_post``)."""
     batch_size: int = 16
     """Sequences per forward pass."""
-    shard_size: int = 64
-    """Sequences per shard: the unit of work, of output files and of resume."""
+    shard_size: int | None = None
+    """Documents per shard: the unit of work, of output files and of resume. None (the
+    default): sized for ~128 MiB of activations per shard (``harvest.run.auto_shard_size``)."""
     actors: int = 1
     """Model replicas (Ray actors), each holding the whole model."""
     num_gpus_per_actor: float = 0.0
@@ -110,7 +111,7 @@ class HarvestConfig:
         if self.layer_ranges and self.model_shards != 1:
             raise ValueError("give model_shards or layer_ranges, not both")
         for name in ("batch_size", "shard_size", "actors", "model_shards"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_bytes is not None and self.max_bytes < 1:
             raise ValueError("max_bytes must be positive")

@@ -9,9 +9,10 @@ The store is written with the project's own writers (``init_store``, ``RunLayout
 tokens and vocab schemas, completion markers, ``write_manifest``): one hook
 (``blocks.3.mlp.hook_post``, width 512) over 16,384 sequences of 128 tokens, with
 synthetic values (normal, a few neurons 8x heavier) instead of a model forward, which
-would take too long here. Shards hold 64 sequences, the harvest's default ``shard_size``
-(8,192 rows, 256 files per directory); copies with 1,024 (and, in the full mode, 256)
-sequences per shard show what the file count costs. The stores are cached under
+would take too long here. Shards hold as many sequences as the harvest's automatic
+``shard_size`` gives this hook (~128 MiB per shard: 960 sequences, 18 files); copies with
+64 (the old default: 8,192 rows, 256 files) and, in the full mode, 256 sequences per shard
+show what the file count costs. The stores are cached under
 /tmp/arrakis-bench-query (~2.2 GB each) and reused; delete the directory to rebuild.
 
 Timed through ``arrakis_ray.store.catalog.Store(store).sql`` (the read-only surface):
@@ -52,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrakis_ray.errors import QueryError
+from arrakis_ray.harvest.run import SHARD_BYTES, SHARD_SIZE_RANGE, predict_bytes
 from arrakis_ray.store import parquet as store_parquet
 from arrakis_ray.store import schemas
 from arrakis_ray.store.catalog import Store
@@ -61,8 +63,22 @@ from arrakis_ray.store.manifest import write_manifest
 WIDTH = 512
 CONTEXT = 128  # tokens per sequence
 SEQUENCES = 16_384  # x CONTEXT = 2,097,152 token rows
-BLOCK = 64  # sequences per generated block = the harvest's default shard_size
+BLOCK = 64  # sequences per generated block (every shard size is a multiple)
 FAMILY, LAYER, HOOK = "mlp_post", 3, "blocks.3.mlp.hook_post"
+
+
+class _HookShapes:
+    """What predict_bytes asks of a model: the stored kind and width of a hook."""
+
+    def hook_shape(self, hook: str) -> tuple[str, int]:
+        return "dense", WIDTH
+
+
+# the harvest's automatic shard size for this hook (harvest.run.auto_shard_size), rounded
+# down to whole generated blocks
+_PER_SEQUENCE = predict_bytes(_HookShapes(), [HOOK], CONTEXT, CONTEXT, "float16")
+HARVEST_SHARD = max(SHARD_SIZE_RANGE[0], min(SHARD_SIZE_RANGE[1], SHARD_BYTES // _PER_SEQUENCE))
+HARVEST_SHARD -= HARVEST_SHARD % BLOCK
 NEURON, TOP = 123, 20
 HEAVY = (7, NEURON, 300)  # neurons scaled by 8, as a few dimensions of real activations are
 VOCAB = 4096
@@ -169,7 +185,9 @@ class StoreWriter:
         self.pending, self.shard = [], self.shard + 1
 
     def finish(self, dashboard: pa.Table, seconds: float) -> None:
-        """Write the dashboard table and the manifest."""
+        """Write the last (partial) shard, the dashboard table and the manifest."""
+        if self.pending:
+            self._flush()
         _write(
             dashboard,
             self.layout.results_dir(DASHBOARD) / "shard-00000.parquet",
@@ -495,7 +513,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
-    shard_sizes = (64, 1024) if args.quick else (64, 256, 1024)
+    shard_sizes = (HARVEST_SHARD, 64) if args.quick else (HARVEST_SHARD, 64, 256)
     fast, slow, other = (5, 3, 1) if args.quick else (9, 5, 3)
     reps = {k: fast for k in ("topk_neuron", "dashboard_lookup", "macro_topk_neuron", "count_rows")}
     figures: dict = {
@@ -509,7 +527,7 @@ def main() -> None:
     figures["build_s"] = time.perf_counter() - start
     direction = np.random.default_rng([SEED, 999]).standard_normal(WIDTH).astype(np.float32)
     queries = sql_queries(direction)
-    base, want = baseline(roots[64], direction, 1 if args.quick else 2)
+    base, want = baseline(roots[HARVEST_SHARD], direction, 1 if args.quick else 2)
     figures |= base
 
     # the catalog as it is, on a store sharded as the harvest does by default; then the
@@ -518,7 +536,7 @@ def main() -> None:
     variants = {}
     for size in shard_sizes:
         for cls in (Store, MetadataCachedStore):
-            headline = size == 64 and cls is Store
+            headline = size == HARVEST_SHARD and cls is Store
             label = f"shards_{size}" + ("" if cls is Store else "_metadata_cache")
             open_t, store = timed(lambda c=cls, s=size: c(roots[s]), 1)
             with store:
@@ -526,11 +544,12 @@ def main() -> None:
                 r = reps | {"mean_dims": n, "cosine_topk": n}
                 variants[label] = store_facts(roots[size]) | {"open_s": open_t["best"]}
                 variants[label] |= measure(store, queries, r, want)
-                if args.explain and (headline or size == max(shard_sizes)):
+                if args.explain and (headline or size == 64):
                     for name in ("topk_neuron", "dashboard_lookup"):
                         print(f"-- EXPLAIN ANALYZE {name} ({label})")
                         print(store.sql("EXPLAIN ANALYZE " + queries[name])[0, -1])
-    figures |= {k: v for k, v in variants["shards_64"].items() if k.endswith("_s")}
+    figures |= {k: v for k, v in variants[f"shards_{HARVEST_SHARD}"].items() if k.endswith("_s")}
+    figures["harvest_shard_size"] = HARVEST_SHARD
     for name in ("topk_neuron", "dashboard_lookup", "mean_dims", "cosine_topk"):
         short = name.split("_")[0]
         figures[f"{short}_over_baseline"] = figures[f"baseline_{name}_s"] / figures[f"{name}_s"]

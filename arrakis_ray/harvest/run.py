@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from arrakis_ray.config import PipelineConfig, to_dict
@@ -54,6 +54,9 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     started = time.perf_counter()
     model = describe_model(config.model)
     hooks = model.resolve_hooks(config.harvest.hooks)
+    if config.harvest.shard_size is None:  # resolved before the run id is hashed
+        size = auto_shard_size(config, model, hooks)
+        config = replace(config, harvest=replace(config.harvest, shard_size=size))
     shards = plan_shards(config.data.path, config.harvest.shard_size, config.data.max_documents)
     tokenizer = load_tokenizer(config.model)
     stages = stage_ranges(config, model.n_layers)
@@ -133,6 +136,31 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     return HarvestResult(
         run_id, layout.root, "complete", len(pending), len(shards), tokens, n_bytes, seconds
     )
+
+
+# Auto shard size: ~128 MiB of activations per shard. Fewer, larger files make every
+# query open fewer Parquet footers (top-k of one neuron over 2M rows: 256 files of 8 MB
+# 0.31 s, 16 files of 128 MB 0.06 s; benchmarks/BENCHMARKS.md), while a shard stays
+# small enough to hold in an actor's memory and cheap to redo on resume.
+SHARD_BYTES = 128 << 20
+SHARD_SIZE_RANGE = (16, 4096)
+SHARDS_PER_ACTOR = 4  # a small corpus is still split so every actor has work
+
+
+def auto_shard_size(config: PipelineConfig, model, hooks: list[str]) -> int:
+    """Documents per shard for ~SHARD_BYTES of activations (clamped to SHARD_SIZE_RANGE).
+
+    A corpus too small to give every actor SHARDS_PER_ACTOR such shards gets smaller
+    ones. Depends only on the config, the model and the data, so a rerun plans the
+    same shards and resumes.
+    """
+    context = config.data.context_length
+    per_sequence = predict_bytes(model, hooks, context, context, config.harvest.storage_dtype)
+    low, high = SHARD_SIZE_RANGE
+    size = max(low, min(high, SHARD_BYTES // max(1, per_sequence)))
+    n_docs = sum(s.count for s in plan_shards(config.data.path, high, config.data.max_documents))
+    per_actor = -(-n_docs // (SHARDS_PER_ACTOR * config.harvest.actors))
+    return max(1, min(size, per_actor))
 
 
 def predict_bytes(model, hooks: list[str], max_tokens: int, context: int, dtype: str) -> int:
@@ -219,7 +247,7 @@ def _run_shards(config, layout, hooks, stages, pending, total) -> dict:
             fn_constructor_kwargs={
                 "config": config,
                 "run_id": layout.run_id,
-                "store_root": str(layout.store_root),
+                "store_root": layout.store_root,  # a path object: it carries its fs options
                 "hooks": hooks,
                 "stages": stages,
                 "stage": stage,

@@ -156,3 +156,51 @@ def test_rerun_is_a_noop_and_a_partial_run_resumes(ray_session, tmp_path):
     assert table.equals(complete)
     tokens = pq.read_table(first.run_dir / "tokens")
     assert sorted(set(tokens["seq_id"].to_pylist())) == list(range(20))
+
+
+def test_automatic_shard_size_targets_bytes_per_shard():
+    from arrakis_ray.harvest import run
+    from arrakis_ray.harvest.model_source import describe_model
+
+    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"], storage_dtype="float16")
+    del raw["harvest"]["shard_size"]
+    raw["data"]["max_documents"] = None  # all 400 documents
+    config = pipeline_from_dict(raw)
+    assert config.harvest.shard_size is None
+    model = describe_model(config.model)
+    hooks = model.resolve_hooks(config.harvest.hooks)
+    # per sequence: 24 tokens x (40 B of tokens table + 4 layers x (128 x 2 B + 14 B of keys))
+    per_sequence = 24 * (40 + 4 * (128 * 2 + 14))
+    assert run.predict_bytes(model, hooks, 24, 24, "float16") == per_sequence
+    # 128 MiB would be ~5,000 such sequences: clamped to 4,096, then to 400 / 4 = 100 so
+    # that the one actor gets 4 shards
+    assert run.auto_shard_size(config, model, hooks) == 100
+    two_actors = pipeline_from_dict({**raw, "harvest": {**raw["harvest"], "actors": 2}})
+    assert run.auto_shard_size(two_actors, model, hooks) == 50
+
+
+def test_automatic_shard_size_is_clamped(monkeypatch):
+    from arrakis_ray.harvest import run
+    from arrakis_ray.harvest.model_source import describe_model
+
+    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"])
+    del raw["harvest"]["shard_size"]
+    raw["data"]["max_documents"] = None
+    config = pipeline_from_dict(raw)
+    model = describe_model(config.model)
+    hooks = model.resolve_hooks(config.harvest.hooks)
+    monkeypatch.setattr(run, "SHARD_BYTES", 1000)  # less than one sequence
+    assert run.auto_shard_size(config, model, hooks) == run.SHARD_SIZE_RANGE[0]
+
+
+def test_harvest_resolves_the_shard_size_before_the_run_id(ray_session, tmp_path):
+    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"])
+    del raw["harvest"]["shard_size"]
+    config = pipeline_from_dict(raw)
+    first = harvest(config, tmp_path / "store")
+    # 40 documents, one actor: 4 shards of 10
+    assert (first.shards_total, first.status) == (4, "complete")
+    manifest = read_manifest(RunLayout(tmp_path / "store", first.run_id))
+    assert manifest["config"]["harvest"]["shard_size"] == 10
+    again = harvest(config, tmp_path / "store")
+    assert (again.run_id, again.status) == (first.run_id, "already complete")
