@@ -164,7 +164,7 @@ class StoreWriter:
     def _flush(self) -> None:
         values = np.concatenate([v for v, _ in self.pending], axis=1)
         tokens = np.concatenate([t for _, t in self.pending])
-        seq, pos = _keys(self.shard * self.per_shard, self.per_shard)
+        seq, pos = _keys(self.shard * self.per_shard, len(self.pending) * BLOCK)
         n, run = len(seq), self.layout.run_id
         run_col = pa.array(np.full(n, run, dtype=object), pa.string())
         act_schema = schemas.activation_schema("dense", WIDTH, "float16")
