@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 SHARD_FIELDS = ("shard", "file", "format", "offset", "count", "first_doc")
 
 
+# Threads encoding a shard's Parquet files (one file per hook family, plus tokens).
+WRITE_THREADS = 4
+# Shards a harvest actor works on at once: one in the model, one being written.
+CONCURRENT_SHARDS = 2
 PACKED_SEQ_STRIDE = 1 << 20  # packed mode: seq_id = shard * stride + chunk (unique, stable)
 
 
@@ -130,6 +136,14 @@ class HarvestStage:
     captures the hooks of its own blocks and writes them; a stage that is not the last
     passes the residual stream on in the row (``resid``). The last stage writes the
     tokens and then the shard's completion marker, so a marked shard is complete.
+
+    The CPU work after the forward pass overlaps it: while batch i+1 runs through the
+    model, a helper thread lays out batch i's captures as Arrow tables, and a shard's
+    files are encoded in parallel, one thread per file (torch and pyarrow release the
+    GIL). Ray Data runs two calls per actor at once (``CONCURRENT_SHARDS``); a lock lets
+    one shard at a time use the model, so shard i+1's forward runs while shard i's files
+    are written. On a GPU actor the forward then hides the layout and the writes; on a
+    CPU actor the threads fill the cores the forward leaves idle (benchmarks/BENCHMARKS.md).
     """
 
     def __init__(
@@ -165,6 +179,9 @@ class HarvestStage:
         self.vocab_text = np.array(vocab_texts(hooked.tokenizer, hooked.vocab_size), dtype=object)
         self.pad_id = hooked.tokenizer.pad_token_id or 0
         self.storage_dtype = config.harvest.storage_dtype
+        self._model_lock = threading.Lock()  # one shard at a time runs the model
+        self._layout_thread = ThreadPoolExecutor(1, thread_name_prefix="arrakis-layout")
+        self._write_threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="arrakis-write")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = defaultdict(list)
@@ -198,9 +215,59 @@ class HarvestStage:
 
         Returns (tokens, bytes written, residual stream for the next stage or None).
         """
+        shard = int(row["shard"])
+        laid_out: list = []  # futures of each batch's tables, in batch order
+        try:
+            with self._model_lock:
+                resid_out = self._forward_shard(row, laid_out)
+            per_family: dict[str, list] = defaultdict(list)
+            token_parts = []
+            for future in laid_out:
+                activations, tokens = future.result()
+                for family, part in activations:
+                    per_family[family].append(part)
+                if tokens is not None:
+                    token_parts.append(tokens)
+        finally:  # on an error, let the helper finish before the shard is given up
+            for future in laid_out:
+                future.cancel()
+            for future in laid_out:
+                if not future.cancelled():
+                    future.exception()
+        writes = [
+            self._write_threads.submit(self._write_family, family, parts, shard)
+            for family, parts in per_family.items()
+        ]
+        if self.stage.last:
+            writes.append(
+                self._write_threads.submit(
+                    parquet.write_table,
+                    pa.concat_tables(token_parts),
+                    self.layout.shard_file(self.layout.tokens_dir, shard),
+                    schema_name="tokens",
+                    schema_version=schemas.load_schema("tokens").version,
+                    expected=schemas.tokens_schema(),
+                )
+            )
+        errors = [f.exception() for f in writes]  # wait for every file, then report
+        first_error = next((e for e in errors if e is not None), None)
+        if first_error is not None:
+            raise first_error
+        n_bytes = sum(f.result() for f in writes)
+        if self.stage.last:
+            # the marker goes last: a shard without it is redone from scratch on resume
+            with atomic_open(self.layout.completion_marker(shard), "wb"):
+                pass
+        return int(np.sum(row["lengths"])), n_bytes, resid_out
+
+    def _forward_shard(self, row: dict, laid_out: list) -> np.ndarray | None:
+        """Run a shard's batches through this stage; queue each batch's table layout on
+        the helper thread (its future appended to ``laid_out``).
+
+        Returns the residual stream for the next stage (None for the last stage).
+        """
         import torch
 
-        shard = int(row["shard"])
         lengths = np.asarray(row["lengths"], dtype=np.int64)
         flat = np.asarray(row["token_ids"], dtype=np.int64)
         resid_in = row.get("resid")
@@ -208,8 +275,6 @@ class HarvestStage:
         flat_docs = np.asarray(row["doc_ids"], dtype=np.int64)
         flat_pos = np.asarray(row["doc_pos"], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        per_family: dict[str, list] = defaultdict(list)
-        token_parts = []
         resid_out = None
         batch_size = self.config.harvest.batch_size
         for lo in range(0, len(lengths), batch_size):
@@ -238,38 +303,23 @@ class HarvestStage:
                     )
                 # float32 holds float16 and bfloat16 values exactly
                 resid_out[idx, :width] = resid.float().cpu().numpy()
-            for name, tensor in cache.items():
-                per_family[store_layout.hook_family(name)].append(
-                    self._table(name, tensor, mask, lengths[idx], seq_ids[idx])
-                )
-            if self.stage.last:
-                token_parts.append(
-                    tables.tokens_table(
-                        schemas.tokens_schema(),
-                        self.run_id,
-                        seq_ids[idx],
-                        docs,
-                        doc_pos,
-                        ids,
-                        mask,
-                        self.vocab_text,
-                    )
-                )
-        n_bytes = 0
-        for family, parts in per_family.items():
-            n_bytes += self._write_family(family, parts, shard)
+            batch = (cache, mask, lengths[idx], seq_ids[idx], docs, doc_pos, ids)
+            laid_out.append(self._layout_thread.submit(self._batch_tables, *batch))
+        return resid_out
+
+    def _batch_tables(self, cache: dict, mask, lengths, seq_ids, docs, doc_pos, ids):
+        """One forward batch's tables: ([(family, (layer, table))], tokens table or None)."""
+        activations = [
+            (store_layout.hook_family(name), self._table(name, tensor, mask, lengths, seq_ids))
+            for name, tensor in cache.items()
+        ]
+        tokens = None
         if self.stage.last:
-            n_bytes += parquet.write_table(
-                pa.concat_tables(token_parts),
-                self.layout.shard_file(self.layout.tokens_dir, shard),
-                schema_name="tokens",
-                schema_version=schemas.load_schema("tokens").version,
-                expected=schemas.tokens_schema(),
-            )
-            # the marker goes last: a shard without it is redone from scratch on resume
-            with atomic_open(self.layout.completion_marker(shard), "wb"):
-                pass
-        return int(lengths.sum()), n_bytes, resid_out
+            tokens = tables.tokens_table(
+                schemas.tokens_schema(), self.run_id, seq_ids, docs, doc_pos, ids, mask,
+                self.vocab_text,
+            )  # fmt: skip
+        return activations, tokens
 
     def _table(self, name: str, tensor, mask: np.ndarray, lengths: np.ndarray, seq_ids):
         """(layer, table) of one hook's captured tensor for one forward batch."""

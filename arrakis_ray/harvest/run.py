@@ -20,7 +20,7 @@ from pathlib import Path
 
 from arrakis_ray.config import PipelineConfig, to_dict
 from arrakis_ray.errors import ArrakisError, ConfigError
-from arrakis_ray.harvest.actor import HarvestStage, TokenizeShard
+from arrakis_ray.harvest.actor import CONCURRENT_SHARDS, HarvestStage, TokenizeShard
 from arrakis_ray.harvest.inputs import data_fingerprint, plan_shards
 from arrakis_ray.harvest.model_source import (
     describe_model,
@@ -253,7 +253,13 @@ def _run_shards(config, layout, hooks, stages, pending, total) -> dict:
                 "stage": stage,
             },
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=config.harvest.actors),
+            # two calls at once per actor: one shard's files are written while the next
+            # shard runs through the model (HarvestStage holds a lock around the model)
+            compute=ray.data.ActorPoolStrategy(
+                size=config.harvest.actors,
+                max_concurrent_calls_per_actor=CONCURRENT_SHARDS,
+                enable_true_multi_threading=True,
+            ),
             num_cpus=config.harvest.num_cpus_per_actor,
             num_gpus=config.harvest.num_gpus_per_actor,
         )
