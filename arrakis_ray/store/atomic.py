@@ -47,6 +47,42 @@ def atomic_open(path: StorePath, mode: str = "wb", **kwargs) -> Iterator[IO]:
 
 
 @contextmanager
+def atomic_path(path: StorePath) -> Iterator[Path]:
+    """A local temp path to write with native code (pyarrow); on a clean exit the file
+    replaces ``path`` atomically, as with ``atomic_open``.
+
+    Writing by path keeps pyarrow's writer off Python file objects, whose every write
+    takes the GIL from the threads running the model (benchmarks/BENCHMARKS.md).
+    """
+    if is_remote(path):
+        fd, tmp = tempfile.mkstemp(prefix=".arrakis-upload-")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            path.fs.put_file(tmp, path.path)
+        except OSError as e:
+            raise StoreError(f"{path}: could not write ({e})") from e
+        finally:
+            os.unlink(tmp)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise StoreError(f"{path}: could not write ({e})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
 def _staged_upload(path, mode: str, **kwargs) -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=".arrakis-upload-")
     os.close(fd)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrakis_ray.errors import SchemaError, StoreError
-from arrakis_ray.store.atomic import atomic_open
+from arrakis_ray.store.atomic import atomic_path
 from arrakis_ray.store.location import StorePath, arrow_source
 from arrakis_ray.store.schemas import schema_mismatch
 
@@ -76,10 +76,10 @@ def write_table(
     # dictionaries are useless and statistics halve the write speed of float16
     # (activations are not sorted, so min/max rarely prunes a row group).
     keys = [f.name for f in expected if not pa.types.is_floating(f.type)]
-    with atomic_open(path, "wb") as f:
+    with atomic_path(path) as tmp:
         pq.write_table(
             out,
-            f,
+            str(tmp),
             compression=COMPRESSION,
             use_dictionary=keys,
             write_statistics=keys,
