@@ -25,57 +25,31 @@ from arrakis_ray.store.location import StorePath, is_remote
 
 
 @contextmanager
-def atomic_open(path: StorePath, mode: str = "wb", **kwargs) -> Iterator[IO]:
-    """Open a temp file to write; on a clean exit it replaces ``path`` atomically."""
-    if is_remote(path):
-        with _staged_upload(path, mode, **kwargs) as f:
-            yield f
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise StoreError(f"{path}: could not write ({e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
 def atomic_path(path: StorePath) -> Iterator[Path]:
-    """A local temp path to write with native code (pyarrow); on a clean exit the file
-    replaces ``path`` atomically, as with ``atomic_open``.
+    """A local temp path to write; on a clean exit the file replaces ``path`` atomically.
 
-    Writing by path keeps pyarrow's writer off Python file objects, whose every write
-    takes the GIL from the threads running the model (benchmarks/BENCHMARKS.md).
+    Native writers (pyarrow) write to it by path, which keeps them off Python file
+    objects, whose every write takes the GIL from the threads running the model.
     """
     if is_remote(path):
-        fd, tmp = tempfile.mkstemp(prefix=".arrakis-upload-")
+        fd, name = tempfile.mkstemp(prefix=".arrakis-upload-")
         os.close(fd)
-        try:
-            yield Path(tmp)
-            path.fs.put_file(tmp, path.path)
-        except OSError as e:
-            raise StoreError(f"{path}: could not write ({e})") from e
-        finally:
-            os.unlink(tmp)
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = Path(name)
+    else:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        if is_remote(path):
+            path.fs.put_file(str(tmp), path.path)
+        else:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data reaches the disk before the name does
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
     except OSError as e:
         raise StoreError(f"{path}: could not write ({e})") from e
     finally:
@@ -83,14 +57,7 @@ def atomic_path(path: StorePath) -> Iterator[Path]:
 
 
 @contextmanager
-def _staged_upload(path, mode: str, **kwargs) -> Iterator[IO]:
-    fd, tmp = tempfile.mkstemp(prefix=".arrakis-upload-")
-    os.close(fd)
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-        path.fs.put_file(tmp, path.path)
-    except OSError as e:
-        raise StoreError(f"{path}: could not write ({e})") from e
-    finally:
-        os.unlink(tmp)
+def atomic_open(path: StorePath, mode: str = "wb", **kwargs) -> Iterator[IO]:
+    """Open a temp file to write; on a clean exit it replaces ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
