@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from arrakis_ray.errors import ArrakisError
+from arrakis_ray.store.location import store_path
 
 DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 
@@ -211,7 +212,7 @@ def _cmd_demo(args) -> None:
     print(f'  arrakis-ray sql {args.store} "{" ".join(DEMO_QUERY.split())}"\n')
     print(format_frame(frame, "table"))
     print(f"\nviews: {', '.join(views)}")
-    print(f"store:  {Path(args.store).resolve()}")
+    print(f"store:  {store_path(args.store)}")
     print(f"run:    {run_dir}")
     print(f"report: {report.html}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")

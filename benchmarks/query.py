@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrakis_ray.errors import QueryError
-from arrakis_ray.harvest.run import SHARD_BYTES, SHARD_SIZE_RANGE, predict_bytes
+from arrakis_ray.harvest.run import predict_bytes, shard_size_for
 from arrakis_ray.store import parquet as store_parquet
 from arrakis_ray.store import schemas
 from arrakis_ray.store.catalog import Store
@@ -76,8 +76,7 @@ class _HookShapes:
 
 # the harvest's automatic shard size for this hook (harvest.run.auto_shard_size), rounded
 # down to whole generated blocks
-_PER_SEQUENCE = predict_bytes(_HookShapes(), [HOOK], CONTEXT, CONTEXT, "float16")
-HARVEST_SHARD = max(SHARD_SIZE_RANGE[0], min(SHARD_SIZE_RANGE[1], SHARD_BYTES // _PER_SEQUENCE))
+HARVEST_SHARD = shard_size_for(predict_bytes(_HookShapes(), [HOOK], CONTEXT, CONTEXT, "float16"))
 HARVEST_SHARD -= HARVEST_SHARD % BLOCK
 NEURON, TOP = 123, 20
 HEAVY = (7, NEURON, 300)  # neurons scaled by 8, as a few dimensions of real activations are

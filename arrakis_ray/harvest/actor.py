@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -179,9 +180,21 @@ class HarvestStage:
         self.vocab_text = np.array(vocab_texts(hooked.tokenizer, hooked.vocab_size), dtype=object)
         self.pad_id = hooked.tokenizer.pad_token_id or 0
         self.storage_dtype = config.harvest.storage_dtype
+        # per hook, once: (kind, layer, Arrow schema); a 1,000-column schema takes ~1 ms
+        # to build, and every batch needs one per hook
+        self._hook_tables = {}
+        for name in self.hooks:
+            kind, width = hooked.hook_shape(name)
+            schema = schemas.activation_schema(kind, width, self.storage_dtype)
+            family = store_layout.hook_family(name)
+            self._hook_tables[name] = (family, kind, hooked.layer_of(name), schema)
+        self._tokens_schema = schemas.tokens_schema()
+        self._tokens_version = schemas.load_schema("tokens").version
         self._model_lock = threading.Lock()  # one shard at a time runs the model
         self._layout_thread = ThreadPoolExecutor(1, thread_name_prefix="arrakis-layout")
         self._write_threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="arrakis-write")
+        for pool in (self._layout_thread, self._write_threads):
+            weakref.finalize(self, pool.shutdown, wait=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = defaultdict(list)
@@ -234,22 +247,17 @@ class HarvestStage:
             for future in laid_out:
                 if not future.cancelled():
                     future.exception()
-        writes = [
-            self._write_threads.submit(self._write_family, family, parts, shard)
-            for family, parts in per_family.items()
-        ]
+        files = [(self._write_family, family, parts, shard) for family, parts in per_family.items()]
         if self.stage.last:
-            writes.append(
-                self._write_threads.submit(
-                    parquet.write_table,
-                    pa.concat_tables(token_parts),
-                    self.layout.shard_file(self.layout.tokens_dir, shard),
-                    schema_name="tokens",
-                    schema_version=schemas.load_schema("tokens").version,
-                    expected=schemas.tokens_schema(),
-                )
-            )
-        errors = [f.exception() for f in writes]  # wait for every file, then report
+            tokens = pa.concat_tables(token_parts)
+            path = self.layout.shard_file(self.layout.tokens_dir, shard)
+            files.append((self._write_tokens, tokens, path))
+        writes = []
+        try:
+            for file in files:
+                writes.append(self._write_threads.submit(*file))
+        finally:  # every file is finished (or failed) before the shard is reported
+            errors = [f.exception() for f in writes]
         first_error = next((e for e in errors if e is not None), None)
         if first_error is not None:
             raise first_error
@@ -305,27 +313,38 @@ class HarvestStage:
                 resid_out[idx, :width] = resid.float().cpu().numpy()
             batch = (cache, mask, lengths[idx], seq_ids[idx], docs, doc_pos, ids)
             laid_out.append(self._layout_thread.submit(self._batch_tables, *batch))
+            if len(laid_out) > 1:
+                # at most one batch's captures wait for the helper: on a GPU the forward
+                # outruns the layout, and queued captures would fill device memory
+                laid_out[-2].result()
         return resid_out
 
     def _batch_tables(self, cache: dict, mask, lengths, seq_ids, docs, doc_pos, ids):
         """One forward batch's tables: ([(family, (layer, table))], tokens table or None)."""
         activations = [
-            (store_layout.hook_family(name), self._table(name, tensor, mask, lengths, seq_ids))
+            (self._hook_tables[name][0], self._table(name, tensor, mask, lengths, seq_ids))
             for name, tensor in cache.items()
         ]
         tokens = None
         if self.stage.last:
             tokens = tables.tokens_table(
-                schemas.tokens_schema(), self.run_id, seq_ids, docs, doc_pos, ids, mask,
+                self._tokens_schema, self.run_id, seq_ids, docs, doc_pos, ids, mask,
                 self.vocab_text,
             )  # fmt: skip
         return activations, tokens
 
+    def _write_tokens(self, table: pa.Table, path) -> int:
+        return parquet.write_table(
+            table,
+            path,
+            schema_name="tokens",
+            schema_version=self._tokens_version,
+            expected=self._tokens_schema,
+        )
+
     def _table(self, name: str, tensor, mask: np.ndarray, lengths: np.ndarray, seq_ids):
         """(layer, table) of one hook's captured tensor for one forward batch."""
-        kind, width = self.model.hook_shape(name)
-        layer = self.model.layer_of(name)
-        schema = schemas.activation_schema(kind, width, self.storage_dtype)
+        _family, kind, layer, schema = self._hook_tables[name]
         tensor = tensor.detach()
         if kind == "pattern":  # probabilities, stored as float32 (the weight column)
             values = tensor.float().cpu().numpy()

@@ -144,23 +144,35 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
 # small enough to hold in an actor's memory and cheap to redo on resume.
 SHARD_BYTES = 128 << 20
 SHARD_SIZE_RANGE = (16, 4096)
-SHARDS_PER_ACTOR = 4  # a small corpus is still split so every actor has work
+MIN_SHARDS = 4  # a small corpus is still split, so a few actors share it
+
+
+def shard_size_for(bytes_per_document: int) -> int:
+    """Documents per shard for ~SHARD_BYTES of activations, clamped to SHARD_SIZE_RANGE."""
+    low, high = SHARD_SIZE_RANGE
+    return max(low, min(high, SHARD_BYTES // max(1, bytes_per_document)))
 
 
 def auto_shard_size(config: PipelineConfig, model, hooks: list[str]) -> int:
-    """Documents per shard for ~SHARD_BYTES of activations (clamped to SHARD_SIZE_RANGE).
+    """The default ``shard_size``: ~SHARD_BYTES of activations per shard.
 
-    A corpus too small to give every actor SHARDS_PER_ACTOR such shards gets smaller
-    ones. Depends only on the config, the model and the data, so a rerun plans the
-    same shards and resumes.
+    A document is at most one context of tokens in document mode; in packed mode it is
+    estimated from the files' sizes (at least one byte per token, plus BOS and EOS), an
+    upper bound. A corpus too small for MIN_SHARDS such shards gets smaller ones. The
+    result depends only on the data, the model, the hooks and the context, never on
+    how many actors run: a rerun with other resources plans the same shards, keeps the
+    same run id and resumes.
     """
     context = config.data.context_length
-    per_sequence = predict_bytes(model, hooks, context, context, config.harvest.storage_dtype)
-    low, high = SHARD_SIZE_RANGE
-    size = max(low, min(high, SHARD_BYTES // max(1, per_sequence)))
-    n_docs = sum(s.count for s in plan_shards(config.data.path, high, config.data.max_documents))
-    per_actor = -(-n_docs // (SHARDS_PER_ACTOR * config.harvest.actors))
-    return max(1, min(size, per_actor))
+    shards = plan_shards(config.data.path, SHARD_SIZE_RANGE[1], config.data.max_documents)
+    n_docs = sum(s.count for s in shards)
+    if config.data.mode == "document":
+        tokens_per_doc = context
+    else:
+        text_bytes = sum(Path(f).stat().st_size for f in {s.file for s in shards})
+        tokens_per_doc = -(-text_bytes // max(1, n_docs)) + 2
+    per_doc = predict_bytes(model, hooks, tokens_per_doc, context, config.harvest.storage_dtype)
+    return max(1, min(shard_size_for(per_doc), -(-n_docs // MIN_SHARDS)))
 
 
 def predict_bytes(model, hooks: list[str], max_tokens: int, context: int, dtype: str) -> int:

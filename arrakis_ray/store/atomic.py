@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from arrakis_ray.errors import StoreError
-from arrakis_ray.store.location import StorePath, is_remote
+from arrakis_ray.store.location import StorePath, is_remote, store_path
 
 
 @contextmanager
@@ -31,12 +31,12 @@ def atomic_path(path: StorePath) -> Iterator[Path]:
     Native writers (pyarrow) write to it by path, which keeps them off Python file
     objects, whose every write takes the GIL from the threads running the model.
     """
+    path = store_path(path)  # a string is a local path or a URI
     if is_remote(path):
         fd, name = tempfile.mkstemp(prefix=".arrakis-upload-")
         os.close(fd)
         tmp = Path(name)
     else:
-        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:

@@ -30,7 +30,6 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from arrakis_ray.errors import QueryError, SchemaError, StoreError
 from arrakis_ray.store.layout import FAMILY_KIND, RunLayout, list_run_ids, open_store
@@ -293,20 +292,23 @@ class Store:
         if not parts:
             return
         schemas = [read_schema(files[0]) for _r, _p, files in parts]
-        if is_remote(self.root):
-            sources = [
-                self._register_dataset(f"{name}_{i}", files, schema)
-                for i, ((_r, _p, files), schema) in enumerate(zip(parts, schemas, strict=True))
-            ]
-        else:
-            sources = [f"read_parquet({_lit(pattern)})" for _r, pattern, _f in parts]
-        local_same = not is_remote(self.root) and all(s.equals(schemas[0]) for s in schemas)
-        if local_same and "run_id" in schemas[0].names:
+        remote = is_remote(self.root)
+        if (
+            not remote
+            and all(s.equals(schemas[0]) for s in schemas)
+            and "run_id" in schemas[0].names
+        ):
             files = ", ".join(_lit(pattern) for _r, pattern, _f in parts)
             body = f"SELECT * FROM read_parquet([{files}])"
         else:
             selects = []
-            for (run_id, _p, _f), schema, source in zip(parts, schemas, sources, strict=True):
+            for i, ((run_id, pattern, files), schema) in enumerate(
+                zip(parts, schemas, strict=True)
+            ):
+                if remote:
+                    source = self._register_dataset(f"{name}_{i}", files, schema)
+                else:
+                    source = f"read_parquet({_lit(pattern)})"
                 select = "*" if "run_id" in schema.names else f"{_lit(run_id)} AS run_id, *"
                 selects.append(f"SELECT {select} FROM {source}")
             body = "\nUNION ALL BY NAME\n".join(selects)

@@ -53,8 +53,8 @@ def is_uri(location: object) -> bool:
 
 
 def is_remote(path: object) -> bool:
-    """True for a path on an fsspec filesystem (not a plain local Path)."""
-    return not isinstance(path, Path)
+    """True for a UPath on a non-local fsspec filesystem (strings are never remote)."""
+    return UPath is not None and isinstance(path, UPath) and not isinstance(path, Path)
 
 
 def _s3_options() -> dict:
@@ -100,15 +100,28 @@ def arrow_source(path: StorePath) -> tuple[str, object]:
     path = store_path(path)  # a string names a local file or a URI
     if not is_remote(path):
         return str(path), None
-    if path.protocol in ("s3", "s3a"):
+    options = dict(path.storage_options)
+    native = _NATIVE_S3_OPTIONS.issuperset(options) and set(
+        options.get("client_kwargs") or {}
+    ).issubset({"region_name"})
+    if path.protocol in ("s3", "s3a") and native:
         # pyarrow's own S3 client reads in C++ without the GIL; fsspec's goes through
-        # Python for every read
-        return path.path, _native_s3(
-            json.dumps(dict(path.storage_options), sort_keys=True, default=dict)
-        )
+        # Python for every read. Options it would not honour keep the fsspec path.
+        return path.path, _native_s3(json.dumps(options, sort_keys=True, default=dict))
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return path.path, PyFileSystem(FSSpecHandler(path.fs))
+
+
+# fsspec S3 options that _native_s3 translates (client_kwargs: region_name only)
+_NATIVE_S3_OPTIONS = {
+    "endpoint_url",
+    "key",
+    "secret",
+    "token",
+    "client_kwargs",
+    "use_listings_cache",
+}
 
 
 @lru_cache(maxsize=8)
@@ -175,7 +188,15 @@ def check_bucket(path: StorePath) -> None:
         return
     bucket = path.path.split("/", 1)[0]
     try:
-        found = path.fs.exists(bucket)
+        if path.protocol in ("s3", "s3a"):
+            path.fs.call_s3("head_bucket", Bucket=bucket)
+            found = True
+        else:
+            found = path.fs.exists(bucket)
+    except FileNotFoundError:
+        found = False
+    except PermissionError:
+        return  # credentials scoped to a prefix may not see the bucket itself
     except Exception as e:  # botocore/aiohttp connection errors are not OSErrors
         raise StoreError(
             f"{path}: cannot reach the object store ({type(e).__name__}: {e})"

@@ -85,7 +85,7 @@ def write_table(
             write_statistics=keys,
             row_group_size=_row_group_rows(expected),
         )
-    size = path.stat().st_size
+        size = tmp.stat().st_size  # the local copy: no request to an object store
     log.debug("wrote %s: %d rows, %d bytes", path, out.num_rows, size)
     return size
 

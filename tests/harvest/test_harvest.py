@@ -172,11 +172,37 @@ def test_automatic_shard_size_targets_bytes_per_shard():
     # per sequence: 24 tokens x (40 B of tokens table + 4 layers x (128 x 2 B + 14 B of keys))
     per_sequence = 24 * (40 + 4 * (128 * 2 + 14))
     assert run.predict_bytes(model, hooks, 24, 24, "float16") == per_sequence
-    # 128 MiB would be ~5,000 such sequences: clamped to 4,096, then to 400 / 4 = 100 so
-    # that the one actor gets 4 shards
+    # 128 MiB would be ~20,700 such documents: clamped to 4,096, then to 400 / 4 = 100 so
+    # that the corpus makes 4 shards
+    assert run.shard_size_for(per_sequence) == 4096
     assert run.auto_shard_size(config, model, hooks) == 100
+    # the actor count does not change the shards (nor the run id): a rerun with other
+    # resources resumes
     two_actors = pipeline_from_dict({**raw, "harvest": {**raw["harvest"], "actors": 2}})
-    assert run.auto_shard_size(two_actors, model, hooks) == 50
+    assert run.auto_shard_size(two_actors, model, hooks) == 100
+
+
+def test_automatic_shard_size_of_a_large_corpus(tmp_path):
+    from arrakis_ray.harvest import run
+    from arrakis_ray.harvest.model_source import describe_model
+
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text("".join('{"text": "the capital of france is paris ."}\n' * 20_000))
+    raw = pipeline_dict(hooks=["blocks.*.mlp.hook_post"], storage_dtype="float16")
+    del raw["harvest"]["shard_size"]
+    raw["data"] = {"path": str(corpus), "context_length": 128}
+    config = pipeline_from_dict(raw)
+    model = describe_model(config.model)
+    hooks = model.resolve_hooks(config.harvest.hooks)
+    per_doc = run.predict_bytes(model, hooks, 128, 128, "float16")
+    assert per_doc == 128 * (40 + 4 * (512 * 2 + 14))
+    assert run.auto_shard_size(config, model, hooks) == run.SHARD_BYTES // per_doc == 250
+    # packed: a document's tokens are estimated from its bytes (an upper bound: at
+    # least one byte per token), plus BOS and EOS
+    packed = pipeline_from_dict({**raw, "data": {**raw["data"], "mode": "packed"}})
+    per_line = len('{"text": "the capital of france is paris ."}\n')
+    per_packed_doc = run.predict_bytes(model, hooks, per_line + 2, 128, "float16")
+    assert run.auto_shard_size(packed, model, hooks) == min(4096, run.SHARD_BYTES // per_packed_doc)
 
 
 def test_automatic_shard_size_is_clamped(monkeypatch):

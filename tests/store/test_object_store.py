@@ -11,7 +11,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,15 +63,20 @@ def s3_endpoint():
         server.wait(timeout=10)
 
 
-@pytest.fixture
-def s3_env(s3_endpoint, monkeypatch):
-    """The AWS environment a user would set for that server; returns it."""
-    env = {
-        "AWS_ENDPOINT_URL": s3_endpoint,
+def _aws_env(endpoint: str) -> dict[str, str]:
+    """The AWS environment a user would set for an S3-compatible server."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """That environment set for one test; returns it."""
+    env = _aws_env(s3_endpoint)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
@@ -91,17 +98,17 @@ def s3_run(s3_endpoint, ray_session):
     from arrakis_ray.tools.runner import analyze
 
     mp = pytest.MonkeyPatch()
-    for key, value in {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+    for key, value in _aws_env(s3_endpoint).items():
         mp.setenv(key, value)
+    uploads_before = set(Path(tempfile.gettempdir()).glob(".arrakis-upload-*"))
     try:
         config = pipeline_from_dict(pipeline_dict(hooks=HOOKS, storage_dtype="float16"))
         result = harvest(config, f"s3://{BUCKET}/store")
         analyze(result.run_dir, "logit_lens")
+        # no write went to a local path by mistake (a URI turned into a relative Path
+        # would make ./s3:/...), and every staged upload was cleaned up
+        assert not Path("s3:").exists()
+        assert set(Path(tempfile.gettempdir()).glob(".arrakis-upload-*")) == uploads_before
         yield config, result
     finally:
         mp.undo()
