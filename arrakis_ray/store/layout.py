@@ -1,8 +1,9 @@
 """Where things live in a store: the marker, runs, shards, completion markers.
 
-A store is a directory (local, or an object-store URI: ``store/location.py``) holding ``arrakis-store.json`` and ``runs/<run_id>/``; the full
-layout is documented in ``schemas/README.md``. Only paths are computed here, nothing is
-read or written except the marker.
+A store is a directory (local, or an object-store URI: ``store/location.py``) holding
+``arrakis-store.json`` and ``runs/<run_id>/``; the full layout is documented in
+``schemas/README.md``. Only paths are computed here, nothing is read or written except
+the marker.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ DENSE_BLOCK_HOOKS: dict[str, str] = {
 
 
 def block_hook(family: str, layer: int) -> str:
-    """Hook name of a dense block family at a layer (``mlp_post``, 2 -> ``blocks.2.mlp.hook_post``)."""
+    """Hook name of a dense block family at a layer.
+
+    ``block_hook("mlp_post", 2)`` is ``blocks.2.mlp.hook_post``.
+    """
     return f"blocks.{layer}.{DENSE_BLOCK_HOOKS[family]}"
 
 

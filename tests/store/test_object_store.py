@@ -165,9 +165,12 @@ def test_sql_over_s3_equals_the_local_store(s3_run, s3_env, harvested):
                 )
         # a tool's results, computed by Ray tasks reading from the bucket
         lens = remote.sql("SELECT count(*) AS n FROM results_logit_lens")["n"][0]
-        assert lens == here.sql(
-            f"SELECT count(*) AS n FROM results_logit_lens WHERE run_id = '{local.run_id}'"
-        )["n"][0]
+        assert (
+            lens
+            == here.sql(
+                f"SELECT count(*) AS n FROM results_logit_lens WHERE run_id = '{local.run_id}'"
+            )["n"][0]
+        )
         # the macros run on the object store's views too
         top = remote.sql("SELECT * FROM top_contexts('resid_post', 2, 7, 5)")
         want_top = here.sql(
