@@ -249,3 +249,15 @@ def test_corrupt_shard_on_s3_names_the_file(s3_run, s3_env, s3_endpoint):
     with pytest.raises(StoreError, match="tokens/shard-00000.parquet"):
         Store(f"s3://{BUCKET}/broken")
     assert {f: fs.info(f)["size"] for f in fs.find(f"{BUCKET}/broken")} == before
+
+
+def test_report_of_an_s3_run_is_written_locally(s3_run, s3_env, tmp_path, monkeypatch):
+    from arrakis_ray.reports.run_report import build_report
+
+    _config, result = s3_run
+    monkeypatch.chdir(tmp_path)
+    report = build_report(result.run_dir, png=False)
+    html = tmp_path / f"report-{result.run_id}" / "report.html"
+    assert report.html.resolve() == html and html.is_file()
+    text = html.read_text()
+    assert result.run_id in text and "<script" in text
