@@ -76,7 +76,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     if config.data.mode == "document":  # every document cut to the context length
         max_tokens = n_docs * config.data.context_length
     else:  # packed: nothing is cut; a token takes at least one byte of text (+ BOS, EOS)
-        max_tokens = sum(Path(f).stat().st_size for f in {s.file for s in shards}) + 2 * n_docs
+        max_tokens = _data_bytes(shards) + 2 * n_docs
     predicted = predict_bytes(
         model, hooks, max_tokens, config.data.context_length, config.harvest.storage_dtype
     )
@@ -169,10 +169,15 @@ def auto_shard_size(config: PipelineConfig, model, hooks: list[str]) -> int:
     if config.data.mode == "document":
         tokens_per_doc = context
     else:
-        text_bytes = sum(Path(f).stat().st_size for f in {s.file for s in shards})
-        tokens_per_doc = -(-text_bytes // max(1, n_docs)) + 2
+        tokens_per_doc = -(-_data_bytes(shards) // max(1, n_docs)) + 2
     per_doc = predict_bytes(model, hooks, tokens_per_doc, context, config.harvest.storage_dtype)
     return max(1, min(shard_size_for(per_doc), -(-n_docs // MIN_SHARDS)))
+
+
+def _data_bytes(shards) -> int:
+    """Bytes of the input files the shards come from: in packed mode a token takes at
+    least one byte of text, so this bounds the tokens."""
+    return sum(Path(f).stat().st_size for f in {s.file for s in shards})
 
 
 def predict_bytes(model, hooks: list[str], max_tokens: int, context: int, dtype: str) -> int:
