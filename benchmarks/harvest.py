@@ -306,7 +306,7 @@ def profile_shard(raw: dict, work: Path, n_shards: int = 4) -> dict:
     import torch
 
     from arrakis_ray.config import pipeline_from_dict
-    from arrakis_ray.harvest import actor
+    from arrakis_ray.harvest import actor, tokenize
     from arrakis_ray.harvest.inputs import plan_shards
     from arrakis_ray.harvest.model_source import describe_model
 
@@ -341,10 +341,10 @@ def profile_shard(raw: dict, work: Path, n_shards: int = 4) -> dict:
     step = Timed(config, "profile", str(work / "profile-store"), hooks, **extra)
     owner, attr = (step.stage, "run") if hasattr(step, "stage") else (step.model, "run_with_cache")
     setattr(owner, attr, timed("forward + hooks", getattr(owner, attr)))
-    tokenize = actor.TokenizeShard(config)
+    tokenizer_step = tokenize.TokenizeShard(config)
     shards = plan_shards(config.data.path, config.harvest.shard_size)[: n_shards + 2]
     t0 = time.perf_counter()
-    inputs = [tokenize({k: np.array([v]) for k, v in s.to_dict().items()}) for s in shards]
+    inputs = [tokenizer_step({k: np.array([v]) for k, v in s.to_dict().items()}) for s in shards]
     tokenize_s = (time.perf_counter() - t0) / len(shards)
     step(inputs[0])  # warm-up: first-call costs (allocator, lazy imports)
     runs = []

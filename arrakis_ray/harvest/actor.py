@@ -1,7 +1,8 @@
-"""The two Ray Data steps of a harvest: tokenize a shard, then capture and write it.
+"""The second Ray Data step of a harvest: capture a shard's hooks and write them.
 
-Both are plain callables (``__call__(batch) -> batch``), so a unit test runs them
-without Ray and a 100-GPU job runs them in an actor pool. A batch holds one or more
+The tokenize step (``tokenize.py``) comes before it. Both are plain callables
+(``__call__(batch) -> batch``), so a unit test runs them without Ray and a 100-GPU job
+runs them in an actor pool. A batch holds one or more
 *shards* (see ``inputs.Shard``). The harvest step writes a shard's Parquet files itself
 (atomically, one file per hook family), then its completion marker; the rows it returns
 downstream are only small statistics, so the activations never travel through Ray's
@@ -22,112 +23,26 @@ import numpy as np
 import pyarrow as pa
 
 from arrakis_ray.config import PipelineConfig
-from arrakis_ray.errors import DataError, HarvestError
+from arrakis_ray.errors import HarvestError
 from arrakis_ray.harvest import tables
-from arrakis_ray.harvest.inputs import Shard, read_shard_texts
-from arrakis_ray.harvest.model_source import load_model, load_tokenizer, vocab_texts
+from arrakis_ray.harvest.batch import (
+    SHARD_FIELDS,
+    batch_column,
+    batch_rows,
+    describe_shard,
+    shard_of,
+)
+from arrakis_ray.harvest.model_source import load_model, vocab_texts
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import parquet, schemas
 from arrakis_ray.store.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
-SHARD_FIELDS = ("shard", "file", "format", "offset", "count", "first_doc")
-
-
 # Threads encoding a shard's Parquet files (one file per hook family, plus tokens).
 WRITE_THREADS = 4
 # Shards a harvest actor works on at once: one in the model, one being written.
 CONCURRENT_SHARDS = 2
-PACKED_SEQ_STRIDE = 1 << 20  # packed mode: seq_id = shard * stride + chunk (unique, stable)
-
-
-class TokenizeShard:
-    """Ray Data step: shard descriptors -> token sequences.
-
-    Per shard it emits the sequences' ids and lengths and, for every token (flat), its
-    id, source document and position in that document. ``data.mode``:
-
-    - ``document``: one sequence per document, truncated to the context length;
-      ``seq_id`` is the document id.
-    - ``packed``: the shard's documents, each as ``<bos> text <eos>``, joined into one
-      stream cut into full-length sequences (the last may be shorter); nothing is
-      truncated and a sequence may span documents. ``seq_id = shard * 2**20 + chunk``.
-    """
-
-    def __init__(self, config: PipelineConfig):
-        self.config = config
-        self.tokenizer = load_tokenizer(config.model)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = defaultdict(list)
-        for row in _rows(batch):
-            shard = Shard(**row)
-            try:
-                texts = read_shard_texts(shard, self.config.data.text_column)
-                docs = [self._encode(t) for t in texts]
-            except Exception as exc:
-                raise DataError(f"{_where(shard)}: {exc}") from exc
-            context = self.config.data.context_length
-            doc_ids = [np.full(len(d), shard.first_doc + i, np.int64) for i, d in enumerate(docs)]
-            doc_pos = [np.arange(len(d), dtype=np.int32) for d in docs]
-            if self.config.data.mode == "document":
-                seqs = [d[:context] for d in docs]
-                doc_ids = [x[:context] for x in doc_ids]
-                doc_pos = [x[:context] for x in doc_pos]
-                seq_ids = shard.first_doc + np.arange(len(seqs), dtype=np.int64)
-                flat_ids, flat_docs, flat_pos = (
-                    _flat(seqs, np.int32),
-                    _flat(doc_ids, np.int64),
-                    _flat(doc_pos, np.int32),
-                )
-                lengths = np.array([len(x) for x in seqs], dtype=np.int32)
-            else:
-                eos = self.tokenizer.eos_token_id
-                if eos is not None:  # documents end with EOS in the stream
-                    docs = [[*d, eos] for d in docs]
-                    doc_ids = [np.append(x, x[0] if len(x) else 0) for x in doc_ids]
-                    doc_pos = [np.arange(len(d), dtype=np.int32) for d in docs]
-                flat_ids, flat_docs, flat_pos = (
-                    _flat(docs, np.int32),
-                    _flat(doc_ids, np.int64),
-                    _flat(doc_pos, np.int32),
-                )
-                n_chunks = -(-len(flat_ids) // context)
-                lengths = np.array(
-                    [min(context, len(flat_ids) - c * context) for c in range(n_chunks)], np.int32
-                )
-                seq_ids = shard.shard * PACKED_SEQ_STRIDE + np.arange(n_chunks, dtype=np.int64)
-            for key in SHARD_FIELDS:
-                out[key].append(row[key])
-            out["lengths"].append(lengths)
-            out["seq_ids"].append(seq_ids)
-            out["token_ids"].append(flat_ids)
-            out["doc_ids"].append(flat_docs)
-            out["doc_pos"].append(flat_pos)
-        return {k: _column(v) for k, v in out.items()}
-
-    def _encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        # every document starts with BOS, as TransformerLens does, so position 0 is a sink
-        # token and not the first word; add it when the tokenizer's template does not
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        return ids
-
-
-def _flat(parts: list, dtype) -> np.ndarray:
-    return (
-        np.concatenate([np.asarray(p, dtype=dtype) for p in parts])
-        if parts
-        else (np.zeros(0, dtype))
-    )
-
-
-def _where(shard: Shard) -> str:
-    last = shard.first_doc + shard.count - 1
-    return f"shard {shard.shard} ({shard.file}, documents {shard.first_doc}-{last})"
 
 
 class HarvestStage:
@@ -198,13 +113,13 @@ class HarvestStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = defaultdict(list)
-        for row in _rows(batch):
+        for row in batch_rows(batch):
             started = time.perf_counter()
             try:
                 n_tokens, n_bytes, resid = self.harvest_shard(row)
             except Exception as exc:
                 raise HarvestError(
-                    f"{_where(Shard(**{k: row[k] for k in SHARD_FIELDS}))}, stage "
+                    f"{describe_shard(shard_of(row))}, stage "
                     f"{self.stage.start}-{self.stage.stop}: {type(exc).__name__}: {exc}"
                 ) from exc
             seconds = float(row.get("seconds", 0.0)) + time.perf_counter() - started
@@ -221,7 +136,7 @@ class HarvestStage:
                 out["resid"].append(resid)
                 out["bytes"].append(n_bytes)
                 out["seconds"].append(seconds)
-        return {k: _column(v) for k, v in out.items()}
+        return {k: batch_column(v) for k, v in out.items()}
 
     def harvest_shard(self, row: dict) -> tuple[int, int, np.ndarray | None]:
         """Capture this stage's hooks for one shard and write them.
@@ -379,22 +294,3 @@ class HarvestStage:
             schema_version=schemas.load_schema(name).version,
             expected=parts[0][1].schema,  # built from schemas.activation_schema above
         )
-
-
-def _rows(batch: dict[str, np.ndarray]):
-    """The rows of a columnar Ray Data batch, as dicts."""
-    n = len(next(iter(batch.values())))
-    for i in range(n):
-        yield {
-            k: (v[i].item() if hasattr(v[i], "item") and np.ndim(v[i]) == 0 else v[i])
-            for k, v in batch.items()
-        }
-
-
-def _column(values: list) -> np.ndarray:
-    """A batch column; ragged arrays become an object array (one array per shard)."""
-    if values and isinstance(values[0], np.ndarray):
-        col = np.empty(len(values), dtype=object)
-        col[:] = values
-        return col
-    return np.asarray(values)

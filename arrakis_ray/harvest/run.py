@@ -20,7 +20,7 @@ from pathlib import Path
 
 from arrakis_ray.config import PipelineConfig, to_dict
 from arrakis_ray.errors import ArrakisError, ConfigError
-from arrakis_ray.harvest.actor import CONCURRENT_SHARDS, HarvestStage, TokenizeShard
+from arrakis_ray.harvest.actor import CONCURRENT_SHARDS, HarvestStage
 from arrakis_ray.harvest.inputs import data_fingerprint, plan_shards
 from arrakis_ray.harvest.model_source import (
     describe_model,
@@ -28,6 +28,7 @@ from arrakis_ray.harvest.model_source import (
     model_source_fingerprint,
     vocab_texts,
 )
+from arrakis_ray.harvest.tokenize import TokenizeShard
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
 from arrakis_ray.store import parquet, schemas

@@ -16,9 +16,10 @@ from support import pipeline_dict
 
 from arrakis_ray.config import pipeline_from_dict
 from arrakis_ray.errors import HarvestError
-from arrakis_ray.harvest.actor import HarvestStage, TokenizeShard
+from arrakis_ray.harvest.actor import HarvestStage
 from arrakis_ray.harvest.inputs import plan_shards
 from arrakis_ray.harvest.model_source import describe_model
+from arrakis_ray.harvest.tokenize import TokenizeShard
 from arrakis_ray.store.layout import RunLayout, init_store
 
 HOOKS = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
