@@ -56,13 +56,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the texts come from and how they become token sequences."""
+    """Where the documents come from and how they become token sequences."""
 
     path: str
-    """A .jsonl, .parquet or .txt file, or a directory of them (relative paths are
-    relative to the pipeline file)."""
+    """A .jsonl, .parquet, .txt or .npy file, or a directory of them (relative paths are
+    relative to the pipeline file). A .npy file is a 2-D integer array of token ids, one
+    document per row."""
     text_column: str = "text"
     """Column holding the document text (jsonl/parquet)."""
+    token_column: str | None = None
+    """Column holding pre-tokenized documents, lists of token ids (jsonl/parquet); when
+    set, the texts are not read. BOS is prepended unless a list starts with it, as for
+    texts. None: documents are texts (a .npy file always holds token ids)."""
+    keep_columns: tuple[str, ...] = ()
+    """Columns of the input documents stored with the run, one value per document
+    (table ``documents``): labels such as relation or subject. jsonl/parquet only."""
     context_length: int = 128
     """Tokens per sequence (BOS included); in document mode longer documents are cut."""
     mode: Literal["document", "packed"] = "document"
@@ -76,6 +84,11 @@ class DataConfig:
             raise ValueError("context_length must be at least 2")
         if self.max_documents is not None and self.max_documents < 1:
             raise ValueError("max_documents must be positive")
+        if self.token_column is not None and self.text_column != "text":
+            raise ValueError("give text_column or token_column, not both")
+        repeated = sorted({c for c in self.keep_columns if self.keep_columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"keep_columns: {', '.join(repeated)} given more than once")
 
 
 @dataclass(frozen=True)
@@ -96,27 +109,34 @@ class HarvestConfig:
     num_cpus_per_actor: float = 0.5
     """CPUs reserved per actor; fractional so the write stage is not starved."""
     storage_dtype: StorageDtype = "float16"
-    """Dtype of stored activations (bfloat16 models are stored as float32)."""
+    """Dtype of stored activations (attention patterns are always float32). bfloat16 has
+    no Parquet type: float16 holds a bfloat16 model's values exactly for |x| in [6.1e-5,
+    65504] and rounds smaller ones (error at most 3e-8); a run with larger values is
+    refused. float32 stores every model dtype exactly."""
     max_bytes: int | None = None
     """Refuse to start a run whose predicted size exceeds this many bytes."""
-    model_shards: int = 1
-    """Split the model's blocks into this many contiguous ranges, one pipeline stage
-    (actor, device) each, for models too large for one device. 1: whole replicas."""
+    stages: int = 1
+    """Pipeline stages: the model's blocks split into this many contiguous ranges, one
+    actor and device each, for models too large for one device. 1: whole replicas."""
     layer_ranges: tuple[tuple[int, ...], ...] = ()
-    """Explicit stage ranges instead of model_shards: [[0, 10], [10, 24]] (start, stop)."""
+    """Explicit stage ranges instead of stages: [[0, 10], [10, 24]] (start, stop)."""
 
     def __post_init__(self) -> None:
         if not self.hooks:
             raise ValueError("hooks: name at least one hook point")
-        if self.layer_ranges and self.model_shards != 1:
-            raise ValueError("give model_shards or layer_ranges, not both")
-        for name in ("batch_size", "shard_size", "actors", "model_shards"):
+        if self.layer_ranges and self.stages != 1:
+            raise ValueError("give stages or layer_ranges, not both")
+        for name in ("batch_size", "shard_size", "actors", "stages"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_bytes is not None and self.max_bytes < 1:
             raise ValueError("max_bytes must be positive")
         if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
             raise ValueError("num_gpus_per_actor and num_cpus_per_actor must be >= 0")
+
+
+# fields renamed since a release: (dataclass, old name) -> new name
+RENAMED_FIELDS: dict[tuple[type, str], str] = {(HarvestConfig, "model_shards"): "stages"}
 
 
 @dataclass(frozen=True)
@@ -194,6 +214,9 @@ def build_dataclass(cls: type, raw: Any, source: str, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
+        renamed = RENAMED_FIELDS.get((cls, key))
+        if renamed is not None:
+            raise ConfigError(f"{source}: {_join(where, key)}: renamed to {_join(where, renamed)}")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""

@@ -1,8 +1,8 @@
-"""Input documents: find the files, plan shards, read one shard's texts.
+"""Input documents: find the files, plan shards, read one shard's texts or token ids.
 
 The driver scans the inputs once to build a *shard plan*: contiguous document ranges
 of at most ``shard_size`` documents, each inside one file, with the byte offset (text
-formats) or row offset (Parquet) where it starts. Document ids are global and follow
+formats) or row offset (Parquet, .npy) where it starts. Document ids are global and follow
 file order, so a rerun assigns every document the same id; a shard is the unit of
 work, of output files and of resume. The plan holds offsets, never texts: the driver
 does not hold the dataset.
@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from arrakis_ray.errors import DataError
+from arrakis_ray.store.manifest import Shard
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text"}
+if TYPE_CHECKING:
+    from arrakis_ray.config import DataConfig
 
-
-@dataclass(frozen=True)
-class Shard:
-    """A contiguous range of documents in one input file."""
-
-    shard: int
-    file: str
-    format: str
-    offset: int  # byte offset (jsonl, text) or row offset (parquet) of the first document
-    count: int  # documents in the shard
-    first_doc: int  # global id of the first document
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".npy": "npy",  # token ids: a 2-D integer array, one document per row
+}
+ROW_FORMATS = ("parquet", "npy")  # shard offsets count rows, not bytes
 
 
 def input_files(path: str | Path) -> list[Path]:
@@ -53,7 +51,7 @@ def plan_shards(path: str | Path, shard_size: int, max_documents: int | None = N
     next_doc = 0
     for file in input_files(path):
         fmt = FORMATS[file.suffix]
-        starts = _parquet_starts(file) if fmt == "parquet" else _line_starts(file)
+        starts = _ROW_STARTS[fmt](file) if fmt in ROW_FORMATS else _line_starts(file)
         if max_documents is not None:
             starts = starts[: max(0, max_documents - next_doc)]
         for i in range(0, len(starts), shard_size):
@@ -79,10 +77,47 @@ def read_shard_texts(shard: Shard, text_column: str) -> list[str]:
     return texts
 
 
+def read_shard_tokens(shard: Shard, token_column: str | None, vocab_size: int) -> list[np.ndarray]:
+    """The token ids of one shard's documents (int64, in document order), each checked
+    to be a list of integers in ``[0, vocab_size)``. A .npy file's rows are its
+    documents; other formats need ``token_column``."""
+    if shard.format == "npy":
+        rows = _load_npy(Path(shard.file))[shard.offset : shard.offset + shard.count]
+        values, what = list(rows), "the row"
+    elif token_column is None:
+        raise DataError(f"{shard.file}: holds texts, not token ids (set data.token_column)")
+    else:
+        values = read_shard_column(shard, token_column)
+        what = f"'{token_column}' (data.token_column)"
+    return [_token_ids(v, shard, i, what, vocab_size) for i, v in enumerate(values)]
+
+
+def check_columns(shards: list[Shard], data: DataConfig) -> None:
+    """Fail before any work if an input file lacks a column the pipeline reads: the
+    text or token column (none for .npy) and ``data.keep_columns``. Parquet files are
+    checked on their schema, JSONL files on their first document."""
+    firsts: dict[str, Shard] = {}
+    for shard in shards:
+        firsts.setdefault(shard.file, shard)
+    for shard in firsts.values():
+        columns = list(data.keep_columns)
+        if shard.format != "npy":
+            columns.insert(0, data.token_column or data.text_column)
+        if shard.format == "parquet":
+            _parquet_column_check(shard.file, columns)
+            continue
+        first = Shard(shard.shard, shard.file, shard.format, shard.offset, 1, shard.first_doc)
+        for column in columns:
+            read_shard_column(first, column)
+
+
 def read_shard_column(shard: Shard, column: str) -> list:
-    """The values of ``column`` for one shard's documents (a plain .txt has only 'text')."""
+    """The values of ``column`` for one shard's documents (a plain .txt has only 'text',
+    a .npy file no column)."""
     if shard.format == "parquet":
         return _read_parquet_column(shard, column)
+    if shard.format == "npy":
+        raise DataError(f"{shard.file}: a .npy file holds only token ids, no column '{column}'")
     values = []
     with open(shard.file, "rb") as f:
         f.seek(shard.offset)
@@ -97,10 +132,19 @@ def read_shard_column(shard: Shard, column: str) -> list:
     return values
 
 
-def data_fingerprint(shards: list[Shard], text_column: str) -> str:
-    """sha256 of the input bytes and the plan over them (not of where the files lie, so
-    the same data in another checkout or mount gets the same run id)."""
-    digest = hashlib.sha256(text_column.encode())
+def data_fingerprint(
+    shards: list[Shard],
+    text_column: str,
+    token_column: str | None = None,
+    keep_columns: tuple[str, ...] = (),
+) -> str:
+    """sha256 of the input bytes, the columns read and the plan over them (not of where
+    the files lie, so the same data in another checkout or mount gets the same run id).
+    """
+    read = text_column if token_column is None else f"tokens:{token_column}"
+    digest = hashlib.sha256(read.encode())
+    if keep_columns:  # texts-only runs keep the ids they had before keep_columns existed
+        digest.update(json.dumps(["keep", *keep_columns]).encode())
     for file in dict.fromkeys(s.file for s in shards):  # plan order, each file once
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -131,6 +175,68 @@ def _parquet_starts(file: Path) -> list[int]:
     return list(range(rows))
 
 
+def _npy_starts(file: Path) -> list[int]:
+    return list(range(len(_load_npy(file))))
+
+
+_ROW_STARTS = {"parquet": _parquet_starts, "npy": _npy_starts}
+
+
+def _load_npy(file: Path) -> np.ndarray:
+    """A .npy file memory-mapped: only the rows a shard slices are read."""
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{file}: not a readable .npy file: {exc}") from None
+    if array.ndim != 2:
+        raise DataError(
+            f"{file}: expected a 2-D array of token ids (one document per row), "
+            f"got shape {array.shape}"
+        )
+    return array
+
+
+def _token_ids(value, shard: Shard, i: int, what: str, vocab_size: int) -> np.ndarray:
+    """One document's ids as int64, or a DataError naming its file and row."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:  # a .npy row
+        items = value.tolist() if value.dtype.kind not in "iu" else []
+    elif isinstance(value, list):  # from JSON or Arrow: Python ints, never numpy's
+        items = value
+    else:
+        raise DataError(f"{_locate(shard, i)}: {what} is not a list of token ids: {value!r:.40}")
+    bad = next((p for p, v in enumerate(items) if type(v) is not int), None)  # bool too
+    if bad is not None:
+        raise DataError(
+            f"{_locate(shard, i)}: token {bad} of {what} is not an integer: {items[bad]!r:.40}"
+        )
+    ids = np.asarray(value)  # object dtype for ints beyond int64: caught as out of range
+    out = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if out.size:
+        raise DataError(
+            f"{_locate(shard, i)}: token {out[0]} of {what} is {ids[out[0]]}, outside the "
+            f"model's vocabulary [0, {vocab_size})"
+        )
+    return ids.astype(np.int64)
+
+
+def _locate(shard: Shard, i: int) -> str:
+    """'file: row R: document D' (or 'file:LINE: ...') of a shard's i-th document, for
+    error messages only."""
+    doc = f"document {shard.first_doc + i}"
+    if shard.format in ROW_FORMATS:
+        return f"{shard.file}: row {shard.offset + i}: {doc}"
+    line, skip = _line_number(shard), i
+    with open(shard.file, "rb") as f:
+        f.seek(shard.offset)
+        for raw in f:
+            line += 1
+            if raw.strip():
+                if skip == 0:
+                    break
+                skip -= 1
+    return f"{shard.file}:{line}: {doc}"
+
+
 def _line_number(shard: Shard) -> int:
     """Line number just before ``shard.offset`` (for error messages only)."""
     with open(shard.file, "rb") as f:
@@ -151,12 +257,27 @@ def _parse_line(raw: bytes, shard: Shard, column: str, line_no: int):
     return record[column]
 
 
+def _parquet_column_check(file: str, columns, pf=None) -> None:
+    import pyarrow.parquet as pq
+
+    names = (pf or pq.ParquetFile(file)).schema_arrow.names
+    for column in columns:
+        if column not in names:
+            raise DataError(f"{file}: no column '{column}'; columns: {', '.join(names)}")
+
+
 def _read_parquet_column(shard: Shard, column: str) -> list:
+    """Reads only the row groups that hold the shard's rows."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(shard.file)
-    if column not in pf.schema_arrow.names:
-        raise DataError(
-            f"{shard.file}: no column '{column}'; columns: {', '.join(pf.schema_arrow.names)}"
-        )
-    return pf.read(columns=[column]).slice(shard.offset, shard.count).column(column).to_pylist()
+    _parquet_column_check(shard.file, [column], pf)
+    groups, start, first_row = [], 0, None
+    for g in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(g).num_rows
+        if start + rows > shard.offset and start < shard.offset + shard.count:
+            groups.append(g)
+            first_row = start if first_row is None else first_row
+        start += rows
+    table = pf.read_row_groups(groups, columns=[column])
+    return table.slice(shard.offset - (first_row or 0), shard.count).column(column).to_pylist()

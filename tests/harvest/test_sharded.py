@@ -10,7 +10,7 @@ from support import pipeline_dict
 
 from arrakis_ray.config import pipeline_from_dict
 from arrakis_ray.errors import ConfigError
-from arrakis_ray.harvest.run import harvest
+from arrakis_ray.harvest.driver import harvest
 
 KEYS = {
     "dense": ["layer", "seq_id", "pos"],
@@ -52,14 +52,14 @@ def _assert_same_run(a, b):
 
 
 @pytest.mark.parametrize(
-    "stages", [{"layer_ranges": [[0, 1], [1, 3], [3, 4]]}, {"model_shards": 2}], ids=["3", "2"]
+    "stages", [{"layer_ranges": [[0, 1], [1, 3], [3, 4]]}, {"stages": 2}], ids=["3", "2"]
 )
 def test_stages_of_the_gpt2_demo_model_equal_the_whole_model(harvested, tmp_path, stages):
     _, _, whole = harvested
     sharded = harvest(pipeline_from_dict(pipeline_dict(**stages)), tmp_path / "store")
     assert sharded.run_id != whole.run_id and sharded.shards_done == 3
     parts = sorted(p.name for p in (sharded.run_dir / "activations" / "resid_post").iterdir())
-    n_stages = len(stages.get("layer_ranges", [])) or stages["model_shards"]
+    n_stages = len(stages.get("layer_ranges", [])) or stages["stages"]
     # each stage wrote its own layers
     assert f"shard-00000.stage-{n_stages - 1}.parquet" in parts
     _assert_same_run(whole, sharded)
@@ -89,7 +89,7 @@ def test_two_and_three_stages_of_a_llama_model_equal_the_whole_model(ray_session
 
     whole = run()
     for n_stages in (2, 3):
-        _assert_same_run(whole, run(model_shards=n_stages))
+        _assert_same_run(whole, run(stages=n_stages))
 
 
 def test_bad_layer_ranges_are_refused(ray_session, tmp_path):
