@@ -16,15 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from arrakis_ray.errors import UnknownHookError
+from arrakis_ray.hooks import HOOK_SPECS, REQUIREMENTS, HookSpec, find_spec
 from arrakis_ray.models.adapters import Adapter, adapter_for, get_module, linear_params
-from arrakis_ray.models.points import (
-    BLOCK_HOOKS,
-    BLOCK_RE,
-    HEAD_HOOKS,
-    READ_ONLY,
-    Point,
-    build_point,
-)
+from arrakis_ray.models.points import Point, build_point, norm_eps
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -46,9 +40,11 @@ class HookedModel:
     ``blocks.{L}.hook_resid_pre|mid|post`` (no ``resid_mid`` in parallel blocks),
     ``blocks.{L}.attn.hook_q|k|v|z|pattern``, ``blocks.{L}.hook_attn_out``,
     ``blocks.{L}.mlp.hook_pre|post``, ``blocks.{L}.hook_mlp_out``,
-    ``ln_final.hook_normalized`` and ``logits``. q/k/v are the projections before
-    rotary (and before stablelm's optional qk-norm). Not thread-safe: a call may switch
-    the attention implementation of the wrapped model for its duration.
+    ``ln_final.hook_scale`` (final norms with an eps), ``ln_final.hook_normalized``
+    and ``logits``. q/k/v are the projections before rotary (and before stablelm's
+    optional qk-norm). Each hook's family, width and writability come from
+    ``arrakis_ray.hooks``. Not thread-safe: a call may switch the attention
+    implementation of the wrapped model for its duration.
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter | None = None, tokenizer: Any = None):
@@ -73,6 +69,19 @@ class HookedModel:
         self.device: torch.device = param.device
         self.dtype: torch.dtype = param.dtype
         self.parallel_residual: bool = self.adapter.is_parallel(cfg)
+        # what the optional hook specs need (HookSpec.requires) that this model has
+        has = {
+            "learned_pos": self.adapter.pos_embed is not None,
+            "sequential_block": not self.parallel_residual,
+            "norm_scale": norm_eps(get_module(model, self.adapter.final_norm)) is not None,
+        }
+        self._has = frozenset(req for req, present in has.items() if present)
+        self._dims = {
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "d_head": self.d_head,
+            "d_vocab": self.vocab_size,
+        }
         self._names = self._all_hook_names()
         self._order = {name: i for i, name in enumerate(self._names)}
 
@@ -84,23 +93,29 @@ class HookedModel:
 
     # ------------------------------------------------------------------ hook names
 
+    def _present(self, spec: HookSpec) -> bool:
+        return spec.requires is None or spec.requires in self._has
+
     def _all_hook_names(self) -> list[str]:
-        names = ["hook_embed"]
-        if self.adapter.pos_embed is not None:
-            names.append("hook_pos_embed")
+        specs = [spec for spec in HOOK_SPECS if self._present(spec)]
+        names = [spec.hook() for spec in specs if spec.where == "before"]
         for layer in range(self.n_layers):
-            for hook in BLOCK_HOOKS:
-                if hook == "hook_resid_mid" and self.parallel_residual:
-                    continue
-                names.append(f"blocks.{layer}.{hook}")
-        names += ["ln_final.hook_normalized", "logits"]
+            names += [spec.hook(layer) for spec in specs if spec.in_block]
+        names += [spec.hook() for spec in specs if spec.where == "after"]
         return names
 
     def hook_names(self) -> list[str]:
         """Every concrete hook point of this model, in forward order."""
         return list(self._names)
 
-    def _unknown(self, what: str, hint: str = "") -> UnknownHookError:
+    def _unknown(self, what: str) -> UnknownHookError:
+        hint = ""
+        for spec in HOOK_SPECS:  # a hook other models have, this one lacks
+            if not self._present(spec):
+                layers = range(self.n_layers) if spec.in_block else [None]
+                if fnmatch.filter([spec.hook(layer) for layer in layers], what):
+                    hint = f" ({spec.glob} exists only in {REQUIREMENTS[spec.requires]})"
+                    break
         close = difflib.get_close_matches(what, self._names, n=3, cutoff=0.6)
         suggestion = f"; did you mean {', '.join(close)}?" if close else ""
         return UnknownHookError(
@@ -119,51 +134,32 @@ class HookedModel:
                 continue
             matches = fnmatch.filter(self._names, pattern)
             if not matches:
-                hint = ""
-                if pattern.endswith("hook_resid_mid") and self.parallel_residual:
-                    hint = " (parallel attn+mlp blocks have no resid_mid)"
-                raise self._unknown(pattern, hint)
+                raise self._unknown(pattern)
             found.update(matches)
         return sorted(found, key=self._order.__getitem__)
 
-    def _check(self, name: str) -> str:
+    def _spec(self, name: str) -> HookSpec:
         if name not in self._order:
             raise self._unknown(name)
-        return name
+        spec = find_spec(name)
+        assert spec is not None, name  # every hook name is built from a spec
+        return spec
 
     def layer_of(self, name: str) -> int:
         """L for ``blocks.L.*``, -1 for the embeddings, n_layers for ln_final/logits."""
-        self._check(name)
-        match = BLOCK_RE.match(name)
-        if match:
-            return int(match.group(1))
-        return -1 if name in ("hook_embed", "hook_pos_embed") else self.n_layers
-
-    def _block_hook(self, name: str) -> str:
-        match = BLOCK_RE.match(name)
-        return match.group(2) if match else name
+        return self._spec(name).layer(name, self.n_layers)
 
     def hook_shape(self, name: str) -> tuple[str, int | None]:
         """``("dense", width)``, ``("head", d_head)`` or ``("pattern", None)``."""
-        hook = self._block_hook(self._check(name))
-        if hook in HEAD_HOOKS:
-            return "head", self.d_head
-        if hook == "attn.hook_pattern":
-            return "pattern", None
-        if hook in ("mlp.hook_pre", "mlp.hook_post"):
-            return "dense", self.d_mlp
-        if hook == "logits":
-            return "dense", self.vocab_size
-        return "dense", self.d_model
+        spec = self._spec(name)
+        return spec.kind, spec.width_in(self._dims)
 
     def n_heads_of(self, name: str) -> int:
         """Heads in a per-head hook: n_kv_heads for k/v, n_heads for q/z/pattern."""
-        hook = self._block_hook(self._check(name))
-        if hook in ("attn.hook_k", "attn.hook_v"):
-            return self.n_kv_heads
-        if hook in ("attn.hook_q", "attn.hook_z", "attn.hook_pattern"):
-            return self.n_heads
-        raise UnknownHookError(f"hook {name!r} is not a per-head hook point")
+        spec = self._spec(name)
+        if spec.heads is None:
+            raise UnknownHookError(f"hook {name!r} is not a per-head hook point")
+        return getattr(self, spec.heads)
 
     # ------------------------------------------------------------------ running
 
@@ -236,11 +232,11 @@ class HookedModel:
         want.discard("logits")
         fns: dict[str, Intervention] = {}
         for pattern, fn in (interventions or {}).items():
-            if pattern in self._order and pattern.endswith(READ_ONLY):
+            if pattern in self._order and not self._spec(pattern).writable:
                 raise UnknownHookError(f"hook {pattern!r} is read-only: it cannot be intervened on")
             # a glob skips the read-only points it matches
             for name in self.resolve_hooks([pattern]):
-                if not name.endswith(READ_ONLY):
+                if self._spec(name).writable:
                     fns[name] = fn
         batch = int(input_ids.shape[0])
         points = {name: build_point(self, name, batch) for name in sorted(want | set(fns))}

@@ -2,43 +2,27 @@
 
 A point reads the TransformerLens-shaped value out of a module's input (forward
 pre-hook) or output (forward hook), and for interventions writes a replacement back in
-the module's own layout (flattened heads, a slice of a fused projection, ...).
+the module's own layout (flattened heads, a slice of a fused projection, ...). Which
+hooks exist and what they hold (family, width, whether writable) is ``arrakis_ray.hooks``;
+this module says where each one is in a torch model.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from arrakis_ray.hooks import BLOCK_RE
+from arrakis_ray.models.norms import EPS_ATTRIBUTES
+
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from arrakis_ray.models.adapters import NormKind
     from arrakis_ray.models.hooked import HookedModel
-
-# Hook names inside one block, in the order TransformerLens lists them.
-BLOCK_HOOKS = (
-    "hook_resid_pre",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_v",
-    "attn.hook_pattern",
-    "attn.hook_z",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "mlp.hook_pre",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
-HEAD_HOOKS = frozenset({"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z"})
-# Values that can be read but not replaced: the pattern is returned after the attention
-# output is computed, resid_mid is a norm input (the residual flows around it).
-READ_ONLY = ("hook_pattern", "hook_resid_mid", "logits")
-BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 @dataclass
@@ -110,6 +94,42 @@ def _fused_qkv(hm: HookedModel, which: str) -> tuple[Callable, Callable]:
     return read, write
 
 
+def norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of a norm module, None if it has none (then it has no hook_scale)."""
+    eps = next((getattr(module, a) for a in EPS_ATTRIBUTES if hasattr(module, a)), None)
+    return None if isinstance(eps, bool) or not isinstance(eps, float | int) else float(eps)
+
+
+def _norm_scale(module: nn.Module, kind: NormKind) -> tuple[Callable, Callable]:
+    """Read/write functions for ``hook_scale`` of a norm, as a forward hook on it.
+
+    The scale ``s`` is ``sqrt(var(x) + eps)`` (LayerNorm) or ``sqrt(mean(x^2) + eps)``
+    (RMSNorm) of the norm's input x, in float32 as HF computes it; the output is
+    ``gain * f(x) / s + bias``, so a new scale ``s'`` gives ``(out - bias) * s / s' + bias``
+    whatever the gain (``weight``, gemma's ``1 + weight``).
+    """
+    eps = norm_eps(module)
+    assert eps is not None  # the hook exists only for norms with an eps
+    centred = kind == "layernorm"
+
+    def scale(args: tuple, kwargs: dict) -> Tensor:
+        x = _first_input(args, kwargs).float()
+        if centred:
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+    def read(args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+        return scale(args, kwargs).to(out.dtype)
+
+    def write(args: tuple, kwargs: dict, out: Tensor, new: Tensor) -> Tensor:
+        bias = getattr(module, "bias", None)
+        bias = 0.0 if bias is None else bias.float()
+        ratio = scale(args, kwargs) / new.float()
+        return ((out.float() - bias) * ratio + bias).to(out.dtype)
+
+    return read, write
+
+
 def build_point(hm: HookedModel, name: str, batch: int) -> Point:
     """The hook point behind one concrete (validated) hook name of ``hm``."""
     a, root = hm.adapter, hm.model
@@ -122,6 +142,9 @@ def build_point(hm: HookedModel, name: str, batch: int) -> Point:
             return out.expand(batch, -1, -1).contiguous()
 
         return Point(root.get_submodule(a.pos_embed), False, read_pos, _replace_first_output)
+    if name == "ln_final.hook_scale":
+        norm = root.get_submodule(a.final_norm)
+        return Point(norm, False, *_norm_scale(norm, a.norm))
     if name == "ln_final.hook_normalized":
         return Point(root.get_submodule(a.final_norm), False, _first_output, _replace_first_output)
 

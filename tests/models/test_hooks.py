@@ -15,7 +15,8 @@ def test_hook_names_forward_order_and_count(hm):
     names = hm.hook_names()
     learned_pos = hm.arch in ("gpt2", "gpt-neo")
     per_block = PER_BLOCK - hm.parallel_residual
-    assert len(names) == len(set(names)) == 1 + learned_pos + hm.n_layers * per_block + 2
+    # after the blocks: ln_final.hook_scale, ln_final.hook_normalized, logits
+    assert len(names) == len(set(names)) == 1 + learned_pos + hm.n_layers * per_block + 3
     assert names[0] == "hook_embed" and names[-2:] == ["ln_final.hook_normalized", "logits"]
     assert ("hook_pos_embed" in names) == learned_pos
     assert ("blocks.0.hook_resid_mid" in names) == (not hm.parallel_residual)

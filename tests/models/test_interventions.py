@@ -7,6 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from arrakis_ray.errors import UnknownHookError
+from arrakis_ray.hooks import spec_of
 
 
 def _zero(value, name):
@@ -14,9 +15,7 @@ def _zero(value, name):
 
 
 def test_identity_interventions_everywhere_change_nothing(hm, tokens):
-    writable = [
-        n for n in hm.hook_names() if not n.endswith(("hook_pattern", "hook_resid_mid", "logits"))
-    ]
+    writable = [n for n in hm.hook_names() if spec_of(n).writable]
     seen = []
 
     def same(value, name):

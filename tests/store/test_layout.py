@@ -38,6 +38,7 @@ from arrakis_ray.store.layout import (
         ("hook_embed", "embed", "dense"),
         ("hook_pos_embed", "pos_embed", "dense"),
         ("ln_final.hook_normalized", "ln_final", "dense"),
+        ("ln_final.hook_scale", "ln_final_scale", "dense"),
         ("logits", "logits", "dense"),
     ],
 )
