@@ -9,7 +9,7 @@ context 128) and the same corpus (every document fills the 128-token context, so
 counts are exact), batch 16:
 
 (a) forward  - HF forward over the corpus: no hooks, no writes (model load excluded);
-(b) harvest  - ``arrakis_ray.harvest.run.harvest`` through Ray to Parquet of every
+(b) harvest  - ``arrakis_ray.harvest.driver.harvest`` through Ray to Parquet of every
                ``blocks.*.hook_resid_post`` and ``blocks.*.mlp.hook_post`` in float16:
                wall time of the call, and the steady rate between the first and the
                last shard completion (no Ray / actor start-up);
@@ -264,7 +264,7 @@ def bench_harvest(raw: dict, store: Path) -> dict:
     shard's files are complete (the driver sees results later and out of order).
     """
     from arrakis_ray.config import pipeline_from_dict
-    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.harvest.driver import harvest
 
     shutil.rmtree(store, ignore_errors=True)
     config = pipeline_from_dict(raw, source=f"benchmark:{raw['name']}")

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrakis_ray.errors import QueryError
-from arrakis_ray.harvest.run import predict_bytes, shard_size_for
+from arrakis_ray.harvest.plan import predict_bytes, shard_size_for
 from arrakis_ray.store import parquet as store_parquet
 from arrakis_ray.store import schemas
 from arrakis_ray.store.catalog import Store
@@ -67,16 +67,11 @@ BLOCK = 64  # sequences per generated block (every shard size is a multiple)
 FAMILY, LAYER, HOOK = "mlp_post", 3, "blocks.3.mlp.hook_post"
 
 
-class _HookShapes:
-    """What predict_bytes asks of a model: the stored kind and width of a hook."""
-
-    def hook_shape(self, hook: str) -> tuple[str, int]:
-        return "dense", WIDTH
-
-
-# the harvest's automatic shard size for this hook (harvest.run.auto_shard_size), rounded
+# the harvest's automatic shard size for this hook (harvest.plan.auto_shard_size), rounded
 # down to whole generated blocks
-HARVEST_SHARD = shard_size_for(predict_bytes(_HookShapes(), [HOOK], CONTEXT, CONTEXT, "float16"))
+HARVEST_SHARD = shard_size_for(
+    predict_bytes(((HOOK, "dense", WIDTH, 1),), CONTEXT, CONTEXT, "float16")
+)
 HARVEST_SHARD -= HARVEST_SHARD % BLOCK
 NEURON, TOP = 123, 20
 HEAVY = (7, NEURON, 300)  # neurons scaled by 8, as a few dimensions of real activations are

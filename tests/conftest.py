@@ -30,7 +30,7 @@ def ray_session():
 def harvested(ray_session, tmp_path_factory):
     """(config, store path, HarvestResult) of one shared harvest + logit lens."""
     from arrakis_ray.config import pipeline_from_dict
-    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.harvest.driver import harvest
     from arrakis_ray.tools.runner import analyze
 
     store = tmp_path_factory.mktemp("store") / "store"

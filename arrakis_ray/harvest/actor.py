@@ -33,12 +33,15 @@ from arrakis_ray.harvest.batch import (
     shard_of,
 )
 from arrakis_ray.harvest.model_source import load_model, vocab_texts
+from arrakis_ray.harvest.tokenize import documents_table
 from arrakis_ray.store import layout as store_layout
-from arrakis_ray.store import parquet, schemas
-from arrakis_ray.store.atomic import atomic_open
+from arrakis_ray.store import schemas
+from arrakis_ray.store.writer import RunWriter
 
 log = logging.getLogger(__name__)
 
+# Row keys a stage hands on to the next one, beside the shard descriptor and the residual.
+PASSED_ON = ("lengths", "seq_ids", "token_ids", "doc_ids", "doc_pos", "documents")
 # Threads encoding a shard's Parquet files (one file per hook family, plus tokens).
 WRITE_THREADS = 4
 # Shards a harvest actor works on at once: one in the model, one being written.
@@ -77,7 +80,7 @@ class HarvestStage:
 
         self.config = config
         self.run_id = run_id
-        self.layout = store_layout.RunLayout(store_root, run_id)
+        self.writer = RunWriter(store_root, run_id, create=False)
         use_gpu = config.harvest.num_gpus_per_actor > 0 and torch.cuda.is_available()
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs, so cuda:0 is ours
         self.device = "cuda" if use_gpu else "cpu"
@@ -104,7 +107,6 @@ class HarvestStage:
             family = store_layout.hook_family(name)
             self._hook_tables[name] = (family, kind, hooked.layer_of(name), schema)
         self._tokens_schema = schemas.tokens_schema()
-        self._tokens_version = schemas.load_schema("tokens").version
         self._model_lock = threading.Lock()  # one shard at a time runs the model
         self._layout_thread = ThreadPoolExecutor(1, thread_name_prefix="arrakis-layout")
         self._write_threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="arrakis-write")
@@ -131,8 +133,9 @@ class HarvestStage:
                 out["bytes"].append(n_bytes)
                 out["seconds"].append(seconds)
             else:  # hand the shard on to the next stage
-                for key in (*SHARD_FIELDS, "lengths", "seq_ids", "token_ids", "doc_ids", "doc_pos"):
-                    out[key].append(row[key])
+                for key in (*SHARD_FIELDS, *PASSED_ON):
+                    if key in row:
+                        out[key].append(row[key])
                 out["resid"].append(resid)
                 out["bytes"].append(n_bytes)
                 out["seconds"].append(seconds)
@@ -165,8 +168,11 @@ class HarvestStage:
         files = [(self._write_family, family, parts, shard) for family, parts in per_family.items()]
         if self.stage.last:
             tokens = pa.concat_tables(token_parts)
-            path = self.layout.shard_file(self.layout.tokens_dir, shard)
-            files.append((self._write_tokens, tokens, path))
+            files.append((self.writer.write_tokens, shard, tokens))
+            kept = row.get("documents")
+            if kept and kept != "{}":  # the labels of data.keep_columns
+                table = documents_table(self.run_id, int(row["first_doc"]), kept)
+                files.append((self.writer.write_documents, shard, table))
         writes = []
         try:
             for file in files:
@@ -179,8 +185,7 @@ class HarvestStage:
         n_bytes = sum(f.result() for f in writes)
         if self.stage.last:
             # the marker goes last: a shard without it is redone from scratch on resume
-            with atomic_open(self.layout.completion_marker(shard), "wb"):
-                pass
+            self.writer.mark_complete(shard)
         return int(np.sum(row["lengths"])), n_bytes, resid_out
 
     def _forward_shard(self, row: dict, laid_out: list) -> np.ndarray | None:
@@ -248,15 +253,6 @@ class HarvestStage:
             )  # fmt: skip
         return activations, tokens
 
-    def _write_tokens(self, table: pa.Table, path) -> int:
-        return parquet.write_table(
-            table,
-            path,
-            schema_name="tokens",
-            schema_version=self._tokens_version,
-            expected=self._tokens_schema,
-        )
-
     def _table(self, name: str, tensor, mask: np.ndarray, lengths: np.ndarray, seq_ids):
         """(layer, table) of one hook's captured tensor for one forward batch."""
         _family, kind, layer, schema = self._hook_tables[name]
@@ -286,11 +282,4 @@ class HarvestStage:
         # min/max statistics let a reader skip the other layers
         parts.sort(key=lambda item: item[0])
         table = pa.concat_tables([t for _, t in parts])
-        name = f"activation.{store_layout.family_kind(family)}"
-        return parquet.write_table(
-            table,
-            self.layout.shard_file(self.layout.activation_dir(family), shard, self.part),
-            schema_name=name,
-            schema_version=schemas.load_schema(name).version,
-            expected=parts[0][1].schema,  # built from schemas.activation_schema above
-        )
+        return self.writer.write_activations(family, shard, table, self.part)

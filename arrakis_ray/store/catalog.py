@@ -1,6 +1,6 @@
 """Read-only SQL over every run of a store: an in-memory DuckDB with one view per table.
 
-Views: ``runs`` (one row per run, from the manifests), ``tokens``, ``vocab``,
+Views: ``runs`` (one row per run, from the manifests), ``tokens``, ``vocab``, ``documents``,
 ``act_<family>`` for every stored hook family and ``results_<tool>`` for every tool
 result; each spans all runs and has a ``run_id`` column. The set of runs is read when the
 Store opens; shards a running harvest adds later to those runs are seen by later queries.
@@ -31,6 +31,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from arrakis_ray.config import to_dict
 from arrakis_ray.errors import QueryError, SchemaError, StoreError
 from arrakis_ray.store.layout import FAMILY_KIND, RunLayout, list_run_ids, open_store
 from arrakis_ray.store.location import arrow_source, is_remote, tree_bytes
@@ -70,23 +71,6 @@ def _lit(text: str | Path) -> str:
     return "'" + str(text).replace("'", "''") + "'"
 
 
-def _lookup(manifest: dict, key: str) -> object:
-    """A manifest value at the top level, else in the first nested section that has it."""
-    if key in manifest:
-        return manifest[key]
-    for value in manifest.values():
-        if isinstance(value, dict) and key in value:
-            return value[key]
-    return None
-
-
-def _as(kind: type, value: object) -> object:
-    try:
-        return kind(value) if value is not None and not isinstance(value, dict | list) else None
-    except (TypeError, ValueError):
-        return None
-
-
 def _duckdb_types(schema: pa.Schema) -> pa.Schema:
     """``schema`` with float16 as float32: DuckDB's Arrow scan has no float16 (its
     Parquet reader returns FLOAT for it too, so the two paths give the same types)."""
@@ -104,23 +88,20 @@ def _run_row(layout: RunLayout) -> dict:
         log.warning("%s", e)
         row["status"] = "no-manifest" if not layout.manifest_path.exists() else "corrupt-manifest"
         return row
-    model = _lookup(manifest, "model")
-    if isinstance(model, dict):
-        row["model"] = _as(str, model.get("source") or model.get("name") or model.get("path"))
-        row["arch"] = _as(str, model.get("arch") or model.get("architecture"))
-    else:
-        row["model"] = _as(str, model)
-        row["arch"] = _as(str, _lookup(manifest, "arch"))
-    hooks = _lookup(manifest, "hooks")
-    if isinstance(hooks, dict):
-        hooks = list(hooks)
-    row["hooks"] = [str(h) for h in hooks] if isinstance(hooks, list) else None
-    for key in ("name", "status", "created_at"):
-        row[key] = _as(str, _lookup(manifest, key))
-    for key in ("n_sequences", "n_tokens"):
-        row[key] = _as(int, _lookup(manifest, key))
-    row["tokens_per_s"] = _as(float, _lookup(manifest, "tokens_per_s"))
-    row["manifest"] = json.dumps(manifest, sort_keys=True)
+    row.update(
+        name=manifest.name,
+        status=manifest.status,
+        model=manifest.model_source,
+        arch=manifest.shape.arch,
+        n_sequences=manifest.data.n_sequences,
+        n_tokens=manifest.harvest.n_tokens,
+        hooks=list(manifest.hooks),
+        created_at=manifest.created_at,
+        tokens_per_s=manifest.harvest.tokens_per_s,
+    )
+    data = manifest.to_json()
+    data["results"] = {name: to_dict(r) for name, r in manifest.results.items()}
+    row["manifest"] = json.dumps(data, sort_keys=True)
     return row
 
 
@@ -222,6 +203,7 @@ class Store:
     def _create_file_views(self) -> None:
         self._view("tokens", self._checked_files(f"tokens/{SHARD_GLOB}", "tokens"))
         self._view("vocab", self._checked_files("vocab.parquet", "vocab"))
+        self._view("documents", self._checked_files(f"documents/{SHARD_GLOB}", "documents"))
         families: set[str] = set()
         tools: set[str] = set()
         for run_id in self._run_ids:

@@ -13,7 +13,8 @@ import logging
 import re
 from pathlib import Path
 
-from arrakis_ray.errors import StoreError, UnknownHookError
+from arrakis_ray import hooks
+from arrakis_ray.errors import StoreError
 from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.location import (
     StorePath,
@@ -29,78 +30,22 @@ STORE_MARKER = "arrakis-store.json"
 STORE_FORMAT = "arrakis-ray-store"
 STORE_VERSION = 1  # layout version this code reads and writes
 
-# Hook family -> storage kind (which activation schema its rows follow).
-FAMILY_KIND: dict[str, str] = {
-    **{
-        f: "dense"
-        for f in (
-            "embed",
-            "pos_embed",
-            "resid_pre",
-            "resid_mid",
-            "resid_post",
-            "attn_out",
-            "mlp_out",
-            "mlp_pre",
-            "mlp_post",
-            "ln_final",
-            "logits",
-        )
-    },
-    **{f: "head" for f in ("attn_q", "attn_k", "attn_v", "attn_z")},
-    "attn_pattern": "pattern",
-}
-
-# Families that sit outside the blocks: layer -1 before block 0, n_layers after the last.
-_BEFORE_BLOCKS = ("embed", "pos_embed")
-_AFTER_BLOCKS = ("ln_final", "logits")
-
-# Hook name (after "blocks.{L}.") -> family; hooks outside the blocks are listed apart.
-_BLOCK_HOOKS = {
-    "hook_resid_pre": "resid_pre",
-    "hook_resid_mid": "resid_mid",
-    "hook_resid_post": "resid_post",
-    "hook_attn_out": "attn_out",
-    "hook_mlp_out": "mlp_out",
-    "attn.hook_q": "attn_q",
-    "attn.hook_k": "attn_k",
-    "attn.hook_v": "attn_v",
-    "attn.hook_z": "attn_z",
-    "attn.hook_pattern": "attn_pattern",
-    "mlp.hook_pre": "mlp_pre",
-    "mlp.hook_post": "mlp_post",
-}
-_OUTER_HOOKS = {
-    "hook_embed": "embed",
-    "hook_pos_embed": "pos_embed",
-    "ln_final.hook_normalized": "ln_final",
-    "logits": "logits",
-}
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHARD_DONE = re.compile(r"^shard-(\d+)\.done$")
-
-
-def hook_family(hook_name: str) -> str:
-    """Family of a TransformerLens-style hook name (``blocks.3.attn.hook_q`` -> ``attn_q``).
-
-    Raises UnknownHookError for a name that maps to no stored family.
-    """
-    family = _OUTER_HOOKS.get(hook_name)
-    m = _BLOCK_HOOK.match(hook_name)
-    if m:
-        family = _BLOCK_HOOKS.get(m.group(2))
-    if family is None:
-        known = ", ".join(sorted(FAMILY_KIND))
-        raise UnknownHookError(f"hook {hook_name!r} maps to no stored family (families: {known})")
-    return family
-
+# Families, kinds and hook <-> family maps are all derived from arrakis_ray.hooks
+# (re-exported here, where the store's users have always found them).
+FAMILY_KIND = hooks.FAMILY_KIND
+"""Family -> storage kind (which activation schema its rows follow)."""
+hook_family = hooks.hook_family
+family_kind = hooks.family_kind
+hook_layer = hooks.hook_layer
 
 # Dense families with one row per (layer, token) inside the blocks -> hook name after
-# "blocks.{L}." (the inverse of _BLOCK_HOOKS for the dense kind).
+# "blocks.{L}." (``blocks.{L}.mlp.hook_post`` for mlp_post).
 DENSE_BLOCK_HOOKS: dict[str, str] = {
-    family: hook for hook, family in _BLOCK_HOOKS.items() if FAMILY_KIND[family] == "dense"
+    spec.family: spec.name for spec in hooks.HOOK_SPECS if spec.in_block and spec.kind == "dense"
 }
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHARD_DONE = re.compile(r"^shard-(\d+)\.done$")
 
 
 def block_hook(family: str, layer: int) -> str:
@@ -109,25 +54,6 @@ def block_hook(family: str, layer: int) -> str:
     ``block_hook("mlp_post", 2)`` is ``blocks.2.mlp.hook_post``.
     """
     return f"blocks.{layer}.{DENSE_BLOCK_HOOKS[family]}"
-
-
-def family_kind(family: str) -> str:
-    """Storage kind of a family: ``dense``, ``head`` or ``pattern``."""
-    try:
-        return FAMILY_KIND[family]
-    except KeyError:
-        known = ", ".join(sorted(FAMILY_KIND))
-        raise UnknownHookError(f"unknown hook family {family!r} (families: {known})") from None
-
-
-def hook_layer(hook_name: str, n_layers: int) -> int:
-    """Value of the ``layer`` column for a hook: its block, -1 before block 0, n_layers after."""
-    family = hook_family(hook_name)
-    if family in _BEFORE_BLOCKS:
-        return -1
-    if family in _AFTER_BLOCKS:
-        return n_layers
-    return int(hook_name.split(".")[1])
 
 
 def _read_marker(root: StorePath) -> None:
@@ -217,7 +143,9 @@ class RunLayout:
         self.tokens_dir = self.root / "tokens"
         self.activations_root = self.root / "activations"
         self.completions_dir = self.root / "completions"
+        self.documents_dir = self.root / "documents"
         self.results_root = self.root / "results"
+        self.tool_records_dir = self.root / "tools"
 
     def __repr__(self) -> str:
         return f"RunLayout({str(self.store_root)!r}, {self.run_id!r})"
@@ -232,6 +160,12 @@ class RunLayout:
         if not _RUN_ID.match(tool):
             raise StoreError(f"invalid tool name {tool!r} for a results directory")
         return self.results_root / tool
+
+    def tool_record_path(self, tool: str) -> StorePath:
+        """JSON record of a tool's last call on this run (``store/manifest.py``)."""
+        if not _RUN_ID.match(tool):
+            raise StoreError(f"invalid tool name {tool!r} for a tool record")
+        return self.tool_records_dir / f"{tool}.json"
 
     def shard_file(self, directory: StorePath, shard: int, stage: int | None = None) -> StorePath:
         """Parquet file of shard number ``shard`` in ``directory``.

@@ -1,41 +1,331 @@
-"""A run's ``manifest.json``: the resolved config and everything that explains the run.
+"""A run's manifest: a typed, versioned record of what the run is and how it went.
 
-The content is free-form JSON filled by the harvest (config, fingerprints, schema
-versions, shard plan, status, timings, package versions); the keys the catalog's ``runs``
-view reads are listed in ``schemas/README.md``.
+``manifest.json`` (schema: ``schemas/manifest.v2.json``) is written by the harvest
+driver alone. It holds the model's shape, the hooks, the shard plan, the stages, the
+status, the timings, the fingerprints and the resolved config, so anything in the
+store explains itself. Tools do not rewrite it: each tool call records itself in its
+own file ``tools/<tool>.json`` beside it, written atomically. Two ``analyze`` calls on
+one run at once therefore never lose each other's record, on a local disk or on an
+object store, which has no locks. ``read_manifest`` joins the two.
+
+A version-1 manifest (before this type existed) is upgraded on read; nothing on disk
+changes.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
-from arrakis_ray.errors import StoreError
+from arrakis_ray.config import build_dataclass, to_dict
+from arrakis_ray.errors import ConfigError, StoreError
 from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.layout import RunLayout
 
+MANIFEST_VERSION = 2
 
-def write_manifest(layout: RunLayout, manifest: dict) -> None:
-    """Write the run's manifest atomically (sorted keys, indent 2)."""
-    path = layout.manifest_path
-    if not isinstance(manifest, dict):
-        raise StoreError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
+Status = Literal["running", "complete", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The model's shape: all a tool, a planner or a reader needs to know of it."""
+
+    arch: str
+    """Architecture (gpt2, llama, ...): which adapter maps its modules."""
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_heads: int
+    n_kv_heads: int
+    """Key/value heads (fewer than n_heads under grouped-query attention)."""
+    d_head: int
+    d_vocab: int
+    norm: Literal["layernorm", "rmsnorm"]
+    """LayerNorm (centres, may have a bias) or RMSNorm (scales only)."""
+    positional: Literal["learned", "rotary"]
+    """Learned position embeddings (hook_pos_embed exists) or rotary."""
+    parallel_blocks: bool
+    """Attention and MLP both read resid_pre (then there is no resid_mid)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous range of input documents in one file: the unit of work and resume."""
+
+    shard: int
+    file: str
+    format: str
+    offset: int
+    """Byte offset (jsonl, text) or row offset (parquet, npy) of the first document."""
+    count: int
+    """Documents in the shard."""
+    first_doc: int
+    """Global id of the first document."""
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Where the run's documents came from."""
+
+    path: str
+    fingerprint: str
+    n_documents: int
+    n_sequences: int
+    """Sequences harvested (in packed mode known once the harvest has tokenized)."""
+    n_shards: int
+
+
+@dataclass(frozen=True)
+class HarvestCall:
+    """One ``harvest`` call that did work on the run (a resumed run has several)."""
+
+    finished_at: str
+    shards: int
+    tokens: int
+    bytes: int
+    sequences: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class HarvestRecord:
+    """The harvest's progress and cost over all its calls."""
+
+    predicted_max_bytes: int
+    resumed: bool = False
+    calls: tuple[HarvestCall, ...] = ()
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(c.tokens for c in self.calls)
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.bytes for c in self.calls)
+
+    @property
+    def seconds(self) -> float:
+        return round(sum(c.seconds for c in self.calls), 3)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return round(self.n_tokens / self.seconds, 1) if self.seconds else None
+
+
+@dataclass(frozen=True)
+class ToolRecord:
+    """One tool's last call on the run (``tools/<tool>.json``)."""
+
+    params: dict[str, Any]
+    outputs: tuple[str, ...]
+    schema_version: int
+    shards: int
+    rows: int
+    seconds: float
+    finished_at: str
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """Everything that explains one run (``runs/<run_id>/manifest.json``)."""
+
+    run_id: str
+    name: str
+    status: Status
+    created_at: str
+    config: dict[str, Any]
+    """The resolved pipeline config (``config.to_dict``)."""
+    hooks: tuple[str, ...]
+    """Concrete hook names harvested, in the model's order."""
+    shape: ModelShape
+    model_source: str
+    """zoo:NAME, a local path, or random:ARCH."""
+    model_fingerprint: str
+    data: DataInfo
+    shard_plan: tuple[Shard, ...]
+    stages: tuple[tuple[int, ...], ...]
+    """[start, stop) block ranges, one per pipeline stage."""
+    schemas: dict[str, Any]
+    """Table name -> schema version written by this run."""
+    harvest: HarvestRecord
+    versions: dict[str, Any]
+    """Package versions of the harvest."""
+    updated_at: str | None = None
+    error: str | None = None
+    """Why the last harvest call failed (status "failed")."""
+    results: dict[str, Any] = field(default_factory=dict)
+    """Tool name -> ToolRecord, joined from ``tools/*.json`` on read."""
+    version: int = MANIFEST_VERSION
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_of_layer(self, layer: int) -> int | None:
+        """The pipeline stage holding block ``layer`` (None outside the blocks)."""
+        for i, (start, stop) in enumerate(self.stages):
+            if start <= layer < stop:
+                return i
+        return None
+
+    def with_changes(self, **changes: Any) -> RunManifest:
+        """A copy with some fields replaced (manifests are immutable values)."""
+        return replace(self, **changes)
+
+    def to_json(self) -> dict:
+        """The JSON object written to ``manifest.json`` (plus derived harvest totals)."""
+        data = to_dict(self)
+        data.pop("results")  # lives in tools/*.json
+        h = self.harvest
+        data["harvest"].update(
+            n_tokens=h.n_tokens, bytes=h.bytes, seconds=h.seconds, tokens_per_s=h.tokens_per_s
+        )
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> RunManifest:
+        """Parse a manifest object (version 1 or 2); StoreError naming ``where`` and the field."""
+        if not isinstance(data, dict):
+            raise StoreError(f"{where}: corrupt manifest (a JSON object expected)")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > MANIFEST_VERSION:
+            raise StoreError(
+                f"{where}: manifest version {version!r} is newer than this arrakis-ray "
+                f"(knows up to {MANIFEST_VERSION}); upgrade arrakis-ray to read this run"
+            )
+        if version == 1:
+            data = _upgrade_v1(data, where)
+        data = dict(data)
+        harvest = dict(data.get("harvest") or {})
+        for derived in ("n_tokens", "bytes", "seconds", "tokens_per_s"):
+            harvest.pop(derived, None)
+        data["harvest"] = harvest
+        try:
+            return build_dataclass(cls, data, where, "")
+        except ConfigError as exc:
+            raise StoreError(f"corrupt manifest: {exc}") from None
+
+
+def _upgrade_v1(old: dict, where: str) -> dict:
+    """A version-1 manifest (free-form JSON) as version 2, in memory."""
     try:
-        text = json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False) + "\n"
+        model = old["model"]
+        arch = model["arch"]
+        shape = {
+            "arch": arch,
+            "n_layers": model["n_layers"],
+            "d_model": model["d_model"],
+            "d_mlp": model["d_mlp"],
+            "n_heads": model["n_heads"],
+            "n_kv_heads": model.get("n_kv_heads", model["n_heads"]),
+            "d_head": model["d_head"],
+            "d_vocab": model["vocab_size"],
+            **_V1_ARCH_DEFAULTS.get(arch, _V1_ARCH_DEFAULTS["llama"]),
+        }
+        harvest = dict(old.get("harvest") or {})
+        calls = [
+            {k: c.get(k, 0) for k in ("finished_at", "shards", "tokens", "bytes", "sequences")}
+            | {"seconds": c.get("seconds", 0.0)}
+            for c in harvest.get("calls", [])
+        ]
+        for c in calls:
+            c["finished_at"] = c["finished_at"] or old.get("created_at", "?")
+        return {
+            "version": MANIFEST_VERSION,
+            "run_id": old["run_id"],
+            "name": old.get("name") or old["run_id"],
+            "status": old["status"],
+            "created_at": old["created_at"],
+            "updated_at": old.get("updated_at"),
+            "config": old["config"],
+            "hooks": old["hooks"],
+            "shape": shape,
+            "model_source": model.get("source", "?"),
+            "model_fingerprint": model.get("fingerprint", "?"),
+            "data": {k: old["data"][k] for k in DataInfo.__dataclass_fields__},
+            "shard_plan": old["shard_plan"],
+            "stages": old["stages"],
+            "schemas": old.get("schemas", {}),
+            "harvest": {
+                "predicted_max_bytes": harvest.get("predicted_max_bytes", 0),
+                "resumed": harvest.get("resumed", False),
+                "calls": calls,
+            },
+            "versions": old.get("versions", {}),
+            "error": old.get("error"),
+            "results": old.get("results", {}),
+        }
+    except (KeyError, TypeError) as exc:
+        raise StoreError(
+            f"{where}: version-1 manifest lacks {exc}; it cannot be upgraded: harvest the "
+            "run again into a new store"
+        ) from None
+
+
+# What a version-1 manifest did not record, by architecture (as the adapters build them;
+# gpt-neox and stablelm take their config's parallel flag, recorded in the config).
+_V1_ARCH_DEFAULTS = {
+    "gpt2": {"norm": "layernorm", "positional": "learned", "parallel_blocks": False},
+    "gpt-neo": {"norm": "layernorm", "positional": "learned", "parallel_blocks": False},
+    "gpt-neox": {"norm": "layernorm", "positional": "rotary", "parallel_blocks": True},
+    "stablelm": {"norm": "layernorm", "positional": "rotary", "parallel_blocks": False},
+    "phi3": {"norm": "rmsnorm", "positional": "rotary", "parallel_blocks": False},
+    "llama": {"norm": "rmsnorm", "positional": "rotary", "parallel_blocks": False},
+    "gemma": {"norm": "rmsnorm", "positional": "rotary", "parallel_blocks": False},
+    "qwen2": {"norm": "rmsnorm", "positional": "rotary", "parallel_blocks": False},
+    "mistral": {"norm": "rmsnorm", "positional": "rotary", "parallel_blocks": False},
+}
+
+
+def write_manifest(layout: RunLayout, manifest: RunManifest) -> None:
+    """Write the run's manifest atomically (sorted keys, indent 2). Harvest driver only."""
+    path = layout.manifest_path
+    try:
+        text = json.dumps(manifest.to_json(), sort_keys=True, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise StoreError(f"{path}: manifest is not JSON-serialisable ({e})") from None
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 
-def read_manifest(layout: RunLayout) -> dict:
-    """The run's manifest; StoreError naming the file if it is missing or corrupt."""
+def read_manifest(layout: RunLayout) -> RunManifest:
+    """The run's manifest with its tool records; StoreError naming the file if it is
+    missing or corrupt."""
     path = layout.manifest_path
+    data = _read_json(path, f"manifest is missing (run {layout.run_id!r})")
+    manifest = RunManifest.from_json(data, str(path))
+    # a version-1 manifest kept its tool records inline
+    results = {name: _tool_record(raw, str(path)) for name, raw in manifest.results.items()}
+    if layout.tool_records_dir.is_dir():
+        for record_path in sorted(layout.tool_records_dir.glob("*.json")):
+            data = _read_json(record_path, "tool record is missing")
+            results[record_path.stem] = _tool_record(data, str(record_path))
+    return replace(manifest, results=results)
+
+
+def write_tool_record(layout: RunLayout, tool: str, record: ToolRecord) -> None:
+    """Record one tool call (atomically, in its own file: no lock needed)."""
+    path = layout.tool_record_path(tool)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(to_dict(record), sort_keys=True, indent=2) + "\n")
+
+
+def _tool_record(data: Any, where: str) -> ToolRecord:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return build_dataclass(ToolRecord, data, where, "")
+    except ConfigError as exc:
+        raise StoreError(f"corrupt tool record: {exc}") from None
+
+
+def _read_json(path, missing: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise StoreError(f"{path}: manifest is missing (run {layout.run_id!r})") from None
+        raise StoreError(f"{path}: {missing}") from None
     except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: corrupt manifest ({e})") from None
-    if not isinstance(data, dict):
-        raise StoreError(f"{path}: corrupt manifest (a JSON object expected)")
-    return data
+        raise StoreError(f"{path}: corrupt JSON ({e})") from None

@@ -12,7 +12,7 @@ and a SQL view ``results_<output>``). Then it implements one of two shapes:
   final Ray task combines (per-neuron statistics, per-head averages).
 - ``scope = "run"``: ``compute_run(inputs, model)`` runs once, in one Ray task, for tools
   that need no activations (weights only) or that stream over every shard themselves
-  (training a dictionary or a probe). ``RunInputs`` gives streaming readers.
+  (training a dictionary or a probe). ``RunReader`` (store/reader.py) streams shards.
 
 A result is a ``pyarrow.Table`` (for the tool's only output) or a dict output name ->
 table. A custom tool is a subclass registered with ``register_tool``.
@@ -20,16 +20,20 @@ table. A custom tool is a subclass registered with ``register_tool``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from arrakis_ray.store.reader import RunReader
+
+RunInputs = RunReader  # what a run-scope tool reads: the run, shard by shard
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
     from arrakis_ray.models import HookedModel
-    from arrakis_ray.store.layout import RunLayout
+    from arrakis_ray.store.manifest import ModelShape, RunManifest
 
 Result = "pa.Table | dict[str, pa.Table]"
 
@@ -45,55 +49,14 @@ class ShardInputs:
 
     run_id: str
     shard: int
-    manifest: dict
+    manifest: RunManifest
     activations: dict[str, pa.Table]  # hook family -> that shard's table (all layers)
     tokens: pa.Table
     vocab: np.ndarray  # token id -> token text (object array)
 
-
-@dataclass
-class RunInputs:
-    """What a run-scope tool reads: the run, with readers that stream shard by shard."""
-
-    run_id: str
-    layout: RunLayout
-    manifest: dict
-    vocab: np.ndarray
-    shards: list[int]  # completed shards, in order
-
-    def activations(self, family: str, shard: int, columns: list[str] | None = None) -> pa.Table:
-        """One shard's table of a hook family (optionally only some columns)."""
-        from arrakis_ray.tools.runner import _read_family
-
-        return _read_family(self.layout, family, shard, columns)
-
-    def tokens(self, shard: int) -> pa.Table:
-        """One shard's tokens table."""
-        from arrakis_ray.store import parquet, schemas
-
-        return parquet.read_table(
-            self.layout.shard_file(self.layout.tokens_dir, shard),
-            schema_name="tokens",
-            max_version=schemas.load_schema("tokens").version,
-        )
-
-    def iter_activations(
-        self, family: str, columns: list[str] | None = None
-    ) -> Iterator[tuple[int, pa.Table]]:
-        """(shard, table) for every shard in order: one shard in memory at a time."""
-        for shard in self.shards:
-            yield shard, self.activations(family, shard, columns)
-
-    def documents(self, column: str) -> dict[int, Any]:
-        """doc_id -> value of ``column`` in the run's input data (labels for probes)."""
-        from arrakis_ray.harvest.inputs import Shard, read_shard_column
-
-        out: dict[int, Any] = {}
-        for entry in self.manifest["shard_plan"]:
-            shard = Shard(**entry)
-            for i, value in enumerate(read_shard_column(shard, column)):
-                out[shard.first_doc + i] = value
-        return out
+    @property
+    def shape(self) -> ModelShape:
+        return self.manifest.shape
 
 
 class Tool:
@@ -128,15 +91,15 @@ class Tool:
     def output_names(cls) -> tuple[str, ...]:
         return cls.outputs or (cls.name,)
 
-    def required_hooks(self, manifest: dict) -> list[str]:
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
         """Concrete hook names this tool reads, given the run's manifest (model shape)."""
         return []
 
-    def selected_layers(self, manifest: dict, layers: Sequence[int]) -> list[int]:
+    def selected_layers(self, manifest: RunManifest, layers: Sequence[int]) -> list[int]:
         """``layers`` (sorted, deduplicated; empty: every layer), checked against the model."""
         from arrakis_ray.errors import ToolError
 
-        n_layers = manifest["model"]["n_layers"]
+        n_layers = manifest.shape.n_layers
         chosen = sorted(set(layers)) or list(range(n_layers))
         bad = [layer for layer in chosen if not 0 <= layer < n_layers]
         if bad:
@@ -159,7 +122,7 @@ class Tool:
         """Result rows (or partial aggregates, with ``reduce``) for one shard."""
         raise NotImplementedError(f"tool {self.name} has scope 'shard' but no compute_shard")
 
-    def compute_run(self, inputs: RunInputs, model: HookedModel | None) -> Any:
+    def compute_run(self, inputs: RunReader, model: HookedModel | None) -> Any:
         """The whole result, computed once for the run."""
         raise NotImplementedError(f"tool {self.name} has scope 'run' but no compute_run")
 

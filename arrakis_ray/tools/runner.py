@@ -20,13 +20,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from arrakis_ray.config import build_dataclass, pipeline_from_dict, to_dict
+from arrakis_ray.config import ModelConfig, build_dataclass, to_dict
 from arrakis_ray.errors import ToolError
-from arrakis_ray.store import layout as store_layout
-from arrakis_ray.store import manifest as store_manifest
-from arrakis_ray.store import parquet, schemas
+from arrakis_ray.hooks import harvest_glob
+from arrakis_ray.store import parquet
+from arrakis_ray.store.layout import RunLayout, hook_family
 from arrakis_ray.store.location import StorePath
-from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
+from arrakis_ray.store.manifest import ToolRecord
+from arrakis_ray.store.reader import RunReader
+from arrakis_ray.store.writer import RunWriter
+from arrakis_ray.tools.base import ShardInputs, Tool
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +87,23 @@ def analyze(
     store: str | Path | None = None,
 ) -> AnalyzeResult:
     """Run a tool (a name, or ``module:Class``) over every completed shard of ``run``."""
-    from arrakis_ray.harvest.run import ensure_ray
+    from arrakis_ray.harvest.driver import ensure_ray
 
     started = time.perf_counter()
-    layout = store_layout.resolve_run(run, store)
-    manifest = store_manifest.read_manifest(layout)
+    reader = RunReader.open(run, store)
+    layout, manifest = reader.layout, reader.manifest
     tool = make_tool(tool_name, params)
     for output in tool.output_names():
         tool.result_schema(output)  # a missing schema file fails here, before any task runs
-    missing = [h for h in tool.required_hooks(manifest) if h not in manifest["hooks"]]
+    missing = [h for h in tool.required_hooks(manifest) if h not in manifest.hooks]
     if missing:
-        families = sorted({store_layout.hook_family(h) for h in missing})
+        families = sorted({hook_family(h) for h in missing})
         raise ToolError(
             f"tool {tool.name} needs hooks that run {layout.run_id} did not harvest: "
             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; harvest again "
-            f"with harvest.hooks including {', '.join(_glob_of(f) for f in families)}"
+            f"with harvest.hooks including {', '.join(harvest_glob(f) for f in families)}"
         )
-    shards = sorted(layout.completed_shards())
+    shards = reader.shards
     if not shards:
         raise ToolError(f"run {layout.run_id} has no completed shard to analyze")
 
@@ -123,17 +126,16 @@ def analyze(
         rows = sum(ray.get(_map(ray.remote(_run_shard).options(num_cpus=0.5), payload, shards)))
 
     seconds = time.perf_counter() - started
-    manifest = store_manifest.read_manifest(layout)
-    manifest.setdefault("results", {})[tool.name] = {
-        "params": to_dict(tool.params),
-        "outputs": list(tool.output_names()),
-        "schema_version": tool.schema_version,
-        "shards": len(shards),
-        "rows": rows,
-        "seconds": round(seconds, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    store_manifest.write_manifest(layout, manifest)
+    record = ToolRecord(
+        params=to_dict(tool.params),
+        outputs=tool.output_names(),
+        schema_version=tool.schema_version,
+        shards=len(shards),
+        rows=rows,
+        seconds=round(seconds, 3),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    RunWriter.for_layout(layout).record_tool(tool.name, record)
     log.info("%s: %d rows over %d shards in %.1f s", tool.name, rows, len(shards), seconds)
     return AnalyzeResult(
         tool.name,
@@ -165,28 +167,23 @@ def _map(task, payload: tuple, shards: list[int]) -> list:
 def _context(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, reducing=False
 ):
-    """(tool, layout, manifest, model-or-None) inside a worker."""
-    layout = store_layout.RunLayout(store_root, run_id)
-    manifest = store_manifest.read_manifest(layout)
+    """(tool, reader, model-or-None) inside a worker."""
+    reader = RunReader(RunLayout(store_root, run_id))
     tool = make_tool(tool_cls, params)
     wanted = tool.reduce_needs_weights if reducing else tool.needs_weights
-    model = _model(json.dumps(manifest["config"], sort_keys=True)) if wanted else None
-    return tool, layout, manifest, model
+    model_config = json.dumps(reader.manifest.config["model"], sort_keys=True)
+    return tool, reader, _model(model_config) if wanted else None
 
 
-def _shard_inputs(tool, layout, manifest, shard: int) -> ShardInputs:
-    families = sorted({store_layout.hook_family(h) for h in tool.required_hooks(manifest)})
+def _shard_inputs(tool, reader: RunReader, shard: int) -> ShardInputs:
+    families = sorted({hook_family(h) for h in tool.required_hooks(reader.manifest)})
     return ShardInputs(
-        run_id=layout.run_id,
+        run_id=reader.run_id,
         shard=shard,
-        manifest=manifest,
-        activations={f: _read_family(layout, f, shard) for f in families},
-        tokens=parquet.read_table(
-            layout.shard_file(layout.tokens_dir, shard),
-            schema_name="tokens",
-            max_version=schemas.load_schema("tokens").version,
-        ),
-        vocab=_vocab(layout.vocab_path),
+        manifest=reader.manifest,
+        activations={f: reader.activations(f, shard) for f in families},
+        tokens=reader.tokens(shard),
+        vocab=reader.vocab,
     )
 
 
@@ -194,23 +191,21 @@ def _run_shard(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, shard: int
 ) -> int:
     """A Ray task: compute one shard's result rows and write them; returns the row count."""
-    tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
-    result = tool.compute_shard(_shard_inputs(tool, layout, manifest, shard), model)
-    return _write(tool, layout, result, shard)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id)
+    result = tool.compute_shard(_shard_inputs(tool, reader, shard), model)
+    return _write(tool, reader.layout, result, shard)
 
 
 def _partial_shard(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, shard: int
 ):
     """A Ray task: write one shard's final outputs; return its partials for ``reduce``."""
-    tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
-    result = _as_outputs(
-        tool, tool.compute_shard(_shard_inputs(tool, layout, manifest, shard), model)
-    )
+    tool, reader, model = _context(tool_cls, params, store_root, run_id)
+    result = _as_outputs(tool, tool.compute_shard(_shard_inputs(tool, reader, shard), model))
     reduced = tool.output_names() if tool.reduced_outputs is None else tool.reduced_outputs
     final = {name: table for name, table in result.items() if name not in reduced}
     if final:
-        _write(tool, layout, final, shard)
+        _write(tool, reader.layout, final, shard)
     return {name: table for name, table in result.items() if name in reduced}
 
 
@@ -218,28 +213,24 @@ def _reduce(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, *partials
 ) -> int:
     """A Ray task: combine every shard's partials into the final tables and write them."""
-    tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id, reducing=True)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id, reducing=True)
     names = {name for part in partials for name in part}
     by_output = {name: [part[name] for part in partials if name in part] for name in names}
-    rows = _write(tool, layout, tool.reduce(by_output, manifest, model), 0, replace=True)
-    if tool.reduced_outputs is not None:  # the per-shard outputs' rows, for the manifest
+    result = tool.reduce(by_output, reader.manifest, model)
+    rows = _write(tool, reader.layout, result, 0, replace=True)
+    if tool.reduced_outputs is not None:  # the per-shard outputs' rows, for the record
         rows += sum(
-            _rows_on_disk(layout, o) for o in tool.output_names() if o not in tool.reduced_outputs
+            _rows_on_disk(reader.layout, o)
+            for o in tool.output_names()
+            if o not in tool.reduced_outputs
         )
     return rows
 
 
 def _run_whole(tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str) -> int:
     """A Ray task: a run-scope tool's whole computation."""
-    tool, layout, manifest, model = _context(tool_cls, params, store_root, run_id)
-    inputs = RunInputs(
-        run_id=run_id,
-        layout=layout,
-        manifest=manifest,
-        vocab=_vocab(layout.vocab_path),
-        shards=sorted(layout.completed_shards()),
-    )
-    return _write(tool, layout, tool.compute_run(inputs, model), 0, replace=True)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id)
+    return _write(tool, reader.layout, tool.compute_run(reader, model), 0, replace=True)
 
 
 def _as_outputs(tool, result) -> dict:
@@ -252,73 +243,22 @@ def _as_outputs(tool, result) -> dict:
 
 
 def _write(tool, layout, result, shard: int, replace: bool = False) -> int:
-    """Write each output table of ``result`` as ``results/<output>/shard-NNNNN.parquet``.
-
-    ``replace``: a whole-run result is one file; older files of the output go first, so
-    a rerun never leaves stale rows beside it.
-    """
-    rows = 0
-    for output, table in _as_outputs(tool, result).items():
-        directory = layout.results_dir(output)
-        target = layout.shard_file(directory, shard)
-        if replace and directory.exists():
-            for old in directory.glob("shard-*.parquet"):
-                if old != target:
-                    old.unlink()
-        parquet.write_table(
-            table,
-            target,
-            schema_name=f"result.{output}",
-            schema_version=tool.schema_version,
-            expected=tool.result_schema(output),
-        )
-        rows += table.num_rows
-    return rows
+    """Write each output table of ``result``; returns the rows written."""
+    writer = RunWriter.for_layout(layout)
+    return sum(
+        writer.write_result(output, shard, table, tool.schema_version, replace=replace)
+        for output, table in _as_outputs(tool, result).items()
+    )
 
 
 def _rows_on_disk(layout, output: str) -> int:
     return sum(parquet.num_rows(p) for p in layout.results_dir(output).glob("shard-*.parquet"))
 
 
-def _read_family(layout, family: str, shard: int, columns: list[str] | None = None):
-    """One shard's table of a hook family (all its stage parts, in layer order)."""
-    import pyarrow as pa
-
-    name = f"activation.{store_layout.family_kind(family)}"
-    directory = layout.activation_dir(family)
-    parts = layout.shard_parts(directory, shard) or [layout.shard_file(directory, shard)]
-    tables = [
-        parquet.read_table(
-            p, schema_name=name, max_version=schemas.load_schema(name).version, columns=columns
-        )
-        for p in parts
-    ]
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-
-
 @lru_cache(maxsize=2)
-def _model(config_json: str):
+def _model(model_config_json: str):
     """The run's model, loaded once per worker process."""
     from arrakis_ray.harvest.model_source import load_model
 
-    config = pipeline_from_dict(json.loads(config_json))
-    return load_model(config.model, device="cpu")
-
-
-@lru_cache(maxsize=4)
-def _vocab(path):
-    import numpy as np
-
-    table = parquet.read_table(
-        path, schema_name="vocab", max_version=schemas.load_schema("vocab").version
-    )
-    return np.asarray(table.column("token_text").to_pylist(), dtype=object)
-
-
-def _glob_of(family: str) -> str:
-    """The harvest glob that yields a hook family (resid_post -> blocks.*.hook_resid_post)."""
-    if family.startswith("attn_"):
-        return f"blocks.*.attn.hook_{family.removeprefix('attn_')}"
-    if family in ("mlp_pre", "mlp_post"):
-        return f"blocks.*.mlp.hook_{family.removeprefix('mlp_')}"
-    return f"blocks.*.hook_{family}"
+    config = build_dataclass(ModelConfig, json.loads(model_config_json), "manifest", "model")
+    return load_model(config, device="cpu")

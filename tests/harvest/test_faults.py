@@ -18,7 +18,7 @@ import yaml
 from support import pipeline_dict
 
 from arrakis_ray.config import pipeline_from_dict
-from arrakis_ray.harvest.run import harvest
+from arrakis_ray.harvest.driver import harvest
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.manifest import read_manifest
 
@@ -79,7 +79,7 @@ def test_a_killed_driver_resumes_where_it_stopped(ray_session, tmp_path):
     result = harvest(pipeline_from_dict(_raw()), store)
     assert result.run_id == run_id
     assert result.shards_done == N_DOCS - done_before  # only what was missing
-    assert read_manifest(layout)["harvest"]["resumed"] is True
+    assert read_manifest(layout).harvest.resumed is True
     _assert_exactly_once(result.run_dir)
 
 

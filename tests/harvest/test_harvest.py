@@ -13,7 +13,7 @@ import torch
 from support import DEMO_DATA, pipeline_dict, store_snapshot
 
 from arrakis_ray.config import pipeline_from_dict
-from arrakis_ray.harvest.run import harvest
+from arrakis_ray.harvest.driver import harvest
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.manifest import read_manifest
 
@@ -96,9 +96,7 @@ def test_every_token_and_hook_row_exactly_once(harvested):
     keys = set(zip(tokens["seq_id"].to_pylist(), tokens["pos"].to_pylist(), strict=True))
     assert len(keys) == tokens.num_rows  # no duplicates
     assert sorted({s for s, _ in keys}) == list(range(len(texts)))
-    n_layers = read_manifest(RunLayout(result.run_dir.parents[1], result.run_id))["model"][
-        "n_layers"
-    ]
+    n_layers = read_manifest(RunLayout(result.run_dir.parents[1], result.run_id)).shape.n_layers
     for family in ("resid_post", "mlp_post", "resid_mid"):
         table = _family(result, family)
         assert table.num_rows == n_layers * tokens.num_rows
@@ -114,16 +112,16 @@ def test_every_token_and_hook_row_exactly_once(harvested):
 def test_manifest_records_the_run(harvested):
     config, store, result = harvested
     manifest = read_manifest(RunLayout(store, result.run_id))
-    assert manifest["status"] == "complete"
-    assert manifest["run_id"] == result.run_id
-    assert len(manifest["shard_plan"]) == 3  # 40 documents, 16 per shard
+    assert manifest.status == "complete"
+    assert manifest.run_id == result.run_id
+    assert len(manifest.shard_plan) == 3  # 40 documents, 16 per shard
     tokens = pq.read_table(result.run_dir / "tokens").num_rows
-    assert manifest["harvest"]["n_tokens"] == tokens
-    assert manifest["harvest"]["tokens_per_s"] > 0
-    assert "blocks.1.hook_resid_post" in manifest["hooks"]
-    assert manifest["results"]["logit_lens"]["rows"] > 0
+    assert manifest.harvest.n_tokens == tokens
+    assert manifest.harvest.tokens_per_s > 0
+    assert "blocks.1.hook_resid_post" in manifest.hooks
+    assert manifest.results["logit_lens"].rows > 0
     # the size printed before the run is an upper bound of what it wrote
-    assert manifest["harvest"]["bytes"] <= manifest["harvest"]["predicted_max_bytes"]
+    assert manifest.harvest.bytes <= manifest.harvest.predicted_max_bytes
 
 
 def test_rerun_is_a_noop_and_a_partial_run_resumes(ray_session, tmp_path):
@@ -149,7 +147,7 @@ def test_rerun_is_a_noop_and_a_partial_run_resumes(ray_session, tmp_path):
     shutil.copy(layout.shard_file(layout.tokens_dir, 0), layout.shard_file(layout.tokens_dir, 1))
     resumed = harvest(config, store)
     assert (resumed.run_id, resumed.shards_done) == (first.run_id, 1)
-    assert read_manifest(layout)["harvest"]["resumed"] is True
+    assert read_manifest(layout).harvest.resumed is True
     table = pq.read_table(first.run_dir / "activations" / "resid_post").sort_by(
         [("layer", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")]
     )
@@ -159,32 +157,29 @@ def test_rerun_is_a_noop_and_a_partial_run_resumes(ray_session, tmp_path):
 
 
 def test_automatic_shard_size_targets_bytes_per_shard():
-    from arrakis_ray.harvest import run
-    from arrakis_ray.harvest.model_source import describe_model
+    from arrakis_ray.harvest import plan
 
     raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"], storage_dtype="float16")
     del raw["harvest"]["shard_size"]
     raw["data"]["max_documents"] = None  # all 400 documents
     config = pipeline_from_dict(raw)
     assert config.harvest.shard_size is None
-    model = describe_model(config.model)
-    hooks = model.resolve_hooks(config.harvest.hooks)
+    shapes = plan.hook_shapes(config)
     # per sequence: 24 tokens x (40 B of tokens table + 4 layers x (128 x 2 B + 14 B of keys))
     per_sequence = 24 * (40 + 4 * (128 * 2 + 14))
-    assert run.predict_bytes(model, hooks, 24, 24, "float16") == per_sequence
+    assert plan.predict_bytes(shapes, 24, 24, "float16") == per_sequence
     # 128 MiB would be ~20,700 such documents: clamped to 4,096, then to 400 / 4 = 100 so
     # that the corpus makes 4 shards
-    assert run.shard_size_for(per_sequence) == 4096
-    assert run.auto_shard_size(config, model, hooks) == 100
+    assert plan.shard_size_for(per_sequence) == 4096
+    assert plan.auto_shard_size(config, shapes) == 100
     # the actor count does not change the shards (nor the run id): a rerun with other
     # resources resumes
     two_actors = pipeline_from_dict({**raw, "harvest": {**raw["harvest"], "actors": 2}})
-    assert run.auto_shard_size(two_actors, model, hooks) == 100
+    assert plan.auto_shard_size(two_actors, shapes) == 100
 
 
 def test_automatic_shard_size_of_a_large_corpus(tmp_path):
-    from arrakis_ray.harvest import run
-    from arrakis_ray.harvest.model_source import describe_model
+    from arrakis_ray.harvest import plan
 
     corpus = tmp_path / "big.jsonl"
     corpus.write_text("".join('{"text": "the capital of france is paris ."}\n' * 20_000))
@@ -192,31 +187,28 @@ def test_automatic_shard_size_of_a_large_corpus(tmp_path):
     del raw["harvest"]["shard_size"]
     raw["data"] = {"path": str(corpus), "context_length": 128}
     config = pipeline_from_dict(raw)
-    model = describe_model(config.model)
-    hooks = model.resolve_hooks(config.harvest.hooks)
-    per_doc = run.predict_bytes(model, hooks, 128, 128, "float16")
+    shapes = plan.hook_shapes(config)
+    per_doc = plan.predict_bytes(shapes, 128, 128, "float16")
     assert per_doc == 128 * (40 + 4 * (512 * 2 + 14))
-    assert run.auto_shard_size(config, model, hooks) == run.SHARD_BYTES // per_doc == 250
+    assert plan.auto_shard_size(config, shapes) == plan.SHARD_BYTES // per_doc == 250
     # packed: a document's tokens are estimated from its bytes (an upper bound: at
     # least one byte per token), plus BOS and EOS
     packed = pipeline_from_dict({**raw, "data": {**raw["data"], "mode": "packed"}})
     per_line = len('{"text": "the capital of france is paris ."}\n')
-    per_packed_doc = run.predict_bytes(model, hooks, per_line + 2, 128, "float16")
-    assert run.auto_shard_size(packed, model, hooks) == min(4096, run.SHARD_BYTES // per_packed_doc)
+    per_packed_doc = plan.predict_bytes(shapes, per_line + 2, 128, "float16")
+    assert plan.auto_shard_size(packed, shapes) == min(4096, plan.SHARD_BYTES // per_packed_doc)
 
 
 def test_automatic_shard_size_is_clamped(monkeypatch):
-    from arrakis_ray.harvest import run
-    from arrakis_ray.harvest.model_source import describe_model
+    from arrakis_ray.harvest import plan
 
     raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"])
     del raw["harvest"]["shard_size"]
     raw["data"]["max_documents"] = None
     config = pipeline_from_dict(raw)
-    model = describe_model(config.model)
-    hooks = model.resolve_hooks(config.harvest.hooks)
-    monkeypatch.setattr(run, "SHARD_BYTES", 1000)  # less than one sequence
-    assert run.auto_shard_size(config, model, hooks) == run.SHARD_SIZE_RANGE[0]
+    shapes = plan.hook_shapes(config)
+    monkeypatch.setattr(plan, "SHARD_BYTES", 1000)  # less than one sequence
+    assert plan.auto_shard_size(config, shapes) == plan.SHARD_SIZE_RANGE[0]
 
 
 def test_harvest_resolves_the_shard_size_before_the_run_id(ray_session, tmp_path):
@@ -227,6 +219,6 @@ def test_harvest_resolves_the_shard_size_before_the_run_id(ray_session, tmp_path
     # 40 documents, one actor: 4 shards of 10
     assert (first.shards_total, first.status) == (4, "complete")
     manifest = read_manifest(RunLayout(tmp_path / "store", first.run_id))
-    assert manifest["config"]["harvest"]["shard_size"] == 10
+    assert manifest.config["harvest"]["shard_size"] == 10
     again = harvest(config, tmp_path / "store")
     assert (again.run_id, again.status) == (first.run_id, "already complete")

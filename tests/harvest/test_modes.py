@@ -13,7 +13,7 @@ from support import DEMO_DATA, pipeline_dict
 
 from arrakis_ray.config import pipeline_from_dict
 from arrakis_ray.errors import DataError
-from arrakis_ray.harvest.run import harvest
+from arrakis_ray.harvest.driver import harvest
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.manifest import read_manifest
 
@@ -42,7 +42,7 @@ def test_packed_mode_keeps_every_document_token_once_with_its_source(
     assert (lengths.iloc[:-1][lengths.index[:-1] // 2**20 == 0] <= 16).all()
     assert sorted(set(lengths))[-1] == 16
     manifest = read_manifest(RunLayout(tmp_path / "store", result.run_id))
-    assert manifest["data"]["n_sequences"] == len(lengths)
+    assert manifest.data.n_sequences == len(lengths)
     # a packed sequence spans documents and its activations are the model's on that chunk
     seq = int(lengths.index[1])
     chunk = tokens[tokens.seq_id == seq].sort_values("pos")
@@ -86,7 +86,7 @@ def test_bad_data_fails_loudly_naming_the_shard_and_keeps_completed_shards(ray_s
     run_dir = next((tmp_path / "store" / "runs").iterdir())
     layout = RunLayout(tmp_path / "store", run_dir.name)
     manifest = read_manifest(layout)
-    assert manifest["status"] == "failed" and "not valid JSON" in manifest["error"]
+    assert manifest.status == "failed" and "not valid JSON" in manifest.error
     # shards finished before the failure keep their files and markers
     for shard in layout.completed_shards():
         assert layout.shard_file(layout.activation_dir("resid_post"), shard).exists()

@@ -31,9 +31,9 @@ def _snapshot(store) -> dict[str, dict[int, range]]:
         shards = layout.completed_shards()
         if not shards:
             continue
-        plan = {p["shard"]: p for p in read_manifest(layout)["shard_plan"]}
+        plan = {p.shard: p for p in read_manifest(layout).shard_plan}
         done[run_id] = {
-            s: range(plan[s]["first_doc"], plan[s]["first_doc"] + plan[s]["count"]) for s in shards
+            s: range(plan[s].first_doc, plan[s].first_doc + plan[s].count) for s in shards
         }
     return done
 
@@ -108,7 +108,7 @@ def test_two_harvests_and_a_reader(ray_session, tmp_path):
     assert runs == 2 and shards == sum(DOCS)
     assert checks >= 3 and while_both_ran >= 1, (checks, while_both_ran)
     for run_id in list_run_ids(store):
-        assert read_manifest(RunLayout(store, run_id))["status"] == "complete"
+        assert read_manifest(RunLayout(store, run_id)).status == "complete"
     with Store(store) as s:
         counts = s.sql(
             "SELECT run_id, count(DISTINCT seq_id) AS seqs FROM tokens GROUP BY ALL ORDER BY 2"

@@ -94,7 +94,7 @@ def _s3fs(endpoint):
 def s3_run(s3_endpoint, ray_session):
     """A float16 harvest + logit lens into s3://lab/store (run once for the module)."""
     from arrakis_ray.config import pipeline_from_dict
-    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.harvest.driver import harvest
     from arrakis_ray.tools.runner import analyze
 
     mp = pytest.MonkeyPatch()
@@ -180,7 +180,7 @@ def test_sql_over_s3_equals_the_local_store(s3_run, s3_env, harvested):
 
 
 def test_rerun_on_s3_is_a_no_op(s3_run, s3_env):
-    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.harvest.driver import harvest
 
     config, result = s3_run
     again = harvest(config, f"s3://{BUCKET}/store")

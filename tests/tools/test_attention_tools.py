@@ -230,8 +230,8 @@ def handset_gpt2(path, vocab: int = 385, n_pos: int = 48) -> None:
 
 def test_handset_model_shows_its_previous_token_and_induction_heads(ray_session, tmp_path):
     from arrakis_ray.config import pipeline_from_dict
+    from arrakis_ray.harvest.driver import harvest
     from arrakis_ray.harvest.model_source import load_model
-    from arrakis_ray.harvest.run import harvest
 
     torch.set_num_threads(1)
     handset_gpt2(tmp_path / "model")

@@ -70,7 +70,7 @@ def test_tool_refuses_a_run_without_its_hooks(ray_session, tmp_path):
     from support import pipeline_dict
 
     from arrakis_ray.config import pipeline_from_dict
-    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.harvest.driver import harvest
 
     raw = pipeline_dict(hooks=["blocks.0.hook_attn_out"], shard_size=8)
     raw["data"]["max_documents"] = 8

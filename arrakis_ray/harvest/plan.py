@@ -1,0 +1,281 @@
+"""Plan a harvest without running it: run id, shard plan, stages, size, model shape.
+
+``plan_run`` is pure: it starts no Ray and runs no forward pass. The model's shape comes
+from the model built on torch's ``meta`` device (no memory, no weights), and everything
+that reads files (the model and data fingerprints, the shard plan) is cached per process
+by the files' size and modification time, so a sweep plans a thousand variants of one
+pipeline in seconds (benchmarks/plan.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+from arrakis_ray.config import DataConfig, ModelConfig, PipelineConfig, to_dict
+from arrakis_ray.errors import ConfigError
+from arrakis_ray.harvest import inputs
+from arrakis_ray.harvest.model_source import (
+    checkpoint_dir,
+    describe_model,
+    model_source_fingerprint,
+)
+from arrakis_ray.store.manifest import ModelShape, Shard
+from arrakis_ray.store.plan import RunPlan
+
+# Auto shard size: ~128 MiB of activations per shard. Fewer, larger files make every
+# query open fewer Parquet footers (top-k of one neuron over 2M rows: 256 files of 8 MB
+# 0.31 s, 16 files of 128 MB 0.06 s; benchmarks/BENCHMARKS.md), while a shard stays
+# small enough to hold in an actor's memory and cheap to redo on resume.
+SHARD_BYTES = 128 << 20
+SHARD_SIZE_RANGE = (16, 4096)
+MIN_SHARDS = 4  # a small corpus is still split, so a few actors share it
+
+
+def plan_run(config: PipelineConfig) -> RunPlan:
+    """The plan of harvesting ``config``: checks the model, hooks, data and budget.
+
+    Raises the user's error (ConfigError, DataError, UnknownHookError, ModelLoadError)
+    before anything is written anywhere.
+    """
+    shape, hook_names, hook_shapes = _model_facts(_shape_key(config.model), config.harvest.hooks)
+    if config.harvest.shard_size is None:  # resolved before the run id is hashed
+        size = auto_shard_size(config, hook_shapes)
+        config = replace(config, harvest=replace(config.harvest, shard_size=size))
+    shards = _plan_shards(config.data.path, config.harvest.shard_size, config.data.max_documents)
+    inputs.check_columns(list(shards), config.data)
+    stages = stage_ranges(config, shape.n_layers)
+    identity = {
+        "model": _model_fingerprint(config.model),
+        "data": _data_fingerprint(shards, config.data),
+        "hooks": list(hook_names),
+        "context_length": config.data.context_length,
+        "mode": config.data.mode,
+        "storage_dtype": config.harvest.storage_dtype,
+        "shard_size": config.harvest.shard_size,
+    }
+    if len(stages) > 1:  # a staged run stores its layers in per-stage file parts
+        identity["stages"] = [list(s) for s in stages]
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    max_tokens = _max_tokens(config, shards)
+    predicted = predict_bytes(
+        hook_shapes, max_tokens, config.data.context_length, config.harvest.storage_dtype
+    )
+    budget = config.harvest.max_bytes
+    if budget is not None and predicted > budget:
+        raise ConfigError(
+            f"{config.source}: harvest.max_bytes: this run may write up to {predicted:,} bytes "
+            f"(at most {max_tokens:,} tokens), over the budget of "
+            f"{budget:,}; harvest fewer hooks or documents, or raise the budget"
+        )
+    return RunPlan(
+        config=config,
+        run_id=run_id,
+        identity=identity,
+        hooks=hook_names,
+        shape=shape,
+        shards=shards,
+        stages=stages,
+        max_tokens=max_tokens,
+        predicted_bytes=predicted,
+        model_source=_model_source(config.model),
+    )
+
+
+HookShape = tuple[str, str, int, int]
+"""(hook, kind, width, heads): what a hook stores per token."""
+
+
+def hook_shapes(config: PipelineConfig) -> tuple[HookShape, ...]:
+    """What each of the config's hooks stores per token."""
+    return _model_facts(_shape_key(config.model), config.harvest.hooks)[2]
+
+
+def model_shape(model) -> ModelShape:
+    """The shape of a HookedModel (real or on the meta device)."""
+    import torch
+
+    final_norm = model.model.get_submodule(model.adapter.final_norm)
+    return ModelShape(
+        arch=model.arch,
+        n_layers=model.n_layers,
+        d_model=model.d_model,
+        d_mlp=model.d_mlp,
+        n_heads=model.n_heads,
+        n_kv_heads=model.n_kv_heads,
+        d_head=model.d_head,
+        d_vocab=model.vocab_size,
+        norm="layernorm" if isinstance(final_norm, torch.nn.LayerNorm) else "rmsnorm",
+        positional="learned" if model.adapter.pos_embed is not None else "rotary",
+        parallel_blocks=model.parallel_residual,
+    )
+
+
+@lru_cache(maxsize=64)
+def _model_facts(
+    shape_key: str, patterns: tuple[str, ...]
+) -> tuple[ModelShape, tuple[str, ...], tuple[HookShape, ...]]:
+    """The model's shape, its resolved hooks and what each stores, from a meta model."""
+    model = _described(shape_key)
+    hooks = tuple(model.resolve_hooks(patterns))
+    shapes = []
+    for hook in hooks:
+        kind, width = model.hook_shape(hook)
+        heads = model.n_heads_of(hook) if kind != "dense" else 1
+        shapes.append((hook, kind, width or 0, heads))
+    return model_shape(model), hooks, tuple(shapes)
+
+
+@lru_cache(maxsize=16)
+def _described(shape_key: str):
+    return describe_model(ModelConfig(**_model_from_key(shape_key)))
+
+
+def _shape_key(cfg: ModelConfig) -> str:
+    """What determines the model's shape (not its seed or dtype), plus the checkpoint's
+    file stamp so a changed checkpoint is described again."""
+    key = {"zoo": cfg.zoo, "path": cfg.path, "arch": cfg.arch, "config": cfg.config}
+    path = checkpoint_dir(cfg)
+    if path is not None:
+        key["stamp"] = _stamp(path / "config.json")
+    return json.dumps(key, sort_keys=True)
+
+
+def _model_from_key(shape_key: str) -> dict:
+    return {k: v for k, v in json.loads(shape_key).items() if k != "stamp"}
+
+
+def _stamp(path: Path) -> list:
+    st = os.stat(path)
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _model_fingerprint(cfg: ModelConfig) -> str:
+    path = checkpoint_dir(cfg)
+    if path is None:  # cheap: a hash of the config
+        return model_source_fingerprint(cfg)
+    stamps = [_stamp(p) for p in sorted(path.rglob("*")) if p.is_file()]
+    return _cached_model_fingerprint(json.dumps(to_dict(cfg), sort_keys=True), json.dumps(stamps))
+
+
+@lru_cache(maxsize=64)
+def _cached_model_fingerprint(cfg_json: str, _stamps: str) -> str:
+    return model_source_fingerprint(ModelConfig(**json.loads(cfg_json)))
+
+
+def _plan_shards(path: str, shard_size: int, max_documents: int | None) -> tuple[Shard, ...]:
+    files = inputs.input_files(path)
+    return _cached_shards(path, shard_size, max_documents, json.dumps([_stamp(f) for f in files]))
+
+
+@lru_cache(maxsize=256)
+def _cached_shards(path: str, shard_size: int, max_documents, _stamps: str) -> tuple[Shard, ...]:
+    return tuple(inputs.plan_shards(path, shard_size, max_documents))
+
+
+def _data_fingerprint(shards: tuple[Shard, ...], data: DataConfig) -> str:
+    files = dict.fromkeys(s.file for s in shards)
+    stamps = json.dumps([_stamp(Path(f)) for f in files])
+    columns = (data.text_column, data.token_column, data.keep_columns)
+    return _cached_data_fingerprint(shards, columns, stamps)
+
+
+@lru_cache(maxsize=256)
+def _cached_data_fingerprint(shards: tuple[Shard, ...], columns: tuple, _stamps: str) -> str:
+    return inputs.data_fingerprint(list(shards), *columns)
+
+
+def _max_tokens(config: PipelineConfig, shards) -> int:
+    n_docs = sum(s.count for s in shards)
+    if config.data.mode == "document":  # every document cut to the context length
+        return n_docs * config.data.context_length
+    # packed: nothing is cut; a token takes at least one byte of text (+ BOS, EOS)
+    return input_bytes(shards) + 2 * n_docs
+
+
+def input_bytes(shards) -> int:
+    """Bytes of the input files the shards come from: in packed mode a token takes at
+    least one byte of text, so this bounds the tokens."""
+    return sum(Path(f).stat().st_size for f in {s.file for s in shards})
+
+
+def shard_size_for(bytes_per_document: int) -> int:
+    """Documents per shard for ~SHARD_BYTES of activations, clamped to SHARD_SIZE_RANGE."""
+    low, high = SHARD_SIZE_RANGE
+    return max(low, min(high, SHARD_BYTES // max(1, bytes_per_document)))
+
+
+def auto_shard_size(config: PipelineConfig, hook_shapes: tuple[HookShape, ...]) -> int:
+    """The default ``shard_size``: ~SHARD_BYTES of activations per shard.
+
+    A document is at most one context of tokens in document mode; in packed mode it is
+    estimated from the files' sizes (at least one byte per token, plus BOS and EOS), an
+    upper bound. A corpus too small for MIN_SHARDS such shards gets smaller ones. The
+    result depends only on the data, the model, the hooks and the context, never on
+    how many actors run: a rerun with other resources plans the same shards, keeps the
+    same run id and resumes.
+    """
+    context = config.data.context_length
+    shards = _plan_shards(config.data.path, SHARD_SIZE_RANGE[1], config.data.max_documents)
+    n_docs = sum(s.count for s in shards)
+    if config.data.mode == "document":
+        tokens_per_doc = context
+    else:
+        tokens_per_doc = -(-input_bytes(shards) // max(1, n_docs)) + 2
+    per_doc = predict_bytes(hook_shapes, tokens_per_doc, context, config.harvest.storage_dtype)
+    return max(1, min(shard_size_for(per_doc), -(-n_docs // MIN_SHARDS)))
+
+
+def predict_bytes(
+    hook_shapes: tuple[HookShape, ...], max_tokens: int, context: int, dtype: str
+) -> int:
+    """Upper bound of the run's size on disk for at most ``max_tokens`` tokens.
+
+    Values are stored uncompressed in effect (activations barely compress), plus the
+    key columns of each row (layer 2 B, seq_id 8 B, pos 4 B, head 2 B; patterns: q_pos,
+    k_pos 4 B each and a float32 weight).
+    """
+    value = 2 if dtype == "float16" else 4
+    per_token = 40  # tokens table: ids, positions, text
+    for _hook, kind, width, heads in hook_shapes:
+        if kind == "dense":
+            per_token += width * value + 14
+        elif kind == "head":
+            per_token += heads * (width * value + 16)
+        else:  # a query attends to (context + 1) / 2 keys on average
+            per_token += heads * (context + 1) // 2 * 24
+    return max_tokens * per_token
+
+
+def stage_ranges(config: PipelineConfig, n_layers: int) -> tuple[tuple[int, int], ...]:
+    """The pipeline stages' block ranges: ((0, n_layers),) unless the model is staged."""
+    from arrakis_ray.models.stage import even_ranges
+
+    where = f"{config.source}: harvest"
+    if config.harvest.layer_ranges:
+        ranges = [tuple(r) for r in config.harvest.layer_ranges]
+        expected_start = 0
+        for r in ranges:
+            if len(r) != 2 or r[0] != expected_start or r[1] <= r[0]:
+                raise ConfigError(
+                    f"{where}.layer_ranges: {[list(x) for x in ranges]} must be contiguous "
+                    f"[start, stop) pairs from 0 to n_layers = {n_layers}"
+                )
+            expected_start = r[1]
+        if expected_start != n_layers:
+            raise ConfigError(
+                f"{where}.layer_ranges: the ranges end at {expected_start}, but the model has "
+                f"{n_layers} layers"
+            )
+        return tuple(ranges)
+    if config.harvest.stages > n_layers:
+        raise ConfigError(f"{where}.stages: {config.harvest.stages} stages for {n_layers} layers")
+    return tuple(tuple(r) for r in even_ranges(n_layers, config.harvest.stages))
+
+
+def _model_source(m: ModelConfig) -> str:
+    return f"zoo:{m.zoo}" if m.zoo else (m.path if m.path else f"random:{m.arch}")

@@ -1,0 +1,185 @@
+"""RunReader: the one way tools, the report and tests read a run.
+
+It knows the run's stages: a staged run stores each shard of a hook family as one file
+part per stage (the layers of that stage), and the reader joins the parts, or opens only
+the part that holds the layer asked for. Every file is checked against its schema name
+and version; a missing file is called missing, not corrupt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from arrakis_ray.errors import StoreError
+from arrakis_ray.store import schemas
+from arrakis_ray.store.layout import RunLayout, family_kind, hook_family, hook_layer, resolve_run
+from arrakis_ray.store.manifest import ModelShape, RunManifest, read_manifest
+from arrakis_ray.store.parquet import check_file_schema, read_files
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+
+class RunReader:
+    """Reads one run: its manifest, activations, tokens, vocabulary, documents, results."""
+
+    def __init__(self, layout: RunLayout, manifest: RunManifest | None = None) -> None:
+        self.layout = layout
+        self.manifest = manifest if manifest is not None else read_manifest(layout)
+
+    @classmethod
+    def open(cls, run: str | Path, store: str | Path | None = None) -> RunReader:
+        """A run given as its directory, or as its id (or a unique prefix) and a store."""
+        return cls(resolve_run(run, store))
+
+    @property
+    def run_id(self) -> str:
+        return self.layout.run_id
+
+    @property
+    def shape(self) -> ModelShape:
+        return self.manifest.shape
+
+    @property
+    def shards(self) -> list[int]:
+        """Completed shards, in order (a running harvest adds more)."""
+        return sorted(self.layout.completed_shards())
+
+    @cached_property
+    def families(self) -> list[str]:
+        """Hook families the run harvested."""
+        return sorted({hook_family(h) for h in self.manifest.hooks})
+
+    # ------------------------------------------------------------------- activations
+
+    def activations(
+        self,
+        family: str,
+        shard: int,
+        columns: list[str] | None = None,
+        layer: int | None = None,
+    ) -> pa.Table:
+        """One shard's table of a hook family, every layer in layer order, or only
+        ``layer`` (then only the file part holding it is opened)."""
+        if family not in self.families:
+            raise StoreError(
+                f"run {self.run_id} did not harvest hook family {family!r} "
+                f"(it has {', '.join(self.families)})"
+            )
+        name = schemas.activation_schema_name(family_kind(family))
+        directory = self.layout.activation_dir(family)
+        if self.manifest.n_stages == 1:
+            parts = [self.layout.shard_file(directory, shard)]
+        elif layer is not None and (stage := self.manifest.stage_of_layer(layer)) is not None:
+            parts = [self.layout.shard_file(directory, shard, stage)]
+        else:  # every stage's part; a family outside the blocks lies in the first or last
+            parts = [
+                self.layout.shard_file(directory, shard, s) for s in range(self.manifest.n_stages)
+            ]
+            parts = [p for p in parts if p.exists()]
+        wanted = None if columns is None else list(dict.fromkeys([*columns]))
+        filters = None
+        if layer is not None:
+            filters = [("layer", "==", layer)]
+            if wanted is not None and "layer" not in wanted:
+                wanted = [*wanted, "layer"]
+        table = self._read(parts, name, wanted, filters)
+        if layer is not None and columns is not None and "layer" not in columns:
+            table = table.drop_columns(["layer"])
+        if layer is not None and table.num_rows == 0 and not self._has_layer(family, layer):
+            raise StoreError(
+                f"run {self.run_id} has no layer {layer} of {family!r} (model has "
+                f"{self.shape.n_layers} layers; hooks: {self._family_hooks(family)})"
+            )
+        return table
+
+    def iter_activations(
+        self, family: str, columns: list[str] | None = None, layer: int | None = None
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """(shard, table) for every completed shard in order: one in memory at a time."""
+        for shard in self.shards:
+            yield shard, self.activations(family, shard, columns, layer)
+
+    def matrix(self, family: str, layer: int, shard: int) -> np.ndarray:
+        """A dense family's values at one layer of one shard as float32 [rows, width],
+        rows in the order of ``activations(family, shard, layer=layer)``."""
+        import numpy as np
+
+        if family_kind(family) != "dense":
+            raise StoreError(f"matrix() reads dense families; {family!r} is {family_kind(family)}")
+        table = self.activations(family, shard, layer=layer)
+        dims = [n for n in table.column_names if n.startswith("d") and n[1:].isdigit()]
+        if not dims:
+            return np.zeros((table.num_rows, 0), np.float32)
+        return np.column_stack(
+            [table.column(d).to_numpy(zero_copy_only=False) for d in dims]
+        ).astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------- other run tables
+
+    def tokens(self, shard: int) -> pa.Table:
+        """One shard's tokens table (the join key of every activation row)."""
+        return self._read([self.layout.shard_file(self.layout.tokens_dir, shard)], "tokens")
+
+    @cached_property
+    def vocab(self) -> np.ndarray:
+        """Token id -> token text (an object array)."""
+        import numpy as np
+
+        table = self._read([self.layout.vocab_path], "vocab")
+        return np.asarray(table.column("token_text").to_pylist(), dtype=object)
+
+    def documents(self, column: str) -> dict[int, str]:
+        """doc_id -> value of an input column kept at harvest time (``data.keep_columns``).
+
+        Values are text: a value that was not a string in the input is its JSON text.
+        """
+        kept = self.manifest.config.get("data", {}).get("keep_columns") or []
+        if column not in kept:
+            raise StoreError(
+                f"run {self.run_id} did not keep the input column {column!r} (kept: "
+                f"{', '.join(kept) or 'none'}); harvest again with data.keep_columns "
+                f"including {column!r}"
+            )
+        out: dict[int, str] = {}
+        for shard in self.shards:
+            path = self.layout.shard_file(self.layout.documents_dir, shard)
+            table = self._read([path], "documents", filters=[("column", "==", column)])
+            for doc_id, value in zip(
+                table.column("doc_id").to_pylist(), table.column("value").to_pylist(), strict=True
+            ):
+                out[doc_id] = value
+        return out
+
+    def result(self, output: str) -> pa.Table:
+        """Every row of one tool output (``results/<output>/``)."""
+        directory = self.layout.results_dir(output)
+        files = sorted(directory.glob("shard-*.parquet")) if directory.is_dir() else []
+        if not files:
+            raise StoreError(f"run {self.run_id} has no result {output!r} (run its tool first)")
+        return self._read(files, f"result.{output}")
+
+    # ---------------------------------------------------------------------- helpers
+
+    def _read(self, paths: list, name: str, columns=None, filters=None) -> pa.Table:
+        known = schemas.load_schema(name).version
+        for path in paths:
+            if not path.exists():
+                raise StoreError(f"{path}: file is missing from run {self.run_id}")
+            check_file_schema(path, name, known)
+        return read_files(paths, columns=columns, filters=filters)
+
+    def _has_layer(self, family: str, layer: int) -> bool:
+        n_layers = self.shape.n_layers
+        return any(
+            hook_family(h) == family and hook_layer(h, n_layers) == layer
+            for h in self.manifest.hooks
+        )
+
+    def _family_hooks(self, family: str) -> str:
+        hooks = [h for h in self.manifest.hooks if hook_family(h) == family]
+        return ", ".join(hooks[:4]) + (" ..." if len(hooks) > 4 else "")

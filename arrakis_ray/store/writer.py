@@ -1,0 +1,121 @@
+"""RunWriter: the one way anything writes into a run (the harvest, the tools, fixtures).
+
+Every file is written atomically and checked against its versioned schema; a shard's
+completion marker is written last, by whoever wrote the shard's last part, so a marked
+shard is whole. The paths come from ``RunLayout``; nobody else spells a file name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from arrakis_ray.store import schemas
+from arrakis_ray.store.atomic import atomic_open
+from arrakis_ray.store.layout import RunLayout, family_kind, init_store
+from arrakis_ray.store.manifest import RunManifest, ToolRecord, write_manifest, write_tool_record
+from arrakis_ray.store.parquet import write_table
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from arrakis_ray.store.location import StorePath
+
+
+class RunWriter:
+    """Writes the files of one run (``RunWriter(store, run_id)``; the store is created if
+    it does not exist)."""
+
+    def __init__(self, store_root: str | StorePath, run_id: str, create: bool = True) -> None:
+        if create:
+            store_root = init_store(store_root)
+        self.layout = RunLayout(store_root, run_id)
+
+    @classmethod
+    def for_layout(cls, layout: RunLayout) -> RunWriter:
+        writer = cls.__new__(cls)
+        writer.layout = layout
+        return writer
+
+    @property
+    def run_id(self) -> str:
+        return self.layout.run_id
+
+    # ---------------------------------------------------------------- harvest tables
+
+    def write_activations(
+        self, family: str, shard: int, table: pa.Table, stage: int | None = None
+    ) -> int:
+        """One shard's table of a hook family (``stage``: the part of a staged run).
+        Returns the bytes written."""
+        name = schemas.activation_schema_name(family_kind(family))
+        return write_table(
+            table,
+            self.layout.shard_file(self.layout.activation_dir(family), shard, stage),
+            schema_name=name,
+            schema_version=schemas.load_schema(name).version,
+            expected=table.schema,  # built from schemas.activation_schema by the caller
+        )
+
+    def write_tokens(self, shard: int, table: pa.Table) -> int:
+        return self._write_fixed(
+            "tokens", self.layout.shard_file(self.layout.tokens_dir, shard), table
+        )
+
+    def write_documents(self, shard: int, table: pa.Table) -> int:
+        """The labels kept from the input documents (``data.keep_columns``)."""
+        path = self.layout.shard_file(self.layout.documents_dir, shard)
+        return self._write_fixed("documents", path, table)
+
+    def write_vocab(self, table: pa.Table) -> int:
+        return self._write_fixed("vocab", self.layout.vocab_path, table)
+
+    def mark_complete(self, shard: int) -> None:
+        """Say shard ``shard`` is whole: called after every file of it is written."""
+        with atomic_open(self.layout.completion_marker(shard), "wb"):
+            pass
+
+    def write_manifest(self, manifest: RunManifest) -> None:
+        """The run's manifest (the harvest driver's alone; tools record themselves)."""
+        if manifest.run_id != self.run_id:
+            raise ValueError(f"manifest of run {manifest.run_id} written to {self.run_id}")
+        write_manifest(self.layout, manifest)
+
+    # ------------------------------------------------------------------- tool results
+
+    def write_result(
+        self,
+        output: str,
+        shard: int,
+        table: pa.Table,
+        schema_version: int,
+        replace: bool = False,
+    ) -> int:
+        """One result table of a tool as ``results/<output>/shard-NNNNN.parquet``.
+
+        ``replace``: a whole-run result is one file; older files of the output go
+        first, so a rerun never leaves stale rows beside it. Returns the row count.
+        """
+        directory = self.layout.results_dir(output)
+        target = self.layout.shard_file(directory, shard)
+        if replace and directory.exists():
+            for old in directory.glob("shard-*.parquet"):
+                if old != target:
+                    old.unlink()
+        write_table(
+            table,
+            target,
+            schema_name=f"result.{output}",
+            schema_version=schema_version,
+            expected=schemas.load_schema(f"result.{output}", schema_version).arrow(),
+        )
+        return table.num_rows
+
+    def record_tool(self, tool: str, record: ToolRecord) -> None:
+        """Record a finished tool call (its own file: concurrent calls never collide)."""
+        write_tool_record(self.layout, tool, record)
+
+    def _write_fixed(self, name: str, path, table: pa.Table) -> int:
+        schema = schemas.load_schema(name)
+        return write_table(
+            table, path, schema_name=name, schema_version=schema.version, expected=schema.arrow()
+        )
