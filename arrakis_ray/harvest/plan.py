@@ -16,7 +16,7 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-from arrakis_ray.config import DataConfig, ModelConfig, PipelineConfig, to_dict
+from arrakis_ray.config import DataConfig, ModelConfig, PipelineConfig
 from arrakis_ray.errors import ConfigError
 from arrakis_ray.harvest import inputs
 from arrakis_ray.harvest.model_source import (
@@ -158,13 +158,20 @@ def _model_fingerprint(cfg: ModelConfig) -> str:
     path = checkpoint_dir(cfg)
     if path is None:  # cheap: a hash of the config
         return model_source_fingerprint(cfg)
-    stamps = [_stamp(p) for p in sorted(path.rglob("*")) if p.is_file()]
-    return _cached_model_fingerprint(json.dumps(to_dict(cfg), sort_keys=True), json.dumps(stamps))
+    # a checkpoint's fingerprint depends on its files, dtype and tokenizer, not the seed
+    key = {"zoo": cfg.zoo, "path": cfg.path, "dtype": cfg.dtype, "tokenizer": cfg.tokenizer}
+    stamps = json.dumps([_stamp(p) for p in _checkpoint_files(path, _stamp(path)[2])])
+    return _cached_model_fingerprint(json.dumps(key), stamps)
 
 
 @lru_cache(maxsize=64)
-def _cached_model_fingerprint(cfg_json: str, _stamps: str) -> str:
-    return model_source_fingerprint(ModelConfig(**json.loads(cfg_json)))
+def _checkpoint_files(path: Path, _dir_mtime: int) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+@lru_cache(maxsize=64)
+def _cached_model_fingerprint(key: str, _stamps: str) -> str:
+    return model_source_fingerprint(ModelConfig(**json.loads(key)))
 
 
 def _plan_shards(path: str, shard_size: int, max_documents: int | None) -> tuple[Shard, ...]:

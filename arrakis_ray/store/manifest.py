@@ -14,7 +14,9 @@ changes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -329,3 +331,53 @@ def _read_json(path, missing: str) -> Any:
         raise StoreError(f"{path}: {missing}") from None
     except (OSError, ValueError) as e:
         raise StoreError(f"{path}: corrupt JSON ({e})") from None
+
+
+def json_schema() -> dict:
+    """The JSON Schema of ``manifest.json`` (``schemas/manifest.v2.schema.json`` is this,
+    written out; a test keeps the two equal)."""
+    import typing
+
+    def of(hint: Any) -> dict:
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType):
+            inner = [a for a in args if a is not type(None)]
+            return {"anyOf": [of(inner[0]), {"type": "null"}]}
+        if origin is Literal:
+            return {"enum": list(args)}
+        if origin is tuple:
+            return {"type": "array", "items": of(args[0])}
+        if origin is dict:
+            return {"type": "object"}
+        if dataclasses.is_dataclass(hint):
+            hints = typing.get_type_hints(hint)
+            fields = dataclasses.fields(hint)
+            return {
+                "type": "object",
+                "description": (hint.__doc__ or "").strip(),
+                "properties": {f.name: of(hints[f.name]) for f in fields},
+                "required": [
+                    f.name
+                    for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                ],
+                "additionalProperties": False,
+            }
+        return {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+                bool: {"type": "boolean"}, Any: {}}[hint]  # fmt: skip
+
+    schema = of(RunManifest)
+    del schema["properties"]["results"]  # in tools/<tool>.json, not in manifest.json
+    schema["properties"]["version"] = {"const": MANIFEST_VERSION}
+    schema["properties"]["harvest"]["properties"].update(
+        n_tokens={"type": "integer"},
+        bytes={"type": "integer"},
+        seconds={"type": "number"},
+        tokens_per_s={"anyOf": [{"type": "number"}, {"type": "null"}]},
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"arrakis-ray run manifest, version {MANIFEST_VERSION}",
+        **schema,
+        "$defs": {"tool_record": of(ToolRecord)},
+    }
