@@ -16,7 +16,11 @@ checked against the transformers 5.23 modeling source of its family:
 - stablelm: ``use_parallel_residual`` (then ``post_attention_layernorm`` is None and the
   mlp reads the ``input_layernorm`` output); q/k hooks are before the optional qk-norm.
 - gemma: the embedding module itself multiplies by sqrt(d_model)
-  (``GemmaTextScaledWordEmbedding``), so its output is what enters the residual stream.
+  (``GemmaTextScaledWordEmbedding``), so its output is what enters the residual stream;
+  its RMSNorms scale by ``1 + weight`` (``norm = "rmsnorm_one_plus"``).
+
+``norm`` declares what every norm of the family computes (``models/norms.py`` reads
+the norms through it and checks the declaration on a probe input).
 
 A custom torch model plugs in by building its own ``Adapter`` with the same fields.
 """
@@ -34,6 +38,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 QkvLayout = Literal["concat", "per_head"]
+NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_one_plus"]
+"""``layernorm``: ``weight * (x - mean) / sqrt(var + eps) + bias``; ``rmsnorm``:
+``weight * x / sqrt(mean(x^2) + eps)``; ``rmsnorm_one_plus``: the same with gain
+``1 + weight`` (gemma)."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ class Adapter:
     mlp_in: str
     """Linear whose output is mlp.hook_pre (c_fc, gate_proj, gate_up_proj, dense_h_to_4h)."""
     mlp_down: str
+    norm: NormKind
+    """What the family's norms (ln1, ln2, final norm) compute."""
     q: str | None = None
     k: str | None = None
     v: str | None = None
@@ -123,6 +133,7 @@ _LLAMA_LIKE = dict(
     mlp_in="mlp.gate_proj",
     mlp_up="mlp.up_proj",
     mlp_down="mlp.down_proj",
+    norm="rmsnorm",
 )
 
 _GPT2_TOP = dict(
@@ -137,6 +148,7 @@ _GPT2_TOP = dict(
     mlp="mlp",
     mlp_in="mlp.c_fc",
     mlp_down="mlp.c_proj",
+    norm="layernorm",
 )
 
 ADAPTERS: dict[str, Adapter] = {
@@ -174,10 +186,13 @@ ADAPTERS: dict[str, Adapter] = {
         mlp="mlp",
         mlp_in="mlp.dense_h_to_4h",
         mlp_down="mlp.dense_4h_to_h",
+        norm="layernorm",
         parallel_flag="use_parallel_residual",
     ),
     "llama": Adapter(arch="llama", model_types=("llama",), **_LLAMA_LIKE),
-    "gemma": Adapter(arch="gemma", model_types=("gemma",), **_LLAMA_LIKE),
+    "gemma": Adapter(
+        arch="gemma", model_types=("gemma",), **{**_LLAMA_LIKE, "norm": "rmsnorm_one_plus"}
+    ),
     "phi3": Adapter(
         arch="phi3",
         model_types=("phi3",),
@@ -198,7 +213,7 @@ ADAPTERS: dict[str, Adapter] = {
         arch="stablelm",
         model_types=("stablelm",),
         parallel_flag="use_parallel_residual",
-        **_LLAMA_LIKE,
+        **{**_LLAMA_LIKE, "norm": "layernorm"},
     ),
 }
 

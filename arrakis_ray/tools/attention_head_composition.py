@@ -15,19 +15,13 @@ matrices are transposed: ``W_OV = W_V[h] @ W_O[h]``, ``W_QK = W_Q[h] @ W_K[h]^T`
 scores above are then ``||W_OV^A W_B|| / (||W_OV^A|| ||W_B||)`` with ``W_B = W_QK^B``
 (Q), ``W_QK^B^T`` (K) or ``W_OV^B`` (V), which is TransformerLens' ``get_comp_score``.
 
-Computed in factored form, never materialising a ``d_model x d_model`` matrix: every
-matrix is ``L @ R`` with ``L [d_model, d_head]`` and ``R [d_head, d_model]``. With
-``L = Q1 T1`` and ``R^T = Q2 T2`` (thin QR, ``Q`` orthonormal columns) the Frobenius
-norm is unchanged by ``Q1``/``Q2``, so ``||L_A (R_A L_B) R_B|| = ||T1 (R_A L_B) T2^T||``,
-a ``d_head x d_head`` product; only the cross term ``R_A L_B`` contracts over d_model.
+Computed in factored form (``models/circuits.py``), never materialising a ``d_model x
+d_model`` matrix: only the cross term ``R_A L_B`` of the factors ``W_OV^A = L_A R_A``,
+``W_B = L_B R_B`` contracts over d_model, the rest are ``d_head``-sized products.
 
-Layer norm (``fold_ln``, on by default, as TransformerLens' ``fold_ln`` +
-``center_writing_weights``): a head reads the residual stream through its layer's ln1,
-whose scale ``gamma`` (``1 + weight`` for gemma) multiplies the rows of W_Q, W_K, W_V;
-for LayerNorm families (gpt2, gpt-neo, gpt-neox, stablelm) ln1 also removes the mean
-over d_model, so readers and W_O writers are projected onto the zero-mean subspace.
-The per-token 1/rms factor and the norm's bias are ignored, as are rotary embeddings
-(Q/K composition is position-free here), the attention scale and all biases.
+Layer norm (``fold_ln``, on by default): each reading layer's ln1 is folded into its
+weights as ``models/circuits.py`` describes (gain into W_Q/W_K/W_V, LayerNorm's
+centering into readers and W_O writers).
 
 ``baseline`` (the paper subtracts the composition of random matrices): the mean score
 of ``BASELINE_SAMPLES`` pairs of random matrices of the same factored shapes (iid
@@ -49,15 +43,27 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.models.circuits import HeadFactors, Writer, frob, layer_factors, norm_fold
 from arrakis_ray.tools.base import RunInputs, Tool
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from torch import Tensor, nn
+    from torch import Tensor
 
     from arrakis_ray.models.hooked import HookedModel
 
 log = logging.getLogger(__name__)
+
+__all__ = [  # the factor algebra lives in models/circuits.py; re-exported for callers
+    "AttentionHeadComposition",
+    "CompositionParams",
+    "HeadFactors",
+    "composition_scores",
+    "frob",
+    "layer_factors",
+    "norm_fold",
+    "random_baseline",
+]
 
 KINDS = ("q", "k", "v")
 BASELINE_SAMPLES = 32
@@ -80,93 +86,6 @@ class CompositionParams:
             raise ValueError("kinds is empty; choose some of q, k, v")
 
 
-@dataclass(frozen=True)
-class HeadFactors:
-    """One layer's heads as factors: the weights plus the R factors of their thin QRs.
-
-    ``T_X[h]`` is upper triangular with ``X[h] = Q T_X[h]`` (``Q`` orthonormal), for
-    ``X`` in W_Q, W_K, W_V and W_O^T: it carries every Frobenius norm of products.
-    """
-
-    W_Q: Tensor  # [n_heads, d_model, d_head]
-    W_K: Tensor
-    W_V: Tensor
-    W_O: Tensor  # [n_heads, d_head, d_model]
-    T_Q: Tensor  # [n_heads, r, d_head], r = min(d_model, d_head)
-    T_K: Tensor
-    T_V: Tensor
-    T_O: Tensor  # R factor of W_O[h]^T
-
-    @classmethod
-    def of(cls, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor) -> HeadFactors:
-        """Factor raw per-head weights (TransformerLens shapes)."""
-        import torch
-
-        def r(x: Tensor) -> Tensor:
-            return torch.linalg.qr(x, mode="r").R
-
-        return cls(W_Q, W_K, W_V, W_O, r(W_Q), r(W_K), r(W_V), r(W_O.transpose(1, 2)))
-
-    def writer(self) -> Writer:
-        """What composition needs of this layer as the writing side."""
-        return Writer(self.W_O, self.T_V, self.T_O)
-
-
-@dataclass(frozen=True)
-class Writer:
-    """The writing side of a layer's heads: W_OV = W_V W_O, as W_O and two R factors."""
-
-    W_O: Tensor  # [n_heads, d_head, d_model]
-    T_V: Tensor  # [n_heads, r, d_head]
-    T_O: Tensor
-
-
-def norm_scale(norm: nn.Module, d_model: int) -> tuple[Tensor, bool]:
-    """``(gamma [d_model] float32, centers)`` of a LayerNorm or RMSNorm module.
-
-    ``norm(x) = gamma * P x / rms(P x) + beta`` where ``P`` removes the mean over
-    d_model when ``centers`` (LayerNorm) and is the identity for RMSNorm.
-    """
-    import torch
-    from torch import nn
-
-    weight = getattr(norm, "weight", None)
-    if weight is None:
-        gamma = torch.ones(d_model)
-    else:
-        gamma = weight.detach().to(dtype=torch.float32, copy=True)
-    if "gemma" in type(norm).__name__.lower():
-        gamma = gamma + 1.0  # GemmaRMSNorm multiplies by (1 + weight)
-    return gamma, isinstance(norm, nn.LayerNorm)
-
-
-def norm_fold(model: HookedModel, layer: int) -> tuple[Tensor, bool]:
-    """``norm_scale`` of the norm in front of ``layer``'s attention (ln1)."""
-    return norm_scale(model.adapter.sub(model.model, layer, model.adapter.ln1), model.d_model)
-
-
-def layer_factors(model: HookedModel, layer: int, fold_ln: bool) -> HeadFactors:
-    """``layer``'s heads as ``HeadFactors``, with ln1 folded in when ``fold_ln``."""
-    from arrakis_ray.models.weights import attention_weights
-
-    w = attention_weights(model, layer)
-    W_Q, W_K, W_V, W_O = w.W_Q, w.W_K, w.W_V, w.W_O
-    if fold_ln:
-        gamma, centers = norm_fold(model, layer)
-        gamma = gamma.to(W_Q.device)
-        W_Q, W_K, W_V = (gamma[:, None] * x for x in (W_Q, W_K, W_V))
-        if centers:
-            # P = I - 11^T/d: readers P @ W (mean over d_model rows), writers W_O @ P
-            W_Q, W_K, W_V = (x - x.mean(dim=1, keepdim=True) for x in (W_Q, W_K, W_V))
-            W_O = W_O - W_O.mean(dim=2, keepdim=True)
-    return HeadFactors.of(W_Q, W_K, W_V, W_O)
-
-
-def frob(x: Tensor) -> Tensor:
-    """Frobenius norm over the last two dims."""
-    return x.flatten(-2).norm(dim=-1)
-
-
 def composition_scores(
     a: Writer | HeadFactors, b: HeadFactors, kinds: tuple[str, ...] = KINDS
 ) -> dict[str, Tensor]:
@@ -179,7 +98,7 @@ def composition_scores(
     # W_OV^A = W_V^A W_O^A = L_A R_A;  W_B = L_B R_B per kind, with (L_B, T(L_B), T(R_B^T))
     sides = {"q": (b.W_Q, b.T_Q, b.T_K), "k": (b.W_K, b.T_K, b.T_Q), "v": (b.W_V, b.T_V, b.T_O)}
     n_a, d_head, d_model = a.W_O.shape
-    norm_a = frob(a.T_V @ a.T_O.transpose(1, 2))  # ||W_OV^A||
+    norm_a = frob(a.T_V @ a.T_O.transpose(1, 2))  # ||W_OV^A|| (a may be a Writer)
     out = {}
     for kind in kinds:
         L_b, T_left, T_right = sides[kind]

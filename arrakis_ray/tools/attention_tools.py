@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.numerics import rank_within_groups
 from arrakis_ray.tools.base import ShardInputs, Tool
 
 log = logging.getLogger(__name__)
@@ -268,18 +269,12 @@ def top_positions(rows: dict[str, np.ndarray], top_k: int, include_bos: bool) ->
     """Each query's ``top_k`` keys by weight (ties: lower k_pos first), with their rank."""
     keep = np.ones(len(rows["k_pos"]), dtype=bool) if include_bos else rows["k_pos"] > 0
     cols = {c: v[keep] for c, v in rows.items()}
-    order = np.lexsort(
-        (cols["k_pos"], -cols["weight"], cols["q_pos"], cols["head"], cols["seq_id"], cols["layer"])
+    top, rank = rank_within_groups(
+        [cols[c] for c in ("layer", "seq_id", "head", "q_pos")],
+        [-cols["weight"], cols["k_pos"]],
+        k=top_k,
     )
-    cols = {c: v[order] for c, v in cols.items()}
-    query = np.column_stack([cols[c] for c in ("layer", "seq_id", "head", "q_pos")])
-    index = np.arange(len(order))
-    starts = np.ones(len(order), dtype=bool)
-    starts[1:] = (query[1:] != query[:-1]).any(axis=1)
-    # position within the query's run of rows: index minus the index of its first row
-    rank = index - np.maximum.accumulate(np.where(starts, index, 0)) + 1
-    within = rank <= top_k
-    return {**{c: v[within] for c, v in cols.items()}, "rank": rank[within]}
+    return {**{c: v[top] for c, v in cols.items()}, "rank": rank}
 
 
 def induction_tokens(

@@ -1,4 +1,8 @@
-"""The residual stream of a stored shard as a sum of components (shared by the DLA tools).
+"""Stored rows of a shard, and its residual stream as a sum of components.
+
+A shared helper of the tools, not a tool itself (it defines no ``Tool``): reading rows
+out of a shard's wide activation tables (``RowIndex``, ``gather``, ``layer_matrix``) and
+the residual decomposition of the DLA tools.
 
 Every residual-stream state is a sum of what wrote into it:
 
@@ -8,14 +12,14 @@ Every residual-stream state is a sum of what wrote into it:
 (for sequential and parallel blocks alike: a parallel block adds attn and mlp outputs
 to the same input). ``ShardComponents`` rebuilds those parts from a shard's stored
 ``embed``, ``pos_embed``, ``attn_z`` and ``mlp_out`` tables plus the model's W_O/b_O, a
-chunk of rows at a time so memory stays bounded on big shards. ``FinalNorm`` is the
-model's final LayerNorm/RMSNorm read off the real module and checked against it.
+chunk of rows at a time so memory stays bounded on big shards. The final norm the DLA
+tools freeze is ``arrakis_ray.models.norms.final_norm``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -118,9 +122,25 @@ def next_tokens(seq: np.ndarray, pos: np.ndarray, ids: np.ndarray):
     return np.append(ids[1:], 0), has_next
 
 
-def dim_columns(table: pa.Table) -> list[str]:
-    """The ``d0..d{n-1}`` columns of a wide activation table, in order."""
-    return [c for c in table.column_names if c[0] == "d" and c[1:].isdigit()]
+def dim_columns(names: Sequence[str]) -> list[str]:
+    """The ``d0..d{n-1}`` names among a wide activation table's columns, in dim order."""
+    return sorted((c for c in names if c[:1] == "d" and c[1:].isdigit()), key=lambda c: int(c[1:]))
+
+
+def layer_matrix(table: pa.Table, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seq_id, pos, [rows, width] float32) of one layer of a dense table, sorted by (seq, pos)."""
+    import pyarrow.compute as pc
+
+    table = table.filter(pc.equal(table.column("layer"), layer))
+    seq = table.column("seq_id").to_numpy()
+    pos = table.column("pos").to_numpy()
+    order = np.lexsort((pos, seq))
+    dims = dim_columns(table.column_names)
+    if not dims:
+        return seq[order], pos[order], np.zeros((len(order), 0), np.float32)
+    # stored float16 is widened: every computation runs in float32
+    matrix = np.stack([table.column(c).to_numpy().astype(np.float32) for c in dims], axis=1)
+    return seq[order], pos[order], matrix[order]
 
 
 class RowIndex:
@@ -164,7 +184,7 @@ def gather(table: pa.Table, rows: np.ndarray) -> np.ndarray:
 
     taken = table.take(pa.array(rows.ravel()))
     return np.column_stack(
-        [taken.column(c).to_numpy().astype(np.float32) for c in dim_columns(taken)]
+        [taken.column(c).to_numpy().astype(np.float32) for c in dim_columns(taken.column_names)]
     )
 
 
@@ -172,97 +192,6 @@ def dense_matrix(inputs: ShardInputs, family: str, layer: int, index: RowIndex) 
     """One layer of a dense family for the index's rows, ``[n, d]`` float32."""
     table = inputs.activations[family]
     return gather(table, index.locate(table, family, layer))
-
-
-# --------------------------------------------------------------------- final norm
-
-
-@dataclass(frozen=True)
-class FinalNorm:
-    """The final norm as ``gain * centre(x) / scale(x) + bias`` (all float32).
-
-    LayerNorm: centre subtracts the mean, ``scale = sqrt(var(x) + eps)``. RMSNorm: no
-    centring, ``scale = sqrt(mean(x^2) + eps)``; gemma's gain is ``1 + weight``.
-    """
-
-    centred: bool
-    eps: float
-    gain: Tensor
-    bias: Tensor | None
-    kind: str
-
-    def centre(self, x: Tensor) -> Tensor:
-        """``x`` minus its mean over the last axis (LayerNorm), else ``x``."""
-        return x - x.mean(-1, keepdim=True) if self.centred else x
-
-    def scale(self, x: Tensor) -> Tensor:
-        """The denominator for each vector of ``x [..., d]`` (frozen from the run)."""
-        c = self.centre(x)
-        return (c.pow(2).mean(-1) + self.eps).sqrt()
-
-    def __call__(self, x: Tensor) -> Tensor:
-        out = self.gain * self.centre(x) / self.scale(x)[..., None]
-        return out if self.bias is None else out + self.bias
-
-
-def final_norm(model: HookedModel) -> FinalNorm:
-    """The model's final norm, read off its module and checked on a probe input.
-
-    The kind comes from the module's type (``nn.LayerNorm``, else RMSNorm variants);
-    whether the gain is ``weight`` or ``1 + weight`` (gemma) is decided by which one
-    reproduces the module's own output on a random input.
-    """
-    import torch
-    from torch import nn
-
-    from arrakis_ray.models.adapters import get_module
-
-    module = get_module(model.model, model.adapter.final_norm)
-    eps = next(
-        (getattr(module, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(module, a)),
-        None,
-    )
-    if not isinstance(eps, float | int):
-        raise ToolError(
-            f"final norm {type(module).__name__} of this {model.arch} model has no eps "
-            "attribute; cannot freeze its scale"
-        )
-    d = model.d_model
-    weight = getattr(module, "weight", None)
-    weight = torch.ones(d) if weight is None else weight.detach().float().cpu()
-    bias = getattr(module, "bias", None)
-    bias = None if bias is None else bias.detach().float().cpu()
-    if isinstance(module, nn.LayerNorm):
-        candidates = [FinalNorm(True, float(eps), weight, bias, "layernorm")]
-    else:
-        candidates = [
-            FinalNorm(False, float(eps), weight, bias, "rmsnorm"),
-            FinalNorm(False, float(eps), 1.0 + weight, bias, "rmsnorm(1+w)"),
-            FinalNorm(True, float(eps), weight, bias, "layernorm"),
-        ]
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(8, d, generator=generator) * 3.0 + 0.5
-    with torch.inference_mode():
-        ref = module(probe.to(model.device, model.dtype)).float().cpu()
-    errors = [
-        float((c(probe) - ref).abs().max() / ref.abs().max().clamp(min=1e-12)) for c in candidates
-    ]
-    best = int(np.argmin(errors))
-    tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2
-    if errors[best] > tolerance:
-        raise ToolError(
-            f"final norm {type(module).__name__} of this {model.arch} model behaves like no "
-            f"LayerNorm/RMSNorm (relative error {errors[best]:.2g}); direct attribution needs one"
-        )
-    chosen = candidates[best]
-    device = model.device
-    return FinalNorm(
-        chosen.centred,
-        chosen.eps,
-        chosen.gain.to(device),
-        None if chosen.bias is None else chosen.bias.to(device),
-        chosen.kind,
-    )
 
 
 # --------------------------------------------------------------------- components

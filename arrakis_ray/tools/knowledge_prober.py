@@ -25,7 +25,7 @@ import numpy as np
 from arrakis_ray.errors import ToolError, UnknownHookError
 from arrakis_ray.store.layout import hook_family
 from arrakis_ray.tools.base import RunInputs, Tool
-from arrakis_ray.tools.superposition_disentangler import layer_matrix
+from arrakis_ray.tools.decompose import layer_matrix
 
 log = logging.getLogger(__name__)
 

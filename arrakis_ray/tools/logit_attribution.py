@@ -28,7 +28,6 @@ from arrakis_ray.tools.decompose import (
     check_positions,
     check_token,
     decomposition_hooks,
-    final_norm,
     gather,
     next_tokens,
     select_positions,
@@ -121,6 +120,7 @@ class LogitAttribution(Tool):
         """(names, layers, heads, contributions [component, row]) of the kept rows."""
         import torch
 
+        from arrakis_ray.models.norms import final_norm
         from arrakis_ray.models.weights import unembed_weights
 
         if getattr(model.model.config, "final_logit_softcapping", None):

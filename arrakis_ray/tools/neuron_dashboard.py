@@ -42,6 +42,7 @@ from typing import Literal
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.numerics import rank_within_groups
 from arrakis_ray.store.layout import DENSE_BLOCK_HOOKS
 from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
 
@@ -215,10 +216,7 @@ class NeuronDashboard(Tool):
         cell, count = cell[keep], count[keep].astype(np.int64)
         stat.update(_sketch_lists(cell // sk.span, cell % sk.span - sk.offset, count, width))
         # top-k per feature among its nonzero tokens: value desc, then token order
-        order = np.lexsort((row, -value, feature))
-        feature, row, value = feature[order], row[order], value[order]
-        first = np.searchsorted(feature, feature, side="left")
-        take = np.arange(len(feature)) - first < self.params.k
+        take, _ = rank_within_groups([feature], [-value, row], k=self.params.k)
         return stat, _candidates(feature[take], row[take], value[take], seq, pos, contexts)
 
     # -- reduce ---------------------------------------------------------------------
@@ -260,17 +258,14 @@ class NeuronDashboard(Tool):
         }
         for q in PERCENTILES:  # the true order statistic lies in [min, max]
             columns[f"p{q}"] = np.clip(columns[f"p{q}"], lo, hi)
-        top = pa.concat_tables(partials["neuron_top_contexts"]).sort_by(
-            [(c, "ascending") for c in ("family", "layer", "neuron")]
-            + [("activation", "descending"), ("seq_id", "ascending"), ("pos", "ascending")]
+        top = pa.concat_tables(partials["neuron_top_contexts"])
+        col = {c: top[c].to_numpy(zero_copy_only=False) for c in top.column_names}
+        rows, rank = rank_within_groups(
+            [col["family"].astype(str), col["layer"], col["neuron"]],
+            [-col["activation"], col["seq_id"], col["pos"]],
+            k=self.params.k,
         )
-        # rows are sorted: a group starts where (family, layer, neuron) changes
-        cols = [top[c].to_numpy(zero_copy_only=False) for c in ("family", "layer", "neuron")]
-        starts = np.r_[True, np.any([c[1:] != c[:-1] for c in cols], axis=0)]
-        g = np.cumsum(starts) - 1
-        rank = np.arange(len(g)) - np.flatnonzero(starts)[g] + 1
-        keep = rank <= self.params.k
-        top = top.filter(pa.array(keep)).append_column("rank", pa.array(rank[keep]))
+        top = top.take(pa.array(rows)).append_column("rank", pa.array(rank))
         return {
             "neuron_stats": _final(self, "neuron_stats", run_id, columns),
             "neuron_top_contexts": _final(

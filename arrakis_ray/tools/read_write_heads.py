@@ -28,13 +28,17 @@ Reading through the circuits (W_QK, W_OV) rather than W_Q, W_K, W_V alone means 
 that the rest of the head discards does not count. With ``fold_ln`` (default) each
 head reads through its ln1 (scale folded into W_Q/W_K/W_V, LayerNorm's centering too)
 and, in LayerNorm families, writes are centered (what every later norm sees), exactly
-as in ``attention_head_composition``. Everything is computed from d_head-sized factors.
+as in ``attention_head_composition`` (both use ``models/circuits.py``). Everything is
+computed from d_head-sized factors.
 
 Activation-based scores (``activations``, needs ``blocks.*.attn.hook_z``): the head's
 actual output at a token is ``z[h] @ W_O[h]`` (b_O belongs to no head); its projection on
 u is ``z[h] . (W_O[h] u)``, in residual-stream units, from the raw (unfolded) W_O. Per
 (layer, head) over the run: mean, mean of the absolute value, std, max and min, plus the
-``top_k`` tokens with the largest projection (table ``read_write_heads_top``).
+``top_k`` tokens with the largest projection (table ``read_write_heads_top``). Shards
+return each head's count, mean and central M2 (``arrakis_ray.numerics.Moments``), which
+``reduce`` merges: raw sums of squares would cancel for heads whose projections have a
+large mean next to their spread.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.numerics import Moments, rank_within_groups
 from arrakis_ray.tools.base import ShardInputs, Tool
 
 if TYPE_CHECKING:
@@ -150,9 +155,8 @@ def resolve_direction(
     """``(unit direction [d_model] float32, label)`` of the params' direction."""
     import torch
 
-    from arrakis_ray.models.adapters import get_module
+    from arrakis_ray.models.norms import final_norm
     from arrakis_ray.models.weights import unembed_weights
-    from arrakis_ray.tools.attention_head_composition import norm_scale
 
     if params.direction is not None:
         vec, label = _as_vector(np.array(params.direction), model.d_model, "direction"), "direction"
@@ -169,12 +173,8 @@ def resolve_direction(
         if params.center_unembed:
             d = d - W_U.double().mean(dim=1)
         if params.fold_ln:
-            gamma, centers = norm_scale(
-                get_module(model.model, model.adapter.final_norm), model.d_model
-            )
-            d = gamma.to(d) * d
-            if centers:
-                d = d - d.mean()
+            norm = final_norm(model)
+            d = norm.centre(norm.gain.to(d) * d)
         vec, label = (
             _as_vector(d.cpu().numpy(), model.d_model, f"token {tid}"),
             f"token:{vocab[tid]} (id {tid})",
@@ -187,7 +187,7 @@ def weight_scores(model: HookedModel, u: Tensor, fold_ln: bool) -> dict[str, np.
     """``{write_weight, read_q, read_k, read_v} -> [n_layers, n_heads]`` for unit vector ``u``."""
     import torch
 
-    from arrakis_ray.tools.attention_head_composition import frob, layer_factors
+    from arrakis_ray.models.circuits import layer_factors
 
     def ratio(num: Tensor, den: Tensor) -> Tensor:
         return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
@@ -199,8 +199,7 @@ def weight_scores(model: HookedModel, u: Tensor, fold_ln: bool) -> dict[str, np.
     with torch.inference_mode():
         for layer in range(model.n_layers):
             f = layer_factors(model, layer, fold_ln)
-            qk = frob(f.T_Q @ f.T_K.transpose(1, 2))  # ||W_QK||_F
-            ov = frob(f.T_V @ f.T_O.transpose(1, 2))  # ||W_OV||_F
+            qk, ov = f.qk_norm(), f.ov_norm()  # ||W_QK||_F, ||W_OV||_F
             # u^T W_Q W_K^T = (u^T W_Q) T_K^T Q^T: the orthonormal Q keeps norms
             read_q = tvec(f.T_K, torch.einsum("d,hde->he", u, f.W_Q))
             read_k = tvec(f.T_Q, torch.einsum("d,hde->he", u, f.W_K))
@@ -269,10 +268,11 @@ class ReadWriteHeads(Tool):
         u, label = resolve_direction(self.params, model, inputs.vocab)
         scores = weight_scores(model, u, self.params.fold_ln)
         n_layers, n_heads = model.n_layers, model.n_heads
-        layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
-        stats = {k: np.zeros(n_layers * n_heads) for k in ("n", "sum", "sum_abs", "sum_sq")}
-        stats["max"] = np.full(n_layers * n_heads, -np.inf)
-        stats["min"] = np.full(n_layers * n_heads, np.inf)
+        size = n_layers * n_heads
+        layer, head = np.divmod(np.arange(size), n_heads)
+        stats = {**Moments.of(np.zeros((0, size)), order=2).to_arrays(), "sum_abs": np.zeros(size)}
+        stats["max"] = np.full(size, -np.inf)
+        stats["min"] = np.full(size, np.inf)
         top = _empty_top()
         if self.params.activations:
             z = inputs.activations["attn_z"]
@@ -281,11 +281,8 @@ class ReadWriteHeads(Tool):
                 z.column("layer").to_numpy().astype(np.int64) * n_heads
                 + z.column("head").to_numpy()
             )
-            size = n_layers * n_heads
-            stats["n"] = np.bincount(key, minlength=size).astype(np.float64)
-            stats["sum"] = np.bincount(key, proj, minlength=size)
+            stats.update(Moments.of_groups(proj, key, size, order=2).to_arrays())
             stats["sum_abs"] = np.bincount(key, np.abs(proj), minlength=size)
-            stats["sum_sq"] = np.bincount(key, proj * proj, minlength=size)
             np.maximum.at(stats["max"], key, proj)
             np.minimum.at(stats["min"], key, proj)
             if self.params.top_k:
@@ -305,16 +302,13 @@ class ReadWriteHeads(Tool):
         run_id = manifest["run_id"]
         parts = [t.to_pydict() for t in partials["read_write_heads"]]
         first = parts[0]
-        total = {
-            k: np.sum([p[k] for p in parts], axis=0) for k in ("n", "sum", "sum_abs", "sum_sq")
-        }
+        moments = Moments.merge_all(Moments.from_arrays(p) for p in parts)
+        sum_abs = np.sum([p["sum_abs"] for p in parts], axis=0)
         hi = np.max([p["max"] for p in parts], axis=0)
         lo = np.min([p["min"] for p in parts], axis=0)
-        n = total["n"]
+        n = moments.n
         has = n > 0
         safe = np.where(has, n, 1)
-        mean = total["sum"] / safe
-        var = np.maximum(total["sum_sq"] / safe - mean * mean, 0.0)
 
         def act(values: np.ndarray) -> pa.Array:
             return pa.array(values.astype(np.float32), mask=~has)
@@ -327,9 +321,9 @@ class ReadWriteHeads(Tool):
                 pa.array(np.asarray(first["layer"], dtype=np.int16)),
                 pa.array(np.asarray(first["head"], dtype=np.int16)),
                 *[pa.array(np.asarray(first[c], dtype=np.float32)) for c in WEIGHT_COLUMNS],
-                act(mean),
-                act(total["sum_abs"] / safe),
-                act(np.sqrt(var)),
+                act(moments.mean),
+                act(sum_abs / safe),
+                act(np.where(has, moments.std, 0.0)),
                 act(hi),
                 act(lo),
                 pa.array(n.astype(np.int64)),
@@ -349,23 +343,21 @@ class ReadWriteHeads(Tool):
             return schema.empty_table()
         cols = {c: both.column(c).to_numpy() for c in both.column_names}
         # best first within each (layer, head); ties broken by (seq_id, pos) for determinism
-        order = np.lexsort(
-            (cols["pos"], cols["seq_id"], -cols["write_act"], cols["head"], cols["layer"])
+        rows, rank = rank_within_groups(
+            [cols["layer"], cols["head"]],
+            [-cols["write_act"], cols["seq_id"], cols["pos"]],
+            k=self.params.top_k,
         )
-        cols = {c: v[order] for c, v in cols.items()}
-        group = cols["layer"].astype(np.int64) * 1_000_000 + cols["head"]
-        start = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
-        rank = np.arange(len(group)) - np.repeat(start, np.diff(np.r_[start, len(group)])) + 1
-        keep = rank <= self.params.top_k
+        cols = {c: v[rows] for c, v in cols.items()}
         return pa.Table.from_arrays(
             [
-                pa.array([run_id] * int(keep.sum()), pa.string()),
-                pa.array(cols["layer"][keep].astype(np.int16)),
-                pa.array(cols["head"][keep].astype(np.int16)),
-                pa.array(rank[keep].astype(np.int16)),
-                pa.array(cols["seq_id"][keep].astype(np.int64)),
-                pa.array(cols["pos"][keep].astype(np.int32)),
-                pa.array(cols["write_act"][keep].astype(np.float32)),
+                pa.array([run_id] * len(rows), pa.string()),
+                pa.array(cols["layer"].astype(np.int16)),
+                pa.array(cols["head"].astype(np.int16)),
+                pa.array(rank.astype(np.int16)),
+                pa.array(cols["seq_id"].astype(np.int64)),
+                pa.array(cols["pos"].astype(np.int32)),
+                pa.array(cols["write_act"].astype(np.float32)),
             ],
             schema=schema,
         )
@@ -383,11 +375,7 @@ def _empty_top() -> dict[str, np.ndarray]:
 
 def _top_rows(key: np.ndarray, proj: np.ndarray, z: pa.Table, n_heads: int, k: int) -> dict:
     """This shard's ``k`` largest projections per (layer, head)."""
-    order = np.lexsort((-proj, key))
-    sorted_key = key[order]
-    start = np.r_[0, np.flatnonzero(np.diff(sorted_key)) + 1]
-    within = np.arange(len(order)) - np.repeat(start, np.diff(np.r_[start, len(order)]))
-    pick = order[within < k]
+    pick, _ = rank_within_groups([key], [-proj], k=k)
     return {
         "layer": key[pick] // n_heads,
         "head": key[pick] % n_heads,

@@ -5,16 +5,16 @@ when the run harvested ``blocks.0.hook_resid_pre``, the embeddings before block 
 (layer -1), the logit lens' numbering. Per token and layer: the L2 norm, the relative
 movement ``|r_L - r_{L-1}| / |r_{L-1}|`` (what block L added, relative to what it read)
 and the cosine between ``r_L`` and ``r_{L-1}``. Output ``residual_tokens`` holds those
-rows; ``residual_layers`` their mean and standard deviation per layer over the whole run,
-combined from per-shard partial moments by ``reduce``.
+rows; ``residual_layers`` their mean and (sample) standard deviation per layer over the
+whole run, combined from per-shard partial moments (``arrakis_ray.numerics.Moments``:
+count, mean and central M2 per metric) by ``reduce``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from arrakis_ray.numerics import Moments
 from arrakis_ray.tools.base import NoParams, ShardInputs, Tool
 from arrakis_ray.tools.decompose import RowIndex, dense_matrix, sorted_tokens
 
@@ -96,14 +96,9 @@ class ResidualTools(Tool):
                 "n_tokens": sum(r["n"] for r in mine),
             }
             for metric in METRICS:
-                mean, std = _combine(
-                    [
-                        (r["n"], r[f"{metric}_mean"], r[f"{metric}_m2"])
-                        for r in mine
-                        if r[f"{metric}_mean"] is not None
-                    ]
+                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(
+                    [r for r in mine if r[f"{metric}_mean"] is not None], metric
                 )
-                row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
             out.append(row)
         return {
             "residual_layers": pa.Table.from_pylist(
@@ -123,30 +118,19 @@ def _moments(layer: int, norm, movement, cosine) -> dict:
         if values is None or not len(values):
             row[f"{metric}_mean"] = row[f"{metric}_m2"] = None
         else:
-            mean = float(values.mean())
-            row[f"{metric}_mean"] = mean
-            row[f"{metric}_m2"] = float(((values - mean) ** 2).sum())
+            moments = Moments.of(values, order=2)
+            row[f"{metric}_mean"], row[f"{metric}_m2"] = float(moments.mean), float(moments.m2)
     return row
 
 
-@dataclass
-class _Acc:
-    n: int = 0
-    mean: float = 0.0
-    m2: float = 0.0
-
-
-def _combine(parts: list[tuple[int, float, float]]) -> tuple[float | None, float | None]:
-    """(mean, sample std) from per-shard (count, mean, M2) (Chan et al.'s parallel update)."""
-    acc = _Acc()
-    for n, mean, m2 in parts:
-        if not n:
-            continue
-        total = acc.n + n
-        delta = mean - acc.mean
-        acc.mean += delta * n / total
-        acc.m2 += m2 + delta * delta * acc.n * n / total
-        acc.n = total
-    if not acc.n:
+def _mean_std(rows: list[dict], metric: str) -> tuple[float | None, float | None]:
+    """(mean, sample std) of one metric from per-shard partial rows (None when undefined)."""
+    if not rows:
         return None, None
-    return acc.mean, (float(np.sqrt(acc.m2 / (acc.n - 1))) if acc.n > 1 else None)
+    total = Moments.merge_all(
+        Moments.from_arrays({"n": r["n"], "mean": r[f"{metric}_mean"], "m2": r[f"{metric}_m2"]})
+        for r in rows
+    )
+    if not total.n:
+        return None, None
+    return float(total.mean), (float(np.sqrt(total.sample_variance)) if total.n > 1 else None)

@@ -23,8 +23,9 @@ overflow bin ``(hi, inf]``, so the counts add up to every stored value.
 Streaming: each shard task returns sufficient statistics (counts, min, max, and per
 column the mean and *central* moment sums ``sum (x - mean_shard)^p`` for p = 2..4,
 computed in float64), which ``reduce`` combines exactly with the parallel-moments shift
-(Pebay 2008). Central sums, not raw power sums: ``sum x^4 / n - ...`` cancels
-catastrophically when a dimension's mean is large next to its spread.
+(Pebay 2008), both by ``arrakis_ray.numerics.Moments``. Central sums, not raw power
+sums: ``sum x^4 / n - ...`` cancels catastrophically when a dimension's mean is large
+next to its spread.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.numerics import Moments
 from arrakis_ray.store.layout import DENSE_BLOCK_HOOKS, block_hook
 from arrakis_ray.tools.base import ShardInputs, Tool
 
@@ -157,7 +159,7 @@ class SparsityAnalyzer(Tool):
                 "freq": neurons["n_active"] / n,
                 "dead": neurons["n_active"] == 0,
                 "mean": neurons["mean"],
-                "std": np.sqrt(neurons["m2"] / n),
+                "std": neurons["moments"].std,
                 "min": neurons["min"],
                 "max": neurons["max"],
             },
@@ -167,9 +169,7 @@ class SparsityAnalyzer(Tool):
         if "sparsity_kurtosis" in partials:
             k = _merge(partials["sparsity_kurtosis"], ("dim",), {"": 4})
             constant = k["min"] == k["max"]  # no spread: skew and kurtosis are undefined
-            with np.errstate(invalid="ignore", divide="ignore"):
-                skew = np.sqrt(k["n"]) * k["m3"] / k["m2"] ** 1.5
-                kurt = k["n"] * k["m4"] / k["m2"] ** 2 - 3.0
+            moments = k["moments"]
             out["sparsity_kurtosis"] = _final(
                 self,
                 "sparsity_kurtosis",
@@ -178,9 +178,9 @@ class SparsityAnalyzer(Tool):
                     **{c: k[c] for c in (*_KEYS, "dim")},
                     "n_tokens": k["n"],
                     "mean": k["mean"],
-                    "std": np.sqrt(k["m2"] / k["n"]),
-                    "skewness": pa.array(skew, mask=constant),
-                    "kurtosis": pa.array(kurt, mask=constant),
+                    "std": moments.std,
+                    "skewness": pa.array(moments.skewness, mask=constant),
+                    "kurtosis": pa.array(moments.excess_kurtosis, mask=constant),
                 },
             )
         hist = pa.concat_tables(partials["sparsity_histograms"])
@@ -218,50 +218,18 @@ def _matrix(inputs: ShardInputs, family: str, layer: int) -> np.ndarray:
 
 def _moments(x: np.ndarray, order: int) -> dict[str, np.ndarray]:
     """Per column: n, min, max, mean and central sums m2..m{order}, in float64."""
-    x64 = x.astype(np.float64)
-    stats = {"n": np.full(x.shape[1], x.shape[0], dtype=np.int64)}
-    names = ["min", "max", "mean", *(f"m{p}" for p in range(2, order + 1))]
+    stats = Moments.of(x, order=order).to_arrays()
     if x.shape[0] == 0:  # e.g. no token with a defined Gini in this shard
-        return {**stats, **{k: np.full(x.shape[1], np.nan) for k in names}}
-    mean = x64.mean(0)
-    stats.update({"min": x64.min(0), "max": x64.max(0), "mean": mean})
-    for p in range(2, order + 1):
-        stats[f"m{p}"] = ((x64 - mean) ** p).sum(0)
-    return stats
-
-
-def merge_moments(
-    group: np.ndarray, n: np.ndarray, mean: np.ndarray, m: dict[int, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """Combine partial (n, mean, central sums m2..m4) rows that share a ``group`` id.
-
-    Each part's sums about its own mean are shifted to the group's mean
-    (``d = mean_part - mean_group``): ``M2 = sum(m2 + n d^2)``,
-    ``M3 = sum(m3 + 3 d m2 + n d^3)``, ``M4 = sum(m4 + 4 d m3 + 6 d^2 m2 + n d^4)``.
-    Parts with n = 0 contribute nothing.
-    """
-    size = int(group.max()) + 1
-    n = n.astype(np.float64)
-    total = np.bincount(group, weights=n, minlength=size)
-    mean = np.where(n > 0, mean, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mu = np.bincount(group, weights=n * mean, minlength=size) / total
-    d = np.where(n > 0, mean - mu[group], 0.0)
-    m = {p: np.where(n > 0, v, 0.0) for p, v in m.items()}
-    shifted = {2: m[2] + n * d**2}
-    if 3 in m:
-        shifted[3] = m[3] + 3 * d * m[2] + n * d**3
-    if 4 in m:
-        shifted[4] = m[4] + 4 * d * m[3] + 6 * d**2 * m[2] + n * d**4
-    out = {p: np.bincount(group, weights=v, minlength=size) for p, v in shifted.items()}
-    return total, mu, out
+        return {**stats, "min": np.full(x.shape[1], np.nan), "max": np.full(x.shape[1], np.nan)}
+    return {**stats, "min": x.min(0).astype(np.float64), "max": x.max(0).astype(np.float64)}
 
 
 def _merge(tables: list, columns: tuple[str, ...], prefixes: dict[str, int]) -> dict:
     """Merge partial tables over shards, grouped by (family, layer, *columns).
 
     ``prefixes`` maps a column prefix ("" or "l0_") to the moment order of its
-    statistics; returns the group keys and, per prefix, n, mean, m2.., min and max.
+    statistics; returns the group keys and, per prefix, n, mean, m2.., min and max, and
+    the merged ``Moments`` as ``{prefix}moments``.
     """
     import pyarrow as pa
 
@@ -276,10 +244,10 @@ def _merge(tables: list, columns: tuple[str, ...], prefixes: dict[str, int]) -> 
     out = {c: unique[c] for c in names}
     for prefix, order in prefixes.items():
         n = cols[f"{prefix}n"]
-        m = {p: cols[f"{prefix}m{p}"] for p in range(2, order + 1)}
-        total, mu, merged = merge_moments(group, n, cols[f"{prefix}mean"], m)
-        out[f"{prefix}n"], out[f"{prefix}mean"] = total.astype(np.int64), mu
-        out.update({f"{prefix}m{p}": v for p, v in merged.items()})
+        merged = Moments.from_arrays(cols, prefix).merge_groups(group, len(unique))
+        assert merged.order == order, (prefix, merged.order)
+        out.update(merged.to_arrays(prefix))
+        out[f"{prefix}moments"] = merged
         lo, hi = np.full(len(unique), np.inf), np.full(len(unique), -np.inf)
         np.minimum.at(lo, group, np.where(n > 0, cols[f"{prefix}min"], np.inf))
         np.maximum.at(hi, group, np.where(n > 0, cols[f"{prefix}max"], -np.inf))
@@ -300,8 +268,7 @@ def _layer_summary(tables: list, neurons: dict) -> dict:
         return_inverse=True,
     )
     dead = np.bincount(per_layer.ravel(), weights=neurons["n_active"] == 0).astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        l0_std, gini_std = np.sqrt(s["l0_m2"] / s["l0_n"]), np.sqrt(s["gini_m2"] / s["gini_n"])
+    l0_std, gini_std = s["l0_moments"].std, s["gini_moments"].std
     undefined = s["gini_n"] == 0
     return {
         "family": s["family"],

@@ -48,8 +48,10 @@ from typing import Literal
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.numerics import Moments
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.tools.base import RunInputs, Tool
+from arrakis_ray.tools.decompose import dim_columns, layer_matrix
 
 log = logging.getLogger(__name__)
 
@@ -91,28 +93,6 @@ class SAEParams:
             raise ValueError("n_features must be at least 1")
         if self.lr <= 0 or self.l1_coeff < 0:
             raise ValueError("lr must be > 0 and l1_coeff >= 0")
-
-
-def dim_columns(names: list[str]) -> list[str]:
-    """The d0..d{n-1} columns of an activation table, in dimension order."""
-    dims = [c for c in names if c.startswith("d") and c[1:].isdigit()]
-    return sorted(dims, key=lambda c: int(c[1:]))
-
-
-def layer_matrix(table, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(seq_id, pos, [rows, width] float32) of one layer of a dense table, sorted by (seq, pos)."""
-    import pyarrow.compute as pc
-
-    table = table.filter(pc.equal(table.column("layer"), layer))
-    seq = table.column("seq_id").to_numpy()
-    pos = table.column("pos").to_numpy()
-    order = np.lexsort((pos, seq))
-    dims = dim_columns(table.column_names)
-    if not dims:
-        return seq[order], pos[order], np.zeros((len(order), 0), np.float32)
-    # stored float16 is widened: every computation runs in float32
-    matrix = np.stack([table.column(c).to_numpy().astype(np.float32) for c in dims], axis=1)
-    return seq[order], pos[order], matrix[order]
 
 
 class SuperpositionDisentangler(Tool):
@@ -198,19 +178,16 @@ class _LayerStream:
 
     def moments(self) -> tuple[int, np.ndarray, float]:
         """(tokens, mean vector, total sum of squared deviations from the mean)."""
-        n, total, sumsq = 0, None, 0.0
-        for shard in self.inputs.shards:
-            x = self.read(shard)[2].astype(np.float64)
-            n += len(x)
-            total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
-            sumsq += float((x * x).sum())
+        moments = Moments.merge_all(
+            Moments.of(self.read(shard)[2], order=2) for shard in self.inputs.shards
+        )
+        n = int(moments.n)
         if n == 0:
             raise ToolError(
                 f"run {self.inputs.run_id}: no rows of {self.family} layer {self.layer} "
                 f"in {self.inputs.layout.activation_dir(self.family)}"
             )
-        mean = total / n
-        return n, mean.astype(np.float32), sumsq - n * float(mean @ mean)
+        return n, moments.mean.astype(np.float32), float(moments.m2.sum())
 
 
 def _encode(w: dict, x, kind: str, k: int):
