@@ -97,9 +97,6 @@ def hook_shapes(config: PipelineConfig) -> tuple[HookShape, ...]:
 
 def model_shape(model) -> ModelShape:
     """The shape of a HookedModel (real or on the meta device)."""
-    import torch
-
-    final_norm = model.model.get_submodule(model.adapter.final_norm)
     return ModelShape(
         arch=model.arch,
         n_layers=model.n_layers,
@@ -109,7 +106,8 @@ def model_shape(model) -> ModelShape:
         n_kv_heads=model.n_kv_heads,
         d_head=model.d_head,
         d_vocab=model.vocab_size,
-        norm="layernorm" if isinstance(final_norm, torch.nn.LayerNorm) else "rmsnorm",
+        # gemma's (1 + w) gain is a parametrisation of RMSNorm, not another norm
+        norm="layernorm" if model.adapter.norm == "layernorm" else "rmsnorm",
         positional="learned" if model.adapter.pos_embed is not None else "rotary",
         parallel_blocks=model.parallel_residual,
     )
