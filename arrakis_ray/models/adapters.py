@@ -22,7 +22,8 @@ checked against the transformers 5.23 modeling source of its family:
 ``norm`` declares what every norm of the family computes (``models/norms.py`` reads
 the norms through it and checks the declaration on a probe input).
 
-A custom torch model plugs in by building its own ``Adapter`` with the same fields.
+Only HF causal LMs are served today: ``HookedModel`` reads sizes from the HF config and
+looks modules up by these paths, so a plain torch model needs more than an ``Adapter``.
 """
 
 from __future__ import annotations
