@@ -97,11 +97,10 @@ def analyze(
         tool.result_schema(output)  # a missing schema file fails here, before any task runs
     missing = [h for h in tool.required_hooks(manifest) if h not in manifest.hooks]
     if missing:
-        families = sorted({hook_family(h) for h in missing})
         raise ToolError(
             f"tool {tool.name} needs hooks that run {layout.run_id} did not harvest: "
             f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; harvest again "
-            f"with harvest.hooks including {', '.join(harvest_glob(f) for f in families)}"
+            f"with harvest.hooks including {', '.join(harvest_hint(missing))}"
         )
     shards = reader.shards
     if not shards:
@@ -145,6 +144,11 @@ def analyze(
         rows,
         seconds,
     )
+
+
+def harvest_hint(missing: list[str]) -> list[str]:
+    """The harvest hook globs that would have captured ``missing`` hook names."""
+    return [harvest_glob(f) for f in sorted({hook_family(h) for h in missing})]
 
 
 def _map(task, payload: tuple, shards: list[int]) -> list:
