@@ -7,15 +7,20 @@ Heavy imports (torch, ray, altair) happen inside the subcommands that need them,
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import inspect
 import logging
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from arrakis_ray.errors import ArrakisError
+from arrakis_ray.resources import demo_pipeline
 from arrakis_ray.store.location import store_path
 
-DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+DEMO_PIPELINE = demo_pipeline()
 
 DEMO_QUERY = """SELECT layer,
        round(avg(target_prob), 3) AS mean_p_next,
@@ -25,9 +30,25 @@ WHERE target_rank IS NOT NULL
 GROUP BY layer ORDER BY layer"""
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``arrakis-ray`` console script."""
+def console() -> None:
+    """The ``arrakis-ray`` console script: ``main`` in a process of its own, whose
+    native stderr (Ray's C++ warnings) goes to the log file of a command that uses Ray."""
+    sys.exit(main(own_process=True))
+
+
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Run one ``arrakis-ray`` command; returns the exit code.
+
+    ``own_process``: this process is the command's alone (the console script), so its
+    file descriptors may be redirected; a caller embedding ``main`` keeps its own.
+    """
     args = _parser().parse_args(argv)
+    if getattr(args, "uses_ray", False):
+        from arrakis_ray.ray_session import log_file, native_stderr_to_log
+
+        if own_process:
+            native_stderr_to_log()
+        print(f"log:    {log_file()}  (Ray's own messages, remote tracebacks)")
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
@@ -52,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="store directory, or a URI such as s3://bucket/prefix (created if needed)",
     )
-    h.set_defaults(func=_cmd_harvest)
+    h.set_defaults(func=_cmd_harvest, uses_ray=True)
 
     r = sub.add_parser("run", help="harvest, run the pipeline's tools, write the report")
     r.add_argument("pipeline", help="pipeline YAML file")
@@ -61,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="store directory, or a URI such as s3://bucket/prefix (created if needed)",
     )
-    r.set_defaults(func=_cmd_run)
+    r.set_defaults(func=_cmd_run, uses_ray=True)
 
     a = sub.add_parser("analyze", help="run an analysis tool over a harvested run")
     a.add_argument("run", help="run directory (STORE/runs/ID), or a run id with --store")
@@ -74,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "--param", action="append", default=[], metavar="K=V", help="tool parameter (repeatable)"
     )
     a.add_argument("--store", help="store directory or URI, when RUN is a run id")
-    a.set_defaults(func=_cmd_analyze)
+    a.set_defaults(func=_cmd_analyze, uses_ray=True)
 
     q = sub.add_parser("sql", help="query a store with SQL (read-only)")
     q.add_argument("store", help="store directory, or a URI such as s3://bucket/prefix")
@@ -102,13 +123,13 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole chain on the shipped demo model")
     d.add_argument("--store", default="demo_store", help="store directory (default demo_store)")
-    d.set_defaults(func=_cmd_demo)
+    d.set_defaults(func=_cmd_demo, uses_ray=True)
     return p
 
 
 def _cmd_harvest(args) -> None:
     from arrakis_ray.config import load_pipeline
-    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.harvest.driver import harvest
 
     result = harvest(load_pipeline(args.pipeline), args.store)
     _print_harvest(result)
@@ -185,8 +206,6 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_tools(args) -> None:
-    import dataclasses
-
     from arrakis_ray.tools import TOOLS
 
     for name, cls in sorted(TOOLS.items()):
@@ -194,9 +213,45 @@ def _cmd_tools(args) -> None:
         if cls.reference:
             print(f"    reference: {cls.reference}")
         print(f"    writes: {', '.join('results_' + o for o in cls.output_names())}")
+        docs = field_docs(cls.Params)
         for f in dataclasses.fields(cls.Params):
-            default = f.default if f.default is not dataclasses.MISSING else "required"
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "required"
             print(f"    --param {f.name}=...  (default {default})")
+            if f.name in docs:
+                print(textwrap.indent(docs[f.name], " " * 8))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under that field of a dataclass (and of its
+    dataclass bases), read from the source; fields without one are left out.
+
+    Reads the ``.py`` file the class came from, so it works wherever the package is
+    installed as source (a wheel, an editable checkout); {} when no source exists.
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
 
 
 def _cmd_demo(args) -> None:
@@ -220,7 +275,7 @@ def _cmd_demo(args) -> None:
 
 def _run_pipeline(pipeline: Path, store: str):
     from arrakis_ray.config import load_pipeline
-    from arrakis_ray.harvest.run import harvest
+    from arrakis_ray.harvest.driver import harvest
     from arrakis_ray.reports.run_report import build_report
     from arrakis_ray.tools.runner import analyze, make_tool
 
@@ -269,4 +324,4 @@ def _parse_params(items: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

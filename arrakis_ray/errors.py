@@ -48,3 +48,9 @@ class ReportError(ArrakisError):
 
 class HarvestError(ArrakisError):
     """A shard failed while being harvested (the message names the shard and the cause)."""
+
+
+class RemoteTaskError(ArrakisError):
+    """A Ray task failed with an exception that is not an ArrakisError (a bug, or a
+    killed worker); the message names the task and the exception, the log file holds
+    the traceback (``ray_session.log_file``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -110,6 +111,53 @@ def test_tools_lists_logit_lens(capsys):
     assert main(["tools"]) == 0
     out = capsys.readouterr().out
     assert "logit_lens" in out and "include_embed" in out
+
+
+def test_tools_prints_each_parameters_docstring(capsys):
+    import inspect
+
+    from arrakis_ray.cli import field_docs
+    from arrakis_ray.tools.logit_lens import LogitLensParams
+
+    # the docstring is the source line under the field, read here without ast
+    source = inspect.getsource(LogitLensParams).splitlines()
+    at = next(i for i, line in enumerate(source) if line.strip().startswith("include_embed:"))
+    expected = source[at + 1].strip().strip('"')
+    assert field_docs(LogitLensParams)["include_embed"] == expected
+    assert main(["tools"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    lines = lines[lines.index(next(x for x in lines if x.startswith("logit_lens:"))) :]
+    at = next(i for i, line in enumerate(lines) if line.startswith("    --param include_embed="))
+    assert lines[at + 1] == " " * 8 + expected
+
+
+@dataclasses.dataclass(frozen=True)
+class _BaseParams:
+    """A base with a documented field."""
+
+    seed: int = 0
+    """Seed of everything."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Params(_BaseParams):
+    """Fields with and without docstrings."""
+
+    layers: tuple[int, ...] = dataclasses.field(default_factory=tuple)
+    """Layers to read;
+    empty: all of them."""
+    undocumented: str = "x"
+    not_a_doc = 3
+    """A class attribute's string, not a field's."""
+
+
+def test_field_docs_read_multiline_and_inherited_docstrings():
+    from arrakis_ray.cli import field_docs
+
+    assert field_docs(_Params) == {
+        "seed": "Seed of everything.",
+        "layers": "Layers to read;\nempty: all of them.",
+    }
 
 
 def test_sql_without_a_query_opens_a_prompt(harvested, capsys, monkeypatch):

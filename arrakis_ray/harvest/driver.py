@@ -9,19 +9,16 @@ its own run and only finishes the shards that lack a completion marker.
 from __future__ import annotations
 
 import logging
-import os
-import re
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from arrakis_ray.config import PipelineConfig
-from arrakis_ray.errors import ArrakisError
 from arrakis_ray.harvest.actor import CONCURRENT_SHARDS, HarvestStage
 from arrakis_ray.harvest.model_source import load_tokenizer, vocab_texts
 from arrakis_ray.harvest.plan import plan_run
 from arrakis_ray.harvest.tokenize import TokenizeShard
+from arrakis_ray.ray_session import ensure_ray, one_line_error
 from arrakis_ray.store import schemas
 from arrakis_ray.store.manifest import HarvestCall, read_manifest
 from arrakis_ray.store.plan import RunPlan
@@ -83,14 +80,14 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
         totals = _run_shards(plan, layout, pending)
     except Exception as exc:
         # completed shards keep their markers and stay usable; the run says it failed
-        cause = _user_error(exc)
+        error = one_line_error(exc, f"harvest of run {plan.run_id}")  # None: not from Ray
         writer.write_manifest(
             manifest.with_changes(
-                status="failed", error=str(cause or exc)[:2000], updated_at=_now()
+                status="failed", error=str(error or exc)[:2000], updated_at=_now()
             )
         )
-        if cause is not None:
-            raise type(cause)(f"harvest of run {plan.run_id} failed: {cause}") from None
+        if error is not None:
+            raise error from None
         raise
     seconds = time.perf_counter() - started
     call = HarvestCall(finished_at=_now(), seconds=round(seconds, 3), **totals)
@@ -111,21 +108,6 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
         plan.run_id, layout.root, "complete", len(pending), len(plan.shards),
         call.tokens, call.bytes, seconds,
     )  # fmt: skip
-
-
-def ensure_ray() -> None:
-    """Connect to Ray: ``RAY_ADDRESS`` if set, else start a local cluster."""
-    import ray
-
-    if "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ:
-        from ray.data import DataContext
-
-        # Ray Data's bars in a terminal; in logs and CI our own per-shard lines suffice
-        DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
-        )
 
 
 def _run_shards(plan: RunPlan, layout, pending: list) -> dict:
@@ -192,33 +174,6 @@ def _run_shards(plan: RunPlan, layout, pending: list) -> dict:
             eta,
         )
     return done
-
-
-_REMOTE_ERROR = re.compile(r"arrakis_ray\.errors\.(\w+): (.+)")
-
-
-def _user_error(exc: BaseException) -> ArrakisError | None:
-    """The ArrakisError behind a failure in a Ray task or actor, if there is one.
-
-    Ray Data wraps a step's exception (RayTaskError, UserCodeException) and keeps the
-    original only as text in the remote traceback; the last arrakis error named there
-    is the outermost one, which names the shard.
-    """
-    from arrakis_ray import errors
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ArrakisError):
-            return exc
-        found = _REMOTE_ERROR.findall(str(exc))
-        if found:
-            name, message = found[-1]
-            cls = getattr(errors, name, None)
-            if isinstance(cls, type) and issubclass(cls, ArrakisError):
-                return cls(message.strip())
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
 
 
 def _tokenize(batch, config, vocab_size):

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-import arrakis_ray
 from arrakis_ray.errors import SchemaError
+from arrakis_ray.resources import schemas_dir
 
-SCHEMAS_DIR = Path(arrakis_ray.__file__).resolve().parents[1] / "schemas"
+SCHEMAS_DIR = schemas_dir()
 # Searched in order; custom tools outside this repo add their own with add_schema_dir.
 _schema_dirs: list[Path] = [SCHEMAS_DIR]
 STORAGE_DTYPES = ("float16", "float32")  # bfloat16 has no Parquet type: stored as float32

@@ -87,7 +87,7 @@ def analyze(
     store: str | Path | None = None,
 ) -> AnalyzeResult:
     """Run a tool (a name, or ``module:Class``) over every completed shard of ``run``."""
-    from arrakis_ray.harvest.driver import ensure_ray
+    from arrakis_ray.ray_session import ensure_ray, ray_errors
 
     started = time.perf_counter()
     reader = RunReader.open(run, store)
@@ -116,13 +116,15 @@ def analyze(
         cloudpickle.register_pickle_by_value(sys.modules[type(tool).__module__])
     # the store root travels as a path object: a UPath carries its filesystem options
     payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id)
-    if tool.scope == "run":
-        rows = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
-    elif tool.reduce is not None:
-        partials = _map(ray.remote(_partial_shard).options(num_cpus=0.5), payload, shards)
-        rows = ray.get(ray.remote(_reduce).options(num_cpus=1).remote(*payload, *partials))
-    else:
-        rows = sum(ray.get(_map(ray.remote(_run_shard).options(num_cpus=0.5), payload, shards)))
+    with ray_errors(f"tool {tool.name}"):  # a failure in a task becomes one line
+        if tool.scope == "run":
+            rows = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
+        elif tool.reduce is not None:
+            partials = _map(ray.remote(_partial_shard).options(num_cpus=0.5), payload, shards)
+            rows = ray.get(ray.remote(_reduce).options(num_cpus=1).remote(*payload, *partials))
+        else:
+            task = ray.remote(_run_shard).options(num_cpus=0.5)
+            rows = sum(ray.get(_map(task, payload, shards)))
 
     seconds = time.perf_counter() - started
     record = ToolRecord(
