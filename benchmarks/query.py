@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/query.py --quick --explain   # + EXPLAIN ANALYZE profiles
     .venv/bin/python benchmarks/query.py                     # more repeats, more shard sizes
 
-The store is written with the project's own writers (``init_store``, ``RunLayout``,
-``store.parquet.write_table`` with ``activation_schema("dense", 512, "float16")``, the
-tokens and vocab schemas, completion markers, ``write_manifest``): one hook
+The store is written with the project's own writer (``RunWriter``: tables checked
+against ``activation_schema("dense", 512, "float16")`` and the tokens and vocab schemas,
+completion markers, a typed manifest from ``tests/runs.py``, the tests' shared
+synthetic-run fixture): one hook
 (``blocks.3.mlp.hook_post``, width 512) over 16,384 sequences of 128 tokens, with
 synthetic values (normal, a few neurons 8x heavier) instead of a model forward, which
 would take too long here. Shards hold as many sequences as the harvest's automatic
@@ -43,6 +44,7 @@ import logging
 import os
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,11 +56,13 @@ import pyarrow.parquet as pq
 
 from arrakis_ray.errors import QueryError
 from arrakis_ray.harvest.plan import predict_bytes, shard_size_for
-from arrakis_ray.store import parquet as store_parquet
 from arrakis_ray.store import schemas
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.store.layout import RunLayout, init_store
-from arrakis_ray.store.manifest import write_manifest
+from arrakis_ray.store.layout import RunLayout
+from arrakis_ray.store.writer import RunWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from runs import shard_plan, synthetic_manifest, synthetic_shape, vocab_table  # noqa: E402
 
 WIDTH = 512
 CONTEXT = 128  # tokens per sequence
@@ -79,7 +83,7 @@ VOCAB = 4096
 SEED = 1234
 RUN_ID = "synthetic-2m"
 CACHE = Path("/tmp/arrakis-bench-query")
-VERSION = 2  # bump when the generated data or the store layout changes
+VERSION = 3  # bump when the generated data or the store layout changes
 DASHBOARD = "neuron_top_contexts"
 TARGETS = {"topk_neuron_s": 0.2, "dashboard_lookup_s": 0.05, "topk_over_baseline": 20.0}
 WINDOW = 8  # context tokens each side of a top token, as the neuron_dashboard tool's default
@@ -129,78 +133,59 @@ def _keys(first_seq: int, n_seqs: int) -> tuple[np.ndarray, np.ndarray]:
     return seq, np.tile(np.arange(CONTEXT, dtype=np.int32), n_seqs)
 
 
-def _write(table: pa.Table, path: Path, name: str, expected: pa.Schema) -> None:
-    version = schemas.load_schema(name).version
-    path.parent.mkdir(parents=True, exist_ok=True)
-    store_parquet.write_table(
-        table, path, schema_name=name, schema_version=version, expected=expected
-    )
-
-
 class StoreWriter:
     """Writes the shards of one run, ``seqs_per_shard`` sequences per file."""
 
     def __init__(self, root: Path, seqs_per_shard: int, vocab: np.ndarray) -> None:
-        self.layout = RunLayout(init_store(root), RUN_ID)
-        self.per_shard, self.vocab, self.pending, self.shard = seqs_per_shard, vocab, [], 0
-        table = pa.table(
-            [pa.array(np.arange(VOCAB, dtype=np.int32)), pa.array(vocab)],
-            schema=schemas.vocab_schema(),
-        )
-        _write(table, self.layout.vocab_path, "vocab", schemas.vocab_schema())
+        self.writer = RunWriter(root, RUN_ID)
+        self.shards = shard_plan(SEQUENCES, seqs_per_shard)
+        self.vocab, self.pending, self.next = vocab, [], 0
+        self.writer.write_vocab(vocab_table(vocab))
 
     def add(self, values: np.ndarray, tokens: np.ndarray) -> None:
         """Queue one generated block; a shard is written when enough blocks are queued."""
         self.pending.append((values, tokens))
-        if len(self.pending) * BLOCK == self.per_shard:
+        if len(self.pending) * BLOCK == self.shards[self.next].count:
             self._flush()
 
     def _flush(self) -> None:
+        shard = self.shards[self.next]
         values = np.concatenate([v for v, _ in self.pending], axis=1)
         tokens = np.concatenate([t for _, t in self.pending])
-        seq, pos = _keys(self.shard * self.per_shard, len(self.pending) * BLOCK)
-        n, run = len(seq), self.layout.run_id
+        seq, pos = _keys(shard.first_doc, shard.count)
+        n, run = len(seq), self.writer.run_id
         run_col = pa.array(np.full(n, run, dtype=object), pa.string())
         act_schema = schemas.activation_schema("dense", WIDTH, "float16")
         cols = [run_col, pa.array(np.full(n, LAYER, np.int16)), pa.array(seq), pa.array(pos)]
         act = pa.Table.from_arrays(cols + [pa.array(v) for v in values], schema=act_schema)
-        directory = self.layout.activation_dir(FAMILY)
-        _write(act, self.layout.shard_file(directory, self.shard), "activation.dense", act_schema)
+        self.writer.write_activations(FAMILY, shard.shard, act)
         # one document per sequence: doc_id = seq_id, doc_pos = pos
         token_cols = [seq, pos, seq, pos, tokens, self.vocab[tokens]]
         tok = pa.Table.from_arrays(
             [run_col, *(pa.array(c) for c in token_cols)], schema=schemas.tokens_schema()
         )
-        path = self.layout.shard_file(self.layout.tokens_dir, self.shard)
-        _write(tok, path, "tokens", schemas.tokens_schema())
-        marker = self.layout.completion_marker(self.shard)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("")  # last, as the harvest does
-        self.pending, self.shard = [], self.shard + 1
+        self.writer.write_tokens(shard.shard, tok)
+        self.writer.mark_complete(shard.shard)  # last, as the harvest does
+        self.pending, self.next = [], self.next + 1
 
     def finish(self, dashboard: pa.Table, seconds: float) -> None:
-        """Write the last (partial) shard, the dashboard table and the manifest."""
-        if self.pending:
-            self._flush()
-        _write(
-            dashboard,
-            self.layout.results_dir(DASHBOARD) / "shard-00000.parquet",
-            f"result.{DASHBOARD}",
-            dashboard.schema,
+        """Write the dashboard table and the manifest (after every shard)."""
+        assert not self.pending and self.next == len(self.shards), "every shard is written"
+        version = schemas.load_schema(f"result.{DASHBOARD}").version
+        self.writer.write_result(DASHBOARD, 0, dashboard, version)
+        shape = synthetic_shape(n_layers=LAYER + 1, d_mlp=WIDTH, d_vocab=VOCAB)
+        manifest = synthetic_manifest(
+            RUN_ID,
+            [HOOK],
+            shape,
+            self.shards,
+            storage_dtype="float16",
+            context_length=CONTEXT,
+            n_tokens=SEQUENCES * CONTEXT,
+            seconds=seconds,
+            model_source="synthetic (benchmarks/query.py)",
         )
-        write_manifest(
-            self.layout,
-            {
-                "name": RUN_ID,
-                "status": "complete",
-                "model": "synthetic (benchmarks/query.py)",
-                "hooks": [HOOK],
-                "n_sequences": SEQUENCES,
-                "n_tokens": SEQUENCES * CONTEXT,
-                "config": {"shard_size": self.per_shard, "storage_dtype": "float16", "seed": SEED},
-                "seconds": seconds,
-            },
-        )
+        self.writer.write_manifest(manifest)
 
 
 def _dashboard(

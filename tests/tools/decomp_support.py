@@ -2,7 +2,8 @@
 
 ``model_shard`` runs a HookedModel with ``run_with_cache`` and converts the cache with
 the harvest's own table builders (``arrakis_ray.harvest.tables``), so a tool sees the
-same wide tables a harvest would have written, without Ray or a store.
+same wide tables, and the typed manifest (``runs.synthetic_manifest``), a harvest would
+have written, without Ray or a store.
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
+from runs import shard_plan, synthetic_manifest
 
 from arrakis_ray.harvest import tables
+from arrakis_ray.harvest.plan import model_shape
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import schemas
+from arrakis_ray.store.manifest import RunManifest
+from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.base import ShardInputs
 
 HOOKS = [
@@ -59,20 +64,9 @@ def model_shard(model, ids: torch.Tensor, mask: torch.Tensor, run_id: str = "tin
     token_table = tables.tokens_table(
         schemas.tokens_schema(), run_id, seq_ids, doc_ids, doc_pos, ids.numpy(), m, vocab
     )
-    import pyarrow as pa
-
-    manifest = {
-        "run_id": run_id,
-        "hooks": model.resolve_hooks(hooks),
-        "model": {
-            "arch": model.arch,
-            "n_layers": model.n_layers,
-            "d_model": model.d_model,
-            "n_heads": model.n_heads,
-            "d_head": model.d_head,
-            "vocab_size": model.vocab_size,
-        },
-    }
+    resolved = model.resolve_hooks(hooks)
+    shards = shard_plan(len(ids), len(ids), first_doc=int(seq_ids[0]))
+    manifest = synthetic_manifest(run_id, resolved, model_shape(model), shards)
     inputs = ShardInputs(
         run_id=run_id,
         shard=0,
@@ -90,20 +84,25 @@ def _shuffled(table):
     return table.take(order)
 
 
-def stored_shard(run_dir: Path, shard: int, manifest: dict, vocab: np.ndarray) -> ShardInputs:
-    """ShardInputs of one shard of a harvested run, read with pyarrow (every family)."""
-    families = {
-        d.name: pq.read_table(d / f"shard-{shard:05d}.parquet")
-        for d in (run_dir / "activations").iterdir()
-        if (d / f"shard-{shard:05d}.parquet").exists()
-    }
+def stored_shard(
+    run_dir: Path,
+    shard: int,
+    manifest: RunManifest | dict | None = None,
+    vocab: np.ndarray | None = None,
+) -> ShardInputs:
+    """ShardInputs of one shard of a harvested run, read through ``RunReader`` (every
+    family on disk). ``manifest`` (the run's, or its ``manifest.json`` object, perhaps
+    edited) and ``vocab`` default to the stored ones."""
+    reader = RunReader.open(run_dir)
+    if isinstance(manifest, dict):
+        manifest = RunManifest.from_json(manifest, str(reader.layout.manifest_path))
     return ShardInputs(
-        run_id=run_dir.name,
+        run_id=reader.run_id,
         shard=shard,
-        manifest=manifest,
-        activations=families,
-        tokens=pq.read_table(run_dir / "tokens" / f"shard-{shard:05d}.parquet"),
-        vocab=vocab,
+        manifest=manifest or reader.manifest,
+        activations={f: reader.activations(f, shard) for f in reader.families},
+        tokens=reader.tokens(shard),
+        vocab=reader.vocab if vocab is None else vocab,
     )
 
 
