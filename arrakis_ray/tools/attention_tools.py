@@ -34,12 +34,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.hooks import family_hook
 from arrakis_ray.numerics import rank_within_groups
 from arrakis_ray.tools.base import ShardInputs, Tool
+
+if TYPE_CHECKING:
+    from arrakis_ray.store.manifest import RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +103,17 @@ class AttentionTools(Tool):
     outputs = ("attention_head_scores", "attention_top_positions")
     reduced_outputs = ("attention_head_scores",)  # top positions are final per shard
 
-    def _layers(self, manifest: dict) -> list[int]:
+    def _layers(self, manifest: RunManifest) -> list[int]:
         return self.selected_layers(manifest, self.params.layers)
 
-    def required_hooks(self, manifest: dict) -> list[str]:
-        return [f"blocks.{layer}.attn.hook_pattern" for layer in self._layers(manifest)]
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
+        return [family_hook("attn_pattern", layer) for layer in self._layers(manifest)]
 
     def compute_shard(self, inputs: ShardInputs, model=None) -> dict:
         """Partial sums per (layer, head) and the shard's top positions per query."""
         import pyarrow as pa
 
-        n_heads = inputs.manifest["model"]["n_heads"]
+        n_heads = inputs.shape.n_heads
         rows = _pattern_rows(inputs, self._layers(inputs.manifest))
         sums = head_sums(rows, _token_grid(inputs.tokens), n_heads)
         layer, head = np.divmod(np.arange(len(sums["n_queries"])), n_heads)
@@ -133,7 +138,7 @@ class AttentionTools(Tool):
         )
         return {"attention_head_scores": partial, "attention_top_positions": top_table}
 
-    def reduce(self, partials: dict, manifest: dict, model=None) -> dict:
+    def reduce(self, partials: dict, manifest: RunManifest, model=None) -> dict:
         """Add the shards' sums up, divide, and add the induction score (live model).
 
         ``model``: the run's HookedModel (needed only for the induction score).
@@ -167,7 +172,7 @@ class AttentionTools(Tool):
         n_dup = col["n_duplicate_queries"]
         with np.errstate(invalid="ignore", divide="ignore"):
             columns = [
-                pa.array(np.full(len(layers), manifest["run_id"], dtype=object), pa.string()),
+                pa.array(np.full(len(layers), manifest.run_id, dtype=object), pa.string()),
                 pa.array(layers.astype(np.int16)),
                 pa.array(heads.astype(np.int16)),
                 pa.array(col["entropy_sum"] / n),
@@ -330,13 +335,13 @@ def induction_scores(
         )
     candidates = np.array([i for i in range(n_tokens) if i not in special], dtype=np.int64)
     ids = induction_tokens(n_sequences, seq_len, candidates, bos, seed)
-    hooks = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    hooks = {layer: family_hook("attn_pattern", layer) for layer in layers}
     totals = {layer: np.zeros(model.n_heads) for layer in layers}
     for lo in range(0, n_sequences, INDUCTION_BATCH):
         batch = torch.from_numpy(ids[lo : lo + INDUCTION_BATCH])
-        _, cache = model.run_with_cache(batch, hooks=hooks)
+        _, cache = model.run_with_cache(batch, hooks=list(hooks.values()))
         for layer in layers:
-            pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu().numpy()
+            pattern = cache[hooks[layer]].float().cpu().numpy()
             totals[layer] += induction_score_from_patterns(pattern, seq_len, offset) * len(batch)
     log.info("induction scores over %d sequences of 2 x %d tokens", n_sequences, seq_len)
     return {layer: total / n_sequences for layer, total in totals.items()}

@@ -26,12 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.hooks import family_hook
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from torch import Tensor
 
     from arrakis_ray.models import HookedModel
+    from arrakis_ray.store.manifest import RunManifest
     from arrakis_ray.tools.base import ShardInputs
 
 log = logging.getLogger(__name__)
@@ -304,14 +306,12 @@ class ShardComponents:
             i += 1
 
 
-def decomposition_hooks(manifest: dict, n_blocks: int) -> list[str]:
+def decomposition_hooks(manifest: RunManifest, n_blocks: int) -> list[str]:
     """Hook names ``ShardComponents`` reads for blocks ``0 .. n_blocks - 1``."""
-    from arrakis_ray.models.adapters import ADAPTERS
-
-    hooks = ["hook_embed"]
-    adapter = ADAPTERS.get(manifest["model"].get("arch", ""))
-    if "hook_pos_embed" in manifest.get("hooks", []) or (adapter and adapter.pos_embed):
-        hooks.append("hook_pos_embed")
+    families = ["embed"]
+    if manifest.shape.positional == "learned":
+        families.append("pos_embed")
+    hooks = [family_hook(family) for family in families]
     for layer in range(n_blocks):
-        hooks += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
+        hooks += [family_hook("attn_z", layer), family_hook("mlp_out", layer)]
     return hooks

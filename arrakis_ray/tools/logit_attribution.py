@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from arrakis_ray.hooks import family_hook
 from arrakis_ray.tools.base import ShardInputs, Tool
 from arrakis_ray.tools.decompose import (
     RowIndex,
@@ -34,6 +35,9 @@ from arrakis_ray.tools.decompose import (
     sorted_tokens,
     token_id,
 )
+
+if TYPE_CHECKING:
+    from arrakis_ray.store.manifest import RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +74,10 @@ class LogitAttribution(Tool):
     Params = LogitAttributionParams
     needs_weights = True
 
-    def required_hooks(self, manifest: dict) -> list[str]:
-        n_layers = manifest["model"]["n_layers"]
-        return [
-            *decomposition_hooks(manifest, n_layers),
-            f"blocks.{n_layers - 1}.hook_resid_post",
-        ]
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
+        n_layers = manifest.shape.n_layers
+        # the last resid_post: the final norm's scale, frozen at its value in the run
+        return [*decomposition_hooks(manifest, n_layers), family_hook("resid_post", n_layers - 1)]
 
     def compute_shard(self, inputs: ShardInputs, model) -> object:
         import pyarrow as pa

@@ -10,10 +10,15 @@ unembedding; here both the final norm and the unembedding (with its bias) are ap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from arrakis_ray.hooks import family_hook
 from arrakis_ray.tools.base import ShardInputs, Tool
+
+if TYPE_CHECKING:
+    from arrakis_ray.store.manifest import RunManifest
 
 ROWS_PER_CHUNK = 512  # rows unembedded at once: bounds memory at 512 x vocab floats
 
@@ -35,12 +40,15 @@ class LogitLens(Tool):
     Params = LogitLensParams
     needs_weights = True
 
-    def required_hooks(self, manifest: dict) -> list[str]:
-        n_layers = manifest["model"]["n_layers"]
-        hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
+        return [family_hook(family, layer) for family, layer in self._states(manifest)]
+
+    def _states(self, manifest: RunManifest) -> list[tuple[str, int]]:
+        """(family, layer) of every residual state read, in layer order."""
+        states = [("resid_post", layer) for layer in range(manifest.shape.n_layers)]
         if self.params.include_embed:
-            hooks.insert(0, "blocks.0.hook_resid_pre")
-        return hooks
+            states.insert(0, ("resid_pre", 0))  # the embeddings, before block 0
+        return states
 
     def compute_shard(self, inputs: ShardInputs, model) -> object:
         import pyarrow as pa
@@ -84,10 +92,7 @@ class LogitLens(Tool):
         """(layer, [rows, d_model] float32) per layer, rows aligned with (seq, pos)."""
         import pyarrow.compute as pc
 
-        wanted = [("resid_post", layer) for layer in range(inputs.manifest["model"]["n_layers"])]
-        if self.params.include_embed:
-            wanted.insert(0, ("resid_pre", 0))
-        for family, layer in wanted:
+        for family, layer in self._states(inputs.manifest):
             table = inputs.activations[family]
             table = table.filter(pc.equal(table.column("layer"), layer))
             t_seq = table.column("seq_id").to_numpy()

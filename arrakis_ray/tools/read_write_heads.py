@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.hooks import family_hook
 from arrakis_ray.numerics import Moments, rank_within_groups
 from arrakis_ray.tools.base import ShardInputs, Tool
 
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from arrakis_ray.models.hooked import HookedModel
+    from arrakis_ray.store.manifest import RunManifest
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +250,9 @@ class ReadWriteHeads(Tool):
     scope = "shard"
     outputs = ("read_write_heads", "read_write_heads_top")
 
-    def required_hooks(self, manifest: dict) -> list[str]:
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
         # checked here, in the driver, so a wrong width fails before any task starts
-        d_model = manifest["model"]["d_model"]
+        d_model = manifest.shape.d_model
         if self.params.direction is not None:
             _as_vector(np.array(self.params.direction), d_model, "direction")
         if self.params.direction_file is not None:
@@ -258,7 +260,7 @@ class ReadWriteHeads(Tool):
             _as_vector(_load_file(self.params.direction_file), d_model, where)
         if not self.params.activations:
             return []
-        return [f"blocks.{layer}.attn.hook_z" for layer in range(manifest["model"]["n_layers"])]
+        return [family_hook("attn_z", layer) for layer in range(manifest.shape.n_layers)]
 
     def compute_shard(self, inputs: ShardInputs, model: HookedModel | None) -> dict:
         import pyarrow as pa
@@ -296,10 +298,12 @@ class ReadWriteHeads(Tool):
         }
         return {"read_write_heads": pa.table(partial), "read_write_heads_top": pa.table(top)}
 
-    def reduce(self, partials: dict[str, list[pa.Table]], manifest: dict, model=None) -> dict:
+    def reduce(
+        self, partials: dict[str, list[pa.Table]], manifest: RunManifest, model=None
+    ) -> dict:
         import pyarrow as pa
 
-        run_id = manifest["run_id"]
+        run_id = manifest.run_id
         parts = [t.to_pydict() for t in partials["read_write_heads"]]
         first = parts[0]
         moments = Moments.merge_all(Moments.from_arrays(p) for p in parts)

@@ -12,7 +12,7 @@ projection on the residual itself (``c . r / |r|``), which adds up over the part
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from arrakis_ray.tools.decompose import (
     sorted_tokens,
     token_id,
 )
+
+if TYPE_CHECKING:
+    from arrakis_ray.store.manifest import RunManifest
 
 
 @dataclass(frozen=True)
@@ -63,24 +66,24 @@ class ResidualDecomposition(Tool):
     Params = ResidualDecompositionParams
     needs_weights = True
 
-    def _layers(self, manifest: dict) -> list[int]:
-        n_layers = manifest["model"]["n_layers"]
+    def _layers(self, manifest: RunManifest) -> list[int]:
+        n_layers = manifest.shape.n_layers
         layer = self.params.layer
         if layer is not None and layer > n_layers:
             raise ToolError(
                 f"residual_decomposition: layer {layer} is out of range for run "
-                f"{manifest.get('run_id', '?')} ({n_layers} layers: 0..{n_layers}, where "
+                f"{manifest.run_id} ({n_layers} layers: 0..{n_layers}, where "
                 f"{n_layers} is the stream after the last block)"
             )
         return list(range(n_layers + 1)) if layer is None else [layer]
 
-    def required_hooks(self, manifest: dict) -> list[str]:
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
         direction = self.params.direction
-        d_model = manifest["model"]["d_model"]
+        d_model = manifest.shape.d_model
         if direction is not None and len(direction) != d_model:
             raise ToolError(
                 f"residual_decomposition: direction has {len(direction)} numbers but run "
-                f"{manifest.get('run_id', '?')} has d_model {d_model}"
+                f"{manifest.run_id} has d_model {d_model}"
             )
         return decomposition_hooks(manifest, max(self._layers(manifest)))
 

@@ -12,11 +12,17 @@ count, mean and central M2 per metric) by ``reduce``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from arrakis_ray.hooks import family_hook
 from arrakis_ray.numerics import Moments
 from arrakis_ray.tools.base import NoParams, ShardInputs, Tool
 from arrakis_ray.tools.decompose import RowIndex, dense_matrix, sorted_tokens
+
+if TYPE_CHECKING:
+    from arrakis_ray.store.manifest import RunManifest
 
 METRICS = ("norm", "movement", "cosine")
 
@@ -30,26 +36,18 @@ class ResidualTools(Tool):
     outputs = ("residual_tokens", "residual_layers")
     reduced_outputs = ("residual_layers",)  # per-token rows are written shard by shard
 
-    def required_hooks(self, manifest: dict) -> list[str]:
-        hooks = [
-            f"blocks.{layer}.hook_resid_post" for layer in range(manifest["model"]["n_layers"])
-        ]
-        if "blocks.0.hook_resid_pre" in manifest.get("hooks", []):
-            hooks.insert(0, "blocks.0.hook_resid_pre")
-        return hooks
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
+        return [family_hook(family, layer) for family, layer in _states(manifest)]
 
     def compute_shard(self, inputs: ShardInputs, model) -> dict:
         import pyarrow as pa
 
         seq, pos, _ = sorted_tokens(inputs.tokens)
         index = RowIndex(seq, pos, inputs.shard)
-        states = [("resid_post", layer) for layer in range(inputs.manifest["model"]["n_layers"])]
-        if "blocks.0.hook_resid_pre" in self.required_hooks(inputs.manifest):
-            states.insert(0, ("resid_pre", 0))
         n = len(seq)
         parts, moments = [], []
         previous = None
-        for family, layer in states:
+        for family, layer in _states(inputs.manifest):
             current = dense_matrix(inputs, family, layer, index).astype(np.float64)
             norm = np.linalg.norm(current, axis=1)
             if previous is None:
@@ -82,7 +80,7 @@ class ResidualTools(Tool):
             "residual_layers": pa.Table.from_pylist(moments),
         }
 
-    def reduce(self, partials: dict, manifest: dict, model=None) -> dict:
+    def reduce(self, partials: dict, manifest: RunManifest, model=None) -> dict:
         """Combine per-shard moments into per-layer mean and standard deviation."""
         import pyarrow as pa
 
@@ -91,7 +89,7 @@ class ResidualTools(Tool):
         for layer in sorted({r["layer"] for r in rows}):
             mine = [r for r in rows if r["layer"] == layer]
             row = {
-                "run_id": manifest["run_id"],
+                "run_id": manifest.run_id,
                 "layer": layer,
                 "n_tokens": sum(r["n"] for r in mine),
             }
@@ -105,6 +103,15 @@ class ResidualTools(Tool):
                 out, schema=self.result_schema("residual_layers")
             )
         }
+
+
+def _states(manifest: RunManifest) -> list[tuple[str, int]]:
+    """(family, layer) of the residual states, in order: the embeddings (resid_pre 0)
+    first when the run harvested them, then every block's resid_post."""
+    states = [("resid_post", layer) for layer in range(manifest.shape.n_layers)]
+    if family_hook("resid_pre", 0) in manifest.hooks:
+        states.insert(0, ("resid_pre", 0))
+    return states
 
 
 def _or_zeros(values: np.ndarray | None, n: int) -> np.ndarray:

@@ -8,8 +8,6 @@ induction head) must show both heads; synthetic patterns check the induction off
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -33,7 +31,7 @@ def run_tool(run_dir, params: dict | None = None, model=None) -> dict:
     """compute_shard on every shard, then reduce: the runner's path, without Ray."""
     layout = store_layout.RunLayout(run_dir.parents[1], run_dir.name)
     manifest = store_manifest.read_manifest(layout)
-    reader = RunInputs(layout.run_id, layout, manifest, None, sorted(layout.completed_shards()))
+    reader = RunInputs(layout, manifest)
     tool = make_tool("attention_tools", params)
     partials: dict[str, list] = {}
     for shard in reader.shards:
@@ -267,7 +265,9 @@ def test_bad_inputs_are_refused(harvested):
     _, _, result = harvested
     with pytest.raises(ToolError, match="top_k"):
         make_tool("attention_tools", {"top_k": 0})
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    manifest = store_manifest.read_manifest(
+        store_layout.RunLayout(result.run_dir.parents[1], result.run_dir.name)
+    )
     with pytest.raises(ToolError, match=r"layers \[7\] out of range"):
         make_tool("attention_tools", {"layers": [7]}).required_hooks(manifest)
     model = load_pretrained(zoo_path("facts-gpt2"))  # context of 64 tokens

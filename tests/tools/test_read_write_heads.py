@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from runs import shard_plan, synthetic_manifest, synthetic_shape
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.harvest.model_source import vocab_texts
@@ -20,6 +21,11 @@ from arrakis_ray.tools.runner import analyze, make_tool
 from arrakis_ray.zoo import zoo_path
 
 TOKEN = "paris"
+
+
+def _manifest(**shape):
+    """A typed manifest of run "r" with the given model shape fields."""
+    return synthetic_manifest("r", ["hook_embed"], synthetic_shape(**shape), shard_plan(1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +116,7 @@ def test_bad_directions_are_refused(demo):
         make_tool("read_write_heads", {"token": TOKEN, "token_id": 3})
     with pytest.raises(ToolError, match="exactly one of"):
         make_tool("read_write_heads", {})
-    manifest = {"model": {"d_model": 128, "n_layers": 4}}
+    manifest = _manifest(d_model=128, n_layers=4)
     tool = make_tool("read_write_heads", {"direction": [1.0, 2.0]})
     with pytest.raises(ToolError, match=r"width d_model = 128"):
         tool.required_hooks(manifest)
@@ -208,9 +214,9 @@ def test_weights_only_compute_and_reduce(demo):
 
     model, vocab = demo
     tool = make_tool("read_write_heads", {"token": TOKEN, "activations": False})
-    inputs = ShardInputs("r", 0, {}, activations={}, tokens=None, vocab=vocab)
+    inputs = ShardInputs("r", 0, _manifest(), activations={}, tokens=None, vocab=vocab)
     part = tool.compute_shard(inputs, model)
-    out = tool.reduce({name: [t, t] for name, t in part.items()}, {"run_id": "r"})
+    out = tool.reduce({name: [t, t] for name, t in part.items()}, _manifest())
     main, top = out["read_write_heads"].to_pydict(), out["read_write_heads_top"]
     assert top.num_rows == 0 and top.schema == tool.result_schema("read_write_heads_top")
     assert main["n_tokens"] == [0] * 16 and set(main["write_act_mean"]) == {None}

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from runs import shard_plan, synthetic_manifest, synthetic_shape
 from tools.decomp_support import ARCH_CASES, batch, case_id, model_shard, stored_shard, tiny, wide
 
 from arrakis_ray.errors import ToolError
@@ -122,11 +123,8 @@ def test_bad_parameters_are_refused():
         make_tool("residual_decomposition", {"direction": [1.0], "token": "a"})
     with pytest.raises(ToolError, match="layer must be >= 0"):
         make_tool("residual_decomposition", {"layer": -1})
-    manifest = {
-        "run_id": "r",
-        "hooks": [],
-        "model": {"arch": "llama", "n_layers": 2, "d_model": 64},
-    }
+    shape = synthetic_shape("llama", n_layers=2, d_model=64, norm="rmsnorm", positional="rotary")
+    manifest = synthetic_manifest("r", ["hook_embed"], shape, shard_plan(1, 1))
     with pytest.raises(ToolError, match="layer 3 is out of range .* 0..2"):
         make_tool("residual_decomposition", {"layer": 3}).required_hooks(manifest)
     with pytest.raises(ToolError, match="direction has 3 numbers .* d_model 64"):

@@ -11,6 +11,7 @@ import pytest
 from tools.decomp_support import stored_shard
 
 from arrakis_ray.store.catalog import Store
+from arrakis_ray.store.manifest import RunManifest
 from arrakis_ray.tools.base import NoParams
 from arrakis_ray.tools.residual_tools import ResidualTools
 from arrakis_ray.tools.runner import analyze
@@ -18,7 +19,8 @@ from arrakis_ray.tools.runner import analyze
 
 def _run(harvested):
     _, _, result = harvested
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    path = result.run_dir / "manifest.json"
+    manifest = RunManifest.from_json(json.loads(path.read_text()), str(path))
     vocab = np.array(
         pq.read_table(result.run_dir / "vocab.parquet")["token_text"].to_pylist(), dtype=object
     )
@@ -79,7 +81,7 @@ def test_per_token_values_equal_numpy_on_the_stored_vectors(harvested):
 
 def test_without_resid_pre_the_first_state_is_layer_zero(harvested):
     run_dir, manifest, vocab = _run(harvested)
-    manifest = {**manifest, "hooks": [h for h in manifest["hooks"] if "resid_pre" not in h]}
+    manifest = manifest.with_changes(hooks=tuple(h for h in manifest.hooks if "resid_pre" not in h))
     tool = ResidualTools(NoParams())
     assert tool.required_hooks(manifest) == [f"blocks.{i}.hook_resid_post" for i in range(4)]
     inputs = stored_shard(run_dir, 0, manifest, vocab)
