@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from arrakis_ray.errors import StoreError
@@ -22,6 +22,9 @@ from arrakis_ray.store.parquet import check_file_schema, read_files
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
+
+    from arrakis_ray.store.location import StorePath
+    from arrakis_ray.store.writer import RunWriter
 
 
 class RunReader:
@@ -183,3 +186,40 @@ class RunReader:
     def _family_hooks(self, family: str) -> str:
         hooks = [h for h in self.manifest.hooks if hook_family(h) == family]
         return ", ".join(hooks[:4]) + (" ..." if len(hooks) > 4 else "")
+
+    # ---------------------------------------------------------- tool results, artifacts
+
+    def has_result(self, output: str) -> bool:
+        """True if some tool wrote result ``output`` into this run."""
+        directory = self.layout.results_dir(output)
+        return directory.is_dir() and any(directory.glob("shard-*.parquet"))
+
+    def writer(self) -> RunWriter:
+        """This run's RunWriter: how a run-scope tool, which receives the reader, saves an
+        artifact of its own (``RunWriter.write_artifact``); the runner writes its tables."""
+        from arrakis_ray.store.writer import RunWriter
+
+        return RunWriter.for_layout(self.layout)
+
+    def artifact_path(self, relative: str) -> StorePath:
+        """Where an artifact lies, given its path relative to the run directory (as
+        ``RunWriter.write_artifact`` returned it and a result row records it)."""
+        parts = PurePosixPath(relative).parts
+        if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
+            raise StoreError(f"artifact path {relative!r} is not inside run {self.run_id}")
+        return self.layout.root.joinpath(*parts)
+
+    def read_artifact(self, relative: str) -> bytes:
+        """An artifact's bytes; StoreError naming the file if it is missing."""
+        path = self.artifact_path(relative)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{path}: file is missing from run {self.run_id}") from None
+        except OSError as e:
+            raise StoreError(f"{path}: could not read ({e})") from None
+
+    @property
+    def kept_columns(self) -> tuple[str, ...]:
+        """Input columns the harvest kept (``data.keep_columns``): what ``documents`` reads."""
+        return tuple(self.manifest.config.get("data", {}).get("keep_columns") or ())

@@ -7,8 +7,10 @@ shard is whole. The paths come from ``RunLayout``; nobody else spells a file nam
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
+from arrakis_ray.errors import StoreError
 from arrakis_ray.store import schemas
 from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.layout import RunLayout, family_kind, init_store
@@ -119,3 +121,26 @@ class RunWriter:
         return write_table(
             table, path, schema_name=name, schema_version=schema.version, expected=schema.arrow()
         )
+
+    # ----------------------------------------------------------------- tool artifacts
+
+    def write_artifact(self, tool: str, name: str, data: bytes) -> str:
+        """A file a tool keeps beside its result tables (trained weights, say), written
+        atomically as ``results/<tool>/<name>``.
+
+        Returns its path relative to the run directory: what a result row records and
+        ``RunReader.read_artifact`` takes.
+        """
+        if not _ARTIFACT.match(name) or _SHARD_FILE.match(name):
+            raise StoreError(
+                f"invalid artifact name {name!r}: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit, and not a result file's shard-*.parquet"
+            )
+        path = self.layout.results_dir(tool) / name
+        with atomic_open(path, "wb") as f:
+            f.write(data)
+        return path.relative_to(self.layout.root).as_posix()
+
+
+_ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHARD_FILE = re.compile(r"^shard-.*\.parquet$")  # result tables' names: never an artifact

@@ -44,7 +44,8 @@ import numpy as np
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.models.circuits import HeadFactors, Writer, frob, layer_factors, norm_fold
-from arrakis_ray.tools.base import RunInputs, Tool
+from arrakis_ray.store.reader import RunReader
+from arrakis_ray.tools.base import Tool
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -143,7 +144,7 @@ class AttentionHeadComposition(Tool):
     needs_weights = True
     scope = "run"
 
-    def compute_run(self, inputs: RunInputs, model: HookedModel | None) -> pa.Table:
+    def compute_run(self, inputs: RunReader, model: HookedModel | None) -> pa.Table:
         import torch
 
         if model is None:

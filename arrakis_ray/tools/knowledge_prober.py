@@ -10,6 +10,9 @@ documents is seeded and shared by every layer. Per layer the result holds held-o
 accuracy, macro one-vs-rest AUROC (ranks, ties averaged), and the accuracy of always
 answering the training split's most frequent class.
 
+Labels come from the run's ``documents`` table: harvest with the label's input column
+in ``data.keep_columns``.
+
 Memory: activations are streamed one shard at a time; only one vector per sequence
 and layer is kept (the probe's dataset).
 """
@@ -18,30 +21,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from arrakis_ray.errors import ToolError, UnknownHookError
-from arrakis_ray.store.layout import hook_family
-from arrakis_ray.tools.base import RunInputs, Tool
+from arrakis_ray import hooks
+from arrakis_ray.errors import DataError, ToolError
+from arrakis_ray.store.reader import RunReader
+from arrakis_ray.tools.base import Tool
 from arrakis_ray.tools.decompose import layer_matrix
+
+if TYPE_CHECKING:
+    from arrakis_ray.store.manifest import RunManifest
 
 log = logging.getLogger(__name__)
 
-# Dense hook families -> hook name of one layer (the probe reports concrete hook names).
-FAMILY_HOOKS = {
-    "embed": "hook_embed",
-    "pos_embed": "hook_pos_embed",
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "mlp_pre": "blocks.{layer}.mlp.hook_pre",
-    "mlp_post": "blocks.{layer}.mlp.hook_post",
-    "ln_final": "ln_final.hook_normalized",
-}
+# Dense hook families a probe reads: one model-space vector per token (not a scale, not
+# logits).
+PROBE_FAMILIES = tuple(
+    s.family for s in hooks.FAMILIES.values() if s.kind == "dense" and s.width not in (1, "d_vocab")
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ class ProbeParams:
     """Parameters of the knowledge prober."""
 
     label_column: str
-    """Field of the run's input documents holding each document's label (e.g. relation)."""
+    """Input column holding each document's label (e.g. relation), kept with the run at
+    harvest time: it must be in the pipeline's ``data.keep_columns``."""
     hook: str = "resid_post"
     """Hook family probed at every harvested layer (resid_post, mlp_post, attn_out, ...)."""
     position: Any = "last"
@@ -65,10 +65,10 @@ class ProbeParams:
     """Seeds the train/test split."""
 
     def __post_init__(self) -> None:
-        if self.hook not in FAMILY_HOOKS:
+        if self.hook not in PROBE_FAMILIES:
             raise ValueError(
                 f"hook {self.hook!r} is not a dense hook family; use one of "
-                f"{', '.join(FAMILY_HOOKS)}"
+                f"{', '.join(PROBE_FAMILIES)}"
             )
         pos = self.position
         if pos not in ("last", "mean") and (isinstance(pos, bool) or not isinstance(pos, int)):
@@ -89,19 +89,25 @@ class KnowledgeProber(Tool):
     scope = "run"
     outputs = ("probe_layers",)
 
-    def required_hooks(self, manifest: dict) -> list[str]:
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
         family = self.params.hook
-        template = FAMILY_HOOKS[family]
-        harvested = [h for h in manifest.get("hooks", []) if _family(h) == family]
+        harvested = [h for h in manifest.hooks if _family(h) == family]
         # nothing harvested: name every layer's hook so the runner's refusal is explicit
-        return harvested or [template.format(layer=i) for i in range(manifest["model"]["n_layers"])]
+        every = (hooks.family_hook(family, i) for i in range(manifest.shape.n_layers))
+        return harvested or list(dict.fromkeys(every))
 
-    def compute_run(self, inputs: RunInputs, model) -> Any:
+    def compute_run(self, inputs: RunReader, model) -> Any:
         import pyarrow as pa
 
         p = self.params
-        docs, per_layer = gather_vectors(inputs, p.hook, p.position)
+        if p.label_column not in inputs.kept_columns:  # before streaming any activation
+            raise DataError(
+                f"{self.name}: run {inputs.run_id} did not keep the input column "
+                f"{p.label_column!r} (kept: {', '.join(inputs.kept_columns) or 'none'}); "
+                f"harvest again with data.keep_columns including {p.label_column!r}"
+            )
         labels = inputs.documents(p.label_column)
+        docs, per_layer = gather_vectors(inputs, p.hook, p.position)
         missing = sorted(set(docs.tolist()) - set(labels))
         if missing:
             raise ToolError(f"run {inputs.run_id}: documents {missing[:5]} have no input row")
@@ -126,7 +132,7 @@ class KnowledgeProber(Tool):
             rows.append(
                 {
                     "run_id": inputs.run_id,
-                    "hook": FAMILY_HOOKS[p.hook].format(layer=layer),
+                    "hook": hooks.family_hook(p.hook, layer),
                     "layer": layer,
                     "label_column": p.label_column,
                     "position": str(p.position),
@@ -145,10 +151,8 @@ class KnowledgeProber(Tool):
 
 
 def _family(hook: str) -> str | None:
-    try:
-        return hook_family(hook)
-    except UnknownHookError:
-        return None
+    spec = hooks.find_spec(hook)
+    return spec.family if spec is not None else None
 
 
 def select_positions(
@@ -176,7 +180,7 @@ def select_positions(
 
 
 def gather_vectors(
-    inputs: RunInputs, family: str, position: str | int
+    inputs: RunReader, family: str, position: str | int
 ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """(doc id per sequence, layer -> [n_seq, width] vectors), streamed shard by shard."""
     docs: list[np.ndarray] = []

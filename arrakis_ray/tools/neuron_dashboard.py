@@ -37,19 +37,29 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from arrakis_ray import hooks
 from arrakis_ray.errors import ToolError
 from arrakis_ray.numerics import rank_within_groups
-from arrakis_ray.store.layout import DENSE_BLOCK_HOOKS
-from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
+from arrakis_ray.store.reader import RunReader
+from arrakis_ray.tools.base import ShardInputs, Tool
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from arrakis_ray.store.manifest import RunManifest
 
 ZERO = 1e-6  # |x| below this lands in the zero bucket (absolute error < 1e-6)
 PERCENTILES = (50, 90, 99)
 BLOCK_CELLS = 1 << 22  # neurons x buckets (or x tokens) handled at once: bounds memory
 _SPACED = re.compile(r"^ \S")  # a token text that carries its own leading space
+# dense families with one row per (layer, token) inside the blocks: what a neuron can be
+DENSE_BLOCK_FAMILIES = tuple(
+    s.family for s in hooks.FAMILIES.values() if s.in_block and s.kind == "dense"
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,10 @@ class NeuronDashboardParams:
     feature id), from superposition_disentangler's results."""
 
     def __post_init__(self) -> None:
-        if self.family not in DENSE_BLOCK_HOOKS:
-            raise ValueError(f"family {self.family!r} is not one of {', '.join(DENSE_BLOCK_HOOKS)}")
+        if self.family not in DENSE_BLOCK_FAMILIES:
+            raise ValueError(
+                f"family {self.family!r} is not one of {', '.join(DENSE_BLOCK_FAMILIES)}"
+            )
         if self.k < 1 or self.window < 0:
             raise ValueError(f"k must be >= 1 and window >= 0, got k={self.k}, {self.window=}")
         if not 0 < self.quantile_accuracy < 0.5:
@@ -96,14 +108,14 @@ class NeuronDashboard(Tool):
         self.scope = "run" if params.source == "sae_features" else "shard"
         self.sketch = _Sketch(params.quantile_accuracy)
 
-    def _layers(self, manifest: dict) -> list[int]:
+    def _layers(self, manifest: RunManifest) -> list[int]:
         return self.selected_layers(manifest, self.params.layers)
 
-    def required_hooks(self, manifest: dict) -> list[str]:
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
         if self.params.source == "sae_features":
             return []
-        hook = DENSE_BLOCK_HOOKS[self.params.family]
-        return [f"blocks.{layer}.{hook}" for layer in self._layers(manifest)]
+        family = self.params.family
+        return [hooks.family_hook(family, layer) for layer in self._layers(manifest)]
 
     def compute_shard(self, inputs: ShardInputs, model=None) -> dict:
         """One shard's sufficient statistics and top-k candidates, per layer."""
@@ -135,15 +147,15 @@ class NeuronDashboard(Tool):
             "neuron_top_contexts": pa.concat_tables(tops),
         }
 
-    def compute_run(self, inputs: RunInputs, model=None) -> dict:
+    def compute_run(self, inputs: RunReader, model=None) -> dict:
         """The SAE source: every shard's tokens with their feature activations, reduced."""
-        hook, layer, n_features, files = _sae_results(inputs, self.name)
+        hook, layer, n_features, features = _sae_results(inputs, self.name)
         family = f"sae:{hook}"
         stats, tops = [], []
         for shard in inputs.shards:
             tokens = inputs.tokens(shard).sort_by([("seq_id", "ascending"), ("pos", "ascending")])
             seq, pos = tokens["seq_id"].to_numpy(), tokens["pos"].to_numpy()
-            row, feature, value = _sae_entries(files, seq, pos)
+            row, feature, value = _sae_entries(features, seq, pos)
             contexts = _Contexts(tokens, inputs.vocab, self.params.window)
             stat, top = self._sparse(len(seq), n_features, row, feature, value, seq, pos, contexts)
             stats.append(_with_keys(stat, family, layer))
@@ -221,12 +233,12 @@ class NeuronDashboard(Tool):
 
     # -- reduce ---------------------------------------------------------------------
 
-    def reduce(self, partials: dict, manifest: dict, model=None) -> dict:
+    def reduce(self, partials: dict, manifest: RunManifest, model=None) -> dict:
         """Merge every shard's statistics and candidates into the final tables."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        run_id, sk = manifest["run_id"], self.sketch
+        run_id, sk = manifest.run_id, self.sketch
         s = pa.concat_tables(partials["neuron_stats"])
         family = s["family"].to_numpy(zero_copy_only=False)
         layer, neuron = s["layer"].to_numpy(), s["neuron"].to_numpy()
@@ -382,43 +394,32 @@ def _with_keys(columns: dict, family: str, layer: int):
     return pa.table({**keys, **columns})
 
 
-def _sae_results(inputs: RunInputs, tool: str) -> tuple[str, int, int, list]:
-    """(hook, layer, n_features, feature files) of the run's sparse autoencoder."""
-    from arrakis_ray.store import parquet, schemas
-
-    layout = inputs.layout
-    found = {
-        name: sorted(layout.results_dir(name).glob("shard-*.parquet"))
-        for name in ("sae_metrics", "sae_features")
-    }
-    if not all(found.values()):
+def _sae_results(inputs: RunReader, tool: str) -> tuple[str, int, int, pa.Table]:
+    """(hook, layer, n_features, feature activations sorted by seq_id) of the run's
+    sparse autoencoder."""
+    if not all(inputs.has_result(name) for name in ("sae_metrics", "sae_features")):
         raise ToolError(
-            f"{tool}: run {inputs.run_id} has no sae_features results under "
-            f"{layout.results_root}; run superposition_disentangler first"
+            f"{tool}: run {inputs.run_id} has no sae_features results; "
+            "run superposition_disentangler first"
         )
-    for name, paths in found.items():
-        for path in paths:
-            parquet.check_file_schema(
-                path, f"result.{name}", schemas.load_schema(f"result.{name}").version
-            )
-    metrics = parquet.read_files(found["sae_metrics"]).to_pylist()
+    metrics = inputs.result("sae_metrics").to_pylist()
     if len(metrics) != 1:
         raise ToolError(f"{tool}: run {inputs.run_id} has {len(metrics)} SAEs; expected one")
     m = metrics[0]
-    return m["hook"], m["layer"], m["n_features"], found["sae_features"]
+    # one run-wide table, as superposition_disentangler returned it whole
+    features = inputs.result("sae_features").select(["seq_id", "pos", "feature", "activation"])
+    return m["hook"], m["layer"], m["n_features"], features.sort_by("seq_id").combine_chunks()
 
 
-def _sae_entries(files: list, seq: np.ndarray, pos: np.ndarray):
-    """(token row, feature, value) of the SAE activations of these (seq, pos) tokens."""
-    from arrakis_ray.store import parquet
-
+def _sae_entries(features: pa.Table, seq: np.ndarray, pos: np.ndarray):
+    """(token row, feature, value) of the SAE activations of these (seq, pos) tokens;
+    ``features`` sorted by seq_id."""
     if len(seq) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    table = parquet.read_files(
-        files,
-        columns=["seq_id", "pos", "feature", "activation"],
-        filters=[("seq_id", ">=", int(seq.min())), ("seq_id", "<=", int(seq.max()))],
-    )
+    stored_seq = features["seq_id"].to_numpy()  # one chunk: no copy
+    lo = np.searchsorted(stored_seq, seq.min(), "left")
+    hi = np.searchsorted(stored_seq, seq.max(), "right")
+    table = features.slice(int(lo), int(hi - lo))
     # tokens are sorted by (seq, pos): a token's row is the rank of its combined key
     key = seq.astype(np.int64) * (int(pos.max()) + 1) + pos
     got = table["seq_id"].to_numpy() * (int(pos.max()) + 1) + table["pos"].to_numpy()

@@ -31,15 +31,23 @@ next to its spread.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from arrakis_ray import hooks
 from arrakis_ray.errors import ToolError
 from arrakis_ray.numerics import Moments
-from arrakis_ray.store.layout import DENSE_BLOCK_HOOKS, block_hook
 from arrakis_ray.tools.base import ShardInputs, Tool
 
+if TYPE_CHECKING:
+    from arrakis_ray.store.manifest import RunManifest
+
 _KEYS = ("family", "layer")
+# dense families with one row per (layer, token) inside the blocks: what a neuron can be
+DENSE_BLOCK_FAMILIES = tuple(
+    s.family for s in hooks.FAMILIES.values() if s.in_block and s.kind == "dense"
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,10 @@ class SparsityParams:
     def __post_init__(self) -> None:
         for name in ("family", "kurtosis_family"):
             value = getattr(self, name)
-            if value is not None and value not in DENSE_BLOCK_HOOKS:
-                raise ValueError(f"{name} {value!r} is not one of {', '.join(DENSE_BLOCK_HOOKS)}")
+            if value is not None and value not in DENSE_BLOCK_FAMILIES:
+                raise ValueError(
+                    f"{name} {value!r} is not one of {', '.join(DENSE_BLOCK_FAMILIES)}"
+                )
         if self.hist_bins < 1:
             raise ValueError(f"hist_bins must be >= 1, got {self.hist_bins}")
         for name in ("hist_range", "kurtosis_hist_range"):
@@ -83,16 +93,16 @@ class SparsityAnalyzer(Tool):
     Params = SparsityParams
     outputs = ("sparsity_neurons", "sparsity_layers", "sparsity_kurtosis", "sparsity_histograms")
 
-    def _layers(self, manifest: dict) -> list[int]:
+    def _layers(self, manifest: RunManifest) -> list[int]:
         return self.selected_layers(manifest, self.params.layers)
 
     def _families(self) -> list[str]:
         extra = self.params.kurtosis_family
         return [self.params.family] + ([extra] if extra and extra != self.params.family else [])
 
-    def required_hooks(self, manifest: dict) -> list[str]:
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
         return [
-            block_hook(family, layer)
+            hooks.family_hook(family, layer)
             for family in self._families()
             for layer in self._layers(manifest)
         ]
@@ -140,11 +150,11 @@ class SparsityAnalyzer(Tool):
                     parts["sparsity_histograms"].append({**keys, "quantity": "activation", **hist})
         return {name: _table(rows) for name, rows in parts.items() if rows}
 
-    def reduce(self, partials: dict, manifest: dict, model=None) -> dict:
+    def reduce(self, partials: dict, manifest: RunManifest, model=None) -> dict:
         """Combine every shard's statistics into the final tables."""
         import pyarrow as pa
 
-        run_id = manifest["run_id"]
+        run_id = manifest.run_id
         out = {}
         neurons = _merge(partials["sparsity_neurons"], ("neuron",), {"": 2})
         n = neurons["n"]

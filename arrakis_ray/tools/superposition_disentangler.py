@@ -33,8 +33,9 @@ Outputs:
 - ``sae_directions``: decoder directions in long form (feature, dim, value): ``dim``
   i is activation column ``d{i}``. Rebuild a vector in SQL with
   ``list(value ORDER BY dim)``.
-The trained weights are also saved as ``results/superposition_disentangler/<hook>
-.safetensors`` (W_enc [d, m], b_enc [m], W_dec [m, d], b_dec [d]).
+The trained weights are also saved as the run's artifact ``results/
+superposition_disentangler/<hook>.safetensors`` (W_enc [d, m], b_enc [m], W_dec [m, d],
+b_dec [d]); ``sae_metrics.weights_path`` is its path relative to the run directory.
 """
 
 from __future__ import annotations
@@ -42,21 +43,23 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from arrakis_ray import hooks
 from arrakis_ray.errors import ToolError
 from arrakis_ray.numerics import Moments
-from arrakis_ray.store import layout as store_layout
-from arrakis_ray.tools.base import RunInputs, Tool
+from arrakis_ray.store.reader import RunReader
+from arrakis_ray.tools.base import Tool
 from arrakis_ray.tools.decompose import dim_columns, layer_matrix
+
+if TYPE_CHECKING:
+    from arrakis_ray.store.manifest import RunManifest
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 4096  # tokens encoded at once in the final pass: bounds the dense codes
-WEIGHTS_DIR = "superposition_disentangler"  # under results/: holds <hook>.safetensors
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,8 @@ class SAEParams:
     """Seeds the initialisation, the shard order of each epoch and the row shuffles."""
 
     def __post_init__(self) -> None:
-        family = store_layout.hook_family(self.hook)  # unknown hook names fail here
-        if store_layout.family_kind(family) != "dense":
+        spec = hooks.spec_of(self.hook)  # unknown hook names fail here
+        if spec.kind != "dense":
             raise ValueError(f"hook {self.hook!r}: only dense hooks (one vector per token)")
         for name in ("k", "epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -108,14 +111,14 @@ class SuperpositionDisentangler(Tool):
     scope = "run"
     outputs = ("sae_metrics", "sae_features", "sae_directions")
 
-    def required_hooks(self, manifest: dict) -> list[str]:
+    def required_hooks(self, manifest: RunManifest) -> list[str]:
         return [self.params.hook]
 
-    def compute_run(self, inputs: RunInputs, model) -> dict:
+    def compute_run(self, inputs: RunReader, model) -> dict:
         p = self.params
         started = time.perf_counter()
-        family = store_layout.hook_family(p.hook)
-        layer = store_layout.hook_layer(p.hook, inputs.manifest["model"]["n_layers"])
+        family = hooks.hook_family(p.hook)
+        layer = hooks.hook_layer(p.hook, inputs.shape.n_layers)
         stream = _LayerStream(inputs, family, layer)
         n, mean, total_var = stream.moments()
         width = len(mean)
@@ -146,7 +149,7 @@ class SuperpositionDisentangler(Tool):
             "l0": l0_sum / n,
             "dead_features": int((counts == 0).sum()),
             "train_loss": train_loss,
-            "weights_path": str(weights_path.relative_to(inputs.layout.root)),
+            "weights_path": weights_path,
             "seconds": time.perf_counter() - started,
         }
         return {
@@ -161,19 +164,18 @@ class SuperpositionDisentangler(Tool):
 
 
 class _LayerStream:
-    """One layer of one hook family, read one shard at a time."""
+    """One layer of one hook family, read one shard at a time (through the RunReader,
+    which opens only the file part holding the layer in a layer-staged run)."""
 
-    def __init__(self, inputs: RunInputs, family: str, layer: int):
-        from arrakis_ray.store import parquet
-
+    def __init__(self, inputs: RunReader, family: str, layer: int):
         if not inputs.shards:
             raise ToolError(f"run {inputs.run_id}: no completed shard to train on")
         self.inputs, self.family, self.layer = inputs, family, layer
-        first = inputs.layout.shard_file(inputs.layout.activation_dir(family), inputs.shards[0])
-        self.columns = ["layer", "seq_id", "pos", *dim_columns(parquet.read_schema(first).names)]
+        first = inputs.activations(family, inputs.shards[0], layer=layer)
+        self.columns = ["layer", "seq_id", "pos", *dim_columns(first.column_names)]
 
     def read(self, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        table = self.inputs.activations(self.family, shard, self.columns)
+        table = self.inputs.activations(self.family, shard, self.columns, layer=self.layer)
         return layer_matrix(table, self.layer)
 
     def moments(self) -> tuple[int, np.ndarray, float]:
@@ -184,8 +186,7 @@ class _LayerStream:
         n = int(moments.n)
         if n == 0:
             raise ToolError(
-                f"run {self.inputs.run_id}: no rows of {self.family} layer {self.layer} "
-                f"in {self.inputs.layout.activation_dir(self.family)}"
+                f"run {self.inputs.run_id}: no rows of {self.family} layer {self.layer}"
             )
         return n, moments.mean.astype(np.float32), float(moments.m2.sum())
 
@@ -321,13 +322,11 @@ def _table(schema, columns: dict[str, list]):
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def _save_weights(inputs: RunInputs, p: SAEParams, w: dict) -> Path:
-    """Write the weights as safetensors atomically; returns the file's path."""
+def _save_weights(inputs: RunReader, p: SAEParams, w: dict) -> str:
+    """Save the weights as a safetensors artifact of the run; returns its path relative
+    to the run directory."""
     from safetensors.numpy import save
 
-    from arrakis_ray.store.atomic import atomic_open
-
-    path = inputs.layout.results_root / WEIGHTS_DIR / f"{p.hook}.safetensors"
     metadata = {
         "run_id": inputs.run_id,
         "hook": p.hook,
@@ -338,6 +337,6 @@ def _save_weights(inputs: RunInputs, p: SAEParams, w: dict) -> Path:
     }
     # safetensors copies raw buffers: a transposed (Fortran-order) array would be garbled
     tensors = {n: np.ascontiguousarray(t.numpy(), dtype=np.float32) for n, t in w.items()}
-    with atomic_open(path) as f:
-        f.write(save(tensors, metadata))
-    return path
+    return inputs.writer().write_artifact(
+        SuperpositionDisentangler.name, f"{p.hook}.safetensors", save(tensors, metadata)
+    )

@@ -7,11 +7,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from runs import shard_plan, synthetic_manifest, synthetic_shape
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.models import build_model
 from arrakis_ray.models.weights import attention_weights
 from arrakis_ray.store.catalog import Store
+from arrakis_ray.store.layout import RunLayout
+from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.attention_head_composition import (
     AttentionHeadComposition,
     CompositionParams,
@@ -20,13 +23,13 @@ from arrakis_ray.tools.attention_head_composition import (
     norm_fold,
     random_baseline,
 )
-from arrakis_ray.tools.base import RunInputs
 from arrakis_ray.tools.runner import analyze, make_tool
 
 
 def _run(model, **params) -> dict:
     tool = AttentionHeadComposition(CompositionParams(**params))
-    inputs = RunInputs(run_id="r", layout=None, manifest={}, vocab=None, shards=[])
+    manifest = synthetic_manifest("r", ["hook_embed"], synthetic_shape(), shard_plan(1, 1))
+    inputs = RunReader(RunLayout("unused-store", "r"), manifest)
     return tool.compute_run(inputs, model).to_pydict()
 
 

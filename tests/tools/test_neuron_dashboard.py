@@ -16,15 +16,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from runs import shard_plan, synthetic_manifest, synthetic_shape
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
 from arrakis_ray.store.catalog import Store
 from arrakis_ray.store.parquet import write_table
+from arrakis_ray.store.reader import RunReader
 from arrakis_ray.store.schemas import load_schema
-from arrakis_ray.tools.base import RunInputs, ShardInputs
-from arrakis_ray.tools.runner import _shard_inputs, _vocab, analyze, make_tool
+from arrakis_ray.tools.base import ShardInputs
+from arrakis_ray.tools.runner import _shard_inputs, analyze, make_tool
 
 PCTS = (50, 90, 99)
 
@@ -36,7 +38,8 @@ def run_tool(run_dir, params: dict) -> dict[str, pd.DataFrame]:
     tool = make_tool("neuron_dashboard", params)
     partials: dict[str, list] = {}
     for shard in sorted(layout.completed_shards()):
-        for name, table in tool.compute_shard(_shard_inputs(tool, layout, manifest, shard)).items():
+        inputs = _shard_inputs(tool, RunReader(layout, manifest), shard)
+        for name, table in tool.compute_shard(inputs).items():
             partials.setdefault(name, []).append(table)
     return {k: v.to_pandas() for k, v in tool.reduce(partials, manifest).items()}
 
@@ -121,7 +124,9 @@ def synthetic_shard(values: np.ndarray, seq_ids: list[int], vocab: list[str]) ->
         }
     )
     tokens = pa.table({"seq_id": seq, "pos": pos, "token_text": [vocab[i] for i in ids]})
-    manifest = {"run_id": "synthetic", "model": {"n_layers": 1}}
+    manifest = synthetic_manifest(
+        "synthetic", ["blocks.0.mlp.hook_post"], synthetic_shape(n_layers=1), shard_plan(1, 1)
+    )
     # rows arrive shuffled: the tool must not rely on the stored order
     perm = np.random.default_rng(0).permutation(n)
     return ShardInputs(
@@ -191,8 +196,7 @@ def test_sae_features_source(harvested, tmp_path):
     layout = store_layout.RunLayout(store, result.run_id)
     manifest = store_manifest.read_manifest(layout)
     sae = make_tool("neuron_dashboard", {"source": "sae_features", "k": 5, "window": 1})
-    shards = sorted(layout.completed_shards())
-    inputs = RunInputs(layout.run_id, layout, manifest, _vocab(layout.vocab_path), shards)
+    inputs = RunReader(layout, manifest)
     with pytest.raises(ToolError, match="run superposition_disentangler first"):
         sae.compute_run(inputs)
     tokens = pd.read_parquet(run / "tokens").sort_values(["seq_id", "pos"])

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from runs import shard_plan, synthetic_manifest, synthetic_shape
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.reports.sparsity_charts import (
@@ -20,12 +21,13 @@ from arrakis_ray.reports.sparsity_charts import (
 )
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
-from arrakis_ray.tools.base import RunInputs, ShardInputs
+from arrakis_ray.store.reader import RunReader
+from arrakis_ray.tools.base import ShardInputs
 from arrakis_ray.tools.runner import analyze, make_tool
 from arrakis_ray.tools.sparsity_analyzer import gini_index
 
 
-def reduce_over(tool, shards: list[ShardInputs], manifest: dict) -> dict[str, pd.DataFrame]:
+def reduce_over(tool, shards: list[ShardInputs], manifest) -> dict[str, pd.DataFrame]:
     partials: dict[str, list] = {}
     for inputs in shards:
         for name, table in tool.compute_shard(inputs, None).items():
@@ -37,7 +39,7 @@ def run_tool(run_dir, params: dict | None = None) -> dict[str, pd.DataFrame]:
     """compute_shard on every stored shard, then reduce: the runner's path, without Ray."""
     layout = store_layout.RunLayout(run_dir.parents[1], run_dir.name)
     manifest = store_manifest.read_manifest(layout)
-    reader = RunInputs(layout.run_id, layout, manifest, None, sorted(layout.completed_shards()))
+    reader = RunReader(layout, manifest)
     tool = make_tool("sparsity_analyzer", params)
     families = sorted({store_layout.hook_family(h) for h in tool.required_hooks(manifest)})
     shards = [
@@ -125,7 +127,9 @@ def dense_shard(values: np.ndarray, shard: int, first_seq: int = 0) -> ShardInpu
         "pos": pa.array(np.zeros(n, np.int32)),
         **{f"d{i}": pa.array(values[:, i].astype(np.float32)) for i in range(values.shape[1])},
     }
-    manifest = {"run_id": "synthetic", "model": {"n_layers": 1}}
+    manifest = synthetic_manifest(
+        "synthetic", ["blocks.0.mlp.hook_post"], synthetic_shape(n_layers=1), shard_plan(1, 1)
+    )
     table = pa.table(columns)
     return ShardInputs(
         "synthetic", shard, manifest, {"mlp_post": table, "resid_post": table}, None, None
