@@ -171,8 +171,8 @@ class StoreWriter:
     def finish(self, dashboard: pa.Table, seconds: float) -> None:
         """Write the dashboard table and the manifest (after every shard)."""
         assert not self.pending and self.next == len(self.shards), "every shard is written"
-        version = schemas.load_schema(f"result.{DASHBOARD}").version
-        self.writer.write_result(DASHBOARD, 0, dashboard, version)
+        schema = schemas.load_schema(f"result.{DASHBOARD}")
+        self.writer.write_result(DASHBOARD, 0, dashboard, schema.arrow(), schema.version)
         shape = synthetic_shape(n_layers=LAYER + 1, d_mlp=WIDTH, d_vocab=VOCAB)
         manifest = synthetic_manifest(
             RUN_ID,

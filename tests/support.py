@@ -34,7 +34,12 @@ def pipeline_dict(**harvest_overrides) -> dict:
     return {
         "name": "test-facts",
         "model": {"zoo": "facts-gpt2"},
-        "data": {"path": str(DEMO_DATA), "context_length": 24, "max_documents": 40},
+        "data": {
+            "path": str(DEMO_DATA),
+            "context_length": 24,
+            "max_documents": 40,
+            "keep_columns": ["relation"],  # the knowledge prober's label
+        },
         "harvest": {
             "hooks": ALL_HOOKS,
             "batch_size": 8,

@@ -1,4 +1,5 @@
-"""The store: run layout, versioned schemas, atomic Parquet, manifests, the SQL catalog.
+"""The store: the run contract (RunPlan, RunManifest, RunReader, RunWriter), run layout,
+versioned schemas, atomic Parquet, the SQL catalog.
 
 Writers (the harvest, tools) need only the light modules; ``Store`` (DuckDB) and
 ``format_frame`` (Polars) are imported on first use so a Ray worker that only writes
@@ -21,8 +22,16 @@ from arrakis_ray.store.layout import (
     open_store,
     resolve_run,
 )
-from arrakis_ray.store.manifest import read_manifest, write_manifest
+from arrakis_ray.store.manifest import (
+    ModelShape,
+    RunManifest,
+    ToolRecord,
+    read_manifest,
+    write_manifest,
+)
 from arrakis_ray.store.parquet import check_file_schema, file_schema, read_table, write_table
+from arrakis_ray.store.plan import RunPlan
+from arrakis_ray.store.reader import RunReader
 from arrakis_ray.store.schemas import (
     TableSchema,
     activation_schema,
@@ -32,12 +41,19 @@ from arrakis_ray.store.schemas import (
     tokens_schema,
     vocab_schema,
 )
+from arrakis_ray.store.writer import RunWriter
 
 if TYPE_CHECKING:
     from arrakis_ray.store.catalog import Store
     from arrakis_ray.store.formatting import format_frame
 
 __all__ = [
+    "ModelShape",
+    "RunManifest",
+    "RunPlan",
+    "RunReader",
+    "RunWriter",
+    "ToolRecord",
     "FAMILY_KIND",
     "STORE_MARKER",
     "RunLayout",

@@ -305,7 +305,7 @@ def read_manifest(layout: RunLayout) -> RunManifest:
     results = {name: _tool_record(raw, str(path)) for name, raw in manifest.results.items()}
     if layout.tool_records_dir.is_dir():
         for record_path in sorted(layout.tool_records_dir.glob("*.json")):
-            data = _read_json(record_path, "tool record is missing")
+            data = _read_json(record_path, "tool record is missing", "tool record")
             results[record_path.stem] = _tool_record(data, str(record_path))
     return replace(manifest, results=results)
 
@@ -324,13 +324,13 @@ def _tool_record(data: Any, where: str) -> ToolRecord:
         raise StoreError(f"corrupt tool record: {exc}") from None
 
 
-def _read_json(path, missing: str) -> Any:
+def _read_json(path, missing: str, what: str = "manifest") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise StoreError(f"{path}: {missing}") from None
     except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: corrupt JSON ({e})") from None
+        raise StoreError(f"{path}: corrupt {what} ({e})") from None
 
 
 def json_schema() -> dict:

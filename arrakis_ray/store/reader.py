@@ -77,13 +77,10 @@ class RunReader:
         directory = self.layout.activation_dir(family)
         if self.manifest.n_stages == 1:
             parts = [self.layout.shard_file(directory, shard)]
-        elif layer is not None and (stage := self.manifest.stage_of_layer(layer)) is not None:
-            parts = [self.layout.shard_file(directory, shard, stage)]
-        else:  # every stage's part; a family outside the blocks lies in the first or last
-            parts = [
-                self.layout.shard_file(directory, shard, s) for s in range(self.manifest.n_stages)
-            ]
-            parts = [p for p in parts if p.exists()]
+        else:  # the parts of the stages that hold the family's (or the layer's) rows
+            layers = [layer] if layer is not None else self._family_layers(family)
+            stages = sorted({self._stage_of(x) for x in layers})
+            parts = [self.layout.shard_file(directory, shard, s) for s in stages]
         wanted = None if columns is None else list(dict.fromkeys([*columns]))
         filters = None
         if layer is not None:
@@ -176,12 +173,20 @@ class RunReader:
             check_file_schema(path, name, known)
         return read_files(paths, columns=columns, filters=filters)
 
-    def _has_layer(self, family: str, layer: int) -> bool:
+    def _family_layers(self, family: str) -> list[int]:
         n_layers = self.shape.n_layers
-        return any(
-            hook_family(h) == family and hook_layer(h, n_layers) == layer
-            for h in self.manifest.hooks
-        )
+        return [hook_layer(h, n_layers) for h in self.manifest.hooks if hook_family(h) == family]
+
+    def _stage_of(self, layer: int) -> int:
+        """The stage whose file part holds ``layer`` (-1: the first, n_layers: the last)."""
+        if layer < 0:
+            return 0
+        if layer >= self.shape.n_layers:
+            return self.manifest.n_stages - 1
+        return self.manifest.stage_of_layer(layer)
+
+    def _has_layer(self, family: str, layer: int) -> bool:
+        return layer in self._family_layers(family)
 
     def _family_hooks(self, family: str) -> str:
         hooks = [h for h in self.manifest.hooks if hook_family(h) == family]

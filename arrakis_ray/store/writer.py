@@ -89,10 +89,12 @@ class RunWriter:
         output: str,
         shard: int,
         table: pa.Table,
+        schema: pa.Schema,
         schema_version: int,
         replace: bool = False,
     ) -> int:
-        """One result table of a tool as ``results/<output>/shard-NNNNN.parquet``.
+        """One result table of a tool as ``results/<output>/shard-NNNNN.parquet``,
+        checked against ``schema`` (the tool's ``result_schema(output)``).
 
         ``replace``: a whole-run result is one file; older files of the output go
         first, so a rerun never leaves stale rows beside it. Returns the row count.
@@ -108,7 +110,7 @@ class RunWriter:
             target,
             schema_name=f"result.{output}",
             schema_version=schema_version,
-            expected=schemas.load_schema(f"result.{output}", schema_version).arrow(),
+            expected=schema,
         )
         return table.num_rows
 

@@ -56,12 +56,9 @@ ZERO = 1e-6  # |x| below this lands in the zero bucket (absolute error < 1e-6)
 PERCENTILES = (50, 90, 99)
 BLOCK_CELLS = 1 << 22  # neurons x buckets (or x tokens) handled at once: bounds memory
 _SPACED = re.compile(r"^ \S")  # a token text that carries its own leading space
+
+
 # dense families with one row per (layer, token) inside the blocks: what a neuron can be
-DENSE_BLOCK_FAMILIES = tuple(
-    s.family for s in hooks.FAMILIES.values() if s.in_block and s.kind == "dense"
-)
-
-
 @dataclass(frozen=True)
 class NeuronDashboardParams:
     """Parameters of the neuron dashboard."""
@@ -83,9 +80,9 @@ class NeuronDashboardParams:
     feature id), from superposition_disentangler's results."""
 
     def __post_init__(self) -> None:
-        if self.family not in DENSE_BLOCK_FAMILIES:
+        if self.family not in hooks.DENSE_BLOCK_FAMILIES:
             raise ValueError(
-                f"family {self.family!r} is not one of {', '.join(DENSE_BLOCK_FAMILIES)}"
+                f"family {self.family!r} is not one of {', '.join(hooks.DENSE_BLOCK_FAMILIES)}"
             )
         if self.k < 1 or self.window < 0:
             raise ValueError(f"k must be >= 1 and window >= 0, got k={self.k}, {self.window=}")

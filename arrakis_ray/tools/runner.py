@@ -252,7 +252,9 @@ def _write(tool, layout, result, shard: int, replace: bool = False) -> int:
     """Write each output table of ``result``; returns the rows written."""
     writer = RunWriter.for_layout(layout)
     return sum(
-        writer.write_result(output, shard, table, tool.schema_version, replace=replace)
+        writer.write_result(
+            output, shard, table, tool.result_schema(output), tool.schema_version, replace
+        )
         for output, table in _as_outputs(tool, result).items()
     )
 

@@ -44,12 +44,9 @@ if TYPE_CHECKING:
     from arrakis_ray.store.manifest import RunManifest
 
 _KEYS = ("family", "layer")
+
+
 # dense families with one row per (layer, token) inside the blocks: what a neuron can be
-DENSE_BLOCK_FAMILIES = tuple(
-    s.family for s in hooks.FAMILIES.values() if s.in_block and s.kind == "dense"
-)
-
-
 @dataclass(frozen=True)
 class SparsityParams:
     """Parameters of the sparsity analyzer."""
@@ -72,9 +69,9 @@ class SparsityParams:
     def __post_init__(self) -> None:
         for name in ("family", "kurtosis_family"):
             value = getattr(self, name)
-            if value is not None and value not in DENSE_BLOCK_FAMILIES:
+            if value is not None and value not in hooks.DENSE_BLOCK_FAMILIES:
                 raise ValueError(
-                    f"{name} {value!r} is not one of {', '.join(DENSE_BLOCK_FAMILIES)}"
+                    f"{name} {value!r} is not one of {', '.join(hooks.DENSE_BLOCK_FAMILIES)}"
                 )
         if self.hist_bins < 1:
             raise ValueError(f"hist_bins must be >= 1, got {self.hist_bins}")

@@ -101,6 +101,6 @@ def build_run(store: Path, run_id: str, dtype: str, seed: int, full: bool) -> Ru
                 "score": pa.array(resid.astype(np.float64).mean(axis=(1, 2, 3))),
             }
         )
-        RunWriter.for_layout(layout).write_result("toy", 0, result, toy.version)
+        RunWriter.for_layout(layout).write_result("toy", 0, result, toy.arrow(), toy.version)
     data.manifest = read_manifest(layout).to_json()
     return data

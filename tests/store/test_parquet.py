@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from runs import shard_plan, synthetic_manifest, synthetic_shape
 
 from arrakis_ray.errors import SchemaError, StoreError
 from arrakis_ray.store.layout import RunLayout
@@ -142,15 +143,17 @@ def test_tokens_schema_write(tmp_path: Path) -> None:
 
 def test_manifest_round_trip_and_errors(tmp_path: Path) -> None:
     run = RunLayout(tmp_path, "r1")
-    manifest = {"status": "running", "config": {"model": "m", "hooks": ["a", "b"]}, "n": 3}
+    manifest = synthetic_manifest("r1", ["blocks.0.hook_resid_post"], synthetic_shape("gpt2"),
+                                  shard_plan(3, 2))  # fmt: skip
     write_manifest(run, manifest)
     assert read_manifest(run) == manifest
-    assert run.manifest_path.read_text() == json.dumps(manifest, sort_keys=True, indent=2) + "\n"
+    text = json.dumps(manifest.to_json(), sort_keys=True, indent=2) + "\n"
+    assert run.manifest_path.read_text() == text
     assert sorted(p.name for p in run.root.iterdir()) == ["manifest.json"]
 
     before = run.manifest_path.read_text()
     with pytest.raises(StoreError, match="not JSON-serialisable"):
-        write_manifest(run, {"x": object()})
+        write_manifest(run, manifest.with_changes(config={"x": object()}))
     assert run.manifest_path.read_text() == before
 
     run.manifest_path.write_text("{not json")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from support import DEMO_DATA, pipeline_dict
+from support import DEMO_DATA
 
 from arrakis_ray.errors import DataError, ToolError
 from arrakis_ray.store.catalog import Store
@@ -19,20 +19,6 @@ from arrakis_ray.tools.knowledge_prober import (
 from arrakis_ray.tools.runner import analyze, make_tool
 
 from .synthetic_run import run_inputs, write_synthetic_run
-
-
-@pytest.fixture(scope="module")
-def labelled_run(ray_session, tmp_path_factory):
-    """(config, store, HarvestResult) of the shared demo harvest, keeping the documents'
-    ``relation`` (the probe's label lives in the run's documents table)."""
-    from arrakis_ray.config import pipeline_from_dict
-    from arrakis_ray.harvest.driver import harvest
-
-    raw = pipeline_dict()
-    raw["data"]["keep_columns"] = ["relation"]
-    store = tmp_path_factory.mktemp("labelled") / "store"
-    config = pipeline_from_dict(raw)
-    return config, store, harvest(config, store)
 
 
 def _label_from_layer(tmp_path, first: int, n_layers: int = 5, n_seq: int = 400, seed: int = 0):
@@ -139,9 +125,9 @@ def test_bad_params_and_labels_are_refused(tmp_path):
         )
 
 
-def test_runs_as_a_ray_task_on_the_demo_run(labelled_run):
+def test_runs_as_a_ray_task_on_the_demo_run(harvested):
     """Relation of the demo facts, read at the last token: above the majority baseline."""
-    _, store, result = labelled_run
+    _, store, result = harvested
     analyze(result.run_dir, "knowledge_prober", {"label_column": "relation", "position": "last"})
     rows = (
         Store(store)
