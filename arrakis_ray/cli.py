@@ -44,11 +44,16 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     """
     args = _parser().parse_args(argv)
     if getattr(args, "uses_ray", False):
-        from arrakis_ray.ray_session import log_file, native_stderr_to_log
+        from arrakis_ray.ray_session import LOG_DIR_ENV, log_file, native_stderr_to_log
 
-        if own_process:
-            native_stderr_to_log()
-        print(f"log:    {log_file()}  (Ray's own messages, remote tracebacks)")
+        try:
+            if own_process:
+                native_stderr_to_log()
+            print(f"log:    {log_file()}  (Ray's own messages, remote tracebacks)")
+        except OSError as exc:
+            print(f"arrakis-ray: error: cannot write the log file ({LOG_DIR_ENV}): {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",

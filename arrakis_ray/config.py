@@ -101,7 +101,7 @@ class HarvestConfig:
     """Sequences per forward pass."""
     shard_size: int | None = None
     """Documents per shard: the unit of work, of output files and of resume. None (the
-    default): sized for ~128 MiB of activations per shard (``harvest.run.auto_shard_size``)."""
+    default): sized for ~128 MiB of activations per shard (``harvest.plan.auto_shard_size``)."""
     actors: int = 1
     """Model replicas (Ray actors), each holding the whole model."""
     num_gpus_per_actor: float = 0.0

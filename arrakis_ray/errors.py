@@ -54,3 +54,7 @@ class RemoteTaskError(ArrakisError):
     """A Ray task failed with an exception that is not an ArrakisError (a bug, or a
     killed worker); the message names the task and the exception, the log file holds
     the traceback (``ray_session.log_file``)."""
+
+
+class ClusterError(ArrakisError):
+    """Ray could not be started, or the cluster at ``RAY_ADDRESS`` could not be reached."""

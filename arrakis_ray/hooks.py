@@ -218,11 +218,11 @@ BLOCK_SPECS: dict[str, HookSpec] = {s.name: s for s in HOOK_SPECS if s.in_block}
 OUTER_SPECS: dict[str, HookSpec] = {s.name: s for s in HOOK_SPECS if not s.in_block}
 """Hook -> spec, for hooks outside the blocks."""
 FAMILY_KIND: dict[str, Kind] = {spec.family: spec.kind for spec in HOOK_SPECS}
-# Dense families with one row per (layer, token) inside the blocks (neuron-level tools)
+"""Family -> storage kind."""
 DENSE_BLOCK_FAMILIES: tuple[str, ...] = tuple(
     s.family for s in HOOK_SPECS if s.in_block and s.kind == "dense"
 )
-"""Family -> storage kind."""
+"""Dense families with one row per (layer, token) inside the blocks: a neuron's home."""
 
 assert len(FAMILIES) == len(HOOK_SPECS), "one family per spec"
 

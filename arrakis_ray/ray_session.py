@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
-from arrakis_ray.errors import ArrakisError, RemoteTaskError
+from arrakis_ray.errors import ArrakisError, ClusterError, RemoteTaskError
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,17 @@ def ensure_ray() -> None:
         # Ray Data's bars in a terminal; in logs and CI our own per-shard lines suffice
         DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False
-        )
+        address = os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ...
+            where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
+            _trace_log().exception("ray.init failed")
+            raise ClusterError(
+                f"cannot start or reach {where}: {type(exc).__name__}: "
+                f"{_first_line(_ANSI.sub('', str(exc)))} "
+                f"(details in {log_file()})"
+            ) from None
 
 
 def user_error(exc: BaseException) -> ArrakisError | None:

@@ -68,6 +68,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
         )
     if done:
         log.info("resuming run %s: %d of %d shards done", plan.run_id, len(done), len(plan.shards))
+    ensure_ray()  # a cluster that cannot be reached fails here, before the run is touched
     resumed = manifest.harvest.resumed or bool(done)
     manifest = manifest.with_changes(
         status="running", harvest=replace(manifest.harvest, resumed=resumed)
@@ -81,10 +82,9 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     except Exception as exc:
         # completed shards keep their markers and stay usable; the run says it failed
         error = one_line_error(exc, f"harvest of run {plan.run_id}")  # None: not from Ray
+        message = (str(error or exc) or type(exc).__name__)[:2000]  # never empty
         writer.write_manifest(
-            manifest.with_changes(
-                status="failed", error=str(error or exc)[:2000], updated_at=_now()
-            )
+            manifest.with_changes(status="failed", error=message, updated_at=_now())
         )
         if error is not None:
             raise error from None

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from arrakis_ray.config import DataConfig, ModelConfig, PipelineConfig
 from arrakis_ray.errors import ConfigError
@@ -42,7 +45,9 @@ def plan_run(config: PipelineConfig) -> RunPlan:
     Raises the user's error (ConfigError, DataError, UnknownHookError, ModelLoadError)
     before anything is written anywhere.
     """
-    shape, hook_names, hook_shapes = _model_facts(_shape_key(config.model), config.harvest.hooks)
+    shape, hook_names, hook_shapes = _model_facts(
+        _shape_key(config.model), tuple(config.harvest.hooks)
+    )
     if config.harvest.shard_size is None:  # resolved before the run id is hashed
         size = auto_shard_size(config, hook_shapes)
         config = replace(config, harvest=replace(config.harvest, shard_size=size))
@@ -92,7 +97,7 @@ HookShape = tuple[str, str, int, int]
 
 def hook_shapes(config: PipelineConfig) -> tuple[HookShape, ...]:
     """What each of the config's hooks stores per token."""
-    return _model_facts(_shape_key(config.model), config.harvest.hooks)[2]
+    return _facts(config)[2]
 
 
 def model_shape(model) -> ModelShape:
@@ -111,6 +116,11 @@ def model_shape(model) -> ModelShape:
         positional="learned" if model.adapter.pos_embed is not None else "rotary",
         parallel_blocks=model.parallel_residual,
     )
+
+
+def _facts(config: PipelineConfig):
+    # a config built in Python may hold lists: the cache keys must be hashable
+    return _model_facts(_shape_key(config.model), tuple(config.harvest.hooks))
 
 
 @lru_cache(maxsize=64)
@@ -148,8 +158,10 @@ def _model_from_key(shape_key: str) -> dict:
 
 
 def _stamp(path: Path) -> list:
+    """What tells a changed file: its inode, size, mtime and ctime (a copy that restores
+    the mtime, ``cp -p`` or ``rsync -t``, still gets a new ctime)."""
     st = os.stat(path)
-    return [str(path), st.st_size, st.st_mtime_ns]
+    return [str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _model_fingerprint(cfg: ModelConfig) -> str:
@@ -158,13 +170,8 @@ def _model_fingerprint(cfg: ModelConfig) -> str:
         return model_source_fingerprint(cfg)
     # a checkpoint's fingerprint depends on its files, dtype and tokenizer, not the seed
     key = {"zoo": cfg.zoo, "path": cfg.path, "dtype": cfg.dtype, "tokenizer": cfg.tokenizer}
-    stamps = json.dumps([_stamp(p) for p in _checkpoint_files(path, _stamp(path)[2])])
+    stamps = json.dumps([_stamp(p) for p in sorted(path.rglob("*")) if p.is_file()])
     return _cached_model_fingerprint(json.dumps(key), stamps)
-
-
-@lru_cache(maxsize=64)
-def _checkpoint_files(path: Path, _dir_mtime: int) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file())
 
 
 @lru_cache(maxsize=64)
@@ -185,7 +192,7 @@ def _cached_shards(path: str, shard_size: int, max_documents, _stamps: str) -> t
 def _data_fingerprint(shards: tuple[Shard, ...], data: DataConfig) -> str:
     files = dict.fromkeys(s.file for s in shards)
     stamps = json.dumps([_stamp(Path(f)) for f in files])
-    columns = (data.text_column, data.token_column, data.keep_columns)
+    columns = (data.text_column, data.token_column, tuple(data.keep_columns))
     return _cached_data_fingerprint(shards, columns, stamps)
 
 
@@ -198,14 +205,38 @@ def _max_tokens(config: PipelineConfig, shards) -> int:
     n_docs = sum(s.count for s in shards)
     if config.data.mode == "document":  # every document cut to the context length
         return n_docs * config.data.context_length
-    # packed: nothing is cut; a token takes at least one byte of text (+ BOS, EOS)
-    return input_bytes(shards) + 2 * n_docs
+    # packed: nothing is cut; every document's tokens, plus BOS and EOS
+    return input_tokens_bound(shards, config.data.token_column) + 2 * n_docs
 
 
-def input_bytes(shards) -> int:
-    """Bytes of the input files the shards come from: in packed mode a token takes at
-    least one byte of text, so this bounds the tokens."""
-    return sum(Path(f).stat().st_size for f in {s.file for s in shards})
+def input_tokens_bound(shards, token_column: str | None) -> int:
+    """An upper bound of the tokens in the input files the shards come from.
+
+    Text (and JSON lists of ids) takes at least one byte per token, so the files' bytes
+    bound it. Ids in a .npy array or a Parquet list column may take less (compression,
+    dictionaries), so those are counted: the array's shape, the column's value count.
+    """
+    total = 0
+    for file, fmt in {(s.file, s.format) for s in shards}:
+        if fmt == "npy":
+            total += math.prod(np.load(file, mmap_mode="r").shape)
+        elif fmt == "parquet" and token_column is not None:
+            total += _parquet_values(file, token_column)
+        else:
+            total += Path(file).stat().st_size
+    return total
+
+
+def _parquet_values(file: str, column: str) -> int:
+    """Values of one (list) column of a Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(file).metadata
+    leaves = [
+        i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == column
+    ]
+    return sum(meta.row_group(g).column(i).num_values for g in range(meta.num_row_groups)
+               for i in leaves)  # fmt: skip
 
 
 def shard_size_for(bytes_per_document: int) -> int:
@@ -230,7 +261,8 @@ def auto_shard_size(config: PipelineConfig, hook_shapes: tuple[HookShape, ...]) 
     if config.data.mode == "document":
         tokens_per_doc = context
     else:
-        tokens_per_doc = -(-input_bytes(shards) // max(1, n_docs)) + 2
+        tokens = input_tokens_bound(shards, config.data.token_column)
+        tokens_per_doc = -(-tokens // max(1, n_docs)) + 2
     per_doc = predict_bytes(hook_shapes, tokens_per_doc, context, config.harvest.storage_dtype)
     return max(1, min(shard_size_for(per_doc), -(-n_docs // MIN_SHARDS)))
 

@@ -18,7 +18,8 @@ import torch
 from arrakis_ray.errors import UnknownHookError
 from arrakis_ray.hooks import HOOK_SPECS, REQUIREMENTS, HookSpec, find_spec
 from arrakis_ray.models.adapters import Adapter, adapter_for, get_module, linear_params
-from arrakis_ray.models.points import Point, build_point, norm_eps
+from arrakis_ray.models.norms import norm_eps
+from arrakis_ray.models.points import Point, build_point
 
 if TYPE_CHECKING:
     from torch import Tensor, nn

@@ -66,6 +66,12 @@ class Norm:
         return Norm(self.kind, self.eps, self.gain.to(device), bias)
 
 
+def norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of a norm module, None if it has none (then it has no hook_scale)."""
+    eps = next((getattr(module, a) for a in EPS_ATTRIBUTES if hasattr(module, a)), None)
+    return None if isinstance(eps, bool) or not isinstance(eps, float | int) else float(eps)
+
+
 def read_norm(model: HookedModel, module: nn.Module, where: str) -> Norm:
     """``module`` (one of ``model``'s norms) as its adapter declares it, probe-checked.
 
@@ -76,8 +82,8 @@ def read_norm(model: HookedModel, module: nn.Module, where: str) -> Norm:
 
     kind = model.adapter.norm
     name = f"{where} {type(module).__name__} of this {model.arch} model"
-    eps = next((getattr(module, a) for a in EPS_ATTRIBUTES if hasattr(module, a)), None)
-    if isinstance(eps, bool) or not isinstance(eps, float | int):
+    eps = norm_eps(module)
+    if eps is None:
         raise ToolError(f"{name} has no eps attribute ({', '.join(EPS_ATTRIBUTES)})")
     d = model.d_model
     weight = getattr(module, "weight", None)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from arrakis_ray.hooks import BLOCK_RE
-from arrakis_ray.models.norms import EPS_ATTRIBUTES
+from arrakis_ray.models.norms import norm_eps
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -92,12 +92,6 @@ def _fused_qkv(hm: HookedModel, which: str) -> tuple[Callable, Callable]:
         return out
 
     return read, write
-
-
-def norm_eps(module: nn.Module) -> float | None:
-    """The epsilon of a norm module, None if it has none (then it has no hook_scale)."""
-    eps = next((getattr(module, a) for a in EPS_ATTRIBUTES if hasattr(module, a)), None)
-    return None if isinstance(eps, bool) or not isinstance(eps, float | int) else float(eps)
 
 
 def _norm_scale(module: nn.Module, kind: NormKind) -> tuple[Callable, Callable]:

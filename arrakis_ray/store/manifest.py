@@ -1,6 +1,6 @@
 """A run's manifest: a typed, versioned record of what the run is and how it went.
 
-``manifest.json`` (schema: ``schemas/manifest.v2.json``) is written by the harvest
+``manifest.json`` (schema: ``schemas/manifest.v2.schema.json``) is written by the harvest
 driver alone. It holds the model's shape, the hooks, the shard plan, the stages, the
 status, the timings, the fingerprints and the resolved config, so anything in the
 store explains itself. Tools do not rewrite it: each tool call records itself in its
@@ -8,22 +8,25 @@ own file ``tools/<tool>.json`` beside it, written atomically. Two ``analyze`` ca
 one run at once therefore never lose each other's record, on a local disk or on an
 object store, which has no locks. ``read_manifest`` joins the two.
 
-A version-1 manifest (before this type existed) is upgraded on read; nothing on disk
-changes.
+A version-1 manifest (before this type existed) is upgraded on read, in memory; when
+the harvest next rewrites it (a resume), its inline tool records move to ``tools/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from arrakis_ray.config import build_dataclass, to_dict
+from arrakis_ray.config import ModelConfig, build_dataclass, to_dict
 from arrakis_ray.errors import ConfigError, StoreError
 from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.layout import RunLayout
+
+log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 2
 
@@ -153,7 +156,7 @@ class RunManifest:
     stages: tuple[tuple[int, ...], ...]
     """[start, stop) block ranges, one per pipeline stage."""
     schemas: dict[str, Any]
-    """Table name -> schema version written by this run."""
+    """Table name -> the schema version this arrakis-ray writes, for every known table."""
     harvest: HarvestRecord
     versions: dict[str, Any]
     """Package versions of the harvest."""
@@ -174,6 +177,19 @@ class RunManifest:
             if start <= layer < stop:
                 return i
         return None
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model section of the run's config, typed: how to load the model again."""
+        try:
+            return build_dataclass(ModelConfig, self.config.get("model"), "manifest", "model")
+        except ConfigError as exc:
+            raise StoreError(f"run {self.run_id}: corrupt manifest: {exc}") from None
+
+    @property
+    def kept_columns(self) -> tuple[str, ...]:
+        """Input columns stored in the run's documents table (``data.keep_columns``)."""
+        return tuple((self.config.get("data") or {}).get("keep_columns") or ())
 
     def with_changes(self, **changes: Any) -> RunManifest:
         """A copy with some fields replaced (manifests are immutable values)."""
@@ -229,6 +245,9 @@ def _upgrade_v1(old: dict, where: str) -> dict:
             "d_vocab": model["vocab_size"],
             **_V1_ARCH_DEFAULTS.get(arch, _V1_ARCH_DEFAULTS["llama"]),
         }
+        overrides = ((old.get("config") or {}).get("model") or {}).get("config") or {}
+        if "use_parallel_residual" in overrides:  # gpt-neox, stablelm: the config decides
+            shape["parallel_blocks"] = bool(overrides["use_parallel_residual"])
         harvest = dict(old.get("harvest") or {})
         calls = [
             {k: c.get(k, 0) for k in ("finished_at", "shards", "tokens", "bytes", "sequences")}
@@ -269,8 +288,9 @@ def _upgrade_v1(old: dict, where: str) -> dict:
         ) from None
 
 
-# What a version-1 manifest did not record, by architecture (as the adapters build them;
-# gpt-neox and stablelm take their config's parallel flag, recorded in the config).
+# What a version-1 manifest did not record, by architecture, as the adapters build them
+# by default (a random-init gpt-neox or stablelm's parallel flag is read from its config
+# overrides; a checkpoint's is not in the manifest, so its default is assumed).
 _V1_ARCH_DEFAULTS = {
     "gpt2": {"norm": "layernorm", "positional": "learned", "parallel_blocks": False},
     "gpt-neo": {"norm": "layernorm", "positional": "learned", "parallel_blocks": False},
@@ -293,6 +313,9 @@ def write_manifest(layout: RunLayout, manifest: RunManifest) -> None:
         raise StoreError(f"{path}: manifest is not JSON-serialisable ({e})") from None
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)
+    for tool, record in manifest.results.items():  # a version-1 manifest's inline records
+        if not layout.tool_record_path(tool).exists():
+            write_tool_record(layout, tool, record)
 
 
 def read_manifest(layout: RunLayout) -> RunManifest:
@@ -305,8 +328,11 @@ def read_manifest(layout: RunLayout) -> RunManifest:
     results = {name: _tool_record(raw, str(path)) for name, raw in manifest.results.items()}
     if layout.tool_records_dir.is_dir():
         for record_path in sorted(layout.tool_records_dir.glob("*.json")):
-            data = _read_json(record_path, "tool record is missing", "tool record")
-            results[record_path.stem] = _tool_record(data, str(record_path))
+            try:  # one bad record must not make the run unreadable
+                data = _read_json(record_path, "tool record is missing", "tool record")
+                results[record_path.stem] = _tool_record(data, str(record_path))
+            except StoreError as exc:
+                log.warning("%s (record skipped)", exc)
     return replace(manifest, results=results)
 
 

@@ -8,7 +8,7 @@ and version; a missing file is called missing, not corrupt.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -104,20 +104,14 @@ class RunReader:
         for shard in self.shards:
             yield shard, self.activations(family, shard, columns, layer)
 
-    def matrix(self, family: str, layer: int, shard: int) -> np.ndarray:
-        """A dense family's values at one layer of one shard as float32 [rows, width],
-        rows in the order of ``activations(family, shard, layer=layer)``."""
-        import numpy as np
-
+    def matrix(
+        self, family: str, layer: int, shard: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(seq_id, pos, float32 [rows, width]) of a dense family at one layer of one
+        shard, rows sorted by (seq_id, pos)."""
         if family_kind(family) != "dense":
             raise StoreError(f"matrix() reads dense families; {family!r} is {family_kind(family)}")
-        table = self.activations(family, shard, layer=layer)
-        dims = [n for n in table.column_names if n.startswith("d") and n[1:].isdigit()]
-        if not dims:
-            return np.zeros((table.num_rows, 0), np.float32)
-        return np.column_stack(
-            [table.column(d).to_numpy(zero_copy_only=False) for d in dims]
-        ).astype(np.float32, copy=False)
+        return layer_matrix(self.activations(family, shard, layer=layer), layer)
 
     # ------------------------------------------------------------- other run tables
 
@@ -138,7 +132,7 @@ class RunReader:
 
         Values are text: a value that was not a string in the input is its JSON text.
         """
-        kept = self.manifest.config.get("data", {}).get("keep_columns") or []
+        kept = self.manifest.kept_columns
         if column not in kept:
             raise StoreError(
                 f"run {self.run_id} did not keep the input column {column!r} (kept: "
@@ -155,13 +149,15 @@ class RunReader:
                 out[doc_id] = value
         return out
 
-    def result(self, output: str) -> pa.Table:
-        """Every row of one tool output (``results/<output>/``)."""
-        directory = self.layout.results_dir(output)
-        files = sorted(directory.glob("shard-*.parquet")) if directory.is_dir() else []
+    def result(
+        self, output: str, columns: list[str] | None = None, filters: list | None = None
+    ) -> pa.Table:
+        """The rows of one tool output (``results/<output>/``): only ``columns``, and only
+        rows matching pyarrow ``filters`` (``[("seq_id", ">=", 10)]``), read with pushdown."""
+        files = self.layout.result_files(output)
         if not files:
             raise StoreError(f"run {self.run_id} has no result {output!r} (run its tool first)")
-        return self._read(files, f"result.{output}")
+        return self._read(files, f"result.{output}", columns, filters)
 
     # ---------------------------------------------------------------------- helpers
 
@@ -196,8 +192,7 @@ class RunReader:
 
     def has_result(self, output: str) -> bool:
         """True if some tool wrote result ``output`` into this run."""
-        directory = self.layout.results_dir(output)
-        return directory.is_dir() and any(directory.glob("shard-*.parquet"))
+        return bool(self.layout.result_files(output))
 
     def writer(self) -> RunWriter:
         """This run's RunWriter: how a run-scope tool, which receives the reader, saves an
@@ -224,7 +219,24 @@ class RunReader:
         except OSError as e:
             raise StoreError(f"{path}: could not read ({e})") from None
 
-    @property
-    def kept_columns(self) -> tuple[str, ...]:
-        """Input columns the harvest kept (``data.keep_columns``): what ``documents`` reads."""
-        return tuple(self.manifest.config.get("data", {}).get("keep_columns") or ())
+
+def dim_columns(names: Sequence[str]) -> list[str]:
+    """The ``d0..d{n-1}`` names among a wide activation table's columns, in dim order."""
+    return sorted((c for c in names if c[:1] == "d" and c[1:].isdigit()), key=lambda c: int(c[1:]))
+
+
+def layer_matrix(table: pa.Table, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seq_id, pos, [rows, width] float32) of one layer of a dense table, sorted by (seq, pos)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = table.filter(pc.equal(table.column("layer"), layer))
+    seq = table.column("seq_id").to_numpy()
+    pos = table.column("pos").to_numpy()
+    order = np.lexsort((pos, seq))
+    dims = dim_columns(table.column_names)
+    if not dims:
+        return seq[order], pos[order], np.zeros((len(order), 0), np.float32)
+    # stored float16 is widened: every computation runs in float32
+    matrix = np.stack([table.column(c).to_numpy().astype(np.float32) for c in dims], axis=1)
+    return seq[order], pos[order], matrix[order]

@@ -47,15 +47,20 @@ class RunWriter:
     def write_activations(
         self, family: str, shard: int, table: pa.Table, stage: int | None = None
     ) -> int:
-        """One shard's table of a hook family (``stage``: the part of a staged run).
-        Returns the bytes written."""
-        name = schemas.activation_schema_name(family_kind(family))
+        """One shard's table of a hook family (``stage``: the part of a staged run),
+        checked against its kind's schema at the table's width and float type. Returns
+        the bytes written."""
+        kind = family_kind(family)
+        name = schemas.activation_schema_name(kind)
+        dims = [f for f in table.schema if f.name[:1] == "d" and f.name[1:].isdigit()]
+        dtype = str(dims[0].type) if dims else "float32"
+        dtype = {"halffloat": "float16", "float": "float32"}.get(dtype, dtype)
         return write_table(
             table,
             self.layout.shard_file(self.layout.activation_dir(family), shard, stage),
             schema_name=name,
             schema_version=schemas.load_schema(name).version,
-            expected=table.schema,  # built from schemas.activation_schema by the caller
+            expected=schemas.activation_schema(kind, len(dims), dtype),
         )
 
     def write_tokens(self, shard: int, table: pa.Table) -> int:
@@ -101,8 +106,8 @@ class RunWriter:
         """
         directory = self.layout.results_dir(output)
         target = self.layout.shard_file(directory, shard)
-        if replace and directory.exists():
-            for old in directory.glob("shard-*.parquet"):
+        if replace:
+            for old in self.layout.result_files(output):
                 if old != target:
                     old.unlink()
         write_table(

@@ -1,8 +1,8 @@
 """Stored rows of a shard, and its residual stream as a sum of components.
 
 A shared helper of the tools, not a tool itself (it defines no ``Tool``): reading rows
-out of a shard's wide activation tables (``RowIndex``, ``gather``, ``layer_matrix``) and
-the residual decomposition of the DLA tools.
+out of a shard's wide activation tables (``RowIndex``, ``gather``; ``layer_matrix`` is
+the store reader's) and the residual decomposition of the DLA tools.
 
 Every residual-stream state is a sum of what wrote into it:
 
@@ -19,7 +19,7 @@ tools freeze is ``arrakis_ray.models.norms.final_norm``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.hooks import family_hook
+from arrakis_ray.store.reader import dim_columns, layer_matrix  # noqa: F401 (tools use them)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -122,27 +123,6 @@ def next_tokens(seq: np.ndarray, pos: np.ndarray, ids: np.ndarray):
     """(next token id, has-next mask) of sorted rows: the next row of the same sequence."""
     has_next = np.append((seq[1:] == seq[:-1]) & (pos[1:] == pos[:-1] + 1), False)
     return np.append(ids[1:], 0), has_next
-
-
-def dim_columns(names: Sequence[str]) -> list[str]:
-    """The ``d0..d{n-1}`` names among a wide activation table's columns, in dim order."""
-    return sorted((c for c in names if c[:1] == "d" and c[1:].isdigit()), key=lambda c: int(c[1:]))
-
-
-def layer_matrix(table: pa.Table, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(seq_id, pos, [rows, width] float32) of one layer of a dense table, sorted by (seq, pos)."""
-    import pyarrow.compute as pc
-
-    table = table.filter(pc.equal(table.column("layer"), layer))
-    seq = table.column("seq_id").to_numpy()
-    pos = table.column("pos").to_numpy()
-    order = np.lexsort((pos, seq))
-    dims = dim_columns(table.column_names)
-    if not dims:
-        return seq[order], pos[order], np.zeros((len(order), 0), np.float32)
-    # stored float16 is widened: every computation runs in float32
-    matrix = np.stack([table.column(c).to_numpy().astype(np.float32) for c in dims], axis=1)
-    return seq[order], pos[order], matrix[order]
 
 
 class RowIndex:

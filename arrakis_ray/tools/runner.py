@@ -3,8 +3,8 @@
 Everything is checked before any task starts (tool name, parameters, the hooks the
 tool needs against the hooks the run harvested), so a bad call writes nothing. Each
 task reads only its shard's files and writes ``results/<tool>/shard-NNNNN.parquet``
-atomically; the driver then records the tool's parameters and schema version in the
-run's manifest.
+atomically; the driver then records the call (parameters, schema version, rows) in the
+run's ``tools/<tool>.json`` (``RunWriter.record_tool``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 from arrakis_ray.config import ModelConfig, build_dataclass, to_dict
 from arrakis_ray.errors import ToolError
-from arrakis_ray.hooks import harvest_glob
+from arrakis_ray.hooks import harvest_glob, hook_family
 from arrakis_ray.store import parquet
-from arrakis_ray.store.layout import RunLayout, hook_family
+from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.location import StorePath
 from arrakis_ray.store.manifest import ToolRecord
 from arrakis_ray.store.reader import RunReader
@@ -177,7 +177,7 @@ def _context(
     reader = RunReader(RunLayout(store_root, run_id))
     tool = make_tool(tool_cls, params)
     wanted = tool.reduce_needs_weights if reducing else tool.needs_weights
-    model_config = json.dumps(reader.manifest.config["model"], sort_keys=True)
+    model_config = json.dumps(to_dict(reader.manifest.model_config), sort_keys=True)
     return tool, reader, _model(model_config) if wanted else None
 
 
@@ -260,7 +260,7 @@ def _write(tool, layout, result, shard: int, replace: bool = False) -> int:
 
 
 def _rows_on_disk(layout, output: str) -> int:
-    return sum(parquet.num_rows(p) for p in layout.results_dir(output).glob("shard-*.parquet"))
+    return sum(parquet.num_rows(p) for p in layout.result_files(output))
 
 
 @lru_cache(maxsize=2)

@@ -50,9 +50,8 @@ import numpy as np
 from arrakis_ray import hooks
 from arrakis_ray.errors import ToolError
 from arrakis_ray.numerics import Moments
-from arrakis_ray.store.reader import RunReader
+from arrakis_ray.store.reader import RunReader, dim_columns, layer_matrix
 from arrakis_ray.tools.base import Tool
-from arrakis_ray.tools.decompose import dim_columns, layer_matrix
 
 if TYPE_CHECKING:
     from arrakis_ray.store.manifest import RunManifest

@@ -6,20 +6,22 @@ Values are checked against what the harvest wrote and against the model itself.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import jsonschema
 import pytest
-from support import REPO, pipeline_dict
+from support import DEMO_DATA, REPO, pipeline_dict
 
 from arrakis_ray.config import pipeline_from_dict
 from arrakis_ray.errors import StoreError
 from arrakis_ray.harvest.plan import plan_run
 from arrakis_ray.store.layout import RunLayout
-from arrakis_ray.store.manifest import RunManifest, json_schema, read_manifest
+from arrakis_ray.store.manifest import RunManifest, json_schema, read_manifest, write_manifest
 from arrakis_ray.store.reader import RunReader
 
 
@@ -66,6 +68,28 @@ def test_plan_run_tells_configs_apart():
     assert plan_run(staged).stages == ((0, 2), (2, 4))
     # one layer of one family: a quarter of the values of all four layers
     assert plan_run(other_hooks).predicted_bytes < plan_run(base).predicted_bytes
+
+
+def test_plan_run_sees_a_file_changed_in_place(tmp_path):
+    data = tmp_path / "facts.jsonl"
+    shutil.copy(DEMO_DATA, data)
+    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"])
+    raw["data"]["path"] = str(data)
+    first = plan_run(pipeline_from_dict(raw)).run_id
+    st = data.stat()  # same size, mtime put back: as cp -p or rsync -t leave a file
+    data.write_bytes(data.read_bytes().replace(b"paris", b"parix", 1))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert plan_run(pipeline_from_dict(raw)).run_id != first
+
+
+def test_plan_run_takes_a_config_built_in_python_with_lists():
+    config = pipeline_from_dict(pipeline_dict(hooks=["blocks.*.hook_resid_post"]))
+    listy = replace(
+        config,
+        harvest=replace(config.harvest, hooks=list(config.harvest.hooks)),
+        data=replace(config.data, keep_columns=list(config.data.keep_columns)),
+    )
+    assert plan_run(listy).run_id == plan_run(config).run_id
 
 
 def test_manifest_round_trips_and_follows_its_schema(harvested):
@@ -150,6 +174,10 @@ def test_a_version_1_manifest_is_upgraded_on_read(harvested, tmp_path):
     assert upgraded.harvest.n_tokens == 7 and upgraded.harvest.tokens_per_s == round(7 / 1.5, 1)
     assert upgraded.results["logit_lens"].rows > 0
     assert RunReader(layout).activations("resid_post", 0, layer=2).num_rows > 0
+    # a resume rewrites the manifest as v2: the inline tool records move to tools/
+    write_manifest(layout, upgraded)
+    assert json.loads(layout.manifest_path.read_text())["version"] == 2
+    assert read_manifest(layout).results == upgraded.results
 
 
 def test_a_manifest_from_the_future_or_broken_is_one_clear_error(harvested, tmp_path):
@@ -194,3 +222,16 @@ def test_two_analyze_calls_at_once_both_keep_their_record(harvested, tmp_path):
     assert results["logit_lens"].rows == RunReader(layout).result("logit_lens").num_rows
     # a tool call never rewrites the harvest's manifest: no read-modify-write to race
     assert layout.manifest_path.read_bytes() == before
+
+
+def test_the_reader_gives_a_layer_as_a_sorted_matrix(harvested):
+    _, _, result = harvested
+    reader = RunReader.open(result.run_dir)
+    seq, pos, x = reader.matrix("resid_post", 2, 0)
+    table = reader.activations("resid_post", 0)  # every layer, read the plain way
+    rows = [r for r in table.to_pylist() if r["layer"] == 2]
+    rows.sort(key=lambda r: (r["seq_id"], r["pos"]))
+    assert seq.tolist() == [r["seq_id"] for r in rows] and pos.tolist() == [r["pos"] for r in rows]
+    width = reader.shape.d_model
+    assert x.shape == (len(rows), width) and x.dtype.name == "float32"
+    assert x[:, width - 1].tolist() == [r[f"d{width - 1}"] for r in rows]

@@ -50,6 +50,10 @@ def test_a_tool_goes_through_the_contract_only(path):
         if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute | ast.Name):
             name = node.value.attr if isinstance(node.value, ast.Attribute) else node.value.id
             assert name != "manifest", f"{path.name}:{node.lineno} indexes a manifest dict"
+        if isinstance(node, ast.Attribute) and node.attr == "config":
+            owner = node.value.attr if isinstance(node.value, ast.Attribute) else None
+            owner = owner or (node.value.id if isinstance(node.value, ast.Name) else None)
+            assert owner != "manifest", f"{path.name}:{node.lineno} reads the raw config dict"
         if isinstance(node, ast.Attribute):
             assert node.attr not in ("layout", "shard_file", "activation_dir"), (
                 f"{path.name}:{node.lineno} reaches into the store's paths ({node.attr})"
