@@ -187,6 +187,20 @@ def test_rerun_on_s3_is_a_no_op(s3_run, s3_env):
     assert again.status == "already complete" and again.run_id == result.run_id
 
 
+def test_the_run_contract_reads_an_s3_run(s3_run, s3_env, harvested):
+    from arrakis_ray.store.reader import RunReader
+
+    _, result = s3_run
+    reader = RunReader.open(result.run_dir)  # a UPath: the run on the bucket
+    assert reader.manifest.results["logit_lens"].rows == reader.result("logit_lens").num_rows
+    assert reader.documents("relation")[0] == "capital"  # the labels live in the bucket too
+    local = RunReader.open(harvested[2].run_dir)
+    seq, pos, x = reader.matrix("resid_post", 1, 0)
+    lseq, lpos, lx = local.matrix("resid_post", 1, 0)  # float32 locally, float16 on S3
+    assert (seq == lseq).all() and (pos == lpos).all()
+    assert abs(x - lx.astype("float16").astype("float32")).max() == 0
+
+
 def test_cli_sql_on_an_s3_store(s3_run, s3_env):
     _config, result = s3_run
     out = subprocess.run(
