@@ -93,7 +93,7 @@ class HarvestStage:
         hooked.device = torch.device(self.device)
         self.model = hooked
         self.hooks = [h for h in hooks if self.stage.owns(h, hooked.layer_of)]
-        # file part suffix: only a layer-sharded run has several parts per shard
+        # file part suffix: only a run of several stages has several parts per shard
         self.part = stage if len(stages) > 1 else None
         self.vocab_text = np.array(vocab_texts(hooked.tokenizer, hooked.vocab_size), dtype=object)
         self.pad_id = hooked.tokenizer.pad_token_id or 0

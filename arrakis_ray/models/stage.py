@@ -1,4 +1,4 @@
-"""Layer-sharded models: one contiguous range of blocks per pipeline stage.
+"""Pipeline stages of a model: one contiguous range of blocks per stage.
 
 A model too large for one device is split into stages, each holding the blocks
 ``[start, stop)`` on its own device. The blocks outside the range are replaced by
@@ -119,7 +119,7 @@ def run_stages(
     attention_mask: Tensor | None,
     hooks: Sequence[str],
 ) -> dict[str, Tensor]:
-    """All stages in one process, in order (for tests: equals the unsharded model's cache)."""
+    """All stages in one process, in order (for tests: equals the whole model's cache)."""
     cache: dict[str, Tensor] = {}
     resid = None
     for stage in stages:

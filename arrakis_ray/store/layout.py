@@ -38,22 +38,8 @@ hook_family = hooks.hook_family
 family_kind = hooks.family_kind
 hook_layer = hooks.hook_layer
 
-# Dense families with one row per (layer, token) inside the blocks -> hook name after
-# "blocks.{L}." (``blocks.{L}.mlp.hook_post`` for mlp_post).
-DENSE_BLOCK_HOOKS: dict[str, str] = {
-    spec.family: spec.name for spec in hooks.HOOK_SPECS if spec.in_block and spec.kind == "dense"
-}
-
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHARD_DONE = re.compile(r"^shard-(\d+)\.done$")
-
-
-def block_hook(family: str, layer: int) -> str:
-    """Hook name of a dense block family at a layer.
-
-    ``block_hook("mlp_post", 2)`` is ``blocks.2.mlp.hook_post``.
-    """
-    return f"blocks.{layer}.{DENSE_BLOCK_HOOKS[family]}"
 
 
 def _read_marker(root: StorePath) -> None:
@@ -161,6 +147,11 @@ class RunLayout:
             raise StoreError(f"invalid tool name {tool!r} for a results directory")
         return self.results_root / tool
 
+    def result_files(self, output: str) -> list[StorePath]:
+        """The Parquet files of one tool output, in shard order (none: not computed)."""
+        directory = self.results_dir(output)
+        return sorted(directory.glob("shard-*.parquet")) if directory.is_dir() else []
+
     def tool_record_path(self, tool: str) -> StorePath:
         """JSON record of a tool's last call on this run (``store/manifest.py``)."""
         if not _RUN_ID.match(tool):
@@ -170,7 +161,7 @@ class RunLayout:
     def shard_file(self, directory: StorePath, shard: int, stage: int | None = None) -> StorePath:
         """Parquet file of shard number ``shard`` in ``directory``.
 
-        A layer-sharded harvest writes one part per pipeline stage
+        A harvest in several pipeline stages writes one part per stage
         (``shard-00003.stage-1.parquet``); each part holds the layers of its stage.
         """
         suffix = "" if stage is None else f".stage-{stage}"

@@ -5,9 +5,10 @@ An explicit dict, not a metaclass registry: reading this file tells you every to
 
 from __future__ import annotations
 
+from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.attention_head_composition import AttentionHeadComposition
 from arrakis_ray.tools.attention_tools import AttentionTools
-from arrakis_ray.tools.base import RunInputs, ShardInputs, Tool
+from arrakis_ray.tools.base import ShardInputs, Tool
 from arrakis_ray.tools.knowledge_prober import KnowledgeProber
 from arrakis_ray.tools.logit_attribution import LogitAttribution
 from arrakis_ray.tools.logit_lens import LogitLens
@@ -42,4 +43,4 @@ def register_tool(cls: type[Tool]) -> type[Tool]:
     return cls
 
 
-__all__ = ["TOOLS", "RunInputs", "ShardInputs", "Tool", "register_tool"]
+__all__ = ["TOOLS", "RunReader", "ShardInputs", "Tool", "register_tool"]

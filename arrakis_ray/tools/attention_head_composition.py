@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from arrakis_ray.errors import ToolError
-from arrakis_ray.models.circuits import HeadFactors, Writer, frob, layer_factors, norm_fold
+from arrakis_ray.models.circuits import HeadFactors, Writer, frob, layer_factors
 from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.base import Tool
 
@@ -55,14 +55,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = [  # the factor algebra lives in models/circuits.py; re-exported for callers
+__all__ = [
     "AttentionHeadComposition",
     "CompositionParams",
-    "HeadFactors",
     "composition_scores",
-    "frob",
-    "layer_factors",
-    "norm_fold",
     "random_baseline",
 ]
 

@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from arrakis_ray.store.reader import RunReader
 
-RunInputs = RunReader  # what a run-scope tool reads: the run, shard by shard
-
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa

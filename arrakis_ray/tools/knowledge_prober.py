@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from arrakis_ray import hooks
-from arrakis_ray.errors import DataError, ToolError
+from arrakis_ray.errors import ToolError
 from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.base import Tool
 from arrakis_ray.tools.decompose import layer_matrix
@@ -100,13 +100,7 @@ class KnowledgeProber(Tool):
         import pyarrow as pa
 
         p = self.params
-        if p.label_column not in inputs.kept_columns:  # before streaming any activation
-            raise DataError(
-                f"{self.name}: run {inputs.run_id} did not keep the input column "
-                f"{p.label_column!r} (kept: {', '.join(inputs.kept_columns) or 'none'}); "
-                f"harvest again with data.keep_columns including {p.label_column!r}"
-            )
-        labels = inputs.documents(p.label_column)
+        labels = inputs.documents(p.label_column)  # before streaming any activation
         docs, per_layer = gather_vectors(inputs, p.hook, p.position)
         missing = sorted(set(docs.tolist()) - set(labels))
         if missing:

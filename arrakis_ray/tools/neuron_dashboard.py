@@ -48,8 +48,6 @@ from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.base import ShardInputs, Tool
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from arrakis_ray.store.manifest import RunManifest
 
 ZERO = 1e-6  # |x| below this lands in the zero bucket (absolute error < 1e-6)
@@ -58,7 +56,6 @@ BLOCK_CELLS = 1 << 22  # neurons x buckets (or x tokens) handled at once: bounds
 _SPACED = re.compile(r"^ \S")  # a token text that carries its own leading space
 
 
-# dense families with one row per (layer, token) inside the blocks: what a neuron can be
 @dataclass(frozen=True)
 class NeuronDashboardParams:
     """Parameters of the neuron dashboard."""
@@ -101,7 +98,7 @@ class NeuronDashboard(Tool):
 
     def __init__(self, params: NeuronDashboardParams):
         super().__init__(params)
-        # SAE features are one run-wide result file, read shard by shard in one task
+        # SAE features are one run-wide result, read one shard's seq_id range at a time
         self.scope = "run" if params.source == "sae_features" else "shard"
         self.sketch = _Sketch(params.quantile_accuracy)
 
@@ -146,13 +143,13 @@ class NeuronDashboard(Tool):
 
     def compute_run(self, inputs: RunReader, model=None) -> dict:
         """The SAE source: every shard's tokens with their feature activations, reduced."""
-        hook, layer, n_features, features = _sae_results(inputs, self.name)
+        hook, layer, n_features = _sae_metrics(inputs, self.name)
         family = f"sae:{hook}"
         stats, tops = [], []
         for shard in inputs.shards:
             tokens = inputs.tokens(shard).sort_by([("seq_id", "ascending"), ("pos", "ascending")])
             seq, pos = tokens["seq_id"].to_numpy(), tokens["pos"].to_numpy()
-            row, feature, value = _sae_entries(features, seq, pos)
+            row, feature, value = _sae_entries(inputs, seq, pos)
             contexts = _Contexts(tokens, inputs.vocab, self.params.window)
             stat, top = self._sparse(len(seq), n_features, row, feature, value, seq, pos, contexts)
             stats.append(_with_keys(stat, family, layer))
@@ -391,9 +388,8 @@ def _with_keys(columns: dict, family: str, layer: int):
     return pa.table({**keys, **columns})
 
 
-def _sae_results(inputs: RunReader, tool: str) -> tuple[str, int, int, pa.Table]:
-    """(hook, layer, n_features, feature activations sorted by seq_id) of the run's
-    sparse autoencoder."""
+def _sae_metrics(inputs: RunReader, tool: str) -> tuple[str, int, int]:
+    """(hook, layer, n_features) of the run's sparse autoencoder."""
     if not all(inputs.has_result(name) for name in ("sae_metrics", "sae_features")):
         raise ToolError(
             f"{tool}: run {inputs.run_id} has no sae_features results; "
@@ -403,26 +399,27 @@ def _sae_results(inputs: RunReader, tool: str) -> tuple[str, int, int, pa.Table]
     if len(metrics) != 1:
         raise ToolError(f"{tool}: run {inputs.run_id} has {len(metrics)} SAEs; expected one")
     m = metrics[0]
-    # one run-wide table, as superposition_disentangler returned it whole
-    features = inputs.result("sae_features").select(["seq_id", "pos", "feature", "activation"])
-    return m["hook"], m["layer"], m["n_features"], features.sort_by("seq_id").combine_chunks()
+    return m["hook"], m["layer"], m["n_features"]
 
 
-def _sae_entries(features: pa.Table, seq: np.ndarray, pos: np.ndarray):
-    """(token row, feature, value) of the SAE activations of these (seq, pos) tokens;
-    ``features`` sorted by seq_id."""
+def _sae_entries(inputs: RunReader, seq: np.ndarray, pos: np.ndarray):
+    """(token row, feature, value) of the SAE activations of the tokens (seq, pos),
+    which are sorted by (seq, pos)."""
     if len(seq) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    stored_seq = features["seq_id"].to_numpy()  # one chunk: no copy
-    lo = np.searchsorted(stored_seq, seq.min(), "left")
-    hi = np.searchsorted(stored_seq, seq.max(), "right")
-    table = features.slice(int(lo), int(hi - lo))
+    # only this shard's seq_id range is read (pushdown), never the whole run's table
+    table = inputs.result(
+        "sae_features",
+        columns=["seq_id", "pos", "feature", "activation"],
+        filters=[("seq_id", ">=", int(seq.min())), ("seq_id", "<=", int(seq.max()))],
+    )
     # tokens are sorted by (seq, pos): a token's row is the rank of its combined key
     key = seq.astype(np.int64) * (int(pos.max()) + 1) + pos
-    got = table["seq_id"].to_numpy() * (int(pos.max()) + 1) + table["pos"].to_numpy()
+    got_pos = table["pos"].to_numpy()
+    got = table["seq_id"].to_numpy().astype(np.int64) * (int(pos.max()) + 1) + got_pos
     row = np.searchsorted(key, got)
     ok = (row < len(key)) & (key[np.minimum(row, len(key) - 1)] == got)
-    ok &= table["pos"].to_numpy() <= pos.max()
+    ok &= got_pos <= pos.max()  # a larger pos could alias another token's key
     feature = table["feature"].to_numpy().astype(np.int64)
     return row[ok], feature[ok], table["activation"].to_numpy()[ok].astype(np.float32)
 

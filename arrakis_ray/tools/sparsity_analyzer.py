@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 _KEYS = ("family", "layer")
 
 
-# dense families with one row per (layer, token) inside the blocks: what a neuron can be
 @dataclass(frozen=True)
 class SparsityParams:
     """Parameters of the sparsity analyzer."""

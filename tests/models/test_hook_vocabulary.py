@@ -103,9 +103,12 @@ def test_store_layout_derives_from_the_vocabulary():
     assert layout.family_kind("ln_final_scale") == "dense"
     assert layout.hook_family("ln_final.hook_scale") == "ln_final_scale"
     assert layout.hook_layer("ln_final.hook_scale", 4) == 4
-    for family, name in layout.DENSE_BLOCK_HOOKS.items():
-        assert layout.block_hook(family, 2) == hooks.family_hook(family, 2) == f"blocks.2.{name}"
-    assert set(layout.DENSE_BLOCK_HOOKS) == {
+    for family in hooks.DENSE_BLOCK_FAMILIES:
+        hook = hooks.family_hook(family, 2)
+        assert hook == f"blocks.2.{hooks.family_spec(family).name}"
+        assert layout.hook_family(hook) == family and layout.hook_layer(hook, 4) == 2
+        assert layout.family_kind(family) == "dense"
+    assert set(hooks.DENSE_BLOCK_FAMILIES) == {
         s.family for s in hooks.HOOK_SPECS if s.in_block and s.kind == "dense"
     }
 

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 from runs import synthetic_shape, write_activations, write_run
 
-from arrakis_ray.store.layout import RunLayout, block_hook
+from arrakis_ray import hooks
+from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.manifest import read_manifest
 from arrakis_ray.store.schemas import load_schema
 from arrakis_ray.store.writer import RunWriter
@@ -46,7 +47,7 @@ class RunData:
 
 def _dense_hooks(family: str, data: np.ndarray) -> dict[str, np.ndarray]:
     """Hook -> [seq, pos, width] values of a dense block family from [layer, seq, pos, width]."""
-    return {block_hook(family, layer): values for layer, values in enumerate(data)}
+    return {hooks.family_hook(family, layer): values for layer, values in enumerate(data)}
 
 
 def _write_dense(layout: RunLayout, family: str, data: np.ndarray, dtype: str) -> None:

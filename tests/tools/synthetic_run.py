@@ -2,7 +2,7 @@
 
 It is a ``runs.write_run`` run (the shared fixture: tokens, vocab, shards, completion
 markers, the typed manifest, the documents' kept columns), so a tool reads it through
-``RunInputs`` exactly as it reads a harvested run.
+``RunReader`` exactly as it reads a harvested run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from runs import write_run
 
 from arrakis_ray.store.layout import RunLayout
-from arrakis_ray.tools.base import RunInputs
+from arrakis_ray.store.reader import RunReader
 
 VOCAB = ["<bos>", "a", "b", "c", "d"]
 
@@ -50,6 +50,6 @@ def write_synthetic_run(
     )
 
 
-def run_inputs(layout: RunLayout) -> RunInputs:
-    """The RunInputs the runner would hand a run-scope tool for this run."""
-    return RunInputs(layout)
+def run_inputs(layout: RunLayout) -> RunReader:
+    """The RunReader the runner would hand a run-scope tool for this run."""
+    return RunReader(layout)

@@ -11,6 +11,7 @@ from runs import shard_plan, synthetic_manifest, synthetic_shape
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.models import build_model
+from arrakis_ray.models.circuits import HeadFactors, norm_fold
 from arrakis_ray.models.weights import attention_weights
 from arrakis_ray.store.catalog import Store
 from arrakis_ray.store.layout import RunLayout
@@ -18,9 +19,7 @@ from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.attention_head_composition import (
     AttentionHeadComposition,
     CompositionParams,
-    HeadFactors,
     composition_scores,
-    norm_fold,
     random_baseline,
 )
 from arrakis_ray.tools.runner import analyze, make_tool

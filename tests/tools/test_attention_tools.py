@@ -19,11 +19,12 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.reports.attention_charts import SCORES, head_score_heatmap, head_scores_grid
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
+from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.attention_tools import (
     induction_score_from_patterns,
     induction_tokens,
 )
-from arrakis_ray.tools.base import RunInputs, ShardInputs
+from arrakis_ray.tools.base import ShardInputs
 from arrakis_ray.tools.runner import analyze, make_tool
 
 
@@ -31,7 +32,7 @@ def run_tool(run_dir, params: dict | None = None, model=None) -> dict:
     """compute_shard on every shard, then reduce: the runner's path, without Ray."""
     layout = store_layout.RunLayout(run_dir.parents[1], run_dir.name)
     manifest = store_manifest.read_manifest(layout)
-    reader = RunInputs(layout, manifest)
+    reader = RunReader(layout, manifest)
     tool = make_tool("attention_tools", params)
     partials: dict[str, list] = {}
     for shard in reader.shards:

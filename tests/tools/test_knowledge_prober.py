@@ -9,7 +9,7 @@ import pytest
 import torch
 from support import DEMO_DATA
 
-from arrakis_ray.errors import DataError, ToolError
+from arrakis_ray.errors import StoreError, ToolError
 from arrakis_ray.store.catalog import Store
 from arrakis_ray.tools.knowledge_prober import (
     auroc,
@@ -115,7 +115,7 @@ def test_bad_params_and_labels_are_refused(tmp_path):
     with pytest.raises(ToolError, match="label_column: required"):
         make_tool("knowledge_prober", {})
     layout = _label_from_layer(tmp_path, first=1, n_layers=2, n_seq=20)
-    with pytest.raises(DataError, match="'relation'"):
+    with pytest.raises(StoreError, match="'relation'"):
         make_tool("knowledge_prober", {"label_column": "relation"}).compute_run(
             run_inputs(layout), None
         )

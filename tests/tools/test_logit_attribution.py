@@ -3,16 +3,14 @@ component's write computed by hand from the HF modules (LayerNorm and RMSNorm mo
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from tools.decomp_support import ARCH_CASES, batch, case_id, model_shard, stored_shard, tiny, wide
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.store.catalog import Store
+from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.logit_attribution import LogitAttribution, LogitAttributionParams
 from arrakis_ray.tools.runner import analyze, make_tool
 
@@ -120,12 +118,8 @@ def test_the_demo_run_attributions_sum_to_its_stored_logits(harvested):
     from arrakis_ray.harvest.model_source import load_model
 
     config, _, result = harvested
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    vocab = np.array(
-        pq.read_table(result.run_dir / "vocab.parquet")["token_text"].to_pylist(), dtype=object
-    )
     model = load_model(config.model)
-    inputs = stored_shard(result.run_dir, 1, manifest, vocab)
+    inputs = stored_shard(result.run_dir, 1)  # the stored manifest and vocab, via RunReader
     rows = _attribute(inputs, model)
     logits = wide(inputs.activations["logits"])
     tokens = {
@@ -144,7 +138,7 @@ def test_the_demo_run_attributions_sum_to_its_stored_logits(harvested):
 
 def test_the_runner_writes_a_logit_difference_table(harvested):
     _, store, result = harvested
-    vocab = pq.read_table(result.run_dir / "vocab.parquet")["token_text"].to_pylist()
+    vocab = RunReader.open(result.run_dir).vocab.tolist()
     target, other = vocab.index("paris"), vocab.index("berlin")
     done = analyze(
         result.run_dir,

@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from runs import shard_plan, synthetic_manifest, synthetic_shape
 from tools.decomp_support import ARCH_CASES, batch, case_id, model_shard, stored_shard, tiny, wide
@@ -138,11 +135,7 @@ def test_the_demo_run_decomposes_exactly(harvested):
     from arrakis_ray.harvest.model_source import load_model
 
     config, _, result = harvested
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    vocab = np.array(
-        pq.read_table(result.run_dir / "vocab.parquet")["token_text"].to_pylist(), dtype=object
-    )
-    inputs = stored_shard(result.run_dir, 2, manifest, vocab)
+    inputs = stored_shard(result.run_dir, 2)  # the stored manifest and vocab, via RunReader
     rows = _decompose(inputs, load_model(config.model), layer=3)
     parts = rows[rows.component != "total"].groupby(["seq_id", "pos"]).resid_projection.sum()
     for key, r in wide(inputs.activations["resid_pre"], 3).items():

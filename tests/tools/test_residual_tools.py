@@ -3,15 +3,13 @@ per-layer aggregate of ``reduce`` equals a direct computation over every shard."
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 from tools.decomp_support import stored_shard
 
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.store.manifest import RunManifest
+from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.base import NoParams
 from arrakis_ray.tools.residual_tools import ResidualTools
 from arrakis_ray.tools.runner import analyze
@@ -19,22 +17,18 @@ from arrakis_ray.tools.runner import analyze
 
 def _run(harvested):
     _, _, result = harvested
-    path = result.run_dir / "manifest.json"
-    manifest = RunManifest.from_json(json.loads(path.read_text()), str(path))
-    vocab = np.array(
-        pq.read_table(result.run_dir / "vocab.parquet")["token_text"].to_pylist(), dtype=object
-    )
-    return result.run_dir, manifest, vocab
+    reader = RunReader.open(result.run_dir)
+    return result.run_dir, reader.manifest, reader.vocab
 
 
 def _states(run_dir, shard=None):
-    """layer -> (keys, float64 vectors) from the stored files: -1 = resid_pre 0."""
+    """layer -> (keys, float64 vectors) of the stored run (one shard, or every shard):
+    -1 = resid_pre 0."""
+    reader = RunReader.open(run_dir)
+    shards = reader.shards if shard is None else [shard]
 
     def read(family, layer):
-        files = sorted((run_dir / "activations" / family).glob("shard-*.parquet"))
-        if shard is not None:
-            files = [f for f in files if f.name == f"shard-{shard:05d}.parquet"]
-        table = pq.read_table(files, filters=[("layer", "=", layer)])
+        table = pa.concat_tables(reader.activations(family, s, layer=layer) for s in shards)
         table = table.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
         dims = [c for c in table.column_names if c[0] == "d" and c[1:].isdigit()]
         keys = list(zip(table["seq_id"].to_pylist(), table["pos"].to_pylist(), strict=True))

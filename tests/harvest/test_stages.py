@@ -1,5 +1,5 @@
-"""A layer-sharded harvest (pipeline stages on separate actors) stores exactly what the
-unsharded model computes."""
+"""A harvest split into pipeline stages (one actor per stage) stores exactly what the
+whole model computes in one stage."""
 
 from __future__ import annotations
 
@@ -56,13 +56,13 @@ def _assert_same_run(a, b):
 )
 def test_stages_of_the_gpt2_demo_model_equal_the_whole_model(harvested, tmp_path, stages):
     _, _, whole = harvested
-    sharded = harvest(pipeline_from_dict(pipeline_dict(**stages)), tmp_path / "store")
-    assert sharded.run_id != whole.run_id and sharded.shards_done == 3
-    parts = sorted(p.name for p in (sharded.run_dir / "activations" / "resid_post").iterdir())
+    staged = harvest(pipeline_from_dict(pipeline_dict(**stages)), tmp_path / "store")
+    assert staged.run_id != whole.run_id and staged.shards_done == 3
+    parts = sorted(p.name for p in (staged.run_dir / "activations" / "resid_post").iterdir())
     n_stages = len(stages.get("layer_ranges", [])) or stages["stages"]
     # each stage wrote its own layers
     assert f"shard-00000.stage-{n_stages - 1}.parquet" in parts
-    _assert_same_run(whole, sharded)
+    _assert_same_run(whole, staged)
 
 
 @pytest.mark.parametrize("arch", ["llama"])
