@@ -266,3 +266,33 @@ def test_token_column_and_text_column_are_exclusive():
     raw["data"] = {"path": str(DEMO_DATA), "keep_columns": ["relation", "relation"]}
     with pytest.raises(ConfigError, match=r"data: keep_columns: relation given more than once"):
         pipeline_from_dict(raw)
+
+
+def test_a_harvest_of_token_ids_stores_what_the_texts_store(harvested, facts, tmp_path):
+    """End to end through Ray: ids without BOS in a JSONL column, harvested like the
+    shared text run, store the same tokens and activations."""
+    from arrakis_ray.harvest.driver import harvest
+    from arrakis_ray.store.reader import RunReader
+
+    config, _, text_run = harvested
+    records, ids = facts
+    path = tmp_path / "ids.jsonl"
+    path.write_text(
+        "".join(json.dumps({"ids": i[1:], "relation": r["relation"]}) + "\n"
+                for i, r in zip(ids, records, strict=True))
+    )  # fmt: skip
+    raw = pipeline_dict()
+    raw["data"].update(path=str(path), token_column="ids")
+    result = harvest(pipeline_from_dict(raw), tmp_path / "store")
+    assert result.run_id != text_run.run_id  # other data, other run
+    by_ids, by_text = RunReader.open(result.run_dir), RunReader.open(text_run.run_dir)
+    assert by_ids.shards == by_text.shards
+    assert by_ids.documents("relation") == by_text.documents("relation")
+    for shard in by_text.shards:
+        keys = ["seq_id", "pos", "token_id", "doc_id", "doc_pos"]
+        assert by_ids.tokens(shard).select(keys).equals(by_text.tokens(shard).select(keys))
+        for layer in (0, by_text.shape.n_layers - 1):
+            np.testing.assert_array_equal(
+                by_ids.matrix("resid_post", layer, shard)[2],
+                by_text.matrix("resid_post", layer, shard)[2],
+            )
