@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 import textwrap
 import time
@@ -33,7 +34,11 @@ GROUP BY layer ORDER BY layer"""
 def console() -> None:
     """The ``arrakis-ray`` console script: ``main`` in a process of its own, whose
     native stderr (Ray's C++ warnings) goes to the log file of a command that uses Ray."""
-    sys.exit(main(own_process=True))
+    try:
+        sys.exit(main(own_process=True))
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None, own_process: bool = False) -> int:
