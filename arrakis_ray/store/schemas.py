@@ -219,6 +219,7 @@ def activation_schema_name(kind: str) -> str:
     return f"activation.{kind}"
 
 
+@cache  # every shard file of a harvest checks against it; 14k fields take ms to build
 def activation_schema(kind: str, width: int, dtype: str) -> pa.Schema:
     """Arrow schema of an activation table; ``pattern`` ignores width and dtype (float32)."""
     schema = load_schema(activation_schema_name(kind))
