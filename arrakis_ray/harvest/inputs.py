@@ -65,6 +65,26 @@ def plan_shards(path: str | Path, shard_size: int, max_documents: int | None = N
     return shards
 
 
+def shard_bytes(shard: Shard) -> int:
+    """Bytes of input behind one shard's documents: their lines (text formats, blank
+    lines between them included), or the shard's share of the file by rows (Parquet,
+    .npy)."""
+    path = Path(shard.file)
+    if shard.format in ROW_FORMATS:
+        rows = len(_ROW_STARTS[shard.format](path))
+        return path.stat().st_size * shard.count // max(1, rows)
+    size, seen = 0, 0
+    with open(path, "rb") as f:
+        f.seek(shard.offset)
+        while seen < shard.count:
+            raw = f.readline()
+            if not raw:
+                raise DataError(f"{shard.file}: ended early (changed since the shard plan?)")
+            size += len(raw)
+            seen += bool(raw.strip())
+    return size
+
+
 def read_shard_texts(shard: Shard, text_column: str) -> list[str]:
     """The texts of one shard's documents, in document order."""
     texts = read_shard_column(shard, text_column)

@@ -37,6 +37,8 @@ from arrakis_ray.store.plan import RunPlan
 SHARD_BYTES = 128 << 20
 SHARD_SIZE_RANGE = (16, 4096)
 MIN_SHARDS = 4  # a small corpus is still split, so a few actors share it
+# packed mode: a corpus's tokens per byte are measured on 8 runs of 32 documents
+SAMPLE_PIECES, SAMPLE_DOCS = 8, 32
 
 
 def plan_run(config: PipelineConfig) -> RunPlan:
@@ -63,7 +65,7 @@ def plan_run(config: PipelineConfig) -> RunPlan:
         "storage_dtype": config.harvest.storage_dtype,
         "shard_size": config.harvest.shard_size,
     }
-    if len(stages) > 1:  # a staged run stores its layers in per-stage file parts
+    if len(stages) > 1:  # a staged run is a run of its own (its files equal a whole one's)
         identity["stages"] = [list(s) for s in stages]
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     max_tokens = _max_tokens(config, shards)
@@ -248,12 +250,11 @@ def shard_size_for(bytes_per_document: int) -> int:
 def auto_shard_size(config: PipelineConfig, hook_shapes: tuple[HookShape, ...]) -> int:
     """The default ``shard_size``: ~SHARD_BYTES of activations per shard.
 
-    A document is at most one context of tokens in document mode; in packed mode it is
-    estimated from the files' sizes (at least one byte per token, plus BOS and EOS), an
-    upper bound. A corpus too small for MIN_SHARDS such shards gets smaller ones. The
-    result depends only on the data, the model, the hooks and the context, never on
-    how many actors run: a rerun with other resources plans the same shards, keeps the
-    same run id and resumes.
+    A document is at most one context of tokens in document mode; in packed mode its
+    tokens are estimated from its bytes (``packed_tokens_per_document``). A corpus too
+    small for MIN_SHARDS such shards gets smaller ones. The result depends only on the
+    data, the model, the hooks and the context, never on how many actors run: a rerun
+    with other resources plans the same shards, keeps the same run id and resumes.
     """
     context = config.data.context_length
     shards = _plan_shards(config.data.path, SHARD_SIZE_RANGE[1], config.data.max_documents)
@@ -261,10 +262,55 @@ def auto_shard_size(config: PipelineConfig, hook_shapes: tuple[HookShape, ...]) 
     if config.data.mode == "document":
         tokens_per_doc = context
     else:
-        tokens = input_tokens_bound(shards, config.data.token_column)
-        tokens_per_doc = -(-tokens // max(1, n_docs)) + 2
+        tokens_per_doc = math.ceil(packed_tokens_per_document(config))
     per_doc = predict_bytes(hook_shapes, tokens_per_doc, context, config.harvest.storage_dtype)
     return max(1, min(shard_size_for(per_doc), -(-n_docs // MIN_SHARDS)))
+
+
+def packed_tokens_per_document(config: PipelineConfig) -> float:
+    """Mean tokens of a document in packed mode (BOS and EOS included), estimated from
+    the bytes of the documents the run reads (its first ``data.max_documents``, not
+    whole files) times the tokens per byte of a sample: SAMPLE_PIECES runs of up to
+    SAMPLE_DOCS documents spread over them, tokenized as the harvest does. An estimate,
+    not an upper bound: a JSONL line of English text takes ~4 to 6 bytes per token (its
+    field names and other columns add bytes, not tokens), so one byte per token would
+    make shards several times too small. Cached per process by the files' stamps.
+    """
+    data, model = config.data, config.model
+    files = inputs.input_files(data.path)
+    key = json.dumps(
+        [
+            _shape_key(model),
+            model.tokenizer,
+            [data.path, data.text_column, data.token_column, data.max_documents],
+            [_stamp(f) for f in files],
+        ]
+    )
+    if key not in _TOKENS_PER_DOCUMENT:
+        _TOKENS_PER_DOCUMENT[key] = _measure_tokens_per_document(config)
+    return _TOKENS_PER_DOCUMENT[key]
+
+
+_TOKENS_PER_DOCUMENT: dict[str, float] = {}
+
+
+def _measure_tokens_per_document(config: PipelineConfig) -> float:
+    from arrakis_ray.harvest.batch import SHARD_FIELDS
+    from arrakis_ray.harvest.tokenize import TokenizeShard
+
+    data = config.data
+    n_docs = sum(s.count for s in _plan_shards(data.path, SHARD_SIZE_RANGE[1], data.max_documents))
+    # SAMPLE_PIECES or more pieces (one more per file boundary) covering every document
+    pieces = _plan_shards(data.path, -(-n_docs // SAMPLE_PIECES), data.max_documents)
+    k = min(SAMPLE_PIECES, len(pieces))
+    sample = [pieces[i * len(pieces) // k] for i in range(k)]
+    sample = [replace(s, count=min(s.count, SAMPLE_DOCS)) for s in sample]
+    step = TokenizeShard(config, _facts(config)[0].d_vocab)
+    out = step({f: np.array([getattr(s, f) for s in sample]) for f in SHARD_FIELDS})
+    tokens = sum(int(lengths.sum()) for lengths in out["lengths"])
+    sample_bytes = sum(inputs.shard_bytes(s) for s in sample)
+    total_bytes = sum(inputs.shard_bytes(s) for s in pieces)
+    return tokens * total_bytes / (max(1, sample_bytes) * n_docs)  # one rounding
 
 
 def predict_bytes(
