@@ -112,11 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument(
         "query",
         nargs="?",
-        help="SQL query (views: runs, tokens, vocab, act_*, results_*); none: interactive prompt",
+        help="SQL query (views: runs, tokens, vocab, act_*, results_*; macros: neuron, "
+        "vectors, top_contexts, ...); none: interactive prompt",
     )
     q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     q.add_argument("--out", help="write the result to this file instead of stdout")
     q.set_defaults(func=_cmd_sql)
+
+    m = sub.add_parser(
+        "migrate", help="convert a store written by an older arrakis-ray to this layout"
+    )
+    m.add_argument("store", help="store directory, or a URI such as s3://bucket/prefix")
+    m.set_defaults(func=_cmd_migrate)
 
     rep = sub.add_parser("report", help="write a run's HTML report (+ PNGs)")
     rep.add_argument("run", help="run directory (STORE/runs/ID), or a run id with --store")
@@ -178,6 +185,19 @@ def _cmd_sql(args) -> None:
         sys.stdout.buffer.write(out)
     else:
         print(out)
+
+
+def _cmd_migrate(args) -> None:
+    from arrakis_ray.store.migrate import migrate_store
+
+    done = migrate_store(args.store)
+    if not done.runs and not done.files_converted:
+        print(f"{done.store}: already in this arrakis-ray's layout, nothing to do")
+        return
+    print(
+        f"{done.store}: layout {done.from_version} -> current: {done.runs} runs, "
+        f"{done.files_converted} files converted, {done.runs_compacted} runs compacted"
+    )
 
 
 def _sql_prompt(db, fmt: str) -> None:

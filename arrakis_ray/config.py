@@ -120,6 +120,10 @@ class HarvestConfig:
     actor and device each, for models too large for one device. 1: whole replicas."""
     layer_ranges: tuple[tuple[int, ...], ...] = ()
     """Explicit stage ranges instead of stages: [[0, 10], [10, 24]] (start, stop)."""
+    compact: bool = True
+    """Once every shard is harvested, merge each (layer, column block)'s small shard
+    files into ~512 MiB parts, so that a query opens few footers (store/compact.py).
+    false: keep one file per shard."""
 
     def __post_init__(self) -> None:
         if not self.hooks:

@@ -221,21 +221,18 @@ def write_activations(
     dtype: str,
 ) -> int:
     """Write one shard's rows of ``activations`` (hook -> values over every sequence,
-    as ``write_run`` takes them): one table per family and stage, layers in order.
-    Returns the bytes written."""
+    as ``write_run`` takes them): one table per family and layer. Returns the bytes
+    written."""
     rows = slice(shard.offset, shard.offset + shard.count)
     seq_ids = np.arange(rows.start, rows.stop, dtype=np.int64)
     n_layers = manifest.shape.n_layers
-    parts: dict[tuple[str, int | None], list[pa.Table]] = {}
+    written = 0
     for hook in sorted(activations, key=lambda h: hook_layer(h, n_layers)):
         layer = hook_layer(hook, n_layers)
         values = activations[hook][rows]
         table = activation_table(writer.run_id, hook, layer, values, seq_ids, dtype)
-        parts.setdefault((hook_family(hook), _stage(manifest, layer)), []).append(table)
-    return sum(
-        writer.write_activations(family, shard.shard, pa.concat_tables(family_parts), stage)
-        for (family, stage), family_parts in parts.items()
-    )
+        written += writer.write_activations(hook_family(hook), shard.shard, table)
+    return written
 
 
 def activation_table(
@@ -277,14 +274,3 @@ def inferred_shape(activations: Mapping[str, np.ndarray], d_vocab: int) -> Model
             fields.setdefault("n_heads", values.shape[2])
             fields.setdefault("d_head", values.shape[3])
     return synthetic_shape(**fields)
-
-
-def _stage(manifest: RunManifest, layer: int) -> int | None:
-    """The file part of a layer's rows: None in an unstaged run; hooks before the blocks
-    go with the first stage, those after them with the last."""
-    if manifest.n_stages == 1:
-        return None
-    stage = manifest.stage_of_layer(layer)
-    if stage is not None:
-        return stage
-    return 0 if layer < 0 else manifest.n_stages - 1

@@ -62,3 +62,14 @@ def store_snapshot(root: Path) -> dict[str, tuple[int, int]]:
         if root.exists()
         else {}
     )
+
+
+def family_table(run_dir, family: str):
+    """Every stored row of a hook family as one table with all its columns (``d0..``):
+    all shards and layers, column blocks side by side, read through ``RunReader``."""
+    import pyarrow as pa
+
+    from arrakis_ray.store.reader import RunReader
+
+    reader = RunReader.open(run_dir)
+    return pa.concat_tables([table for _shard, table in reader.iter_activations(family)])

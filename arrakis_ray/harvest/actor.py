@@ -93,8 +93,6 @@ class HarvestStage:
         hooked.device = torch.device(self.device)
         self.model = hooked
         self.hooks = [h for h in hooks if self.stage.owns(h, hooked.layer_of)]
-        # file part suffix: only a run of several stages has several parts per shard
-        self.part = stage if len(stages) > 1 else None
         self.vocab_text = np.array(vocab_texts(hooked.tokenizer, hooked.vocab_size), dtype=object)
         self.pad_id = hooked.tokenizer.pad_token_id or 0
         self.storage_dtype = config.harvest.storage_dtype
@@ -278,8 +276,11 @@ class HarvestStage:
             )
 
     def _write_family(self, family: str, parts: list, shard: int) -> int:
-        # rows ordered by layer, so each layer is a contiguous run of row groups whose
-        # min/max statistics let a reader skip the other layers
-        parts.sort(key=lambda item: item[0])
-        table = pa.concat_tables([t for _, t in parts])
-        return self.writer.write_activations(family, shard, table, self.part)
+        # one table per layer: the writer stores each (layer, column block) as a file
+        by_layer: dict[int, list] = {}
+        for layer, table in parts:
+            by_layer.setdefault(layer, []).append(table)
+        return sum(
+            self.writer.write_activations(family, shard, pa.concat_tables(tables))
+            for _layer, tables in sorted(by_layer.items())
+        )

@@ -19,8 +19,8 @@ from arrakis_ray.harvest.model_source import load_tokenizer, vocab_texts
 from arrakis_ray.harvest.plan import plan_run
 from arrakis_ray.harvest.tokenize import TokenizeShard
 from arrakis_ray.ray_session import ensure_ray, one_line_error
-from arrakis_ray.store import schemas
-from arrakis_ray.store.manifest import HarvestCall, read_manifest
+from arrakis_ray.store import compact, schemas
+from arrakis_ray.store.manifest import HarvestCall, RunManifest, read_manifest
 from arrakis_ray.store.plan import RunPlan
 from arrakis_ray.store.writer import RunWriter
 
@@ -57,10 +57,15 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     layout = writer.layout
     exists = layout.manifest_path.exists()
     done = layout.completed_shards() if exists else set()
-    pending = [s for s in plan.shards if s.shard not in done]
     manifest = read_manifest(layout) if exists else plan.new_manifest(_now(), _versions())
+    if manifest.shards_per_part is not None:  # compacted: its parts hold every shard
+        done = {s.shard for s in plan.shards}
+    pending = [s for s in plan.shards if s.shard not in done]
     if not pending:
         log.info("run %s is already complete: nothing to do", plan.run_id)
+        manifest = _compact(
+            writer, manifest, len(plan.shards), plan.config.harvest.compact
+        )  # an interrupted one
         if manifest.status != "complete":
             writer.write_manifest(manifest.with_changes(status="complete", error=None))
         return HarvestResult(
@@ -79,6 +84,7 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
 
     try:
         totals = _run_shards(plan, layout, pending)
+        manifest = _compact(writer, manifest, len(plan.shards), plan.config.harvest.compact)
     except Exception as exc:
         # completed shards keep their markers and stay usable; the run says it failed
         error = one_line_error(exc, f"harvest of run {plan.run_id}")  # None: not from Ray
@@ -174,6 +180,38 @@ def _run_shards(plan: RunPlan, layout, pending: list) -> dict:
             eta,
         )
     return done
+
+
+def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: bool) -> RunManifest:
+    """Merge the finished run's small shard files into parts, one Ray task per
+    directory (``store/compact.py``); returns the manifest, updated once they exist."""
+    import ray
+
+    layout = writer.layout
+    directories = compact.block_directories(layout)
+    if manifest.shards_per_part is None:
+        if not enabled:
+            return manifest
+        per_part = compact.plan_parts(layout, n_shards)
+        if per_part <= 1:
+            return manifest  # the files are large already
+        started = time.perf_counter()
+        ensure_ray()
+        task = ray.remote(compact.compact_directory).options(num_cpus=1)
+        written = sum(ray.get([task.remote(layout, d, n_shards, per_part) for d in directories]))
+        manifest = manifest.with_changes(shards_per_part=per_part)
+        writer.write_manifest(manifest)  # readers switch to the parts here
+        log.info(
+            "run %s: compacted %d directories, %d shards per part (%.0f MB) in %.1f s",
+            layout.run_id, len(directories), per_part, written / 1e6,
+            time.perf_counter() - started,
+        )  # fmt: skip
+    leftovers = [d for d in directories if any(d.glob("shard-*.parquet"))]
+    if leftovers:  # after the switch, or from a call interrupted after it
+        ensure_ray()
+        task = ray.remote(compact.remove_shard_files).options(num_cpus=0.25)
+        ray.get([task.remote(layout, d, n_shards) for d in leftovers])
+    return manifest
 
 
 def _tokenize(batch, config, vocab_size):

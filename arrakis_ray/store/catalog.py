@@ -33,10 +33,16 @@ import pyarrow.dataset as pads
 
 from arrakis_ray.config import to_dict
 from arrakis_ray.errors import QueryError, SchemaError, StoreError
-from arrakis_ray.store.layout import FAMILY_KIND, RunLayout, list_run_ids, open_store
+from arrakis_ray.store.layout import (
+    FAMILY_KIND,
+    RunLayout,
+    hook_family,
+    list_run_ids,
+    open_store,
+)
 from arrakis_ray.store.location import arrow_source, is_remote, tree_bytes
-from arrakis_ray.store.macros import MACROS
-from arrakis_ray.store.manifest import read_manifest
+from arrakis_ray.store.macros import MACROS, helper_macros
+from arrakis_ray.store.manifest import RunManifest, family_width, read_manifest
 from arrakis_ray.store.parquet import check_file_schema, read_schema
 from arrakis_ray.store.schemas import activation_schema_name, load_schema
 
@@ -79,15 +85,16 @@ def _duckdb_types(schema: pa.Schema) -> pa.Schema:
     )
 
 
-def _run_row(layout: RunLayout) -> dict:
-    """One row of the ``runs`` view; a run without a readable manifest still gets a row."""
+def _run_row(layout: RunLayout) -> tuple[dict, RunManifest | None]:
+    """One row of the ``runs`` view, and the run's manifest; a run without a readable
+    manifest still gets a row (and no activation views: they need its shape)."""
     row: dict = {"run_id": layout.run_id, "bytes": tree_bytes(layout.root)}
     try:
         manifest = read_manifest(layout)
     except StoreError as e:
         log.warning("%s", e)
         row["status"] = "no-manifest" if not layout.manifest_path.exists() else "corrupt-manifest"
-        return row
+        return row, None
     row.update(
         name=manifest.name,
         status=manifest.status,
@@ -102,7 +109,7 @@ def _run_row(layout: RunLayout) -> dict:
     data = manifest.to_json()
     data["results"] = {name: to_dict(r) for name, r in manifest.results.items()}
     row["manifest"] = json.dumps(data, sort_keys=True)
-    return row
+    return row, manifest
 
 
 class Store:
@@ -115,6 +122,12 @@ class Store:
         self._run_ids = list_run_ids(self.root)
         self._views: list[str] = []
         self._macros: dict[str, str] = {}
+        # from the manifests: a run's hook families, whether its activations are
+        # compacted, and each family's widths (the macros build FLOAT[width] from them)
+        self._families: dict[str, set[str]] = {}
+        self._compacted: set[str] = set()
+        self._running: set[str] = set()
+        self._widths: dict[str, dict[str, int | None]] = {}
         self._tmpdir = tempfile.mkdtemp(prefix="arrakis-duckdb-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect(":memory:")
@@ -133,13 +146,31 @@ class Store:
     # -- building -----------------------------------------------------------------
 
     def _create_runs(self) -> None:
-        rows = [_run_row(RunLayout(self.root, r)) for r in self._run_ids]
+        rows = []
+        for run_id in self._run_ids:
+            row, manifest = _run_row(RunLayout(self.root, run_id))
+            rows.append(row)
+            if manifest is None:
+                continue
+            families = {hook_family(h) for h in manifest.hooks}
+            self._families[run_id] = families
+            if manifest.shards_per_part is not None:
+                self._compacted.add(run_id)
+            elif manifest.status == "running" and not is_remote(self.root):
+                self._running.add(run_id)  # a harvest may compact it while we are open
+            for family in families:
+                width = family_width(manifest.shape, family)
+                self._widths.setdefault(family, {})[run_id] = width
         table = pa.Table.from_pylist(rows, schema=RUNS_SCHEMA)
         self._con.from_arrow(table).create("runs")
         self._views.append("runs")
 
     def _checked_files(self, pattern: str, schema_name: str) -> list[tuple[str, str, list]]:
-        """(run id, per-run glob, files) of one table; the first file's schema checked."""
+        """(run id, per-run glob, files) of one table; the first file's schema checked.
+
+        ``{files}`` in the pattern stands for the run's activation file names: its
+        ``part-*`` files once it is compacted, else its ``shard-*`` files.
+        """
         try:
             max_version = load_schema(schema_name).version
         except SchemaError:
@@ -147,54 +178,73 @@ class Store:
         found = []
         for run_id in self._run_ids:
             run_dir = self.root / "runs" / run_id
-            files = sorted(run_dir.glob(pattern))
+            names = "part-*.parquet" if run_id in self._compacted else SHARD_GLOB
+            run_pattern = pattern.replace("{files}", names)
+            files = sorted(run_dir.glob(run_pattern))
             if not files:
                 continue
             if max_version is None:
                 log.warning("no schema file for %r: not checking %s", schema_name, files[0])
             else:
                 check_file_schema(files[0], schema_name, max_version)
-            found.append((run_id, str(run_dir / pattern), files))
+            found.append((run_id, str(run_dir / run_pattern), files))
         return found
 
-    def _view(self, name: str, parts: list[tuple[str, str, list]]) -> None:
+    def _view(self, name: str, parts: list[tuple[str, str, list]], blocked: bool = False) -> None:
         """View ``name`` over the runs' files, with run_id added where a table lacks it.
 
         Runs whose files share one schema are read by one read_parquet; otherwise (runs of
         different widths or dtypes) one read_parquet per run, united by column name: shards
         of a run share a schema, so binding reads one footer per run rather than all.
+        ``blocked``: activation files under ``layer=L/block=B/``, whose path values become
+        the columns layer and block, so that a filter on them skips the other files
+        unopened.
         """
         if not parts:
             return
         schemas = [read_schema(files[0]) for _r, _p, files in parts]
         remote = is_remote(self.root)
+        hive = ", hive_partitioning = true, hive_types = {'layer': SMALLINT, 'block': SMALLINT}"
+        options = hive if blocked else ""
         if (
             not remote
             and all(s.equals(schemas[0]) for s in schemas)
             and "run_id" in schemas[0].names
         ):
             files = ", ".join(_lit(pattern) for _r, pattern, _f in parts)
-            body = f"SELECT * FROM read_parquet([{files}])"
+            body = f"SELECT * FROM read_parquet([{files}]{options})"
         else:
             selects = []
             for i, ((run_id, pattern, files), schema) in enumerate(
                 zip(parts, schemas, strict=True)
             ):
                 if remote:
-                    source = self._register_dataset(f"{name}_{i}", files, schema)
+                    source = self._register_dataset(f"{name}_{i}", files, schema, blocked)
                 else:
-                    source = f"read_parquet({_lit(pattern)})"
+                    source = f"read_parquet({_lit(pattern)}{options})"
                 select = "*" if "run_id" in schema.names else f"{_lit(run_id)} AS run_id, *"
                 selects.append(f"SELECT {select} FROM {source}")
             body = "\nUNION ALL BY NAME\n".join(selects)
-        self._con.execute(f'CREATE VIEW "{name}" AS {body}')
-        self._views.append(name)
+        if blocked:  # the key columns first, as in the files
+            body = f"SELECT run_id, layer, block, * EXCLUDE (run_id, layer, block) FROM ({body})"
+        self._con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {body}')
+        if name not in self._views:
+            self._views.append(name)
 
-    def _register_dataset(self, name: str, files: list, schema: pa.Schema) -> str:
+    def _register_dataset(
+        self, name: str, files: list, schema: pa.Schema, blocked: bool = False
+    ) -> str:
         """Register the Parquet files of one run of an object-store view; its SQL source."""
         paths, filesystem = zip(*(arrow_source(f) for f in files), strict=True)
+        schema = _duckdb_types(schema)
+        options = {}
+        if blocked:  # layer=L/block=B from the paths: pyarrow skips files by them
+            keys = pa.schema([("layer", pa.int16()), ("block", pa.int16())])
+            options["partitioning"] = pads.HivePartitioning(keys)
+            options["partition_base_dir"] = arrow_source(files[0].parent.parent.parent)[0]
+            schema = schema.append(pa.field("block", pa.int16()))
         dataset = pads.dataset(
-            list(paths), schema=_duckdb_types(schema), format="parquet", filesystem=filesystem[0]
+            list(paths), schema=schema, format="parquet", filesystem=filesystem[0], **options
         )
         source = f"_arrow_{name}"
         self._con.register(source, dataset)
@@ -204,24 +254,42 @@ class Store:
         self._view("tokens", self._checked_files(f"tokens/{SHARD_GLOB}", "tokens"))
         self._view("vocab", self._checked_files("vocab.parquet", "vocab"))
         self._view("documents", self._checked_files(f"documents/{SHARD_GLOB}", "documents"))
-        families: set[str] = set()
         tools: set[str] = set()
         for run_id in self._run_ids:
             run = RunLayout(self.root, run_id)
-            families |= {p.parent.name for p in run.activations_root.glob(f"*/{SHARD_GLOB}")}
             tools |= {p.parent.name for p in run.results_root.glob(f"*/{SHARD_GLOB}")}
-        for family in sorted(families):
-            if family not in FAMILY_KIND:
-                log.warning("skipping activations of unknown family %r", family)
-                continue
-            schema_name = activation_schema_name(FAMILY_KIND[family])
-            parts = self._checked_files(f"activations/{family}/{SHARD_GLOB}", schema_name)
-            self._view(f"act_{family}", parts)
+        self._create_activation_views()
         for tool in sorted(tools):
             parts = self._checked_files(f"results/{tool}/{SHARD_GLOB}", f"result.{tool}")
             self._view(f"results_{re.sub(r'[^A-Za-z0-9_]', '_', tool)}", parts)
 
+    def _create_activation_views(self) -> None:
+        for family in sorted({f for families in self._families.values() for f in families}):
+            schema_name = activation_schema_name(FAMILY_KIND[family])
+            pattern = f"activations/{family}/layer=*/block=*/{{files}}"
+            parts = self._checked_files(pattern, schema_name)
+            self._view(f"act_{family}", parts, blocked=True)
+
+    def _follow_compaction(self) -> None:
+        """Point the views at the parts of a run whose harvest compacted it since the
+        Store opened (its shard files are deleted right after the switch)."""
+        switched = False
+        for run_id in sorted(self._running):
+            try:
+                manifest = read_manifest(RunLayout(self.root, run_id))
+            except StoreError:
+                continue
+            if manifest.shards_per_part is not None:
+                self._compacted.add(run_id)
+                switched = True
+            if manifest.status != "running":
+                self._running.discard(run_id)
+        if switched:
+            self._create_activation_views()
+
     def _create_macros(self) -> None:
+        for statement in helper_macros(self._widths):
+            self._con.execute(statement)
         for name, doc, needs, body in MACROS:
             if all(view in self._views for view in needs):
                 params = doc[len(name) : doc.index("): ") + 1]
@@ -282,6 +350,8 @@ class Store:
         """Run one read-only query (SELECT, or EXPLAIN of one) and return its result."""
         self._check_read_only(query)
         try:
+            if self._running:
+                self._follow_compaction()
             relation = self._require_open().sql(query)
             return relation.pl() if relation is not None else pl.DataFrame()
         except duckdb.Error as e:

@@ -28,7 +28,14 @@ log = logging.getLogger(__name__)
 
 STORE_MARKER = "arrakis-store.json"
 STORE_FORMAT = "arrakis-ray-store"
-STORE_VERSION = 1  # layout version this code reads and writes
+STORE_VERSION = 2  # layout version this code reads and writes
+# Version 1 kept one file per (family, shard) with every dimension as a column: at LLM
+# widths (14,336 columns) each footer was ~1.8 MB and every query parsed all of them.
+MIGRATE_HINT = "arrakis-ray migrate {root}"
+
+BLOCK_DIMS = 512
+"""Dimensions per column block of a dense family (schemas/README.md, "Layout"): a
+one-neuron query opens only the files of its (layer, block), whose footers stay small."""
 
 # Families, kinds and hook <-> family maps are all derived from arrakis_ray.hooks
 # (re-exported here, where the store's users have always found them).
@@ -40,6 +47,39 @@ hook_layer = hooks.hook_layer
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHARD_DONE = re.compile(r"^shard-(\d+)\.done$")
+
+
+def store_version(root: StorePath) -> int:
+    """The layout version in a store's marker (for ``migrate``, which reads old ones)."""
+    marker = root / STORE_MARKER
+    try:
+        version = json.loads(marker.read_text()).get("version")
+    except (OSError, ValueError, AttributeError) as e:
+        raise StoreError(f"{marker}: unreadable store marker ({e})") from None
+    if not isinstance(version, int):
+        raise StoreError(f"{marker}: no layout version")
+    return version
+
+
+def write_store_marker(root: StorePath, version: int = STORE_VERSION) -> None:
+    with atomic_open(root / STORE_MARKER, "w") as f:
+        f.write(json.dumps({"format": STORE_FORMAT, "version": version}) + "\n")
+
+
+def n_blocks(kind: str, width: int | None) -> int:
+    """Column blocks of a family: dense ones are cut every BLOCK_DIMS dimensions."""
+    if kind != "dense" or not width:
+        return 1
+    return -(-width // BLOCK_DIMS)
+
+
+def block_width(kind: str, width: int | None) -> int | None:
+    """Columns ``d0..`` of each block file: the whole width when it fits in one block,
+    else BLOCK_DIMS (the last block is padded with null columns, so that every block
+    file of a family has one schema and one SQL view reads them all)."""
+    if kind != "dense" or width is None or width <= BLOCK_DIMS:
+        return width
+    return BLOCK_DIMS
 
 
 def _read_marker(root: StorePath) -> None:
@@ -55,6 +95,12 @@ def _read_marker(root: StorePath) -> None:
         raise StoreError(
             f"{root}: store layout version {version!r} is newer than this arrakis-ray "
             f"(knows version {STORE_VERSION})"
+        )
+    if version < STORE_VERSION:
+        raise StoreError(
+            f"{root}: store layout version {version} (one wide file per shard) is not read "
+            f"by this arrakis-ray (version {STORE_VERSION}, activations in column blocks); "
+            f"convert it in place with: {MIGRATE_HINT.format(root=root)}"
         )
 
 
@@ -85,8 +131,7 @@ def init_store(root: str | Path) -> StorePath:
             "store (choose a new or empty directory)"
         )
     make_dirs(path / "runs")
-    with atomic_open(path / STORE_MARKER, "w") as f:
-        f.write(json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}) + "\n")
+    write_store_marker(path)
     log.info("created store %s", path)
     return path
 
@@ -137,9 +182,19 @@ class RunLayout:
         return f"RunLayout({str(self.store_root)!r}, {self.run_id!r})"
 
     def activation_dir(self, family: str) -> StorePath:
-        """Directory of one hook family's shards."""
+        """Directory of one hook family: ``layer=L/block=B/`` directories below it."""
         family_kind(family)  # refuse a typo before it becomes a directory
         return self.activations_root / family
+
+    def block_dir(self, family: str, layer: int, block: int) -> StorePath:
+        """Directory of one (layer, column block) of a family, hive-style so that SQL
+        prunes files by path: ``activations/mlp_post/layer=6/block=2/``."""
+        return self.activation_dir(family) / f"layer={int(layer)}" / f"block={int(block)}"
+
+    def part_file(self, directory: StorePath, part: int) -> StorePath:
+        """A compacted file of ``directory``: shards ``part * P .. part * P + P - 1``
+        merged (P = the manifest's ``shards_per_part``)."""
+        return directory / f"part-{part:05d}.parquet"
 
     def results_dir(self, tool: str) -> StorePath:
         """Directory of one tool's result shards."""
@@ -158,23 +213,9 @@ class RunLayout:
             raise StoreError(f"invalid tool name {tool!r} for a tool record")
         return self.tool_records_dir / f"{tool}.json"
 
-    def shard_file(self, directory: StorePath, shard: int, stage: int | None = None) -> StorePath:
-        """Parquet file of shard number ``shard`` in ``directory``.
-
-        A harvest in several pipeline stages writes one part per stage
-        (``shard-00003.stage-1.parquet``); each part holds the layers of its stage.
-        """
-        suffix = "" if stage is None else f".stage-{stage}"
-        return directory / f"shard-{shard:05d}{suffix}.parquet"
-
-    def shard_parts(self, directory: StorePath, shard: int) -> list[StorePath]:
-        """Every file of shard ``shard`` in ``directory``, in stage (= layer) order."""
-        whole = self.shard_file(directory, shard)
-        parts = sorted(
-            directory.glob(f"shard-{shard:05d}.stage-*.parquet"),
-            key=lambda p: int(p.name.split(".stage-")[1].split(".")[0]),
-        )
-        return ([whole] if whole.exists() else []) + parts
+    def shard_file(self, directory: StorePath, shard: int) -> StorePath:
+        """Parquet file of shard number ``shard`` in ``directory``."""
+        return directory / f"shard-{shard:05d}.parquet"
 
     def completion_marker(self, shard: int) -> StorePath:
         """Empty file whose presence says shard ``shard`` was fully written."""

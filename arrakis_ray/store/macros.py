@@ -7,25 +7,89 @@ reads, so a store without those views simply lacks the macro.
 
 from __future__ import annotations
 
+from arrakis_ray.store.layout import BLOCK_DIMS
+
 # The macros: (name, call and meaning, views it reads, body).
 # Column references are qualified (a.layer): a macro parameter shadows a column of the
 # same name. ``family`` picks the view act_<family> at call time (query_table / query),
-# so a macro binds only the views it names, created when those exist.
-_VEC = "array_to_string(list_transform(range(len(direction)), lambda i: 'd' || i), ', ')"
+# so a macro binds only the views it names, created when those exist. A dense family's
+# view holds column blocks of BLOCK_DIMS dimensions (schemas/README.md): dimension i is
+# column d<i % BLOCK_DIMS> of block i // BLOCK_DIMS, and a filter on block and layer
+# opens only that block's files. ``_width(family)`` and ``_blocks(family)`` come from the
+# runs' manifests (``helper_macros``): a vector type needs its width as text (FLOAT[n]),
+# so vectors() builds its query as a string.
+Q = "'"  # a quote inside the SQL strings built below
+_WHERE = (
+    "coalesce(' AND a.layer = ' || layer::INTEGER, '')"
+    f" || coalesce(' AND a.run_id = {Q * 3} || replace(run_id, {Q * 4}, {Q * 6}) || {Q * 4}, '')"
+)
+_DIMS = f"[*COLUMNS({Q * 2}^d[0-9]+${Q * 2})]"  # a row's d columns as a list, in order
+_N = "coalesce(width, _width(family, run_id))"
+_VECTOR = f"""
+    'SELECT a.run_id, a.layer, a.seq_id, a.pos, list_slice(' || CASE
+        WHEN {_N} IS NULL THEN error('vectors(): the runs hold ' || family
+            || ' at several widths (or none): give width := or run_id :=')
+        WHEN {_N} <= {BLOCK_DIMS} THEN '{_DIMS}'
+        ELSE 'flatten(list({_DIMS} ORDER BY a.block))'
+        END
+    || ', 1, ' || {_N} || ')::FLOAT[' || {_N} || '] AS vec'
+    || ' FROM act_' || family || ' a WHERE true' || {_WHERE} || _runs_with(family, {_N})
+    || CASE WHEN {_N} > {BLOCK_DIMS} THEN ' GROUP BY ALL' ELSE '' END
+"""
+# Cosine without building whole vectors: each block's rows give their part of the dot
+# product and of the norm, summed per token (one block: no grouping at all). A row's
+# values are its non-null d columns: nulls are padding, or the columns of a wider run in
+# the view (list_dot_product refuses a sliced list whose hidden tail holds a null).
+_DIRECTION = "direction::DOUBLE[]::VARCHAR || '::FLOAT[]'"
+_COSINE = f"""
+    'SELECT a.run_id, a.seq_id, a.pos, '
+    || CASE WHEN len(direction) <= {BLOCK_DIMS}
+        THEN 'list_dot_product(a.v, ' || {_DIRECTION} || ') / sqrt(list_dot_product(a.v, a.v))'
+        ELSE 'sum(list_dot_product(a.v, list_slice(' || {_DIRECTION}
+            || ', a.block * {BLOCK_DIMS} + 1, a.block * {BLOCK_DIMS} + {BLOCK_DIMS})))'
+            || ' / sqrt(sum(list_dot_product(a.v, a.v)))'
+        END
+    || ' / ' || sqrt(list_sum(list_transform(direction, lambda x: x::DOUBLE * x)))
+    || ' AS cosine FROM (SELECT b.run_id, b.seq_id, b.pos, b.block, list_filter(b.l, '
+    || 'lambda x: x IS NOT NULL)::FLOAT[] AS v FROM (SELECT a.run_id, a.seq_id, a.pos, '
+    || 'a.block, {_DIMS} AS l FROM act_' || family || ' a WHERE true' || {_WHERE}
+    || _runs_with(family, len(direction)) || ') b) a'
+    || CASE WHEN len(direction) > {BLOCK_DIMS} THEN ' GROUP BY ALL' ELSE '' END
+"""
 MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    (
+        "neuron",
+        "neuron(family, layer, i, run_id := NULL): dimension i of act_<family> as rows "
+        "(run_id, layer, seq_id, pos, value) at layer (NULL: every layer); reads only the "
+        "files of that dimension's block",
+        (),
+        f"""
+        SELECT a.run_id, a.layer, a.seq_id, a.pos,
+               COLUMNS('^d' || (i % {BLOCK_DIMS})::VARCHAR || '$')::FLOAT AS value
+        FROM query_table('act_' || family) a
+        WHERE a.block = i // {BLOCK_DIMS}
+          AND (layer IS NULL OR a.layer = layer) AND (run_id IS NULL OR a.run_id = run_id)
+        """,
+    ),
+    (
+        "vectors",
+        "vectors(family, layer, run_id := NULL, width := NULL): one row per token of "
+        "act_<family> at layer (NULL: every layer) with its whole vector vec FLOAT[width]; "
+        "width picks the runs of that width when the store holds several",
+        (),
+        f"SELECT * FROM query({_VECTOR})",
+    ),
     (
         "top_contexts",
         "top_contexts(family, layer, neuron, k, run_id := NULL): the k tokens with the "
-        "largest value of column d<neuron> of act_<family> at layer (ties: run_id, seq_id, "
-        "pos ascending); reads only that column",
+        "largest value of dimension neuron of act_<family> at layer (ties: run_id, seq_id, "
+        "pos ascending); reads only that dimension's column",
         ("tokens",),
         """
         WITH top AS (
-            SELECT a.run_id, a.seq_id, a.pos,
-                   COLUMNS('^d' || neuron::VARCHAR || '$')::FLOAT AS activation
-            FROM query_table('act_' || family) a
-            WHERE a.layer = layer AND (run_id IS NULL OR a.run_id = run_id)
-            ORDER BY activation DESC, a.run_id, a.seq_id, a.pos
+            SELECT n.run_id, n.seq_id, n.pos, n.value AS activation
+            FROM neuron(family, layer, neuron, run_id := run_id) n
+            ORDER BY activation DESC, n.run_id, n.seq_id, n.pos
             LIMIT k
         )
         SELECT top.run_id, top.seq_id, top.pos, t.token_text, top.activation
@@ -36,29 +100,18 @@ MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ),
     (
         "cosine_topk",
-        "cosine_topk(family, layer, direction, k, run_id := NULL): the k tokens whose vector "
-        "(d0..d{n-1} as FLOAT[n], n = len(direction)) has the largest cosine with direction; "
-        "rows of runs whose width is not n are skipped",
+        "cosine_topk(family, layer, direction, k, run_id := NULL): the k tokens whose "
+        "act_<family> vector at layer has the largest cosine with direction (a list of n "
+        "numbers; runs whose width is not n are skipped)",
         ("tokens",),
-        # The width is a type parameter (FLOAT[n]), so the query is built as text; the
-        # direction goes in as its own FLOAT[] literal. In a view over runs of several
-        # widths, a run wider than n has a non-null d<n>, a narrower one a null d<n-1>.
         f"""
         WITH top AS (
-            SELECT q.* FROM query(
-                'SELECT a.run_id, a.seq_id, a.pos, array_cosine_similarity(['
-                || {_VEC} || ']::FLOAT[' || len(direction) || '], '
-                || direction::FLOAT[]::VARCHAR || '::FLOAT[' || len(direction) || ']) AS cosine'
-                || ' FROM act_' || family || ' a WHERE a.layer = ' || layer::INTEGER
-                || ' AND a.d' || (len(direction) - 1) || ' IS NOT NULL'
-                || ' AND list_count([*COLUMNS(lambda c: c IN (''pos'', ''d'
-                || len(direction) || '''))]) = 1'
-            ) q
-            WHERE q.cosine IS NOT NULL AND (run_id IS NULL OR q.run_id = run_id)
+            SELECT q.* FROM query({_COSINE}) q
+            WHERE q.cosine IS NOT NULL
             ORDER BY q.cosine DESC, q.run_id, q.seq_id, q.pos
             LIMIT k
         )
-        SELECT top.run_id, top.seq_id, top.pos, t.token_text, top.cosine
+        SELECT top.run_id, top.seq_id, top.pos, t.token_text, top.cosine::FLOAT AS cosine
         FROM top LEFT JOIN tokens t
             ON t.run_id = top.run_id AND t.seq_id = top.seq_id AND t.pos = top.pos
         ORDER BY top.cosine DESC, top.run_id, top.seq_id, top.pos
@@ -70,13 +123,11 @@ MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "of that token's act_<family> vector and the values of the listed dimensions",
         (),
         """
-        SELECT v.layer, sqrt(list_sum(list_transform(v.vec, lambda x: x::DOUBLE * x))) AS norm,
-               list_select(v.vec, list_transform(dims, lambda i: i + 1)) AS dim_values
-        FROM (
-            SELECT a.layer, [*COLUMNS('^d[0-9]+$')]::FLOAT[] AS vec
-            FROM query_table('act_' || family) a
-            WHERE a.run_id = run_id AND a.seq_id = seq_id AND a.pos = pos
-        ) v
+        SELECT v.layer,
+               sqrt(list_sum(list_transform(v.vec::FLOAT[], lambda x: x::DOUBLE * x))) AS norm,
+               list_select(v.vec::FLOAT[], list_transform(dims, lambda i: i + 1)) AS dim_values
+        FROM vectors(family, NULL, run_id := run_id) v
+        WHERE v.seq_id = seq_id AND v.pos = pos
         ORDER BY v.layer
         """,
     ),
@@ -113,3 +164,38 @@ MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         """,
     ),
 )
+
+
+def helper_macros(widths: dict[str, dict[str, int | None]]) -> list[str]:
+    """Scalar macros from the manifests (family -> run id -> width):
+    ``_width(family, run_id)``, the run's width (run_id NULL: the width every run of the
+    store has, else NULL), and ``_runs_with(family, n)``, a WHERE clause (text) keeping
+    the runs whose family has width n."""
+    unique, per_run, runs_with = [], [], []
+    for family, runs in sorted(widths.items()):
+        found = set(runs.values())
+        if len(found) == 1 and None not in found:
+            unique.append(f"WHEN '{family}' THEN {found.pop()}")
+        for run_id, width in sorted(runs.items()):
+            if width is not None:
+                per_run.append(f"WHEN '{family}/{run_id}' THEN {width}")
+        for width in sorted(w for w in set(runs.values()) if w is not None):
+            ids = sorted(r for r, w in runs.items() if w == width)
+            keep = "" if len(ids) == len(runs) else _in_list(ids)
+            runs_with.append(f"WHEN '{family}/{width}' THEN '{keep}'")
+    by_family, by_run = _case("family", unique), _case("family || '/' || run_id", per_run)
+    cases = {
+        "_width(family, run_id)": f"CASE WHEN run_id IS NULL THEN {by_family} ELSE {by_run} END",
+        "_runs_with(family, n)": _case("family || '/' || n", runs_with, "' AND false'"),
+    }
+    return [f"CREATE MACRO {call} AS {body}" for call, body in cases.items()]
+
+
+def _case(key: str, whens: list[str], default: str = "NULL") -> str:
+    return f"CASE {key} {' '.join(whens)} ELSE {default} END" if whens else default
+
+
+def _in_list(run_ids: list[str]) -> str:
+    """`` AND a.run_id IN ('a', 'b')`` as the text of a SQL string literal."""
+    quoted = ", ".join(f"''{r}''" for r in run_ids)  # run ids: letters, digits, . _ -
+    return f" AND a.run_id IN ({quoted})"

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from arrakis_ray.config import ModelConfig, build_dataclass, to_dict
 from arrakis_ray.errors import ConfigError, StoreError
+from arrakis_ray.hooks import family_spec
 from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.layout import RunLayout
 
@@ -53,6 +54,12 @@ class ModelShape:
     """Learned position embeddings (hook_pos_embed exists) or rotary."""
     parallel_blocks: bool
     """Attention and MLP both read resid_pre (then there is no resid_mid)."""
+
+
+def family_width(shape: ModelShape, family: str) -> int | None:
+    """Length of one stored vector of a hook family (None for attention patterns)."""
+    dims = {"d_model": shape.d_model, "d_mlp": shape.d_mlp, "d_head": shape.d_head}
+    return family_spec(family).width_in({**dims, "d_vocab": shape.d_vocab})
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,10 @@ class RunManifest:
     updated_at: str | None = None
     error: str | None = None
     """Why the last harvest call failed (status "failed")."""
+    shards_per_part: int | None = None
+    """Set once the run's activations are compacted: every ``layer=L/block=B`` directory
+    then holds ``part-NNNNN.parquet`` files of this many consecutive shards each, instead
+    of one file per shard (``store/compact.py``)."""
     results: dict[str, Any] = field(default_factory=dict)
     """Tool name -> ToolRecord, joined from ``tools/*.json`` on read."""
     version: int = MANIFEST_VERSION

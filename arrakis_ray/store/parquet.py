@@ -34,13 +34,13 @@ MIN_ROW_GROUP_ROWS = 1024
 MAX_ROW_GROUP_ROWS = 1 << 20
 
 
-def _row_group_rows(schema: pa.Schema) -> int:
+def _row_group_rows(schema: pa.Schema, row_group_bytes: int = ROW_GROUP_BYTES) -> int:
     # bytes per row from the fixed widths (a string counts 16 bytes): table.nbytes walks
     # every chunk of a 1,000-column table, 10-70 ms per file (benchmarks/BENCHMARKS.md)
     bytes_per_row = sum(
         (f.type.bit_width + 7) // 8 if pa.types.is_primitive(f.type) else 16 for f in schema
     )
-    return max(MIN_ROW_GROUP_ROWS, min(MAX_ROW_GROUP_ROWS, ROW_GROUP_BYTES // bytes_per_row))
+    return max(MIN_ROW_GROUP_ROWS, min(MAX_ROW_GROUP_ROWS, row_group_bytes // bytes_per_row))
 
 
 def write_table(
@@ -50,6 +50,7 @@ def write_table(
     schema_name: str,
     schema_version: int,
     expected: pa.Schema,
+    row_group_bytes: int = ROW_GROUP_BYTES,
 ) -> int:
     """Write ``table`` to ``path`` atomically after checking it against ``expected``.
 
@@ -83,7 +84,7 @@ def write_table(
             compression=COMPRESSION,
             use_dictionary=keys,
             write_statistics=keys,
-            row_group_size=_row_group_rows(expected),
+            row_group_size=_row_group_rows(expected, row_group_bytes),
         )
         size = tmp.stat().st_size  # the local copy: no request to an object store
     log.debug("wrote %s: %d rows, %d bytes", path, out.num_rows, size)
@@ -137,7 +138,7 @@ def read_table(
     check_file_schema(path, schema_name, max_version)
     source, filesystem = arrow_source(path)
     try:
-        return pq.read_table(source, columns=columns, filesystem=filesystem)
+        return pq.read_table(source, columns=columns, filesystem=filesystem, partitioning=None)
     except (pa.ArrowException, OSError) as e:
         raise StoreError(f"{path}: could not read ({e})") from None
 
@@ -159,8 +160,13 @@ def read_files(
         raise StoreError("no files to read")
     sources = [arrow_source(p) for p in paths]
     try:
+        # partitioning=None: the layer=L/block=B directories are not columns to add
         return pq.read_table(
-            [s for s, _fs in sources], columns=columns, filters=filters, filesystem=sources[0][1]
+            [s for s, _fs in sources],
+            columns=columns,
+            filters=filters,
+            filesystem=sources[0][1],
+            partitioning=None,
         )
     except (pa.ArrowException, OSError) as e:
         raise StoreError(f"{paths[0].parent}: could not read ({e})") from None

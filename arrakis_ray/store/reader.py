@@ -15,8 +15,16 @@ from typing import TYPE_CHECKING
 
 from arrakis_ray.errors import StoreError
 from arrakis_ray.store import schemas
-from arrakis_ray.store.layout import RunLayout, family_kind, hook_family, hook_layer, resolve_run
-from arrakis_ray.store.manifest import ModelShape, RunManifest, read_manifest
+from arrakis_ray.store.layout import (
+    BLOCK_DIMS,
+    RunLayout,
+    family_kind,
+    hook_family,
+    hook_layer,
+    n_blocks,
+    resolve_run,
+)
+from arrakis_ray.store.manifest import ModelShape, RunManifest, family_width, read_manifest
 from arrakis_ray.store.parquet import check_file_schema, read_files
 
 if TYPE_CHECKING:
@@ -33,6 +41,7 @@ class RunReader:
     def __init__(self, layout: RunLayout, manifest: RunManifest | None = None) -> None:
         self.layout = layout
         self.manifest = manifest if manifest is not None else read_manifest(layout)
+        self._seq_ranges: dict[int, tuple[int, int]] = {}
 
     @classmethod
     def open(cls, run: str | Path, store: str | Path | None = None) -> RunReader:
@@ -67,34 +76,27 @@ class RunReader:
         layer: int | None = None,
     ) -> pa.Table:
         """One shard's table of a hook family, every layer in layer order, or only
-        ``layer`` (then only the file part holding it is opened)."""
+        ``layer``; every dimension is a column ``d0..d{width-1}``. Only the files of the
+        layers and column blocks that hold the columns asked for are opened."""
+        import pyarrow as pa
+
         if family not in self.families:
             raise StoreError(
                 f"run {self.run_id} did not harvest hook family {family!r} "
                 f"(it has {', '.join(self.families)})"
             )
-        name = schemas.activation_schema_name(family_kind(family))
-        directory = self.layout.activation_dir(family)
-        if self.manifest.n_stages == 1:
-            parts = [self.layout.shard_file(directory, shard)]
-        else:  # the parts of the stages that hold the family's (or the layer's) rows
-            layers = [layer] if layer is not None else self._family_layers(family)
-            stages = sorted({self._stage_of(x) for x in layers})
-            parts = [self.layout.shard_file(directory, shard, s) for s in stages]
-        wanted = None if columns is None else list(dict.fromkeys([*columns]))
-        filters = None
+        layers = self._family_layers(family)
         if layer is not None:
-            filters = [("layer", "==", layer)]
-            if wanted is not None and "layer" not in wanted:
-                wanted = [*wanted, "layer"]
-        table = self._read(parts, name, wanted, filters)
-        if layer is not None and columns is not None and "layer" not in columns:
-            table = table.drop_columns(["layer"])
-        if layer is not None and table.num_rows == 0 and not self._has_layer(family, layer):
-            raise StoreError(
-                f"run {self.run_id} has no layer {layer} of {family!r} (model has "
-                f"{self.shape.n_layers} layers; hooks: {self._family_hooks(family)})"
-            )
+            if layer not in layers:
+                raise StoreError(
+                    f"run {self.run_id} has no layer {layer} of {family!r} (model has "
+                    f"{self.shape.n_layers} layers; hooks: {self._family_hooks(family)})"
+                )
+            layers = [layer]
+        tables = [self._layer_table(family, x, shard, columns) for x in sorted(layers)]
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        if columns is not None:
+            return table.select(list(dict.fromkeys(columns)))
         return table
 
     def iter_activations(
@@ -173,16 +175,73 @@ class RunReader:
         n_layers = self.shape.n_layers
         return [hook_layer(h, n_layers) for h in self.manifest.hooks if hook_family(h) == family]
 
-    def _stage_of(self, layer: int) -> int:
-        """The stage whose file part holds ``layer`` (-1: the first, n_layers: the last)."""
-        if layer < 0:
-            return 0
-        if layer >= self.shape.n_layers:
-            return self.manifest.n_stages - 1
-        return self.manifest.stage_of_layer(layer)
+    def width(self, family: str) -> int | None:
+        """Length of one stored vector of ``family`` (None for attention patterns)."""
+        return family_width(self.shape, family)
 
-    def _has_layer(self, family: str, layer: int) -> bool:
-        return layer in self._family_layers(family)
+    def _layer_table(
+        self, family: str, layer: int, shard: int, columns: list[str] | None
+    ) -> pa.Table:
+        """One layer of one shard, its column blocks side by side (``d`` global again)."""
+        import pyarrow as pa
+
+        kind = family_kind(family)
+        name = schemas.activation_schema_name(kind)
+        width = self.width(family)
+        if kind != "dense" or n_blocks(kind, width) == 1:
+            return self._block_rows(family, layer, 0, shard, name, columns)
+        wanted = dim_columns(columns) if columns is not None else None
+        blocks = range(n_blocks(kind, width))
+        if wanted is not None:
+            blocks = sorted({int(c[1:]) // BLOCK_DIMS for c in wanted}) or [0]
+        keys = [f.name for f in schemas.load_schema(name).fields]
+        if columns is not None:
+            keys = [k for k in keys if k in columns]
+        arrays, names = [], []
+        for i, block in enumerate(blocks):
+            first = block * BLOCK_DIMS
+            local = [
+                f"d{j}"
+                for j in range(min(BLOCK_DIMS, width - first))
+                if wanted is None or f"d{first + j}" in wanted
+            ]
+            table = self._block_rows(
+                family, layer, block, shard, name, (keys if i == 0 else []) + local
+            )
+            if i == 0:
+                arrays += [table.column(k) for k in keys]
+                names += keys
+            arrays += [table.column(c) for c in local]
+            names += [f"d{first + int(c[1:])}" for c in local]
+        return pa.Table.from_arrays(arrays, names=names)
+
+    def _block_rows(
+        self, family: str, layer: int, block: int, shard: int, name: str, columns
+    ) -> pa.Table:
+        """Rows of one shard in one (layer, block) directory: its shard file, or its
+        slice of the compacted part holding it."""
+        directory = self.layout.block_dir(family, layer, block)
+        per_part = self.manifest.shards_per_part
+        if per_part is None:
+            return self._read([self.layout.shard_file(directory, shard)], name, columns)
+        first, last = self._seq_range(shard)
+        filters = [("seq_id", ">=", first), ("seq_id", "<=", last)]
+        path = self.layout.part_file(directory, shard // per_part)
+        if columns is not None and "seq_id" not in columns:
+            table = self._read([path], name, [*columns, "seq_id"], filters)
+            return table.drop_columns(["seq_id"])
+        return self._read([path], name, columns, filters)
+
+    def _seq_range(self, shard: int) -> tuple[int, int]:
+        """Smallest and largest seq_id of a shard (from its tokens file)."""
+        if shard not in self._seq_ranges:
+            path = self.layout.shard_file(self.layout.tokens_dir, shard)
+            seq = self._read([path], "tokens", ["seq_id"]).column("seq_id")
+            import pyarrow.compute as pc
+
+            bounds = pc.min_max(seq)
+            self._seq_ranges[shard] = (bounds["min"].as_py(), bounds["max"].as_py())
+        return self._seq_ranges[shard]
 
     def _family_hooks(self, family: str) -> str:
         hooks = [h for h in self.manifest.hooks if hook_family(h) == family]

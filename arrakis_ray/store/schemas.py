@@ -97,6 +97,8 @@ class DimsSpec:
 
     prefix: str
     doc: str
+    nullable: bool = False
+    """Null only as padding (the last column block of a wide dense family)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ class TableSchema:
                     f"{', '.join(STORAGE_DTYPES)} (convert bfloat16 to float32 before writing)"
                 )
             t = _PRIMITIVES[dtype]
-            fields += [pa.field(f"{self.dims.prefix}{i}", t, nullable=False) for i in range(width)]
+            nullable = self.dims.nullable
+            fields += [pa.field(f"{self.dims.prefix}{i}", t, nullable) for i in range(width)]
         return pa.schema(fields)
 
 
@@ -138,7 +141,11 @@ def _parse_schema_file(path: Path) -> TableSchema:
             version=int(data["version"]),
             doc=data.get("doc", ""),
             fields=fields,
-            dims=DimsSpec(dims["prefix"], dims.get("doc", "")) if dims else None,
+            dims=(
+                DimsSpec(dims["prefix"], dims.get("doc", ""), bool(dims.get("nullable", False)))
+                if dims
+                else None
+            ),
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SchemaError(f"{path}: invalid schema file ({type(e).__name__}: {e})") from None

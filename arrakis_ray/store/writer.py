@@ -10,10 +10,17 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from arrakis_ray.errors import StoreError
+from arrakis_ray.errors import SchemaError, StoreError
 from arrakis_ray.store import schemas
 from arrakis_ray.store.atomic import atomic_open
-from arrakis_ray.store.layout import RunLayout, family_kind, init_store
+from arrakis_ray.store.layout import (
+    BLOCK_DIMS,
+    RunLayout,
+    block_width,
+    family_kind,
+    init_store,
+    n_blocks,
+)
 from arrakis_ray.store.manifest import RunManifest, ToolRecord, write_manifest, write_tool_record
 from arrakis_ray.store.parquet import write_table
 
@@ -44,24 +51,36 @@ class RunWriter:
 
     # ---------------------------------------------------------------- harvest tables
 
-    def write_activations(
-        self, family: str, shard: int, table: pa.Table, stage: int | None = None
-    ) -> int:
-        """One shard's table of a hook family (``stage``: the part of a staged run),
-        checked against its kind's schema at the table's width and float type. Returns
-        the bytes written."""
+    def write_activations(self, family: str, shard: int, table: pa.Table) -> int:
+        """One shard's table of a hook family (any of its layers, every dimension as a
+        column ``d0..``), stored as one file per (layer, column block) and checked
+        against its kind's schema. Returns the bytes written."""
         kind = family_kind(family)
         name = schemas.activation_schema_name(kind)
+        version = schemas.load_schema(name).version
         dims = [f for f in table.schema if f.name[:1] == "d" and f.name[1:].isdigit()]
-        dtype = str(dims[0].type) if dims else "float32"
-        dtype = {"halffloat": "float16", "float": "float32"}.get(dtype, dtype)
-        return write_table(
-            table,
-            self.layout.shard_file(self.layout.activation_dir(family), shard, stage),
-            schema_name=name,
-            schema_version=schemas.load_schema(name).version,
-            expected=schemas.activation_schema(kind, len(dims), dtype),
-        )
+        width = len(dims) if dims else None
+        dtype = _DTYPES.get(str(dims[0].type), str(dims[0].type)) if dims else "float32"
+        columns = block_width(kind, width)
+        expected = schemas.activation_schema(kind, columns or 1, dtype)
+        n_keys = table.num_columns - len(dims)
+        if kind == "dense" and table.column_names[n_keys:] != [f"d{i}" for i in range(len(dims))]:
+            raise SchemaError(
+                f"activations of {family!r} for shard {shard}: columns must be the keys, "
+                f"then d0..d{len(dims) - 1} in order"
+            )
+        written = 0
+        for layer, rows in _by_layer(table):
+            for block in range(n_blocks(kind, width)):
+                part = rows if kind != "dense" else _block_table(rows, n_keys, block, columns)
+                written += write_table(
+                    part,
+                    self.layout.shard_file(self.layout.block_dir(family, layer, block), shard),
+                    schema_name=name,
+                    schema_version=version,
+                    expected=expected,
+                )
+        return written
 
     def write_tokens(self, shard: int, table: pa.Table) -> int:
         return self._write_fixed(
@@ -147,6 +166,33 @@ class RunWriter:
         with atomic_open(path, "wb") as f:
             f.write(data)
         return path.relative_to(self.layout.root).as_posix()
+
+
+_DTYPES = {"halffloat": "float16", "float": "float32"}
+
+
+def _by_layer(table: pa.Table) -> list[tuple[int, pa.Table]]:
+    """The rows of each layer of an activation table, in layer order."""
+    import pyarrow.compute as pc
+
+    layers = pc.unique(table.column("layer")).to_pylist()
+    if len(layers) == 1:
+        return [(layers[0], table)]
+    return [(x, table.filter(pc.equal(table.column("layer"), x))) for x in sorted(layers)]
+
+
+def _block_table(rows: pa.Table, n_keys: int, block: int, columns: int) -> pa.Table:
+    """Dimensions ``block * BLOCK_DIMS ..`` of a dense table (keys first, then
+    ``d0..d{width-1}`` in order) as ``d0..d{columns-1}``, null past the width."""
+    import pyarrow as pa
+
+    first = n_keys + block * BLOCK_DIMS
+    arrays = rows.columns[:n_keys] + rows.columns[first : first + columns]
+    padding = columns - (len(arrays) - n_keys)
+    if padding:  # the last block of a width that BLOCK_DIMS does not divide
+        arrays += [pa.nulls(rows.num_rows, rows.schema.field(first).type)] * padding
+    names = rows.column_names[:n_keys] + [f"d{j}" for j in range(columns)]
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 _ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

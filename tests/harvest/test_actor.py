@@ -42,8 +42,9 @@ def _step(config, hooks, store, run_id="run") -> HarvestStage:
 
 
 def _rows(store, run_id, family):
-    directory = RunLayout(store, run_id).activation_dir(family)
-    table = pq.read_table(directory).drop_columns(["run_id"])
+    # every (layer, block) file of the family: one block each at these widths
+    files = sorted(RunLayout(store, run_id).activation_dir(family).rglob("shard-*.parquet"))
+    table = pq.read_table(files, partitioning=None).drop_columns(["run_id"])
     return table.sort_by([("seq_id", "ascending"), ("layer", "ascending"), ("pos", "ascending")])
 
 
@@ -92,6 +93,6 @@ def test_a_failed_write_leaves_no_completion_marker(shards, tmp_path):
     # the activation files that could be written are whole and readable; the shard
     # is redone on resume because it has no marker
     for family in ("resid_post", "mlp_post"):
-        files = list(layout.activation_dir(family).glob("*"))
-        assert [f.name for f in files] == ["shard-00000.parquet"]
-        assert pq.read_metadata(files[0]).num_rows > 0
+        files = list(layout.activation_dir(family).rglob("*.parquet"))
+        assert files and {f.name for f in files} == {"shard-00000.parquet"}
+        assert all(pq.read_metadata(f).num_rows > 0 for f in files)

@@ -15,7 +15,7 @@ import time
 import psutil
 import pyarrow.parquet as pq
 import yaml
-from support import pipeline_dict
+from support import family_table, pipeline_dict
 
 from arrakis_ray.config import pipeline_from_dict
 from arrakis_ray.harvest.driver import harvest
@@ -46,7 +46,7 @@ def _assert_exactly_once(run_dir):
     keys = list(zip(tokens["seq_id"].to_pylist(), tokens["pos"].to_pylist(), strict=True))
     assert len(set(keys)) == len(keys)
     assert sorted({s for s, _ in keys}) == list(range(N_DOCS))
-    resid = pq.read_table(run_dir / "activations" / "resid_post")
+    resid = family_table(run_dir, "resid_post")
     for layer in range(4):
         rows = resid.filter(resid["layer"].to_numpy() == layer)
         got = list(zip(rows["seq_id"].to_pylist(), rows["pos"].to_pylist(), strict=True))

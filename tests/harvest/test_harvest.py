@@ -10,16 +10,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support import DEMO_DATA, pipeline_dict, store_snapshot
+from support import DEMO_DATA, family_table, pipeline_dict, store_snapshot
 
 from arrakis_ray.config import pipeline_from_dict
 from arrakis_ray.harvest.driver import harvest
+from arrakis_ray.store.catalog import Store
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.manifest import read_manifest
+from arrakis_ray.store.reader import RunReader
 
 
 def _family(result, family: str):
-    return pq.read_table(result.run_dir / "activations" / family)
+    return family_table(result.run_dir, family)
 
 
 def _vectors(table, layer: int, seq_id: int) -> np.ndarray:
@@ -124,14 +126,16 @@ def test_manifest_records_the_run(harvested):
     assert manifest.harvest.bytes <= manifest.harvest.predicted_max_bytes
 
 
-def test_rerun_is_a_noop_and_a_partial_run_resumes(ray_session, tmp_path):
+def test_rerun_is_a_noop_a_partial_run_resumes_and_compaction_keeps_every_row(
+    ray_session, tmp_path
+):
     store = tmp_path / "store"
-    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"], shard_size=8)
+    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"], shard_size=8, compact=False)
     raw["data"]["max_documents"] = 20
     config = pipeline_from_dict(raw)
     first = harvest(config, store)
     assert (first.shards_done, first.shards_total) == (3, 3)
-    complete = pq.read_table(first.run_dir / "activations" / "resid_post").sort_by(
+    complete = family_table(first.run_dir, "resid_post").sort_by(
         [("layer", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")]
     )
 
@@ -143,17 +147,36 @@ def test_rerun_is_a_noop_and_a_partial_run_resumes(ray_session, tmp_path):
     # lose shard 1 as a killed run would: no completion marker, files gone or partial
     layout = RunLayout(store, first.run_id)
     layout.completion_marker(1).unlink()
-    layout.shard_file(layout.activation_dir("resid_post"), 1).unlink()
+    layout.shard_file(layout.block_dir("resid_post", 2, 0), 1).unlink()
     shutil.copy(layout.shard_file(layout.tokens_dir, 0), layout.shard_file(layout.tokens_dir, 1))
     resumed = harvest(config, store)
     assert (resumed.run_id, resumed.shards_done) == (first.run_id, 1)
     assert read_manifest(layout).harvest.resumed is True
-    table = pq.read_table(first.run_dir / "activations" / "resid_post").sort_by(
+    table = family_table(first.run_dir, "resid_post").sort_by(
         [("layer", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")]
     )
     assert table.equals(complete)
     tokens = pq.read_table(first.run_dir / "tokens")
     assert sorted(set(tokens["seq_id"].to_pylist())) == list(range(20))
+
+    # the same config with compaction (the default) finds the run complete and compacts
+    # it: one part per directory, the same rows, shard by shard and in SQL
+    compacted = harvest(
+        pipeline_from_dict(raw | {"harvest": raw["harvest"] | {"compact": True}}), store
+    )
+    assert (compacted.run_id, compacted.status) == (first.run_id, "already complete")
+    assert read_manifest(layout).shards_per_part == 3
+    files = sorted(p.name for p in layout.block_dir("resid_post", 0, 0).iterdir())
+    assert files == ["part-00000.parquet"]
+    assert (
+        family_table(first.run_dir, "resid_post")
+        .sort_by([("layer", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")])
+        .equals(complete)
+    )
+    shard_1 = RunReader(layout).activations("resid_post", 1, layer=3)
+    assert sorted(set(shard_1["seq_id"].to_pylist())) == list(range(8, 16))
+    with Store(store) as s:
+        assert s.sql("SELECT count(*) AS n FROM act_resid_post")["n"][0] == complete.num_rows
 
 
 def test_automatic_shard_size_targets_bytes_per_shard():
@@ -191,12 +214,11 @@ def test_automatic_shard_size_of_a_large_corpus(tmp_path):
     per_doc = plan.predict_bytes(shapes, 128, 128, "float16")
     assert per_doc == 128 * (40 + 4 * (512 * 2 + 14))
     assert plan.auto_shard_size(config, shapes) == plan.SHARD_BYTES // per_doc == 250
-    # packed: a document's tokens are estimated from its bytes (an upper bound: at
-    # least one byte per token), plus BOS and EOS
+    # packed: a document's tokens are estimated from its bytes at the tokens per byte
+    # of a tokenized sample: 7 words plus BOS and EOS for each 45-byte line
     packed = pipeline_from_dict({**raw, "data": {**raw["data"], "mode": "packed"}})
-    per_line = len('{"text": "the capital of france is paris ."}\n')
-    per_packed_doc = plan.predict_bytes(shapes, per_line + 2, 128, "float16")
-    assert plan.auto_shard_size(packed, shapes) == min(4096, plan.SHARD_BYTES // per_packed_doc)
+    per_packed_doc = plan.predict_bytes(shapes, 7 + 2, 128, "float16")
+    assert plan.auto_shard_size(packed, shapes) == plan.SHARD_BYTES // per_packed_doc == 3557
 
 
 def test_automatic_shard_size_is_clamped(monkeypatch):

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support import DEMO_DATA, pipeline_dict
+from support import DEMO_DATA, family_table, pipeline_dict
 
 from arrakis_ray.config import pipeline_from_dict
 from arrakis_ray.errors import DataError
@@ -49,7 +49,7 @@ def test_packed_mode_keeps_every_document_token_once_with_its_source(
     assert chunk.doc_id.nunique() > 1
     with torch.no_grad():
         out = model(torch.tensor([chunk.token_id.tolist()]), output_hidden_states=True)
-    resid = pq.read_table(result.run_dir / "activations" / "resid_post")
+    resid = family_table(result.run_dir, "resid_post")
     rows = resid.filter(pc.and_(pc.equal(resid["seq_id"], seq), pc.equal(resid["layer"], 1)))
     rows = rows.sort_by("pos")
     dims = [c for c in rows.column_names if c[0] == "d" and c[1:].isdigit()]
@@ -70,7 +70,7 @@ def test_two_replicas_store_every_row_exactly_once(harvested, tmp_path):
     expected = pq.read_table(single.run_dir / "tokens")
     keys = set(zip(tokens["seq_id"].to_pylist(), tokens["pos"].to_pylist(), strict=True))
     assert len(keys) == tokens.num_rows == expected.num_rows
-    resid = pq.read_table(result.run_dir / "activations" / "resid_post")
+    resid = family_table(result.run_dir, "resid_post")
     assert resid.num_rows == 4 * tokens.num_rows
 
 
@@ -89,4 +89,5 @@ def test_bad_data_fails_loudly_naming_the_shard_and_keeps_completed_shards(ray_s
     assert manifest.status == "failed" and "not valid JSON" in manifest.error
     # shards finished before the failure keep their files and markers
     for shard in layout.completed_shards():
-        assert layout.shard_file(layout.activation_dir("resid_post"), shard).exists()
+        for layer in range(4):
+            assert layout.shard_file(layout.block_dir("resid_post", layer, 0), shard).exists()

@@ -131,7 +131,7 @@ def test_temp_files_are_invisible_and_new_shards_seen(
 ) -> None:
     store, _runs = two_runs
     run = RunLayout(store, "run-b")
-    family = run.activation_dir("resid_post")
+    family = run.block_dir("resid_post", 0, 0)
     extra = pa.table(
         {
             "run_id": ["run-b"],
@@ -143,7 +143,7 @@ def test_temp_files_are_invisible_and_new_shards_seen(
     )
     schema = activation_schema("dense", WIDTH, "float32")
     tmp_file = family / ".shard-00007.parquet.tmp-123-abcd"
-    write_table(extra, tmp_file, schema_name="activation.dense", schema_version=1, expected=schema)
+    write_table(extra, tmp_file, schema_name="activation.dense", schema_version=2, expected=schema)
     # A half-written file under a temp name, as a killed writer would leave it.
     (family / ".shard-00008.parquet.tmp-9-ffff").write_bytes(tmp_file.read_bytes()[:100])
     with Store(store) as s:
@@ -249,13 +249,13 @@ def test_run_without_manifest_and_newer_schema(
 def test_corrupt_shard_is_named(two_runs: tuple[Path, dict[str, RunData]]) -> None:
     store, _runs = two_runs
     run = RunLayout(store, "run-a")
-    path = run.shard_file(run.activation_dir("resid_post"), 1)
+    path = run.shard_file(run.block_dir("resid_post", 0, 0), 1)
     path.write_bytes(path.read_bytes()[:-50])
     with Store(store) as s, pytest.raises(QueryError, match=r"shard-00001\.parquet"):
         s.sql("SELECT sum(d0) FROM act_resid_post")
-    first = run.shard_file(run.activation_dir("resid_post"), 0)
+    first = run.shard_file(run.block_dir("resid_post", 0, 0), 0)
     first.write_bytes(b"garbage")
-    with pytest.raises(StoreError, match=r"resid_post/shard-00000\.parquet: corrupt"):
+    with pytest.raises(StoreError, match=r"layer=0/block=0/shard-00000\.parquet: corrupt"):
         Store(store)
 
 

@@ -66,7 +66,11 @@ def _check(store) -> tuple[int, int]:
 
 def _start(tmp_path, store, i: int, docs: int, env: dict) -> subprocess.Popen:
     """An ``arrakis-ray harvest`` process of ``docs`` documents, logging to harvest-<i>.log."""
-    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"], shard_size=1, batch_size=1)
+    # compact: false, the shard files stay: a query during the switch to parts could
+    # miss a run's rows (schemas/README.md, "Compaction")
+    raw = pipeline_dict(
+        hooks=["blocks.*.hook_resid_post"], shard_size=1, batch_size=1, compact=False
+    )
     raw["data"]["max_documents"] = docs
     pipeline = tmp_path / f"pipeline-{i}.yaml"
     pipeline.write_text(yaml.safe_dump(raw))

@@ -66,7 +66,7 @@ def test_init_store_marker_and_idempotence(tmp_path: Path) -> None:
     root = init_store(tmp_path / "a" / "store")
     assert json.loads((root / STORE_MARKER).read_text()) == {
         "format": "arrakis-ray-store",
-        "version": 1,
+        "version": 2,
     }
     (root / "runs" / "r1").mkdir()
     assert init_store(root) == root  # an existing store is opened, not reset

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support import family_table
 
 from arrakis_ray.errors import QueryError
 from arrakis_ray.store.catalog import Store
 from arrakis_ray.store.layout import RunLayout
+from arrakis_ray.store.manifest import read_manifest, write_manifest
 from arrakis_ray.store.parquet import write_table
 from arrakis_ray.store.schemas import vocab_schema
 
@@ -22,16 +25,14 @@ ELLIPSIS = "…"
 
 
 def _dense_rows(store: Path, run_ids: list[str], family: str = "resid_post") -> list[dict]:
-    """Every stored row of a family, read straight from the runs' Parquet files."""
+    """Every stored row of a family, read through RunReader (blocks joined again)."""
     rows = []
     for run_id in run_ids:
-        directory = RunLayout(store, run_id).activation_dir(family)
-        for path in sorted(directory.glob("shard-*.parquet")):
-            table = pq.read_table(path)
-            dims = [c for c in table.column_names if re.fullmatch(r"d\d+", c)]
-            values = np.column_stack([table[c].to_numpy().astype(np.float32) for c in dims])
-            for i, key in enumerate(table.select(["run_id", "layer", "seq_id", "pos"]).to_pylist()):
-                rows.append({**key, "vec": values[i]})
+        table = family_table(RunLayout(store, run_id).root, family)
+        dims = [c for c in table.column_names if re.fullmatch(r"d\d+", c)]
+        values = np.column_stack([table[c].to_numpy().astype(np.float32) for c in dims])
+        for i, key in enumerate(table.select(["run_id", "layer", "seq_id", "pos"]).to_pylist()):
+            rows.append({**key, "vec": values[i]})
     return rows
 
 
@@ -100,7 +101,10 @@ def test_cosine_topk_matches_numpy_and_skips_other_widths(
     # a run of another width shares the view; its rows must not enter the ranking
     build_run(store, "run-w", "float32", seed=4, full=False)
     wide = np.random.default_rng(5).standard_normal((N_LAYERS, N_SEQ, N_POS, WIDTH + 2))
-    _write_dense(RunLayout(store, "run-w"), "resid_post", wide.astype(np.float32), "float32")
+    layout = RunLayout(store, "run-w")
+    _write_dense(layout, "resid_post", wide.astype(np.float32), "float32")
+    manifest = read_manifest(layout)
+    write_manifest(layout, manifest.with_changes(shape=replace(manifest.shape, d_model=WIDTH + 2)))
     direction = np.random.default_rng(0).standard_normal(WIDTH).astype(np.float32)
     literal = "[" + ", ".join(repr(float(x)) for x in direction) + "]"
     with Store(store) as s:
@@ -188,8 +192,10 @@ def test_macros_are_listed_and_the_surface_stays_read_only(
         assert list(s.macros()) == [
             "context_window",
             "cosine_topk",
+            "neuron",
             "token_across_layers",
             "top_contexts",
+            "vectors",
         ]
         assert s.macros()["top_contexts"].startswith("top_contexts(family, layer, neuron, k")
         before = s.sql("SELECT * FROM top_contexts('resid_post', 1, 0, 3)")

@@ -127,8 +127,9 @@ def test_harvest_writes_only_to_the_bucket(s3_run, s3_endpoint):
     files = _s3fs(s3_endpoint).find(f"{BUCKET}/store")
     names = {f.rsplit("/", 1)[-1] for f in files}
     assert "arrakis-store.json" in names and "manifest.json" in names
-    for family in ("resid_post", "attn_z", "attn_pattern"):
-        assert sum(f"/activations/{family}/shard-" in f for f in files) == 3
+    for family in ("resid_post", "attn_z", "attn_pattern"):  # compacted: a part per layer
+        assert sum(f"/activations/{family}/layer=" in f for f in files) == 4, family
+        assert not any(f"/activations/{family}/" in f and "/shard-" in f for f in files)
     assert sum("/completions/shard-" in f for f in files) == 3
     assert any("/results/logit_lens/shard-" in f for f in files)
     assert not any(".tmp" in f or "upload" in f for f in files)

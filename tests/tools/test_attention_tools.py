@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from support import DEMO_DATA
+from support import DEMO_DATA, family_table
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.reports.attention_charts import SCORES, head_score_heatmap, head_scores_grid
@@ -54,7 +54,7 @@ def run_tool(run_dir, params: dict | None = None, model=None) -> dict:
 
 def dense_patterns(run_dir) -> tuple[dict, dict]:
     """(seq, layer, head) -> [q, k] matrix, and seq -> token ids, from the stored files."""
-    pattern = pd.read_parquet(run_dir / "activations" / "attn_pattern")
+    pattern = family_table(run_dir, "attn_pattern").to_pandas()
     tokens = pd.read_parquet(run_dir / "tokens").sort_values(["seq_id", "pos"])
     ids = {s: g["token_id"].to_numpy() for s, g in tokens.groupby("seq_id")}
     mats = {}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from support import family_table
 
 from arrakis_ray.store.catalog import Store
 from arrakis_ray.tools import Tool, register_tool
@@ -65,7 +65,7 @@ register_tool(ResidNorm)
 def test_a_tool_from_the_users_own_module_runs_on_ray(harvested):
     _, store, result = harvested
     done = analyze(result.run_dir, "example_resid_norm", {"layer": 2})
-    stored = pq.read_table(result.run_dir / "activations" / "resid_post")
+    stored = family_table(result.run_dir, "resid_post")
     stored = stored.filter(pc.equal(stored["layer"], 2))
     dims = [c for c in stored.column_names if c[0] == "d" and c[1:].isdigit()]
     expected = np.linalg.norm(np.column_stack([stored[c].to_numpy() for c in dims]), axis=1)

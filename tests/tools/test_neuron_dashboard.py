@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from runs import shard_plan, synthetic_manifest, synthetic_shape
+from support import family_table
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.store import layout as store_layout
@@ -46,7 +47,7 @@ def run_tool(run_dir, params: dict) -> dict[str, pd.DataFrame]:
 
 def all_values(run_dir, family: str, layer: int) -> tuple[np.ndarray, pd.DataFrame]:
     """([tokens, width] float64 values, their (seq_id, pos)) of one layer of the run."""
-    df = pd.read_parquet(run_dir / "activations" / family)
+    df = family_table(run_dir, family).to_pandas()
     df = df[df.layer == layer].sort_values(["seq_id", "pos"]).reset_index(drop=True)
     dims = [c for c in df.columns if re.fullmatch(r"d\d+", c)]
     return df[dims].to_numpy(np.float64), df[["seq_id", "pos"]]

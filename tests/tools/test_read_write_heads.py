@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from runs import shard_plan, synthetic_manifest, synthetic_shape
+from support import family_table
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.harvest.model_source import vocab_texts
@@ -149,7 +149,7 @@ def test_direction_file_equals_direction_list(demo, tmp_path):
 
 
 def _stored_z(run_dir) -> dict[str, np.ndarray]:
-    table = pq.read_table(run_dir / "activations" / "attn_z")
+    table = family_table(run_dir, "attn_z")
     dims = sorted(
         (c for c in table.column_names if c[0] == "d" and c[1:].isdigit()), key=lambda c: int(c[1:])
     )

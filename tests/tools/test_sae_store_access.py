@@ -60,13 +60,10 @@ def test_a_staged_run_gives_the_same_sae(tmp_path):
         np.testing.assert_array_equal(wa[name], wb[name])
 
 
-@pytest.mark.parametrize(
-    ("stages", "lost"),
-    [(None, "shard-00001.parquet"), ([(0, 1), (1, 2)], "shard-00001.stage-1.parquet")],
-)
-def test_a_missing_activation_file_is_called_missing(tmp_path, stages, lost):
+@pytest.mark.parametrize("stages", [None, [(0, 1), (1, 2)]])
+def test_a_missing_activation_file_is_called_missing(tmp_path, stages):
     reader = _run(tmp_path, "run", stages=stages)
-    path = reader.layout.activation_dir("resid_post") / lost
+    path = reader.layout.shard_file(reader.layout.block_dir("resid_post", 1, 0), 1)
     path.unlink()
     with pytest.raises(StoreError, match="file is missing") as caught:
         _sae(reader)

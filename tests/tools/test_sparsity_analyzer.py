@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from runs import shard_plan, synthetic_manifest, synthetic_shape
+from support import family_table
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.reports.sparsity_charts import (
@@ -53,7 +54,7 @@ def run_tool(run_dir, params: dict | None = None) -> dict[str, pd.DataFrame]:
 
 def all_values(run_dir, family: str, layer: int) -> np.ndarray:
     """[tokens, width] of one layer over the whole run, in float64."""
-    df = pd.read_parquet(run_dir / "activations" / family)
+    df = family_table(run_dir, family).to_pandas()
     df = df[df.layer == layer].sort_values(["seq_id", "pos"])
     return df[[c for c in df.columns if c[0] == "d" and c[1:].isdigit()]].to_numpy(np.float64)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.numpy import load_file
+from support import family_table
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.reports.dictionary_charts import (
@@ -75,7 +75,7 @@ def test_outputs_equal_a_numpy_recomputation_from_saved_weights(tmp_path):
     (metrics,) = out["sae_metrics"].to_pylist()
     w = load_file(layout.root / metrics["weights_path"])
 
-    stored = pq.read_table(layout.activation_dir("resid_post")).sort_by(
+    stored = family_table(layout.root, "resid_post").sort_by(
         [("seq_id", "ascending"), ("pos", "ascending")]
     )
     x = np.stack([stored.column(f"d{i}").to_numpy() for i in range(d)], 1).astype(np.float64)

@@ -1,0 +1,117 @@
+"""Compaction: a finished run's small shard files merged into large part files.
+
+The harvest writes one file per (shard, layer, column block): the shard is the unit of
+work and resume, small enough for an actor to hold in memory. At LLM widths that makes
+thousands of files of a few MB, and a query pays one footer per file. Once every shard
+is done, each ``layer=L/block=B`` directory's shard files are merged, P consecutive
+shards per ``part-NNNNN.parquet`` (P chosen so that a part holds ~PART_BYTES), with row
+groups of ~PART_ROW_GROUP_BYTES (schemas/README.md, "Layout", has the measurements).
+
+The switch is ordered so that a reader never misses a row: every part is written first,
+then the manifest records ``shards_per_part`` (readers use parts from then on), then the
+shard files go. A call interrupted at any point is finished by the next one: parts
+already written are kept, shard files already removed are not needed. Only the harvest
+driver calls this (``compact_directory`` per directory, as Ray tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from arrakis_ray.errors import StoreError
+from arrakis_ray.store import schemas
+from arrakis_ray.store.layout import RunLayout, family_kind
+from arrakis_ray.store.location import StorePath
+from arrakis_ray.store.parquet import check_file_schema, read_files, write_table
+
+log = logging.getLogger(__name__)
+
+PART_BYTES = 512 << 20
+"""Target size of a part file: a one-neuron query over 1M tokens opens two or three."""
+PART_ROW_GROUP_BYTES = 16 << 20
+"""Row groups of a part: a footer costs ~125 bytes per (row group, column), so larger
+groups mean smaller footers, while a tool reading one shard decodes whole groups."""
+
+
+def block_directories(layout: RunLayout) -> list[StorePath]:
+    """Every ``activations/<family>/layer=L/block=B`` directory of a run, sorted."""
+    root = layout.activations_root
+    if not root.is_dir():
+        return []
+    return sorted(
+        block
+        for family in root.iterdir()
+        if family.is_dir()
+        for layer in family.iterdir()
+        if layer.is_dir() and layer.name.startswith("layer=")
+        for block in layer.iterdir()
+        if block.is_dir() and block.name.startswith("block=")
+    )
+
+
+def plan_parts(layout: RunLayout, n_shards: int) -> int:
+    """Shards per part for a run: 1 (nothing to gain) when its files are already large.
+
+    Sized by the directory with the largest shard files, so that no part outgrows
+    PART_BYTES; the first shards' sizes stand for all (shards hold equal documents).
+    """
+    if n_shards < 2:
+        return 1
+    largest = 0
+    for directory in block_directories(layout):
+        sizes = [
+            p.stat().st_size
+            for p in (layout.shard_file(directory, s) for s in range(min(n_shards, 4)))
+            if p.exists()
+        ]
+        if sizes:
+            largest = max(largest, sum(sizes) // len(sizes))
+    if largest == 0:
+        return 1
+    return max(1, min(n_shards, PART_BYTES // largest))
+
+
+def compact_directory(layout: RunLayout, directory: StorePath, n_shards: int, per_part: int) -> int:
+    """Write the parts of one directory (those not yet written); returns bytes written."""
+    family = directory.parent.parent.name
+    name = schemas.activation_schema_name(family_kind(family))
+    known = schemas.load_schema(name).version
+    written = 0
+    for part in range(-(-n_shards // per_part)):
+        target = layout.part_file(directory, part)
+        if target.exists():  # an earlier call wrote it
+            continue
+        shards = range(part * per_part, min(n_shards, (part + 1) * per_part))
+        files = [layout.shard_file(directory, s) for s in shards]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise StoreError(
+                f"{directory}: cannot compact part {part}: shard files missing "
+                f"({', '.join(missing[:3])}); the run's shards are not all harvested"
+            )
+        for f in files:
+            check_file_schema(f, name, known)
+        table = read_files(files)
+        dims = [f for f in table.schema if f.name[:1] == "d" and f.name[1:].isdigit()]
+        dtype = "float16" if dims and str(dims[0].type) == "halffloat" else "float32"
+        expected = schemas.activation_schema(family_kind(family), len(dims) or 1, dtype)
+        written += write_table(
+            table,
+            target,
+            schema_name=name,
+            schema_version=known,
+            expected=expected,
+            row_group_bytes=PART_ROW_GROUP_BYTES,
+        )
+    return written
+
+
+def remove_shard_files(layout: RunLayout, directory: StorePath, n_shards: int) -> int:
+    """Delete a compacted directory's shard files; returns how many were removed."""
+    removed = 0
+    for shard in range(n_shards):
+        path = layout.shard_file(directory, shard)
+        if path.exists():
+            path.unlink()
+            removed += 1
+    return removed
