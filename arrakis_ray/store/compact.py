@@ -28,9 +28,14 @@ log = logging.getLogger(__name__)
 
 PART_BYTES = 512 << 20
 """Target size of a part file: a one-neuron query over 1M tokens opens two or three."""
-PART_ROW_GROUP_BYTES = 16 << 20
-"""Row groups of a part: a footer costs ~125 bytes per (row group, column), so larger
-groups mean smaller footers, while a tool reading one shard decodes whole groups."""
+PART_ROW_GROUP_BYTES = 32 << 20
+"""Row groups of a part (32k rows of 512 float16 columns): a footer costs ~125 bytes per
+(row group, column), so larger groups mean smaller footers (a one-neuron query took the
+same time with 16k, 32k and 64k rows), while a tool reading one shard decodes the
+groups that hold it."""
+PAGE_ROWS = 4096
+"""Rows per page, with a page index: one token's vector decodes 28 pages of 8 KB at
+width 14,336 instead of 28 row groups (1.9 GB read -> 0.12 GB with 1,024-row pages)."""
 
 
 def block_directories(layout: RunLayout) -> list[StorePath]:
@@ -102,6 +107,7 @@ def compact_directory(layout: RunLayout, directory: StorePath, n_shards: int, pe
             schema_version=known,
             expected=expected,
             row_group_bytes=PART_ROW_GROUP_BYTES,
+            page_rows=PAGE_ROWS,
         )
     return written
 

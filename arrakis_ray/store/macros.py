@@ -25,10 +25,13 @@ _WHERE = (
 )
 _DIMS = f"[*COLUMNS({Q * 2}^d[0-9]+${Q * 2})]"  # a row's d columns as a list, in order
 _N = "coalesce(width, _width(family, run_id))"
+# (concatenating NULL gives NULL: the text is NULL when the width is unknown)
+_VECTOR_ERROR = (
+    "'vectors(): the runs of this store hold ' || family || ' at several widths, or none: "
+    "give width := n or run_id := a run'"
+)
 _VECTOR = f"""
     'SELECT a.run_id, a.layer, a.seq_id, a.pos, list_slice(' || CASE
-        WHEN {_N} IS NULL THEN error('vectors(): the runs hold ' || family
-            || ' at several widths (or none): give width := or run_id :=')
         WHEN {_N} <= {BLOCK_DIMS} THEN '{_DIMS}'
         ELSE 'flatten(list({_DIMS} ORDER BY a.block))'
         END
@@ -36,25 +39,33 @@ _VECTOR = f"""
     || ' FROM act_' || family || ' a WHERE true' || {_WHERE} || _runs_with(family, {_N})
     || CASE WHEN {_N} > {BLOCK_DIMS} THEN ' GROUP BY ALL' ELSE '' END
 """
-# Cosine without building whole vectors: each block's rows give their part of the dot
-# product and of the norm, summed per token (one block: no grouping at all). A row's
-# values are its non-null d columns: nulls are padding, or the columns of a wider run in
-# the view (list_dot_product refuses a sliced list whose hidden tail holds a null).
-_DIRECTION = "direction::DOUBLE[]::VARCHAR || '::FLOAT[]'"
+# Cosine without building whole vectors: each block gives, per token, its part of the
+# dot product and of the squared norm (array_inner_product on FLOAT[m] arrays of that
+# block's m real columns), and the blocks are joined on the token's keys. Measured at
+# width 4,096 on 200k rows (benchmarks/BENCHMARKS.md, "Wide layouts"): 0.72x a pyarrow ->
+# numpy scan, where one FLOAT[4096] array of all columns took 6x and per-block rows
+# summed by GROUP BY 1.55x. Block b's subquery is built as text from ``b``.
+_NB = f"((len(direction) + {BLOCK_DIMS - 1}) // {BLOCK_DIMS})"
+_M = f"least({BLOCK_DIMS}, len(direction) - b * {BLOCK_DIMS})"  # real columns of block b
+_BLOCK_PART = f"""
+    '(SELECT a.run_id, a.seq_id, a.pos, array_inner_product(a.x, '
+    || list_slice(direction, b * {BLOCK_DIMS} + 1, (b + 1) * {BLOCK_DIMS})::DOUBLE[]::VARCHAR
+    || '::FLOAT[' || {_M} || ']) AS dot, array_inner_product(a.x, a.x) AS sq FROM '
+    || '(SELECT a.run_id, a.seq_id, a.pos, ['
+    || array_to_string(list_transform(range({_M}), lambda j: 'a.d' || j), ', ')
+    || ']::FLOAT[' || {_M} || '] AS x FROM act_' || family || ' a WHERE a.block = ' || b
+    || {_WHERE} || _runs_with(family, len(direction)) || ') a) AS t' || b
+    || CASE WHEN b = 0 THEN '' ELSE ' ON t' || b || '.run_id = t0.run_id AND t' || b
+        || '.seq_id = t0.seq_id AND t' || b || '.pos = t0.pos' END
+"""
 _COSINE = f"""
-    'SELECT a.run_id, a.seq_id, a.pos, '
-    || CASE WHEN len(direction) <= {BLOCK_DIMS}
-        THEN 'list_dot_product(a.v, ' || {_DIRECTION} || ') / sqrt(list_dot_product(a.v, a.v))'
-        ELSE 'sum(list_dot_product(a.v, list_slice(' || {_DIRECTION}
-            || ', a.block * {BLOCK_DIMS} + 1, a.block * {BLOCK_DIMS} + {BLOCK_DIMS})))'
-            || ' / sqrt(sum(list_dot_product(a.v, a.v)))'
-        END
-    || ' / ' || sqrt(list_sum(list_transform(direction, lambda x: x::DOUBLE * x)))
-    || ' AS cosine FROM (SELECT b.run_id, b.seq_id, b.pos, b.block, list_filter(b.l, '
-    || 'lambda x: x IS NOT NULL)::FLOAT[] AS v FROM (SELECT a.run_id, a.seq_id, a.pos, '
-    || 'a.block, {_DIMS} AS l FROM act_' || family || ' a WHERE true' || {_WHERE}
-    || _runs_with(family, len(direction)) || ') b) a'
-    || CASE WHEN len(direction) > {BLOCK_DIMS} THEN ' GROUP BY ALL' ELSE '' END
+    'SELECT t0.run_id, t0.seq_id, t0.pos, ('
+    || array_to_string(list_transform(range({_NB}), lambda b: 't' || b || '.dot'), ' + ')
+    || ') / sqrt('
+    || array_to_string(list_transform(range({_NB}), lambda b: 't' || b || '.sq'), ' + ')
+    || ') / ' || sqrt(list_sum(list_transform(direction, lambda x: x::DOUBLE * x)))
+    || ' AS cosine FROM '
+    || array_to_string(list_transform(range({_NB}), lambda b: {_BLOCK_PART}), ' JOIN ')
 """
 MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     (
@@ -77,7 +88,7 @@ MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "act_<family> at layer (NULL: every layer) with its whole vector vec FLOAT[width]; "
         "width picks the runs of that width when the store holds several",
         (),
-        f"SELECT * FROM query({_VECTOR})",
+        f"SELECT * FROM query(coalesce({_VECTOR}, error({_VECTOR_ERROR})))",
     ),
     (
         "top_contexts",

@@ -51,12 +51,15 @@ def write_table(
     schema_version: int,
     expected: pa.Schema,
     row_group_bytes: int = ROW_GROUP_BYTES,
+    page_rows: int | None = None,
 ) -> int:
     """Write ``table`` to ``path`` atomically after checking it against ``expected``.
 
     Column names, types and order must equal ``expected`` (nullability flags are taken
-    from ``expected``; a non-nullable column holding nulls is refused). Returns the size
-    of the written file in bytes.
+    from ``expected``; a non-nullable column holding nulls is refused). ``page_rows``:
+    pages of at most that many rows, with a page index, so that a reader looking up a
+    few rows decodes their pages, not their whole row group. Returns the size of the
+    written file in bytes.
     """
     problem = schema_mismatch(table.schema, expected)
     if problem:
@@ -85,6 +88,7 @@ def write_table(
             use_dictionary=keys,
             write_statistics=keys,
             row_group_size=_row_group_rows(expected, row_group_bytes),
+            **({"write_page_index": True, "max_rows_per_page": page_rows} if page_rows else {}),
         )
         size = tmp.stat().st_size  # the local copy: no request to an object store
     log.debug("wrote %s: %d rows, %d bytes", path, out.num_rows, size)

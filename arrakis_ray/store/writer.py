@@ -71,8 +71,11 @@ class RunWriter:
             )
         written = 0
         for layer, rows in _by_layer(table):
+            arrays = rows.columns  # once: each call builds a list of every column
             for block in range(n_blocks(kind, width)):
-                part = rows if kind != "dense" else _block_table(rows, n_keys, block, columns)
+                part = (
+                    rows if kind != "dense" else _block_table(rows, arrays, n_keys, block, columns)
+                )
                 written += write_table(
                     part,
                     self.layout.shard_file(self.layout.block_dir(family, layer, block), shard),
@@ -181,18 +184,19 @@ def _by_layer(table: pa.Table) -> list[tuple[int, pa.Table]]:
     return [(x, table.filter(pc.equal(table.column("layer"), x))) for x in sorted(layers)]
 
 
-def _block_table(rows: pa.Table, n_keys: int, block: int, columns: int) -> pa.Table:
-    """Dimensions ``block * BLOCK_DIMS ..`` of a dense table (keys first, then
-    ``d0..d{width-1}`` in order) as ``d0..d{columns-1}``, null past the width."""
+def _block_table(rows: pa.Table, arrays: list, n_keys: int, block: int, columns: int) -> pa.Table:
+    """Dimensions ``block * BLOCK_DIMS ..`` of a dense table (``arrays``: its columns,
+    keys first, then ``d0..d{width-1}`` in order) as ``d0..d{columns-1}``, null past the
+    width."""
     import pyarrow as pa
 
     first = n_keys + block * BLOCK_DIMS
-    arrays = rows.columns[:n_keys] + rows.columns[first : first + columns]
-    padding = columns - (len(arrays) - n_keys)
+    chosen = arrays[:n_keys] + arrays[first : first + columns]
+    padding = columns - (len(chosen) - n_keys)
     if padding:  # the last block of a width that BLOCK_DIMS does not divide
-        arrays += [pa.nulls(rows.num_rows, rows.schema.field(first).type)] * padding
-    names = rows.column_names[:n_keys] + [f"d{j}" for j in range(columns)]
-    return pa.Table.from_arrays(arrays, names=names)
+        chosen += [pa.nulls(rows.num_rows, arrays[first].type)] * padding
+    names = [rows.schema.field(i).name for i in range(n_keys)] + [f"d{j}" for j in range(columns)]
+    return pa.Table.from_arrays(chosen, names=names)
 
 
 _ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

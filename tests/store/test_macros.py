@@ -114,6 +114,14 @@ def test_cosine_topk_matches_numpy_and_skips_other_widths(
         )
         wide_dir = "[" + ", ".join(["1.0"] * (WIDTH + 2)) + "]"
         wide_rows = s.sql(f"SELECT * FROM cosine_topk('resid_post', 0, {wide_dir}, 100)")
+        # vectors() needs the width when the runs disagree, and keeps that width's runs
+        with pytest.raises(QueryError, match="several widths"):
+            s.sql("SELECT * FROM vectors('resid_post', 0)")
+        widths = s.sql(
+            "SELECT DISTINCT run_id, len(vec) AS n "
+            f"FROM vectors('resid_post', 0, width := {WIDTH + 2})"
+        )
+        assert widths.rows() == [("run-w", WIDTH + 2)]
     rows = [r for r in _dense_rows(store, ["run-a", "run-b"]) if r["layer"] == 1]
     for r in rows:
         v = r["vec"].astype(np.float64)
