@@ -44,17 +44,21 @@ _VECTOR = f"""
 # block's m real columns), and the blocks are joined on the token's keys. Measured at
 # width 4,096 on 200k rows (benchmarks/BENCHMARKS.md, "Wide layouts"): 0.72x a pyarrow ->
 # numpy scan, where one FLOAT[4096] array of all columns took 6x and per-block rows
-# summed by GROUP BY 1.55x. Block b's subquery is built as text from ``b``.
-_NB = f"((len(direction) + {BLOCK_DIMS - 1}) // {BLOCK_DIMS})"
-_M = f"least({BLOCK_DIMS}, len(direction) - b * {BLOCK_DIMS})"  # real columns of block b
+# summed by GROUP BY 1.55x. Block b's subquery is built as text from ``b``; its slice of
+# the direction goes in as one string cast to FLOAT[m]: DuckDB takes ~0.45 s to parse a
+# list literal of 4,096 numbers, and ~0.005 s to cast a string holding it (which is why
+# ``direction`` may also be given as such a string).
+_D = "direction::DOUBLE[]"
+_NB = f"((len({_D}) + {BLOCK_DIMS - 1}) // {BLOCK_DIMS})"
+_M = f"least({BLOCK_DIMS}, len({_D}) - b * {BLOCK_DIMS})"  # real columns of block b
 _BLOCK_PART = f"""
-    '(SELECT a.run_id, a.seq_id, a.pos, array_inner_product(a.x, '
-    || list_slice(direction, b * {BLOCK_DIMS} + 1, (b + 1) * {BLOCK_DIMS})::DOUBLE[]::VARCHAR
-    || '::FLOAT[' || {_M} || ']) AS dot, array_inner_product(a.x, a.x) AS sq FROM '
+    '(SELECT a.run_id, a.seq_id, a.pos, array_inner_product(a.x, {Q * 3}
+    || list_slice({_D}, b * {BLOCK_DIMS} + 1, (b + 1) * {BLOCK_DIMS})::VARCHAR
+    || '{Q * 2}::FLOAT[' || {_M} || ']) AS dot, array_inner_product(a.x, a.x) AS sq FROM '
     || '(SELECT a.run_id, a.seq_id, a.pos, ['
     || array_to_string(list_transform(range({_M}), lambda j: 'a.d' || j), ', ')
     || ']::FLOAT[' || {_M} || '] AS x FROM act_' || family || ' a WHERE a.block = ' || b
-    || {_WHERE} || _runs_with(family, len(direction)) || ') a) AS t' || b
+    || {_WHERE} || _runs_with(family, len({_D})) || ') a) AS t' || b
     || CASE WHEN b = 0 THEN '' ELSE ' ON t' || b || '.run_id = t0.run_id AND t' || b
         || '.seq_id = t0.seq_id AND t' || b || '.pos = t0.pos' END
 """
@@ -63,7 +67,7 @@ _COSINE = f"""
     || array_to_string(list_transform(range({_NB}), lambda b: 't' || b || '.dot'), ' + ')
     || ') / sqrt('
     || array_to_string(list_transform(range({_NB}), lambda b: 't' || b || '.sq'), ' + ')
-    || ') / ' || sqrt(list_sum(list_transform(direction, lambda x: x::DOUBLE * x)))
+    || ') / ' || sqrt(list_sum(list_transform({_D}, lambda x: x * x)))
     || ' AS cosine FROM '
     || array_to_string(list_transform(range({_NB}), lambda b: {_BLOCK_PART}), ' JOIN ')
 """
@@ -113,7 +117,8 @@ MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "cosine_topk",
         "cosine_topk(family, layer, direction, k, run_id := NULL): the k tokens whose "
         "act_<family> vector at layer has the largest cosine with direction (a list of n "
-        "numbers; runs whose width is not n are skipped)",
+        "numbers, or a string '[0.1, ...]': faster to parse for thousands); runs whose "
+        "width is not n are skipped",
         ("tokens",),
         f"""
         WITH top AS (

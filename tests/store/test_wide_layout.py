@@ -106,6 +106,8 @@ def test_every_macro_and_view_at_width_4100(wide_store):
         # cosine_topk(): against a direction
         direction = np.random.default_rng(5).standard_normal(WIDTH)
         cos = s.sql(f"SELECT * FROM cosine_topk('resid_post', 1, {direction.tolist()}, 3)")
+        as_text = s.sql(f"SELECT * FROM cosine_topk('resid_post', 1, '{direction.tolist()}', 3)")
+        assert as_text.equals(cos)  # the direction as a string: the same answer
         unit = l1 / np.linalg.norm(l1, axis=-1, keepdims=True)
         want_cos = unit @ (direction / np.linalg.norm(direction))
         assert list(zip(cos["seq_id"], cos["pos"], strict=True)) == _top(want_cos, 3)
