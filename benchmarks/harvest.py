@@ -3,6 +3,7 @@ and against the do-it-yourself baseline, on one random-init gpt2 model.
 
     .venv/bin/python benchmarks/harvest.py --quick     # < 3 min on 2 CPU cores
     .venv/bin/python benchmarks/harvest.py             # full corpus, < 15 min
+    .venv/bin/python benchmarks/harvest.py --wide      # a 2-layer Llama at 4096/14336, ~6 min
 
 Measured in one process, on the same model (6 layers, d_model 256, 8 heads, d_mlp 1024,
 context 128) and the same corpus (every document fills the 128-token context, so token
@@ -54,7 +55,25 @@ MODEL = dict(  # gpt2 architecture; generic HF names, which tiny_config honours
     max_position_embeddings=CONTEXT,
     vocab_size=386,  # the zoo:facts-gpt2 tokenizer's vocabulary
 )
-VALUES_PER_TOKEN = MODEL["num_hidden_layers"] * (MODEL["hidden_size"] + MODEL["intermediate_size"])
+# --wide: the shape of the store-scale issue, a 2-layer Llama at Llama-3-8B widths, where
+# the forward is costly and the write (and compaction) should hide behind it
+WIDE_MODEL = dict(
+    num_hidden_layers=2,
+    hidden_size=4096,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    max_position_embeddings=CONTEXT,
+    vocab_size=386,
+)
+WIDE_DOCS, WIDE_SHARD = 32, 8  # 4,096 tokens in 4 shards: compacted after the harvest
+
+
+def values_per_token(model: dict) -> int:
+    return model["num_hidden_layers"] * (model["hidden_size"] + model["intermediate_size"])
+
+
+VALUES_PER_TOKEN = values_per_token(MODEL)
 TOKENIZER = "zoo:facts-gpt2"
 # (documents of the 1x corpus, shard_size, repeats)
 MODES = {"quick": (32, 32, 2), "full": (256, 64, 3)}
@@ -144,11 +163,11 @@ class ProcessTree(threading.Thread):
         return sum(self.cpu.values())
 
 
-def build_model(out: Path) -> Path:
-    """A random-init gpt2 (seed 0) saved as an HF checkpoint directory."""
+def build_model(out: Path, arch: str = "gpt2", shape: dict | None = None) -> Path:
+    """A random-init model (seed 0, gpt2 by default) saved as an HF checkpoint directory."""
     from arrakis_ray.models import build_model as build
 
-    hooked = build("gpt2", seed=0, **MODEL)
+    hooked = build(arch, seed=0, **(shape or MODEL))
     hooked.model.save_pretrained(out)
     return out
 
@@ -257,7 +276,7 @@ def pipeline(name: str, model_dir: Path, data: Path, shard_size: int) -> dict:
     }
 
 
-def bench_harvest(raw: dict, store: Path) -> dict:
+def bench_harvest(raw: dict, store: Path, values: int = VALUES_PER_TOKEN) -> dict:
     """One harvest call into a fresh store: wall and CPU time, shard timeline, bytes, RSS.
 
     Shard times come from the completion markers' mtimes, written by the actor when a
@@ -276,16 +295,25 @@ def bench_harvest(raw: dict, store: Path) -> dict:
     done = sorted(p.stat().st_mtime for p in (result.run_dir / "completions").iterdir())
     per_shard = result.tokens / result.shards_done  # every shard is full
     gaps = [b - a for a, b in zip(done, done[1:], strict=False)]
-    act_bytes = sum(p.stat().st_size for p in (result.run_dir / "activations").rglob("*.parquet"))
+    act_files = list((result.run_dir / "activations").rglob("*.parquet"))
+    act_bytes = sum(p.stat().st_size for p in act_files)
+    # compaction runs after the last shard: until its last part file is written
+    parts = [p.stat().st_mtime for p in act_files if p.name.startswith("part-")]
+    compaction = max(parts) - done[-1] if parts else 0.0
+    span = done[-1] - done[0]
     out.update(
         {
             "shards": result.shards_done,
             "first_shard_done_s": done[0] - epoch0,
             "last_shard_to_return_s": wall - (done[-1] - epoch0),
-            "steady_tokens_per_s": per_shard * len(gaps) / (done[-1] - done[0]) if gaps else None,
+            "steady_tokens_per_s": per_shard * len(gaps) / span if gaps else None,
+            "compaction_s": compaction,
+            "steady_with_compaction_tokens_per_s": (
+                per_shard * len(gaps) / (span + compaction) if gaps else None
+            ),
             "shard_gap_s": _spread(gaps) if gaps else None,
             "activation_bytes": act_bytes,
-            "bytes_per_value": act_bytes / (result.tokens * VALUES_PER_TOKEN),
+            "bytes_per_value": act_bytes / (result.tokens * values),
             "peak_rss_mb": tree.peak / 2**20,
             "peak_rss_by_role_mb": {k: round(v / 2**20) for k, v in tree.peak_roles.items()},
             "peak_rss_one_process_mb": tree.peak_single / 2**20,
@@ -412,6 +440,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, help="repeats of (a), (b), (c) on the 1x corpus")
     parser.add_argument("--profile", action="store_true", help="time the sections of a shard")
     parser.add_argument("--workdir", type=Path, help="keep files here (default: a temp dir)")
+    parser.add_argument(
+        "--wide", action="store_true", help="only harvest/forward of a 2-layer 4096/14336 Llama"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("arrakis_ray").setLevel(logging.WARNING)
@@ -423,6 +454,8 @@ def main(argv: list[str] | None = None) -> dict:
     from arrakis_ray.config import ModelConfig
     from arrakis_ray.harvest.model_source import load_tokenizer
 
+    if args.wide:
+        return wide(args.workdir)
     mode = "quick" if args.quick else "full"
     n_docs, shard_size, repeats = MODES[mode]
     repeats = args.repeats or repeats
@@ -495,6 +528,13 @@ def main(argv: list[str] | None = None) -> dict:
         "harvest_10x_over_forward": round(big["tokens_per_s"] / f, 3),
         "harvest_steady_tokens_per_s": round(statistics.median(steady), 1) if steady else None,
         "harvest_steady_over_forward": round(statistics.median(steady) / f, 3) if steady else None,
+        # the 10x corpus is compacted after its last shard (the 1x one is a single shard)
+        "harvest_10x_compaction_s": round(big["compaction_s"], 3),
+        "harvest_10x_steady_with_compaction_over_forward": (
+            round(big["steady_with_compaction_tokens_per_s"] / f, 3)
+            if big["steady_with_compaction_tokens_per_s"]
+            else None
+        ),
         # tokens per CPU-second of the whole process tree: less sensitive to other tenants
         "forward_tokens_per_cpu_s": round(fc, 1),
         "harvest_tokens_per_cpu_s": round(hc, 1),
@@ -522,6 +562,54 @@ def main(argv: list[str] | None = None) -> dict:
     if profile:
         print(profile.pop("cprofile"))
         out["profile"] = profile
+    print(json.dumps(out))
+    return out
+
+
+def wide(workdir: Path | None) -> dict:
+    """harvest/forward at Llama-3-8B widths (WIDE_MODEL): one forward, one harvest."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from arrakis_ray.config import ModelConfig
+    from arrakis_ray.harvest.model_source import load_tokenizer
+
+    work = workdir or Path(tempfile.mkdtemp(prefix="arrakis-bench-wide-"))
+    work.mkdir(parents=True, exist_ok=True)
+    values = values_per_token(WIDE_MODEL)
+    try:
+        tokenizer = load_tokenizer(ModelConfig(zoo=TOKENIZER.removeprefix("zoo:")))
+        model_dir = build_model(work / "model", "llama", WIDE_MODEL)
+        write_corpus(work / "corpus.jsonl", WIDE_DOCS, tokenizer, seed=1)
+        batches = token_batches(work / "corpus.jsonl", tokenizer)
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        forward = bench_forward(hf_model, batches)
+        del hf_model  # the actor loads its own copy
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        raw = pipeline("bench-wide", model_dir, work / "corpus.jsonl", WIDE_SHARD)
+        run = bench_harvest(raw, work / "store", values)
+    finally:
+        ray.shutdown()
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    f = forward["tokens_per_s"]
+    out = {
+        "mode": "wide",
+        "model": WIDE_MODEL,
+        "tokens": run["tokens"],
+        "shards": run["shards"],
+        "forward_tokens_per_s": round(f, 2),
+        "harvest_tokens_per_s": round(run["tokens_per_s"], 2),
+        "harvest_over_forward": round(run["tokens_per_s"] / f, 3),
+        "harvest_steady_over_forward": round(run["steady_tokens_per_s"] / f, 3),
+        "harvest_steady_with_compaction_over_forward": round(
+            run["steady_with_compaction_tokens_per_s"] / f, 3
+        ),
+        "compaction_s": round(run["compaction_s"], 2),
+        "bytes_per_value": round(run["bytes_per_value"], 4),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        "runs": {"forward": _round(forward), "harvest": _round(run)},
+    }
     print(json.dumps(out))
     return out
 

@@ -120,6 +120,13 @@ def test_every_macro_and_view_at_width_4100(wide_store):
             v = acts[f"blocks.{layer}.hook_resid_post"][2, 4]
             assert tal["norm"][layer] == pytest.approx(float(np.linalg.norm(v)), rel=1e-5)
             np.testing.assert_array_equal(np.asarray(tal["dim_values"][layer]), v[[0, 4099]])
+        # context_window() does not depend on the width: the top token's context
+        q, p = want[0]
+        window = s.sql(f"SELECT context FROM context_window('wide', {q}, {p}, 1)")
+        texts = [VOCAB[t] for t in tokens[q, max(p - 1, 0) : p + 2]]
+        assert window["context"][0].replace("[", "").replace("]", "").replace("…", "") == "".join(
+            texts
+        )
         # the view: dimension i is column d<i % 512> of block i // 512
         raw = s.sql(
             "SELECT seq_id, pos, d5 FROM act_resid_post WHERE layer = 1 AND block = 2 "
