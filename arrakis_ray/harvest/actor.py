@@ -281,6 +281,6 @@ class HarvestStage:
         for layer, table in parts:
             by_layer.setdefault(layer, []).append(table)
         return sum(
-            self.writer.write_activations(family, shard, pa.concat_tables(tables))
-            for _layer, tables in sorted(by_layer.items())
+            self.writer.write_activations(family, shard, pa.concat_tables(tables), layer)
+            for layer, tables in sorted(by_layer.items())
         )

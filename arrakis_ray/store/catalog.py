@@ -123,7 +123,7 @@ class Store:
         # compacted, and each family's widths (the macros build FLOAT[width] from them)
         self._families: dict[str, set[str]] = {}
         self._compacted: set[str] = set()
-        self._running: set[str] = set()
+        self._uncompacted: set[str] = set()
         self._widths: dict[str, dict[str, int | None]] = {}
         self._tmpdir = tempfile.mkdtemp(prefix="arrakis-duckdb-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
@@ -153,8 +153,8 @@ class Store:
             self._families[run_id] = families
             if manifest.shards_per_part is not None:
                 self._compacted.add(run_id)
-            elif manifest.status == "running" and not is_remote(self.root):
-                self._running.add(run_id)  # a harvest may compact it while we are open
+            elif not is_remote(self.root):
+                self._uncompacted.add(run_id)  # a harvest may compact it while we are open
             for family in families:
                 width = family_width(manifest.shape, family)
                 self._widths.setdefault(family, {})[run_id] = width
@@ -276,22 +276,22 @@ class Store:
             parts = self._checked_files(pattern, schema_name)
             self._view(f"act_{family}", parts, blocked=True)
 
-    def _follow_compaction(self) -> None:
-        """Point the views at the parts of a run whose harvest compacted it since the
-        Store opened (its shard files are deleted right after the switch)."""
-        switched = False
-        for run_id in sorted(self._running):
+    def _follow_compaction(self) -> bool:
+        """Point the views at the parts of a run that a harvest compacted since the Store
+        opened (its shard files go right after the switch); True if one switched."""
+        switched = set()
+        for run_id in self._uncompacted:
             try:
                 manifest = read_manifest(RunLayout(self.root, run_id))
             except StoreError:
                 continue
             if manifest.shards_per_part is not None:
-                self._compacted.add(run_id)
-                switched = True
-            if manifest.status != "running":
-                self._running.discard(run_id)
+                switched.add(run_id)
         if switched:
+            self._uncompacted -= switched
+            self._compacted |= switched
             self._create_activation_views()
+        return bool(switched)
 
     def _create_macros(self) -> None:
         for statement in helper_macros(self._widths):
@@ -356,12 +356,28 @@ class Store:
         """Run one read-only query (SELECT, or EXPLAIN of one) and return its result."""
         self._check_read_only(query)
         try:
-            if self._running:
-                self._follow_compaction()
-            relation = self._require_open().sql(query)
-            return relation.pl() if relation is not None else pl.DataFrame()
+            return self._answer(query)
         except duckdb.Error as e:
             raise QueryError(str(e)) from None
+
+    def _answer(self, query: str) -> pl.DataFrame:
+        """The query's result, rerun if a harvest compacted a run under it: the query
+        may have missed (or failed on) shard files deleted after the switch to parts."""
+        if self._uncompacted:
+            self._follow_compaction()
+        try:
+            result = self._fetch(query)
+        except duckdb.IOException:
+            if not (self._uncompacted and self._follow_compaction()):
+                raise
+            return self._fetch(query)
+        if self._uncompacted and self._follow_compaction():
+            result = self._fetch(query)
+        return result
+
+    def _fetch(self, query: str) -> pl.DataFrame:
+        relation = self._require_open().sql(query)
+        return relation.pl() if relation is not None else pl.DataFrame()
 
     def views(self) -> list[str]:
         """Names of the queryable views (``runs`` included), sorted."""

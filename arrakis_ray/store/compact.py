@@ -7,11 +7,14 @@ is done, each ``layer=L/block=B`` directory's shard files are merged, P consecut
 shards per ``part-NNNNN.parquet`` (P chosen so that a part holds ~PART_BYTES), with row
 groups of ~PART_ROW_GROUP_BYTES (schemas/README.md, "Layout", has the measurements).
 
-The switch is ordered so that a reader never misses a row: every part is written first,
-then the manifest records ``shards_per_part`` (readers use parts from then on), then the
-shard files go. A call interrupted at any point is finished by the next one: parts
-already written are kept, shard files already removed are not needed. Only the harvest
-driver calls this (``compact_directory`` per directory, as Ray tasks).
+The switch is ordered so that every row stays on disk: every part is written first, then
+the manifest records ``shards_per_part`` (readers use parts from then on), then the
+shard files go. A ``RunReader`` or a query that started before the switch may fail to
+find a shard file deleted under it (``Store.sql`` notices the switch and answers again).
+A call interrupted at any point is finished by the next one: parts already written are
+kept when they hold their shards' rows, shard files already removed are not needed. The
+harvest driver runs it as Ray tasks, one per directory; ``arrakis-ray migrate`` runs it
+in its own process.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from arrakis_ray.errors import StoreError
 from arrakis_ray.store import schemas
 from arrakis_ray.store.layout import RunLayout, family_kind
 from arrakis_ray.store.location import StorePath
-from arrakis_ray.store.parquet import check_file_schema, read_files, write_table
+from arrakis_ray.store.parquet import check_file_schema, num_rows, read_files, write_table
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +87,6 @@ def compact_directory(layout: RunLayout, directory: StorePath, n_shards: int, pe
     written = 0
     for part in range(-(-n_shards // per_part)):
         target = layout.part_file(directory, part)
-        if target.exists():  # an earlier call wrote it
-            continue
         shards = range(part * per_part, min(n_shards, (part + 1) * per_part))
         files = [layout.shard_file(directory, s) for s in shards]
         missing = [f.name for f in files if not f.exists()]
@@ -94,6 +95,10 @@ def compact_directory(layout: RunLayout, directory: StorePath, n_shards: int, pe
                 f"{directory}: cannot compact part {part}: shard files missing "
                 f"({', '.join(missing[:3])}); the run's shards are not all harvested"
             )
+        # a part an interrupted call wrote is kept if it holds exactly these shards' rows
+        # (one written with another P, from other shard sizes, would not)
+        if target.exists() and num_rows(target) == sum(num_rows(f) for f in files):
+            continue
         for f in files:
             check_file_schema(f, name, known)
         table = read_files(files)

@@ -15,19 +15,18 @@ from arrakis_ray.store.layout import BLOCK_DIMS
 # so a macro binds only the views it names, created when those exist. A dense family's
 # view holds column blocks of BLOCK_DIMS dimensions (schemas/README.md): dimension i is
 # column d<i % BLOCK_DIMS> of block i // BLOCK_DIMS, and a filter on block and layer
-# opens only that block's files. ``_width(family)`` and ``_blocks(family)`` come from the
-# runs' manifests (``helper_macros``): a vector type needs its width as text (FLOAT[n]),
-# so vectors() builds its query as a string.
+# opens only that block's files. ``_width``, ``_max_width``, ``_runs_with`` and ``_view``
+# come from the runs' manifests (``helper_macros``): a vector type needs its width as
+# text (FLOAT[n]), so vectors() and cosine_topk() build their queries as strings, and
+# ``_view`` lets only a stored family's view name into them.
 Q = "'"  # a quote inside the SQL strings built below
-_WHERE = (
-    "coalesce(' AND a.layer = ' || layer::INTEGER, '')"
-    f" || coalesce(' AND a.run_id = {Q * 3} || replace(run_id, {Q * 4}, {Q * 6}) || {Q * 4}, '')"
-)
+_RUN = f"coalesce(' AND a.run_id = {Q * 3} || replace(run_id, {Q * 4}, {Q * 6}) || {Q * 4}, '')"
+_WHERE = f"coalesce(' AND a.layer = ' || layer::INTEGER, '') || {_RUN}"
 _DIMS = f"[*COLUMNS({Q * 2}^d[0-9]+${Q * 2})]"  # a row's d columns as a list, in order
 _N = "coalesce(width, _width(family, run_id))"
 # (concatenating NULL gives NULL: the text is NULL when the width is unknown)
-_VECTOR_ERROR = (
-    "'vectors(): the runs of this store hold ' || family || ' at several widths, or none: "
+_VECTOR_ERROR = (  # _view() raises first for a family the store does not hold
+    "'vectors(): the runs of this store hold ' || _view(family) || ' at several widths: "
     "give width := n or run_id := a run'"
 )
 _VECTOR = f"""
@@ -36,7 +35,7 @@ _VECTOR = f"""
         ELSE 'flatten(list({_DIMS} ORDER BY a.block))'
         END
     || ', 1, ' || {_N} || ')::FLOAT[' || {_N} || '] AS vec'
-    || ' FROM act_' || family || ' a WHERE true' || {_WHERE} || _runs_with(family, {_N})
+    || ' FROM ' || _view(family) || ' a WHERE true' || {_WHERE} || _runs_with(family, {_N})
     || CASE WHEN {_N} > {BLOCK_DIMS} THEN ' GROUP BY ALL' ELSE '' END
 """
 # Cosine without building whole vectors: each block gives, per token, its part of the
@@ -57,11 +56,13 @@ _BLOCK_PART = f"""
     || '{Q * 2}::FLOAT[' || {_M} || ']) AS dot, array_inner_product(a.x, a.x) AS sq FROM '
     || '(SELECT a.run_id, a.seq_id, a.pos, ['
     || array_to_string(list_transform(range({_M}), lambda j: 'a.d' || j), ', ')
-    || ']::FLOAT[' || {_M} || '] AS x FROM act_' || family || ' a WHERE a.block = ' || b
-    || {_WHERE} || _runs_with(family, len({_D})) || ') a) AS t' || b
+    || ']::FLOAT[' || {_M} || '] AS x FROM ' || _view(family) || ' a WHERE a.block = ' || b
+    || ' AND a.layer = ' || layer::INTEGER || {_RUN} || _runs_with(family, len({_D}))
+    || ') a) AS t' || b
     || CASE WHEN b = 0 THEN '' ELSE ' ON t' || b || '.run_id = t0.run_id AND t' || b
         || '.seq_id = t0.seq_id AND t' || b || '.pos = t0.pos' END
 """
+_COSINE_ERROR = "'cosine_topk(): give one layer (a number), not NULL'"
 _COSINE = f"""
     'SELECT t0.run_id, t0.seq_id, t0.pos, ('
     || array_to_string(list_transform(range({_NB}), lambda b: 't' || b || '.dot'), ' + ')
@@ -79,11 +80,17 @@ MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "files of that dimension's block",
         (),
         f"""
-        SELECT a.run_id, a.layer, a.seq_id, a.pos,
-               COLUMNS('^d' || (i % {BLOCK_DIMS})::VARCHAR || '$')::FLOAT AS value
-        FROM query_table('act_' || family) a
-        WHERE a.block = i // {BLOCK_DIMS}
-          AND (layer IS NULL OR a.layer = layer) AND (run_id IS NULL OR a.run_id = run_id)
+        SELECT n.* FROM (
+            SELECT a.run_id, a.layer, a.seq_id, a.pos,
+                   COLUMNS('^d' || (i % {BLOCK_DIMS})::VARCHAR || '$')::FLOAT AS value
+            FROM query_table(CASE WHEN i < 0 OR i >= _max_width(family)
+                THEN error('neuron(): ' || family || ' has dimensions 0 .. '
+                    || (_max_width(family) - 1) || ', not ' || i)
+                ELSE 'act_' || family END) a
+            WHERE a.block = i // {BLOCK_DIMS}
+              AND (layer IS NULL OR a.layer = layer) AND (run_id IS NULL OR a.run_id = run_id)
+        ) n
+        WHERE n.value IS NOT NULL  -- padding, or a narrower run's missing column
         """,
     ),
     (
@@ -122,7 +129,7 @@ MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         ("tokens",),
         f"""
         WITH top AS (
-            SELECT q.* FROM query({_COSINE}) q
+            SELECT q.* FROM query(coalesce({_COSINE}, error({_COSINE_ERROR}))) q
             WHERE q.cosine IS NOT NULL
             ORDER BY q.cosine DESC, q.run_id, q.seq_id, q.pos
             LIMIT k
@@ -185,8 +192,9 @@ MACROS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 def helper_macros(widths: dict[str, dict[str, int | None]]) -> list[str]:
     """Scalar macros from the manifests (family -> run id -> width):
     ``_width(family, run_id)``, the run's width (run_id NULL: the width every run of the
-    store has, else NULL), and ``_runs_with(family, n)``, a WHERE clause (text) keeping
-    the runs whose family has width n."""
+    store has, else NULL); ``_max_width(family)``; ``_runs_with(family, n)``, a WHERE
+    clause (text) keeping the runs whose family has width n; ``_view(family)``, the view's
+    name, or an error naming the stored families."""
     unique, per_run, runs_with = [], [], []
     for family, runs in sorted(widths.items()):
         found = set(runs.values())
@@ -200,9 +208,19 @@ def helper_macros(widths: dict[str, dict[str, int | None]]) -> list[str]:
             keep = "" if len(ids) == len(runs) else _in_list(ids)
             runs_with.append(f"WHEN '{family}/{width}' THEN '{keep}'")
     by_family, by_run = _case("family", unique), _case("family || '/' || run_id", per_run)
+    widest = [
+        f"WHEN '{f}' THEN {max(w for w in runs.values() if w is not None)}"
+        for f, runs in sorted(widths.items())
+        if any(w is not None for w in runs.values())
+    ]
+    stored = ", ".join(sorted(widths)) or "none"
+    views = [f"WHEN '{f}' THEN 'act_{f}'" for f in sorted(widths)]
+    unknown = f"error('no activations of family ' || family || ' in this store (stored: {stored})')"
     cases = {
         "_width(family, run_id)": f"CASE WHEN run_id IS NULL THEN {by_family} ELSE {by_run} END",
+        "_max_width(family)": _case("family", widest),
         "_runs_with(family, n)": _case("family || '/' || n", runs_with, "' AND false'"),
+        "_view(family)": _case("family", views, unknown),
     }
     return [f"CREATE MACRO {call} AS {body}" for call, body in cases.items()]
 

@@ -103,12 +103,16 @@ def _compact_run(layout: RunLayout) -> int:
         log.warning("run %s: not compacted (%s)", layout.run_id, e)
         return 0
     n_shards = len(manifest.shard_plan)
-    if manifest.shards_per_part is not None or layout.completed_shards() != set(range(n_shards)):
+    directories = compact.block_directories(layout)
+    if manifest.shards_per_part is not None:  # switched: only leftovers to remove
+        for directory in directories:
+            compact.remove_shard_files(layout, directory, n_shards)
+        return 0
+    if layout.completed_shards() != set(range(n_shards)):
         return 0
     per_part = compact.plan_parts(layout, n_shards)
     if per_part <= 1:
         return 0
-    directories = compact.block_directories(layout)
     for directory in directories:
         compact.compact_directory(layout, directory, n_shards, per_part)
     write_manifest(layout, manifest.with_changes(shards_per_part=per_part))

@@ -225,6 +225,8 @@ class RunReader:
         if per_part is None:
             return self._read([self.layout.shard_file(directory, shard)], name, columns)
         first, last = self._seq_range(shard)
+        if first is None:  # a shard without tokens: no rows (seq_id is never negative)
+            first = last = -1
         filters = [("seq_id", ">=", first), ("seq_id", "<=", last)]
         path = self.layout.part_file(directory, shard // per_part)
         if columns is not None and "seq_id" not in columns:
@@ -232,13 +234,13 @@ class RunReader:
             return table.drop_columns(["seq_id"])
         return self._read([path], name, columns, filters)
 
-    def _seq_range(self, shard: int) -> tuple[int, int]:
-        """Smallest and largest seq_id of a shard (from its tokens file)."""
+    def _seq_range(self, shard: int) -> tuple[int | None, int | None]:
+        """Smallest and largest seq_id of a shard (from its tokens file; None if empty)."""
+        import pyarrow.compute as pc
+
         if shard not in self._seq_ranges:
             path = self.layout.shard_file(self.layout.tokens_dir, shard)
             seq = self._read([path], "tokens", ["seq_id"]).column("seq_id")
-            import pyarrow.compute as pc
-
             bounds = pc.min_max(seq)
             self._seq_ranges[shard] = (bounds["min"].as_py(), bounds["max"].as_py())
         return self._seq_ranges[shard]

@@ -51,10 +51,13 @@ class RunWriter:
 
     # ---------------------------------------------------------------- harvest tables
 
-    def write_activations(self, family: str, shard: int, table: pa.Table) -> int:
+    def write_activations(
+        self, family: str, shard: int, table: pa.Table, layer: int | None = None
+    ) -> int:
         """One shard's table of a hook family (any of its layers, every dimension as a
         column ``d0..``), stored as one file per (layer, column block) and checked
-        against its kind's schema. Returns the bytes written."""
+        against its kind's schema. ``layer``: the table's one layer, so that a shard
+        without rows still writes its (empty) files. Returns the bytes written."""
         kind = family_kind(family)
         name = schemas.activation_schema_name(kind)
         version = schemas.load_schema(name).version
@@ -70,7 +73,8 @@ class RunWriter:
                 f"then d0..d{len(dims) - 1} in order"
             )
         written = 0
-        for layer, rows in _by_layer(table):
+        layers = _by_layer(table) if table.num_rows or layer is None else [(layer, table)]
+        for layer_of_rows, rows in layers:
             arrays = rows.columns  # once: each call builds a list of every column
             for block in range(n_blocks(kind, width)):
                 part = (
@@ -78,7 +82,9 @@ class RunWriter:
                 )
                 written += write_table(
                     part,
-                    self.layout.shard_file(self.layout.block_dir(family, layer, block), shard),
+                    self.layout.shard_file(
+                        self.layout.block_dir(family, layer_of_rows, block), shard
+                    ),
                     schema_name=name,
                     schema_version=version,
                     expected=expected,

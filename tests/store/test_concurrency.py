@@ -66,8 +66,8 @@ def _check(store) -> tuple[int, int]:
 
 def _start(tmp_path, store, i: int, docs: int, env: dict) -> subprocess.Popen:
     """An ``arrakis-ray harvest`` process of ``docs`` documents, logging to harvest-<i>.log."""
-    # compact: false, the shard files stay: a query during the switch to parts could
-    # miss a run's rows (schemas/README.md, "Compaction")
+    # compact: false keeps this test about shards landing while a reader queries (the
+    # switch to parts under an open Store: test_wide_layout.py)
     raw = pipeline_dict(
         hooks=["blocks.*.hook_resid_post"], shard_size=1, batch_size=1, compact=False
     )

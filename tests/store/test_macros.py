@@ -88,8 +88,12 @@ def test_top_contexts_ties_and_errors(two_runs: tuple[Path, dict[str, RunData]])
     with Store(store) as s:
         got = s.sql("SELECT * FROM top_contexts('resid_post', 0, 0, 4, run_id := 'run-t')")
         assert got.select("seq_id", "pos").rows() == [(0, 0), (0, 2), (0, 4), (1, 0)]
-        with pytest.raises(QueryError, match="d99"):
+        with pytest.raises(QueryError, match=r"has dimensions 0 \.\. 5, not 99"):
             s.sql("SELECT * FROM top_contexts('resid_post', 0, 99, 4)")
+        with pytest.raises(QueryError, match="give one layer"):
+            s.sql("SELECT * FROM cosine_topk('resid_post', NULL, [1, 0, 0, 0, 0, 0], 4)")
+        with pytest.raises(QueryError, match=r"no activations of family nope .*resid_post"):
+            s.sql("SELECT * FROM vectors('nope', 0)")
         with pytest.raises(QueryError, match="act_nope"):
             s.sql("SELECT * FROM top_contexts('nope', 0, 0, 4)")
 
