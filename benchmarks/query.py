@@ -302,12 +302,13 @@ class Scan:
 
     def __init__(self, root: Path) -> None:
         layout = RunLayout(root, RUN_ID)
-        files = sorted(layout.activation_dir(FAMILY).glob("shard-*.parquet"))
+        # one layer, one column block at this width: d<i> is dimension i
+        files = sorted(layout.activation_dir(FAMILY).rglob("*.parquet"))
         n = sum(pq.read_metadata(f).num_rows for f in files)
         self.values = np.empty((WIDTH, n), np.float16)  # by neuron, as the files store it
         keys, lo = [], 0
         for f in files:
-            table = pq.read_table(f)  # every column, as a do-it-yourself reader does
+            table = pq.read_table(f, partitioning=None)  # every column, as a DIY reader does
             hi = lo + table.num_rows
             for i in range(WIDTH):
                 self.values[i, lo:hi] = table.column(f"d{i}").to_numpy()
@@ -394,8 +395,8 @@ def column_baseline(root: Path) -> pl.DataFrame:
     layout = RunLayout(root, RUN_ID)
 
     def read(directory: Path, columns: list[str]) -> pa.Table:
-        files = sorted(directory.glob("shard-*.parquet"))
-        return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+        files = sorted(directory.rglob("shard-*.parquet"))  # activations: layer=3/block=0/
+        return pa.concat_tables(pq.read_table(f, columns=columns, partitioning=None) for f in files)
 
     act = read(layout.activation_dir(FAMILY), ["seq_id", "pos", f"d{NEURON}"])
     tokens = read(layout.tokens_dir, ["seq_id", "pos", "token_text"])
@@ -454,7 +455,7 @@ def measure(store: Store, queries: dict[str, str], repeats: dict[str, int], want
 
 def store_facts(root: Path) -> dict:
     """Files, row groups and footer sizes of the activation directory."""
-    files = sorted(RunLayout(root, RUN_ID).activation_dir(FAMILY).glob("shard-*.parquet"))
+    files = sorted(RunLayout(root, RUN_ID).activation_dir(FAMILY).rglob("*.parquet"))
     metas = [pq.read_metadata(f) for f in files]
     groups = sum(m.num_row_groups for m in metas)
     return {

@@ -183,8 +183,8 @@ def _run_shards(plan: RunPlan, layout, pending: list) -> dict:
 
 
 def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: bool) -> RunManifest:
-    """Merge the finished run's small shard files into parts, one Ray task per
-    directory (``store/compact.py``); returns the manifest, updated once they exist."""
+    """Merge the finished run's small shard files into parts, as Ray tasks over groups
+    of directories (``store/compact.py``); returns the manifest, updated once they exist."""
     import ray
 
     layout = writer.layout
@@ -197,8 +197,9 @@ def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: b
             return manifest  # the files are large already
         started = time.perf_counter()
         ensure_ray()
-        task = ray.remote(compact.compact_directory).options(num_cpus=1)
-        written = sum(ray.get([task.remote(layout, d, n_shards, per_part) for d in directories]))
+        task = ray.remote(_compact_group).options(num_cpus=1)
+        groups = _groups(directories)
+        written = sum(ray.get([task.remote(layout, g, n_shards, per_part) for g in groups]))
         manifest = manifest.with_changes(shards_per_part=per_part)
         writer.write_manifest(manifest)  # readers switch to the parts here
         log.info(
@@ -209,9 +210,27 @@ def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: b
     leftovers = [d for d in directories if any(d.glob("shard-*.parquet"))]
     if leftovers:  # after the switch, or from a call interrupted after it
         ensure_ray()
-        task = ray.remote(compact.remove_shard_files).options(num_cpus=0.25)
-        ray.get([task.remote(layout, d, n_shards) for d in leftovers])
+        task = ray.remote(_remove_group).options(num_cpus=0.25)
+        ray.get([task.remote(layout, g, n_shards) for g in _groups(leftovers)])
     return manifest
+
+
+def _groups(directories: list) -> list[list]:
+    """The directories dealt into one group per CPU of the cluster: a Ray task per group,
+    not per directory (a task per directory spent seconds starting workers for runs of
+    a few MB per directory)."""
+    import ray
+
+    n = max(1, min(len(directories), int(ray.cluster_resources().get("CPU", 1))))
+    return [directories[i::n] for i in range(n)]
+
+
+def _compact_group(layout, directories: list, n_shards: int, per_part: int) -> int:
+    return sum(compact.compact_directory(layout, d, n_shards, per_part) for d in directories)
+
+
+def _remove_group(layout, directories: list, n_shards: int) -> int:
+    return sum(compact.remove_shard_files(layout, d, n_shards) for d in directories)
 
 
 def _tokenize(batch, config, vocab_size):

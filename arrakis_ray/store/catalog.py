@@ -18,7 +18,6 @@ EXPLAIN of a SELECT), so a query can neither write nor read outside the store.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -30,7 +29,6 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from arrakis_ray.config import to_dict
 from arrakis_ray.errors import QueryError, SchemaError, StoreError
 from arrakis_ray.store.layout import (
     FAMILY_KIND,
@@ -39,29 +37,16 @@ from arrakis_ray.store.layout import (
     list_run_ids,
     open_store,
 )
-from arrakis_ray.store.location import arrow_source, is_remote, tree_bytes
+from arrakis_ray.store.location import arrow_source, is_remote
 from arrakis_ray.store.macros import MACROS, helper_macros
-from arrakis_ray.store.manifest import RunManifest, family_width, read_manifest
+from arrakis_ray.store.manifest import family_width, read_manifest
 from arrakis_ray.store.parquet import check_file_schema, read_schema
+from arrakis_ray.store.run_rows import RUNS_COLUMNS, manifest_stamp, run_row
 from arrakis_ray.store.schemas import activation_schema_name, load_schema
 
 log = logging.getLogger(__name__)
 
 SHARD_GLOB = "shard-*.parquet"
-RUNS_COLUMNS = (
-    ("run_id", "VARCHAR"),
-    ("name", "VARCHAR"),
-    ("status", "VARCHAR"),
-    ("model", "VARCHAR"),
-    ("arch", "VARCHAR"),
-    ("n_sequences", "BIGINT"),
-    ("n_tokens", "BIGINT"),
-    ("hooks", "VARCHAR[]"),
-    ("created_at", "VARCHAR"),
-    ("tokens_per_s", "DOUBLE"),
-    ("bytes", "BIGINT"),
-    ("manifest", "VARCHAR"),
-)
 # Prefix of EXPLAIN [ANALYZE] [(options)] after leading whitespace and comments.
 _EXPLAIN = re.compile(
     r"^(?:\s+|--[^\n]*\n|/\*.*?\*/)*EXPLAIN\s*(?:\([^)]*\)\s*)?(?:ANALY[SZ]E\b)?",
@@ -82,33 +67,6 @@ def _duckdb_types(schema: pa.Schema) -> pa.Schema:
     )
 
 
-def _run_row(layout: RunLayout) -> tuple[dict, RunManifest | None]:
-    """One row of the ``runs`` view, and the run's manifest; a run without a readable
-    manifest still gets a row (and no activation views: they need its shape)."""
-    row: dict = {"run_id": layout.run_id, "bytes": tree_bytes(layout.root)}
-    try:
-        manifest = read_manifest(layout)
-    except StoreError as e:
-        log.warning("%s", e)
-        row["status"] = "no-manifest" if not layout.manifest_path.exists() else "corrupt-manifest"
-        return row, None
-    row.update(
-        name=manifest.name,
-        status=manifest.status,
-        model=manifest.model_source,
-        arch=manifest.shape.arch,
-        n_sequences=manifest.data.n_sequences,
-        n_tokens=manifest.harvest.n_tokens,
-        hooks=list(manifest.hooks),
-        created_at=manifest.created_at,
-        tokens_per_s=manifest.harvest.tokens_per_s,
-    )
-    data = manifest.to_json()
-    data["results"] = {name: to_dict(r) for name, r in manifest.results.items()}
-    row["manifest"] = json.dumps(data, sort_keys=True)
-    return row, manifest
-
-
 class Store:
     """A store opened for SQL: ``Store(root).sql("SELECT ...")`` returns a Polars frame."""
 
@@ -123,7 +81,7 @@ class Store:
         # compacted, and each family's widths (the macros build FLOAT[width] from them)
         self._families: dict[str, set[str]] = {}
         self._compacted: set[str] = set()
-        self._uncompacted: set[str] = set()
+        self._uncompacted: dict[str, tuple] = {}  # run id -> its manifest's file stamp
         self._widths: dict[str, dict[str, int | None]] = {}
         self._tmpdir = tempfile.mkdtemp(prefix="arrakis-duckdb-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
@@ -145,7 +103,7 @@ class Store:
     def _create_runs(self) -> None:
         rows = []
         for run_id in self._run_ids:
-            row, manifest = _run_row(RunLayout(self.root, run_id))
+            row, manifest = run_row(RunLayout(self.root, run_id))
             rows.append(row)
             if manifest is None:
                 continue
@@ -154,7 +112,10 @@ class Store:
             if manifest.shards_per_part is not None:
                 self._compacted.add(run_id)
             elif not is_remote(self.root):
-                self._uncompacted.add(run_id)  # a harvest may compact it while we are open
+                # a harvest may compact it while we are open
+                self._uncompacted[run_id] = manifest_stamp(
+                    RunLayout(self.root, run_id).manifest_path
+                )
             for family in families:
                 width = family_width(manifest.shape, family)
                 self._widths.setdefault(family, {})[run_id] = width
@@ -280,15 +241,21 @@ class Store:
         """Point the views at the parts of a run that a harvest compacted since the Store
         opened (its shard files go right after the switch); True if one switched."""
         switched = set()
-        for run_id in self._uncompacted:
+        for run_id, stamp in list(self._uncompacted.items()):
+            layout = RunLayout(self.root, run_id)
+            now = manifest_stamp(layout.manifest_path)
+            if now == stamp:  # a stat per query, not a manifest parse (~2 ms)
+                continue
+            self._uncompacted[run_id] = now
             try:
-                manifest = read_manifest(RunLayout(self.root, run_id))
+                manifest = read_manifest(layout)
             except StoreError:
                 continue
             if manifest.shards_per_part is not None:
                 switched.add(run_id)
         if switched:
-            self._uncompacted -= switched
+            for run_id in switched:
+                del self._uncompacted[run_id]
             self._compacted |= switched
             self._create_activation_views()
         return bool(switched)

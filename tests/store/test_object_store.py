@@ -95,11 +95,13 @@ def s3_run(s3_endpoint, ray_session):
     """A float16 harvest + logit lens into s3://lab/store (run once for the module)."""
     from arrakis_ray.config import pipeline_from_dict
     from arrakis_ray.harvest.driver import harvest
+    from arrakis_ray.store import compact
     from arrakis_ray.tools.runner import analyze
 
     mp = pytest.MonkeyPatch()
     for key, value in _aws_env(s3_endpoint).items():
         mp.setenv(key, value)
+    mp.setattr(compact, "MIN_SHARDS", 2)  # compact the 3 shards: in the bucket too
     uploads_before = set(Path(tempfile.gettempdir()).glob(".arrakis-upload-*"))
     try:
         config = pipeline_from_dict(pipeline_dict(hooks=HOOKS, storage_dtype="float16"))
