@@ -14,7 +14,7 @@ would take too long here. Shards hold as many sequences as the harvest's automat
 ``shard_size`` gives this hook (~128 MiB per shard: 960 sequences, 18 files); copies with
 64 (the old default: 8,192 rows, 256 files) and, in the full mode, 256 sequences per shard
 show what the file count costs. The stores are cached under
-/tmp/arrakis-bench-query (~2.2 GB each) and reused; delete the directory to rebuild.
+/tmp/arrakis-bench-query-v2 (~2.2 GB each) and reused; delete the directory to rebuild.
 
 Timed through ``arrakis_ray.store.catalog.Store(store).sql`` (the read-only surface):
 
@@ -82,7 +82,7 @@ HEAVY = (7, NEURON, 300)  # neurons scaled by 8, as a few dimensions of real act
 VOCAB = 4096
 SEED = 1234
 RUN_ID = "synthetic-2m"
-CACHE = Path("/tmp/arrakis-bench-query")
+CACHE = Path("/tmp/arrakis-bench-query-v2")  # -v2: store layout 2 (a layout-1 cache is refused)
 VERSION = 3  # bump when the generated data or the store layout changes
 DASHBOARD = "neuron_top_contexts"
 TARGETS = {"topk_neuron_s": 0.2, "dashboard_lookup_s": 0.05, "topk_over_baseline": 20.0}
