@@ -109,9 +109,8 @@ def compact_directory(layout: RunLayout, directory: StorePath, n_shards: int, pe
         for f in files:
             check_file_schema(f, name, known)
         table = read_files(files)
-        dims = [f for f in table.schema if f.name[:1] == "d" and f.name[1:].isdigit()]
-        dtype = "float16" if dims and str(dims[0].type) == "halffloat" else "float32"
-        expected = schemas.activation_schema(family_kind(family), len(dims) or 1, dtype)
+        n_dims, dtype = schemas.stored_dims(table.schema)
+        expected = schemas.activation_schema(family_kind(family), n_dims or 1, dtype)
         written += write_table(
             table,
             target,

@@ -235,6 +235,17 @@ def activation_schema(kind: str, width: int, dtype: str) -> pa.Schema:
     return schema.arrow(width, dtype)
 
 
+def stored_dims(schema: pa.Schema) -> tuple[int, str]:
+    """(number of ``d<i>`` columns, their storage dtype) of an activation table's schema;
+    float32 when it has none (a pattern table). Another type keeps its own name, which
+    ``activation_schema`` then refuses by name."""
+    dims = [f for f in schema if f.name[:1] == "d" and f.name[1:].isdigit()]
+    if not dims:
+        return 0, "float32"
+    names = {pa.float16(): "float16", pa.float32(): "float32"}
+    return len(dims), names.get(dims[0].type, str(dims[0].type))
+
+
 def schema_mismatch(actual: pa.Schema, expected: pa.Schema) -> str | None:
     """The first difference in column names, types or order, or None if they agree."""
     for i, (a, e) in enumerate(zip(actual, expected, strict=False)):

@@ -61,16 +61,15 @@ class RunWriter:
         kind = family_kind(family)
         name = schemas.activation_schema_name(kind)
         version = schemas.load_schema(name).version
-        dims = [f for f in table.schema if f.name[:1] == "d" and f.name[1:].isdigit()]
-        width = len(dims) if dims else None
-        dtype = _DTYPES.get(str(dims[0].type), str(dims[0].type)) if dims else "float32"
+        n_dims, dtype = schemas.stored_dims(table.schema)
+        width = n_dims or None
         columns = block_width(kind, width)
         expected = schemas.activation_schema(kind, columns or 1, dtype)
-        n_keys = table.num_columns - len(dims)
-        if kind == "dense" and table.column_names[n_keys:] != [f"d{i}" for i in range(len(dims))]:
+        n_keys = table.num_columns - n_dims
+        if kind == "dense" and table.column_names[n_keys:] != [f"d{i}" for i in range(n_dims)]:
             raise SchemaError(
                 f"activations of {family!r} for shard {shard}: columns must be the keys, "
-                f"then d0..d{len(dims) - 1} in order"
+                f"then d0..d{n_dims - 1} in order"
             )
         written = 0
         layers = _by_layer(table) if table.num_rows or layer is None else [(layer, table)]
@@ -175,9 +174,6 @@ class RunWriter:
         with atomic_open(path, "wb") as f:
             f.write(data)
         return path.relative_to(self.layout.root).as_posix()
-
-
-_DTYPES = {"halffloat": "float16", "float": "float32"}
 
 
 def _by_layer(table: pa.Table) -> list[tuple[int, pa.Table]]:
