@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from arrakis_ray.errors import ConfigError
 
@@ -135,8 +138,10 @@ class HarvestConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_bytes is not None and self.max_bytes < 1:
             raise ValueError("max_bytes must be positive")
-        if self.num_gpus_per_actor < 0 or self.num_cpus_per_actor < 0:
-            raise ValueError("num_gpus_per_actor and num_cpus_per_actor must be >= 0")
+        for name in ("num_gpus_per_actor", "num_cpus_per_actor"):
+            # not (x >= 0): a NaN compares false with everything
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number >= 0")
 
 
 # fields renamed since a release: (dataclass, old name) -> new name
@@ -170,15 +175,10 @@ class PipelineConfig:
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline YAML file; relative data paths resolve against it."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw = dict(raw)
@@ -188,6 +188,88 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         if not data_path.is_absolute():
             raw["data"] = {**data, "path": str((path.parent / data_path).resolve())}
     return pipeline_from_dict(raw, source=str(path))
+
+
+class _PipelineLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases as it composes, before any expansion.
+
+    Refused outright rather than capped: a pipeline file is a short hand-written config
+    with no need for them, while a 731-byte nest of aliases ("billion laughs") expands
+    to gigabytes in whatever walks the result (a cap would have to guard every walk).
+    Composing meets each anchor and alias as one event: nothing is ever expanded.
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        name = getattr(event, "anchor", None)  # set on an anchored node and on an alias
+        if name is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise ConfigError(
+                f"{self.name}:{event.start_mark.line + 1}: YAML {sign}{name}: anchors and "
+                "aliases are not allowed in a pipeline file; write the value out"
+            )
+        return super().compose_node(parent, index)
+
+
+def _read_yaml(path: Path) -> Any:
+    """A pipeline file parsed strictly: UTF-8, no anchors or aliases, no key twice."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset "
+            f"{exc.start})"
+        ) from None
+    loader = _PipelineLoader(text)
+    loader.name = str(path)  # the file its errors name (PyYAML's own marks too)
+    try:
+        node = loader.get_single_node()
+        if node is None:  # an empty file
+            return None
+        _refuse_duplicate_keys(node, path, "")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(path, exc)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a pipeline file: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path, where: str) -> None:
+    """Refuse a mapping that gives a key twice (plain YAML keeps the last one silently).
+
+    Walks the composed nodes, before construction; aliases were refused when composing,
+    so the nodes form a tree and the walk is linear in the file's size.
+    """
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{where}[{i}]")
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}  # (tag, text) of a key -> its line
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode):  # a list or mapping: construction refuses
+                continue
+            line, name = key.start_mark.line + 1, _join(where, key.value)
+            if (key.tag, key.value) in first_line:
+                raise ConfigError(
+                    f"{path}: {name}: key given twice (lines "
+                    f"{first_line[key.tag, key.value]} and {line}); keep one"
+                )
+            first_line[key.tag, key.value] = line
+            _refuse_duplicate_keys(value, path, name)
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line from PyYAML's multi-line message: file, line, problem, context."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{problem} ({context})" if context else problem
+    return f"{where}: not valid YAML: {' '.join(text.split())}"
 
 
 def pipeline_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
@@ -269,6 +351,7 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {where}: expected a mapping, got {_show(value)}")
+        _check_plain(value, source, where)
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
@@ -281,14 +364,33 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {where}: expected a number, got {_show(value)}")
+        _check_plain(value, source, where)
         return float(value)
     if hint is str:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{source}: {where}: expected a non-empty string, got {_show(value)}")
         return value
     if hint is Any:
+        _check_plain(value, source, where)
         return value
     raise TypeError(f"unsupported config type {hint!r} at {where}")  # a bug, not user input
+
+
+def _check_plain(value: Any, source: str, where: str) -> None:
+    """Refuse what a free-form value (``model.config``, tool params) may not hold: a
+    non-finite number (YAML's ``.nan``, ``.inf``, which JSON manifests cannot store and
+    no size or rate means), or a mapping key that is not text (HF config overrides and
+    tool parameters are keywords)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {where}: expected a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: {_join(where, str(key))}: keys must be text")
+            _check_plain(item, source, _join(where, key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, source, f"{where}[{i}]")
 
 
 def _join(where: str, key: str) -> str:

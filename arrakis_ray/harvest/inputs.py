@@ -143,12 +143,14 @@ def read_shard_column(shard: Shard, column: str) -> list:
         f.seek(shard.offset)
         line_no = _line_number(shard)
         while len(values) < shard.count:
+            offset = f.tell()
             raw = f.readline()
             if not raw:
                 raise DataError(f"{shard.file}: ended early (changed since the shard plan?)")
             line_no += 1
             if raw.strip():
-                values.append(_parse_line(raw, shard, column, line_no))
+                text = _decode(raw, shard.file, line_no, offset)
+                values.append(_parse_line(text, shard, column, line_no))
     return values
 
 
@@ -175,14 +177,35 @@ def data_fingerprint(
 
 
 def _line_starts(file: Path) -> list[int]:
-    """Byte offsets of the non-empty lines of a text file (one document per line)."""
+    """Byte offsets of the non-empty lines of a text file (one document per line).
+
+    Every line is checked to be UTF-8 here, while the plan scans the file anyway, so
+    a stray byte fails before the run starts, naming its line, in .txt and .jsonl alike.
+    """
     starts, offset = [], 0
     with open(file, "rb") as f:
-        for raw in f:
+        for line_no, raw in enumerate(f, start=1):
+            _decode(raw, file, line_no, offset)
             if raw.strip():
                 starts.append(offset)
             offset += len(raw)
     return starts
+
+
+def _decode(raw: bytes, file: str | Path, line_no: int, offset: int) -> str:
+    """One line of a text input as str, or a DataError naming its line and byte.
+
+    ``offset`` is where the line starts in the file; a UTF-8 byte order mark opening
+    the file is not part of the first document.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{file}:{line_no}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset "
+            f"{offset + exc.start} (column {exc.start + 1}); re-encode the file as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff") if offset == 0 else text
 
 
 def _parquet_starts(file: Path) -> list[int]:
@@ -263,13 +286,13 @@ def _line_number(shard: Shard) -> int:
         return f.read(shard.offset).count(b"\n")
 
 
-def _parse_line(raw: bytes, shard: Shard, column: str, line_no: int):
+def _parse_line(text: str, shard: Shard, column: str, line_no: int):
     if shard.format == "text":
         if column != "text":
             raise DataError(f"{shard.file}: a .txt file has only the column 'text', not '{column}'")
-        return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        return text.rstrip("\r\n")
     try:
-        record = json.loads(raw)
+        record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{shard.file}:{line_no}: not valid JSON: {exc.msg}") from None
     if not isinstance(record, dict) or column not in record:

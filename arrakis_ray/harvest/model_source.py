@@ -8,6 +8,7 @@ which allocates nothing. Actors load the real weights onto their own device.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from functools import lru_cache
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from arrakis_ray.config import ModelConfig, to_dict
-from arrakis_ray.errors import ConfigError, ModelLoadError
+from arrakis_ray.errors import ArrakisError, ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
     from arrakis_ray.models import HookedModel
@@ -35,6 +36,82 @@ def checkpoint_dir(cfg: ModelConfig) -> Path | None:
     return None
 
 
+def check_config_overrides(cfg: ModelConfig, source: str) -> None:
+    """Refuse a ``model.config`` key the architecture's HF config class does not know.
+
+    An HF config keeps any keyword it does not know as a plain attribute, so a typo
+    (``n_layers``) or another family's name (gpt2's ``n_layer`` on llama) would
+    silently build the default-sized model. Known: the fields of a default instance,
+    the class's ``attribute_map`` aliases, and ``intermediate_size`` (``tiny_config``
+    takes it for every family). A key outside those that HF consumes anyway (a legacy
+    name such as gpt-neox's ``rotary_pct``, folded into ``rope_parameters``) is kept.
+    """
+    if not cfg.config:
+        return
+    from transformers import AutoConfig
+
+    model_type = _model_type(cfg.arch)
+    known = _known_config_keys(model_type)
+    strangers = [k for k in cfg.config if not isinstance(k, str) or k not in known]
+    if not strangers:
+        return
+    unknown = next((k for k in strangers if not isinstance(k, str)), None)
+    if unknown is None:
+        try:
+            probe = AutoConfig.for_model(model_type, **{k: cfg.config[k] for k in strangers})
+        except Exception:  # HF reacted to the key, so it knows it: tiny_config reports the value
+            return
+        kept = probe.to_dict()
+        unknown = next((k for k in strangers if k in kept), None)
+    if unknown is None:
+        return
+    hint = _suggest_config_key(str(unknown), known)
+    class_name = type(AutoConfig.for_model(model_type)).__name__
+    raise ConfigError(
+        f"{source}: model.config.{unknown}: not a field of {class_name}, the config of "
+        f"model.arch {cfg.arch}{hint}"
+    )
+
+
+def _model_type(arch: str) -> str:
+    from arrakis_ray.models.adapters import ADAPTERS
+
+    return ADAPTERS[_canonical_arch(arch)].model_types[0]
+
+
+@lru_cache(maxsize=16)
+def _known_config_keys(model_type: str) -> frozenset[str]:
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    aliases = getattr(type(default), "attribute_map", {})
+    return frozenset({*default.to_dict(), *aliases, "intermediate_size"})
+
+
+@lru_cache(maxsize=1)
+def _family_names() -> dict[str, tuple[str, str]]:
+    """A family's own name of a generic config field -> (the generic name, the family),
+    over every supported family: ``n_layer`` -> (``num_hidden_layers``, gpt2)."""
+    from transformers import AutoConfig
+
+    from arrakis_ray.models.adapters import ADAPTERS
+
+    names = {}
+    for arch, adapter in ADAPTERS.items():
+        config_class = type(AutoConfig.for_model(adapter.model_types[0]))
+        aliases = getattr(config_class, "attribute_map", {})
+        names.update({native: (generic, arch) for generic, native in aliases.items()})
+    return names
+
+
+def _suggest_config_key(key: str, known: frozenset[str]) -> str:
+    generic, family = _family_names().get(key, (None, None))
+    if generic in known:
+        return f"; did you mean {generic}? ({key} is {family}'s name for it)"
+    close = difflib.get_close_matches(key, sorted(known), n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedModel:
     """The real model, weights and all, on ``device``."""
     from arrakis_ray.models import build_model, load_pretrained
@@ -51,22 +128,51 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedModel:
 def describe_model(cfg: ModelConfig) -> HookedModel:
     """The model's structure without its weights (on the meta device)."""
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from arrakis_ray.models import HookedModel, tiny_config
 
     path = checkpoint_dir(cfg)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if path is not None:
+        field = "model.path"
         try:
             hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"model.path: cannot read {path}/config.json: {exc}") from None
+            raise ModelLoadError(
+                f"{field}: cannot read {path}/config.json: {_one_line(exc)}"
+            ) from None
     else:
-        hf_config = tiny_config(cfg.arch, **cfg.config)
-    with torch.device("meta"):
-        hf_model = AutoModelForCausalLM.from_config(hf_config)
-    return HookedModel(hf_model, tokenizer=None)
+        field, arch = "model.config", _canonical_arch(cfg.arch)
+        try:
+            hf_config = tiny_config(arch, **cfg.config)
+        except Exception as exc:  # HF validates values as it builds a config
+            raise ModelLoadError(f"{field}: {_one_line(exc)}") from None
+    try:
+        with torch.device("meta"):
+            hf_model = AutoModelForCausalLM.from_config(hf_config)
+        return HookedModel(hf_model, tokenizer=None)
+    except ArrakisError:  # an architecture without a hook adapter: already said well
+        raise
+    except Exception as exc:  # sizes HF or the adapter cannot build (heads, 0 layers, ...)
+        raise ModelLoadError(
+            f"{field}: cannot build a model of this config: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+
+
+def _canonical_arch(arch: str) -> str:
+    from arrakis_ray.models.tiny import canonical_arch
+
+    try:
+        return canonical_arch(arch)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model.arch: {exc}") from None
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's text as one line of at most ``limit`` characters (HF's validation
+    errors span several lines)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @lru_cache(maxsize=4)

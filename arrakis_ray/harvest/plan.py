@@ -22,9 +22,17 @@ import numpy as np
 from arrakis_ray.config import DataConfig, ModelConfig, PipelineConfig
 from arrakis_ray.errors import ConfigError
 from arrakis_ray.harvest import inputs
+from arrakis_ray.harvest.checks import (
+    check_cluster_fits,  # noqa: F401 (the driver's: called once Ray is up)
+    check_position_limit,
+    check_tokenizer_fits,
+    named_in,
+)
 from arrakis_ray.harvest.model_source import (
+    check_config_overrides,
     checkpoint_dir,
     describe_model,
+    load_tokenizer,
     model_source_fingerprint,
 )
 from arrakis_ray.store.manifest import ModelShape, Shard
@@ -47,9 +55,16 @@ def plan_run(config: PipelineConfig) -> RunPlan:
     Raises the user's error (ConfigError, DataError, UnknownHookError, ModelLoadError)
     before anything is written anywhere.
     """
-    shape, hook_names, hook_shapes = _model_facts(
-        _shape_key(config.model), tuple(config.harvest.hooks)
-    )
+    with named_in(config.source):
+        return _plan_run(config)
+
+
+def _plan_run(config: PipelineConfig) -> RunPlan:
+    check_config_overrides(config.model, config.source)  # before a model is built of them
+    shape_key = _shape_key(config.model)
+    shape, hook_names, hook_shapes = _model_facts(shape_key, tuple(config.harvest.hooks))
+    check_position_limit(config, _described(shape_key).model.config)
+    check_tokenizer_fits(config, load_tokenizer(config.model), shape.d_vocab)
     if config.harvest.shard_size is None:  # resolved before the run id is hashed
         size = auto_shard_size(config, hook_shapes)
         config = replace(config, harvest=replace(config.harvest, shard_size=size))

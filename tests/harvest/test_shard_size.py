@@ -57,7 +57,13 @@ def _pipeline(path, n_embd: int, hooks: list[str], **data) -> dict:
         "name": "shard-size",
         "model": {
             "arch": "gpt2",
-            "config": {"n_embd": n_embd, "n_layer": 4, "n_head": 8, "vocab_size": 400},
+            "config": {
+                "n_embd": n_embd,
+                "n_layer": 4,
+                "n_head": 8,
+                "vocab_size": 400,
+                "n_positions": CONTEXT,
+            },
             "tokenizer": "zoo:facts-gpt2",
         },
         "data": {"path": str(path), "context_length": CONTEXT, "mode": "packed", **data},
