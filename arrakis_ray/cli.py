@@ -17,9 +17,10 @@ import textwrap
 import time
 from pathlib import Path
 
+from arrakis_ray.cli_sql import add_sql_command
 from arrakis_ray.errors import ArrakisError
 from arrakis_ray.resources import demo_pipeline
-from arrakis_ray.store.location import store_path
+from arrakis_ray.store.location import os_reason, store_path
 
 DEMO_PIPELINE = demo_pipeline()
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     file descriptors may be redirected; a caller embedding ``main`` keeps its own.
     """
     args = _parser().parse_args(argv)
-    if getattr(args, "uses_ray", False):
+    if getattr(args, "uses_ray", False) or getattr(args, "repair", False):
         from arrakis_ray.ray_session import LOG_DIR_ENV, log_file, native_stderr_to_log
 
         try:
@@ -67,14 +68,42 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     )
     try:
         return args.func(args) or 0
-    except ArrakisError as exc:
-        print(f"arrakis-ray: error: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # the console script's to handle
+        raise
+    except Exception as exc:
+        message = _error_line(exc, args.command)
+        if message is None:
+            raise  # a bug: its traceback is the report
+        print(f"arrakis-ray: error: {message}", file=sys.stderr)
         return 2
+
+
+def _error_line(exc: Exception, command: str) -> str | None:
+    """The one line that reports a failed command; None for a bug.
+
+    Besides the ArrakisErrors the library raises: a Ray task's failure that reached the
+    command outside the ``ray_errors`` block that would have unwrapped it (its message
+    would be the whole remote traceback), and a path the system refused where the
+    library did not expect it (a store made read-only): no traceback for either.
+    """
+    if "ray" in sys.modules:  # else no Ray error can have been raised
+        from arrakis_ray.ray_session import one_line_error
+
+        exc = one_line_error(exc, command) or exc
+    if isinstance(exc, ArrakisError):
+        text = str(exc) or type(exc).__name__
+    elif isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {os_reason(Path(str(exc.filename)), exc)}"
+    elif isinstance(exc, OSError):
+        text = str(exc) or type(exc).__name__
+    else:
+        return None
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arrakis-ray", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(required=True, metavar="COMMAND")
+    sub = p.add_subparsers(required=True, metavar="COMMAND", dest="command")
 
     h = sub.add_parser("harvest", help="run a pipeline's harvest into a store")
     h.add_argument("pipeline", help="pipeline YAML file")
@@ -107,23 +136,23 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--store", help="store directory or URI, when RUN is a run id")
     a.set_defaults(func=_cmd_analyze, uses_ray=True)
 
-    q = sub.add_parser("sql", help="query a store with SQL (read-only)")
-    q.add_argument("store", help="store directory, or a URI such as s3://bucket/prefix")
-    q.add_argument(
-        "query",
-        nargs="?",
-        help="SQL query (views: runs, tokens, vocab, act_*, results_*; macros: neuron, "
-        "vectors, top_contexts, ...); none: interactive prompt",
-    )
-    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
-    q.add_argument("--out", help="write the result to this file instead of stdout")
-    q.set_defaults(func=_cmd_sql)
+    add_sql_command(sub)
 
     m = sub.add_parser(
         "migrate", help="convert a store written by an older arrakis-ray to this layout"
     )
     m.add_argument("store", help="store directory, or a URI such as s3://bucket/prefix")
     m.set_defaults(func=_cmd_migrate)
+
+    v = sub.add_parser("verify", help="check a store's files against their inventories (an fsck)")
+    v.add_argument("store", help="store directory")
+    v.add_argument("run", nargs="?", help="only this run (its id or a unique prefix)")
+    v.add_argument(
+        "--repair",
+        action="store_true",
+        help="harvest the damaged shards again and delete temp files of killed writers",
+    )
+    v.set_defaults(func=_cmd_verify)  # uses Ray with --repair only
 
     rep = sub.add_parser("report", help="write a run's HTML report (+ PNGs)")
     rep.add_argument("run", help="run directory (STORE/runs/ID), or a run id with --store")
@@ -166,27 +195,6 @@ def _cmd_analyze(args) -> None:
     )
 
 
-def _cmd_sql(args) -> None:
-    from arrakis_ray.store.catalog import Store
-    from arrakis_ray.store.formatting import format_frame
-
-    with Store(args.store) as db:
-        if args.query is None:
-            _sql_prompt(db, args.format)
-            return
-        frame = db.sql(args.query)
-    out = format_frame(frame, args.format)
-    if args.out:
-        mode = "wb" if isinstance(out, bytes) else "w"
-        with open(args.out, mode) as f:
-            f.write(out)
-        print(f"{frame.height} rows -> {args.out}")
-    elif isinstance(out, bytes):
-        sys.stdout.buffer.write(out)
-    else:
-        print(out)
-
-
 def _cmd_migrate(args) -> None:
     from arrakis_ray.store.migrate import migrate_store
 
@@ -200,30 +208,29 @@ def _cmd_migrate(args) -> None:
     )
 
 
-def _sql_prompt(db, fmt: str) -> None:
-    """A small REPL: statements end with ';', errors are printed and the prompt goes on."""
-    from arrakis_ray.store.formatting import format_frame
+def _cmd_verify(args) -> int:
+    from arrakis_ray.harvest.repair import verify_store
 
-    if fmt == "parquet":
-        fmt = "table"  # binary output makes no sense on a terminal
-    print(f"arrakis-ray sql on {db.root} - views: {', '.join(db.views())}")
-    print("End statements with ';'. Ctrl-D quits.")
-    buffer: list[str] = []
-    while True:
-        try:
-            line = input("sql> " if not buffer else "...> ")
-        except EOFError:
-            print()
-            return
-        buffer.append(line)
-        if not line.rstrip().endswith(";"):
-            continue
-        query = "\n".join(buffer).rstrip().rstrip(";")
-        buffer = []
-        try:
-            print(format_frame(db.sql(query), fmt))
-        except ArrakisError as exc:
-            print(f"error: {exc}")
+    checks = verify_store(args.store, args.run, repair=args.repair)
+    for check in checks:
+        state = "ok" if check.ok and not check.repair_error else "DAMAGED"
+        done = f", {check.repaired_shards} shards harvested again" if args.repair else ""
+        print(f"run {check.run_id}: {state}{done}")
+        for damage in check.damage:
+            shards = f" (shards {', '.join(map(str, damage.shards))})" if damage.shards else ""
+            print(f"  damaged: {damage.path}: {damage.problem}{shards}")
+        for line in check.results:
+            print(f"  damaged result: {line}")
+        for path in check.orphans:
+            print(f"  orphan temp file: {path}" + (" (deleted)" if args.repair else ""))
+        for path in check.strays:
+            print(f"  stray file, not read by queries: {path}")
+        if check.repair_error:
+            print(f"  repair failed: {check.repair_error}")
+    damaged = [c.run_id for c in checks if not c.ok or c.repair_error]
+    if damaged and not args.repair:
+        print(f"repair with: arrakis-ray verify {args.store} --repair")
+    return 1 if damaged else 0
 
 
 def _cmd_report(args) -> None:

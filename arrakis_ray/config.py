@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -18,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from arrakis_ray.errors import ConfigError
+from arrakis_ray.strict_yaml import read_strict_yaml
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 StorageDtype = Literal["float16", "float32"]
@@ -178,7 +178,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
-    raw = _read_yaml(path)
+    raw = read_strict_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw = dict(raw)
@@ -188,88 +188,6 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         if not data_path.is_absolute():
             raw["data"] = {**data, "path": str((path.parent / data_path).resolve())}
     return pipeline_from_dict(raw, source=str(path))
-
-
-class _PipelineLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors and aliases as it composes, before any expansion.
-
-    Refused outright rather than capped: a pipeline file is a short hand-written config
-    with no need for them, while a 731-byte nest of aliases ("billion laughs") expands
-    to gigabytes in whatever walks the result (a cap would have to guard every walk).
-    Composing meets each anchor and alias as one event: nothing is ever expanded.
-    """
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        name = getattr(event, "anchor", None)  # set on an anchored node and on an alias
-        if name is not None:
-            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
-            raise ConfigError(
-                f"{self.name}:{event.start_mark.line + 1}: YAML {sign}{name}: anchors and "
-                "aliases are not allowed in a pipeline file; write the value out"
-            )
-        return super().compose_node(parent, index)
-
-
-def _read_yaml(path: Path) -> Any:
-    """A pipeline file parsed strictly: UTF-8, no anchors or aliases, no key twice."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset "
-            f"{exc.start})"
-        ) from None
-    loader = _PipelineLoader(text)
-    loader.name = str(path)  # the file its errors name (PyYAML's own marks too)
-    try:
-        node = loader.get_single_node()
-        if node is None:  # an empty file
-            return None
-        _refuse_duplicate_keys(node, path, "")
-        return loader.construct_document(node)
-    except yaml.YAMLError as exc:
-        raise ConfigError(_yaml_error(path, exc)) from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not a pipeline file: YAML nested too deeply") from None
-    finally:
-        loader.dispose()
-
-
-def _refuse_duplicate_keys(node: yaml.Node, path: Path, where: str) -> None:
-    """Refuse a mapping that gives a key twice (plain YAML keeps the last one silently).
-
-    Walks the composed nodes, before construction; aliases were refused when composing,
-    so the nodes form a tree and the walk is linear in the file's size.
-    """
-    if isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _refuse_duplicate_keys(item, path, f"{where}[{i}]")
-    elif isinstance(node, yaml.MappingNode):
-        first_line: dict[tuple[str, str], int] = {}  # (tag, text) of a key -> its line
-        for key, value in node.value:
-            if not isinstance(key, yaml.ScalarNode):  # a list or mapping: construction refuses
-                continue
-            line, name = key.start_mark.line + 1, _join(where, key.value)
-            if (key.tag, key.value) in first_line:
-                raise ConfigError(
-                    f"{path}: {name}: key given twice (lines "
-                    f"{first_line[key.tag, key.value]} and {line}); keep one"
-                )
-            first_line[key.tag, key.value] = line
-            _refuse_duplicate_keys(value, path, name)
-
-
-def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
-    """One line from PyYAML's multi-line message: file, line, problem, context."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-    problem = getattr(exc, "problem", None) or str(exc)
-    context = getattr(exc, "context", None)
-    text = f"{problem} ({context})" if context else problem
-    return f"{where}: not valid YAML: {' '.join(text.split())}"
 
 
 def pipeline_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
@@ -297,8 +215,7 @@ def build_dataclass(cls: type, raw: Any, source: str, where: str) -> Any:
     label = where or "top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {label}: expected a mapping, got {_show(raw)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _field_types(cls)
     for key in raw:
         renamed = RENAMED_FIELDS.get((cls, key))
         if renamed is not None:
@@ -321,6 +238,13 @@ def build_dataclass(cls: type, raw: Any, source: str, where: str) -> Any:
         return cls(**values)
     except ValueError as exc:
         raise ConfigError(f"{source}: {label}: {exc}") from None
+
+
+@functools.cache
+def _field_types(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """A dataclass's resolved type hints and fields, once per class: resolving the string
+    annotations dominated parsing a store's thousands of inventory entries."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:

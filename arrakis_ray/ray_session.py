@@ -10,7 +10,8 @@ Ray call and wraps its Ray calls in ``ray_errors(what)``:
   steps, where ``UserCodeException`` carries the original in the remote traceback);
 - any other exception inside a task (a bug, a ``ValueError``, an actor killed for
   memory) becomes one ``RemoteTaskError`` naming the task and the exception's type and
-  message; the full remote traceback goes to the log file.
+  message; the full remote traceback goes to the log file;
+- either way the message is one line, whatever the task's exception held.
 
 Ray's own log lines (connection, token authentication, Ray Data's execution plan and
 issue detector) go to that log file too, not to the console: ``log_file()``.
@@ -127,13 +128,12 @@ def user_error(exc: BaseException) -> ArrakisError | None:
 
     A plain task's ``RayTaskError`` keeps the original exception as ``.cause`` (and is
     itself an instance of the cause's class, with the whole coloured traceback as its
-    message: never shown as is). A Ray Data step's failure is a ``UserCodeException``
-    whose original survives only as text in the remote traceback; there the last arrakis
+    message: never shown as is). A Ray Data step's failure is a ``UserCodeException``,
+    and an actor whose constructor raised dies with an ``ActorDiedError``: in both the
+    original survives only as text in the remote traceback; there the last arrakis
     exception named that is not Ray's own wrapper is the outermost, the step's.
     """
-    from ray.exceptions import RayTaskError
-
-    from arrakis_ray import errors
+    from ray.exceptions import RayActorError, RayTaskError
 
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -142,17 +142,31 @@ def user_error(exc: BaseException) -> ArrakisError | None:
             cause = exc.cause
             if isinstance(cause, ArrakisError) and not isinstance(cause, RayTaskError):
                 return cause
-            found = _remote_exceptions(_ANSI.sub("", str(exc)))
-            if found:
-                module, _, name = found[-1][0].rpartition(".")
-                cls = getattr(errors, name, None) if module == "arrakis_ray.errors" else None
-                if isinstance(cls, type) and issubclass(cls, ArrakisError):
-                    return cls(found[-1][1].strip())
+            named = _named_error(str(exc))
+            if named is not None:
+                return named
             exc = cause
         elif isinstance(exc, ArrakisError):
             return exc
+        elif isinstance(exc, RayActorError) and _named_error(str(exc)) is not None:
+            return _named_error(str(exc))  # the actor's constructor raised it
         else:
             exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _named_error(text: str) -> ArrakisError | None:
+    """The outermost ``arrakis_ray.errors`` exception a remote traceback names, rebuilt
+    from its message line."""
+    from arrakis_ray import errors
+
+    found = _remote_exceptions(_ANSI.sub("", text))
+    if not found:
+        return None
+    module, _, name = found[-1][0].rpartition(".")
+    cls = getattr(errors, name, None) if module == "arrakis_ray.errors" else None
+    if isinstance(cls, type) and issubclass(cls, ArrakisError):
+        return cls(found[-1][1].strip())
     return None
 
 
@@ -164,11 +178,14 @@ def one_line_error(exc: BaseException, what: str) -> ArrakisError | None:
     """
     from ray.exceptions import RayError
 
-    if not isinstance(exc, RayError):
+    # Ray's error may sit behind the one raised (``raise ToolError(...) from ray_error``)
+    exc = next((e for e in _explicit_causes(exc) if isinstance(e, RayError)), None)
+    if exc is None:
         return None
     cause = user_error(exc)
     if cause is not None:
-        message = f"{what} failed: {cause}"
+        # a task's message may span lines (pyarrow's and polars' often do): one line
+        message = f"{what} failed: {one_line(str(cause))}"
         try:
             return type(cause)(message)
         except TypeError:  # a user's error class with another signature
@@ -215,6 +232,21 @@ def _remote_exceptions(text: str) -> list[tuple[str, str]]:
         for name, message in _EXCEPTION_LINE.findall(text)
         if not name.startswith("ray.") and ("Error" in name or "Exception" in name)
     ]
+
+
+def _explicit_causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its ``raise ... from`` causes, outermost first."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__
+
+
+def one_line(text: str) -> str:
+    """``text`` without ANSI codes, its lines joined by spaces."""
+    lines = (line.strip() for line in _ANSI.sub("", text).splitlines())
+    return " ".join(line for line in lines if line)
 
 
 def _first_line(text: str) -> str:

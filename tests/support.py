@@ -73,3 +73,27 @@ def family_table(run_dir, family: str):
 
     reader = RunReader.open(run_dir)
     return pa.concat_tables([table for _shard, table in reader.iter_activations(family)])
+
+
+def reinventory(layout) -> None:
+    """Take a run's files as they are now as written: every shard's inventory, the
+    vocabulary's and the tool records' entries are read back from the files. For tests
+    that rewrite a stored file on purpose (a fixture's new values), not damage it."""
+    from dataclasses import replace
+
+    from arrakis_ray.store.inventory import (
+        describe_file,
+        read_shard_inventories,
+        write_shard_inventory,
+        write_vocab_inventory,
+    )
+    from arrakis_ray.store.manifest import read_manifest, write_tool_record
+
+    for inventory in read_shard_inventories(layout).values():
+        files = tuple(describe_file(layout, f.location(layout)) for f in inventory.files)
+        write_shard_inventory(layout, replace(inventory, files=files))
+    if layout.vocab_path.exists():
+        write_vocab_inventory(layout, describe_file(layout, layout.vocab_path))
+    for tool, record in read_manifest(layout).results.items():
+        files = tuple(describe_file(layout, f.location(layout)) for f in record.files)
+        write_tool_record(layout, tool, replace(record, files=files))

@@ -11,6 +11,7 @@ object store and the driver never holds them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from arrakis_ray.config import PipelineConfig
+from arrakis_ray.config import PipelineConfig, to_dict
 from arrakis_ray.errors import HarvestError
 from arrakis_ray.harvest import tables
 from arrakis_ray.harvest.batch import (
@@ -36,12 +37,15 @@ from arrakis_ray.harvest.model_source import load_model, vocab_texts
 from arrakis_ray.harvest.tokenize import documents_table
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import schemas
+from arrakis_ray.store.inventory import file_entries
 from arrakis_ray.store.writer import RunWriter
 
 log = logging.getLogger(__name__)
 
 # Row keys a stage hands on to the next one, beside the shard descriptor and the residual.
 PASSED_ON = ("lengths", "seq_ids", "token_ids", "doc_ids", "doc_pos", "documents")
+# ... and "files": the JSON list of the files earlier stages wrote for the shard, which
+# the last stage's inventory lists (store/inventory.py).
 # Threads encoding a shard's Parquet files (one file per hook family, plus tokens).
 WRITE_THREADS = 4
 # Shards a harvest actor works on at once: one in the model, one being written.
@@ -73,6 +77,7 @@ class HarvestStage:
         hooks: list[str],
         stages: list[tuple[int, int]],
         stage: int,
+        call: str | None = None,
     ):
         import torch
 
@@ -80,6 +85,7 @@ class HarvestStage:
 
         self.config = config
         self.run_id = run_id
+        self.call = call  # the harvest call's start time, recorded in each inventory
         self.writer = RunWriter(store_root, run_id, create=False)
         use_gpu = config.harvest.num_gpus_per_actor > 0 and torch.cuda.is_available()
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs, so cuda:0 is ours
@@ -134,6 +140,8 @@ class HarvestStage:
                 for key in (*SHARD_FIELDS, *PASSED_ON):
                     if key in row:
                         out[key].append(row[key])
+                written = [to_dict(e) for e in self.writer.take_files(int(row["shard"]))]
+                out["files"].append(json.dumps(_earlier_files(row) + written))
                 out["resid"].append(resid)
                 out["bytes"].append(n_bytes)
                 out["seconds"].append(seconds)
@@ -145,6 +153,7 @@ class HarvestStage:
         Returns (tokens, bytes written, residual stream for the next stage or None).
         """
         shard = int(row["shard"])
+        started = time.perf_counter()
         laid_out: list = []  # futures of each batch's tables, in batch order
         try:
             with self._model_lock:
@@ -183,7 +192,14 @@ class HarvestStage:
         n_bytes = sum(f.result() for f in writes)
         if self.stage.last:
             # the marker goes last: a shard without it is redone from scratch on resume
-            self.writer.mark_complete(shard)
+            earlier = file_entries(_earlier_files(row), f"shard {shard} from earlier stages")
+            self.writer.mark_complete(
+                shard,
+                files=list(earlier),
+                sequences=len(row["lengths"]),
+                seconds=float(row.get("seconds", 0.0)) + time.perf_counter() - started,
+                call=self.call,
+            )
         return int(np.sum(row["lengths"])), n_bytes, resid_out
 
     def _forward_shard(self, row: dict, laid_out: list) -> np.ndarray | None:
@@ -284,3 +300,9 @@ class HarvestStage:
             self.writer.write_activations(family, shard, pa.concat_tables(tables), layer)
             for layer, tables in sorted(by_layer.items())
         )
+
+
+def _earlier_files(row: dict) -> list[dict]:
+    """The file entries earlier pipeline stages wrote for a row's shard (JSON dicts)."""
+    raw = row.get("files")
+    return json.loads(raw) if raw else []

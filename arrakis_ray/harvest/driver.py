@@ -11,17 +11,30 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from arrakis_ray.config import PipelineConfig
+from arrakis_ray.errors import StoreError
 from arrakis_ray.harvest.actor import CONCURRENT_SHARDS, HarvestStage
+from arrakis_ray.harvest.checks import check_cluster_fits
 from arrakis_ray.harvest.model_source import load_tokenizer, vocab_texts
 from arrakis_ray.harvest.plan import plan_run
 from arrakis_ray.harvest.tokenize import TokenizeShard
-from arrakis_ray.ray_session import ensure_ray, one_line_error
+from arrakis_ray.ray_session import ensure_ray, one_line_error, ray_errors
 from arrakis_ray.store import compact, schemas
-from arrakis_ray.store.manifest import HarvestCall, RunManifest, read_manifest
+from arrakis_ray.store.history import harvest_calls
+from arrakis_ray.store.inventory import (
+    PartsInventory,
+    read_parts_inventory,
+    read_shard_inventories,
+    read_vocab_inventory,
+    write_parts_inventory,
+)
+from arrakis_ray.store.lease import harvest_lease
+from arrakis_ray.store.manifest import RunManifest, read_manifest
 from arrakis_ray.store.plan import RunPlan
+from arrakis_ray.store.verify import damage_hint, remove_orphans, run_damage
 from arrakis_ray.store.writer import RunWriter
 
 log = logging.getLogger(__name__)
@@ -42,7 +55,11 @@ class HarvestResult:
 
 
 def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
-    """Harvest ``config`` into ``store`` (created if needed); resumes a partial run."""
+    """Harvest ``config`` into ``store`` (created if needed); resumes a partial run.
+
+    One harvest at a time per run: a second call while one runs says so and stops
+    (``store/lease.py``) rather than computing every shard twice.
+    """
     started = time.perf_counter()
     plan = plan_run(config)  # every input error is raised here, before the store is touched
     tokenizer = load_tokenizer(plan.config.model)
@@ -54,18 +71,27 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
         plan.predicted_bytes / 1e6,
     )
     writer = RunWriter(store, plan.run_id)
+    with harvest_lease(writer.layout):
+        return _harvest(plan, tokenizer, writer, started)
+
+
+def _harvest(plan: RunPlan, tokenizer, writer: RunWriter, started: float) -> HarvestResult:
     layout = writer.layout
+    call = _now(precise=True)  # names this call in each shard's inventory
     exists = layout.manifest_path.exists()
+    remove_orphans(layout)  # temp files of a killed call (the lease says none is live)
     done = layout.completed_shards() if exists else set()
     manifest = read_manifest(layout) if exists else plan.new_manifest(_now(), _versions())
-    if manifest.shards_per_part is not None:  # compacted: its parts hold every shard
-        done = {s.shard for s in plan.shards}
     pending = [s for s in plan.shards if s.shard not in done]
     if not pending:
+        if exists and read_vocab_inventory(layout) is None:  # removed by a repair
+            writer.write_vocab(_vocab_table(tokenizer, plan.shape.d_vocab))
+        damage = run_damage(layout, manifest, check_checksums=False)
+        if damage:  # files missing or changed under a finished run: never "complete"
+            raise StoreError(damage_hint(layout, damage))
         log.info("run %s is already complete: nothing to do", plan.run_id)
-        manifest = _compact(
-            writer, manifest, len(plan.shards), plan.config.harvest.compact
-        )  # an interrupted one
+        with ray_errors(f"compaction of run {plan.run_id}"):  # an interrupted one
+            manifest = _compact(writer, manifest, len(plan.shards), plan.config.harvest.compact)
         if manifest.status != "complete":
             writer.write_manifest(manifest.with_changes(status="complete", error=None))
         return HarvestResult(
@@ -74,49 +100,62 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     if done:
         log.info("resuming run %s: %d of %d shards done", plan.run_id, len(done), len(plan.shards))
     ensure_ray()  # a cluster that cannot be reached fails here, before the run is touched
+    _check_cluster(plan)
     resumed = manifest.harvest.resumed or bool(done)
     manifest = manifest.with_changes(
         status="running", harvest=replace(manifest.harvest, resumed=resumed)
     )
     writer.write_manifest(manifest)
-    if not layout.vocab_path.exists():
+    if read_vocab_inventory(layout) is None:
         writer.write_vocab(_vocab_table(tokenizer, plan.shape.d_vocab))
 
     try:
-        totals = _run_shards(plan, layout, pending)
+        totals = _run_shards(plan, layout, pending, call)
         manifest = _compact(writer, manifest, len(plan.shards), plan.config.harvest.compact)
     except Exception as exc:
         # completed shards keep their markers and stay usable; the run says it failed
         error = one_line_error(exc, f"harvest of run {plan.run_id}")  # None: not from Ray
         message = (str(error or exc) or type(exc).__name__)[:2000]  # never empty
         writer.write_manifest(
-            manifest.with_changes(status="failed", error=message, updated_at=_now())
-        )
+            manifest.with_changes(
+                status="failed", error=message, updated_at=_now(),
+                harvest=_history(layout, manifest, call, started),
+            )
+        )  # fmt: skip
         if error is not None:
             raise error from None
         raise
-    seconds = time.perf_counter() - started
-    call = HarvestCall(finished_at=_now(), seconds=round(seconds, 3), **totals)
-    calls = (*manifest.harvest.calls, call)
+    history = _history(layout, manifest, call, started, finished=True)
     data = manifest.data
     if plan.config.data.mode == "packed":  # known only once tokenized
-        data = replace(data, n_sequences=sum(c.sequences for c in calls))
+        data = replace(data, n_sequences=sum(c.sequences for c in history.calls))
     writer.write_manifest(
         manifest.with_changes(
-            status="complete",
-            error=None,
-            updated_at=_now(),
-            data=data,
-            harvest=replace(manifest.harvest, calls=calls),
+            status="complete", error=None, updated_at=_now(), data=data, harvest=history
         )
     )
     return HarvestResult(
         plan.run_id, layout.root, "complete", len(pending), len(plan.shards),
-        call.tokens, call.bytes, seconds,
+        totals["tokens"], totals["bytes"], time.perf_counter() - started,
     )  # fmt: skip
 
 
-def _run_shards(plan: RunPlan, layout, pending: list) -> dict:
+def _check_cluster(plan: RunPlan) -> None:
+    """Refuse actors the cluster can never place (Ray would wait for them forever)."""
+    import ray
+
+    check_cluster_fits(plan.config.harvest, ray.cluster_resources(), plan.config.source)
+
+
+def _history(layout, manifest: RunManifest, call: str, started: float, finished: bool = False):
+    """The manifest's harvest record with its calls rebuilt from the shard inventories:
+    a call killed before it could record itself still counts its shards."""
+    seconds = {call: round(time.perf_counter() - started, 3)} if finished else {}
+    calls = harvest_calls(read_shard_inventories(layout), manifest.harvest.calls, seconds)
+    return replace(manifest.harvest, calls=calls)
+
+
+def _run_shards(plan: RunPlan, layout, pending: list, call: str) -> dict:
     """Stream the pending shards through the tokenize step and the stages' actor pools;
     returns this call's totals (shards, tokens, bytes, sequences)."""
     import ray.data
@@ -145,6 +184,7 @@ def _run_shards(plan: RunPlan, layout, pending: list) -> dict:
                 "hooks": list(plan.hooks),
                 "stages": [list(s) for s in stages],
                 "stage": stage,
+                "call": call,
             },
             batch_size=1,
             # two calls at once per actor: one shard's files are written while the next
@@ -184,29 +224,37 @@ def _run_shards(plan: RunPlan, layout, pending: list) -> dict:
 
 def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: bool) -> RunManifest:
     """Merge the finished run's small shard files into parts, as Ray tasks over groups
-    of directories (``store/compact.py``); returns the manifest, updated once they exist."""
+    of directories (``store/compact.py``); returns the manifest, updated once they exist.
+    A compacted run whose part ``verify --repair`` removed gets that part written again."""
     import ray
 
     layout = writer.layout
     directories = compact.block_directories(layout)
-    if manifest.shards_per_part is None:
+    per_part = manifest.shards_per_part
+    listed = read_parts_inventory(layout)
+    if per_part is None:
         if not enabled:
             return manifest
         per_part = compact.plan_parts(layout, n_shards)
         if per_part <= 1:
             return manifest  # the files are large already
+    inventoried = {e.path: e for e in listed.files} if listed is not None else {}
+    if listed is None or any(not e.location(layout).exists() for e in inventoried.values()):
         started = time.perf_counter()
         ensure_ray()
         task = ray.remote(_compact_group).options(num_cpus=1)
         groups = _groups(directories)
-        written = sum(ray.get([task.remote(layout, g, n_shards, per_part) for g in groups]))
-        manifest = manifest.with_changes(shards_per_part=per_part)
-        writer.write_manifest(manifest)  # readers switch to the parts here
+        pending = [task.remote(layout, g, n_shards, per_part, inventoried) for g in groups]
+        entries = sorted((e for group in ray.get(pending) for e in group), key=lambda e: e.path)
+        write_parts_inventory(layout, PartsInventory(per_part, tuple(entries)))
         log.info(
             "run %s: compacted %d directories, %d shards per part (%.0f MB) in %.1f s",
-            layout.run_id, len(directories), per_part, written / 1e6,
+            layout.run_id, len(directories), per_part, sum(e.bytes for e in entries) / 1e6,
             time.perf_counter() - started,
         )  # fmt: skip
+    if manifest.shards_per_part is None:
+        manifest = manifest.with_changes(shards_per_part=per_part)
+        writer.write_manifest(manifest)  # readers switch to the parts here
     leftovers = [d for d in directories if any(d.glob("shard-*.parquet"))]
     if leftovers:  # after the switch, or from a call interrupted after it
         ensure_ray()
@@ -225,8 +273,12 @@ def _groups(directories: list) -> list[list]:
     return [directories[i::n] for i in range(n)]
 
 
-def _compact_group(layout, directories: list, n_shards: int, per_part: int) -> int:
-    return sum(compact.compact_directory(layout, d, n_shards, per_part) for d in directories)
+def _compact_group(layout, directories: list, n_shards: int, per_part: int, inventoried) -> list:
+    return [
+        entry
+        for d in directories
+        for entry in compact.compact_directory(layout, d, n_shards, per_part, inventoried)
+    ]
 
 
 def _remove_group(layout, directories: list, n_shards: int) -> int:
@@ -262,5 +314,7 @@ def _versions() -> dict:
     return out
 
 
-def _now() -> str:
+def _now(precise: bool = False) -> str:
+    if precise:  # a call's id: two calls never start in the same microsecond
+        return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

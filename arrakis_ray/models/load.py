@@ -85,6 +85,7 @@ def load_pretrained(
     path: str | Path, *, dtype: str = "float32", device: str = "cpu"
 ) -> HookedModel:
     """Load a causal LM (and its tokenizer, if the directory has one) from a local dir."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from arrakis_ray.models.adapters import adapter_for
@@ -105,8 +106,11 @@ def load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, local_files_only=True, dtype=torch_dtype
         )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ModelLoadError(f"cannot load the model weights in {path}: {err}") from err
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelLoadError(
+            f"cannot load the model weights {_weights_file(path)}: {type(err).__name__}: {first}"
+        ) from err
     model = model.to(device)
     tokenizer = None
     if any((path / name).is_file() for name in _TOKENIZER_FILES):
@@ -138,3 +142,11 @@ def model_fingerprint(model: HookedModel) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _weights_file(path: Path) -> Path:
+    """The weights file a model directory loads from (the directory if none is there)."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    return path

@@ -7,13 +7,14 @@ appears when its tool's results exist in the run; the logit lens is required.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from arrakis_ray.errors import ToolError
+from arrakis_ray.errors import ReportError, ToolError
 from arrakis_ray.store import layout as store_layout
-from arrakis_ray.store.location import is_remote
+from arrakis_ray.store.location import is_remote, os_reason
 
 LENS_FOR_SEQUENCE = """
 SELECT l.layer, l.pos, t.token_text, l.top1_token, l.top1_prob,
@@ -149,7 +150,8 @@ def build_report(
         # local directory named after the run
         remote = is_remote(layout.root)
         out_dir = Path(f"report-{run_id}") if remote else layout.root / "report"
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser().absolute()
+    _check_out_dir(out_dir)
     with Store(layout.store_root) as db:
         views = set(db.views())
         if "results_logit_lens" not in views:
@@ -201,7 +203,24 @@ def build_report(
         "after each layer through the final norm and unembedding. Colour: probability of "
         "the token that actually comes next. Text: the layer's top-1 guess.</p>"
     )
-    paths = write_report(
-        charts, out_dir, title=f"arrakis-ray report: {run_id}", intro_html=intro, png=png
-    )
+    try:
+        paths = write_report(
+            charts, out_dir, title=f"arrakis-ray report: {run_id}", intro_html=intro, png=png
+        )
+    except OSError as e:  # what _check_out_dir cannot foresee: /proc, a full disk
+        where = Path(e.filename) if e.filename else out_dir
+        raise ReportError(f"cannot write the report to {where}: {os_reason(where, e)}") from None
     return RunReport(paths.html, list(paths.pngs), int(seq_id))
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """ReportError, before any query runs, if the report cannot go to ``out_dir``: it or
+    the nearest existing directory above it is a file, or that directory is read-only.
+    Nothing is created here: a report that fails later leaves no empty directory."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ReportError(
+            f"cannot write the report to {out_dir}: {existing} is a file, not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ReportError(f"cannot write the report to {out_dir}: {existing} is not writable")

@@ -13,15 +13,17 @@ closed cluster; their file lists are fixed when the Store opens.
 
 Once the views exist the connection is locked down: it reads only under the store root,
 cannot load extensions or change settings, and ``Store.sql`` runs only SELECT (and
-EXPLAIN of a SELECT), so a query can neither write nor read outside the store.
+EXPLAIN of a SELECT), so a query can neither write nor read outside the store. Each
+query runs within a memory limit, a timeout and a bound on its result's size
+(``store/bounds.py``), and fails past one with a one-line QueryError.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 import shutil
-import tempfile
 import weakref
 from pathlib import Path
 
@@ -30,6 +32,12 @@ import polars as pl
 import pyarrow as pa
 
 from arrakis_ray.errors import QueryError, SchemaError, StoreError
+from arrakis_ray.store.bounds import (
+    DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_TIMEOUT_S,
+    QueryBounds,
+    make_temp_dir,
+)
 from arrakis_ray.store.layout import (
     FAMILY_KIND,
     RunLayout,
@@ -37,21 +45,22 @@ from arrakis_ray.store.layout import (
     list_run_ids,
     open_store,
 )
-from arrakis_ray.store.location import arrow_source, is_remote
+from arrakis_ray.store.location import arrow_source, first_symlink, is_remote
 from arrakis_ray.store.macros import MACROS, helper_macros
-from arrakis_ray.store.manifest import family_width, read_manifest
-from arrakis_ray.store.parquet import check_file_schema, read_schema
-from arrakis_ray.store.run_rows import RUNS_COLUMNS, manifest_stamp, run_row
+from arrakis_ray.store.manifest import family_width
+from arrakis_ray.store.parquet import read_schema
+from arrakis_ray.store.read_only import check_read_only
+from arrakis_ray.store.run_rows import RUNS_COLUMNS, RunContents, read_run, run_stamp
 from arrakis_ray.store.schemas import activation_schema_name, load_schema
 
 log = logging.getLogger(__name__)
 
-SHARD_GLOB = "shard-*.parquet"
-# Prefix of EXPLAIN [ANALYZE] [(options)] after leading whitespace and comments.
-_EXPLAIN = re.compile(
-    r"^(?:\s+|--[^\n]*\n|/\*.*?\*/)*EXPLAIN\s*(?:\([^)]*\)\s*)?(?:ANALY[SZ]E\b)?",
-    re.IGNORECASE | re.DOTALL,
-)
+
+def _path_lit(path) -> str:
+    """A file path as a SQL literal that DuckDB reads as that one file: it takes every
+    path given to read_parquet as a glob pattern, so ``br[1]store/...`` would read the
+    sibling ``br1store/...`` and ``star*store`` any match; a bracket class is literal."""
+    return _lit(glob.escape(str(path)))
 
 
 def _lit(text: str | Path) -> str:
@@ -70,7 +79,17 @@ def _duckdb_types(schema: pa.Schema) -> pa.Schema:
 class Store:
     """A store opened for SQL: ``Store(root).sql("SELECT ...")`` returns a Polars frame."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        memory_limit: int | str | None = None,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        max_result_bytes: int | str | None = DEFAULT_MAX_RESULT_BYTES,
+    ) -> None:
+        """Open ``root``. Every query runs within ``memory_limit`` (bytes or ``"4GB"``;
+        default a quarter of the machine's memory), ``timeout_s`` seconds and a result of
+        ``max_result_bytes``; ``None`` lifts the time or result bound (store/bounds.py)."""
         root = open_store(root)
         # Real path: DuckDB checks file access against it textually.
         self.root = root if is_remote(root) else root.resolve()
@@ -80,13 +99,16 @@ class Store:
         # from the manifests: a run's hook families, whether its activations are
         # compacted, and each family's widths (the macros build FLOAT[width] from them)
         self._families: dict[str, set[str]] = {}
-        self._compacted: set[str] = set()
-        self._uncompacted: dict[str, tuple] = {}  # run id -> its manifest's file stamp
+        self._files: dict[str, dict[str, list]] = {}  # run id -> table -> inventoried files
+        self._watched: dict[str, tuple] = {}  # run id -> run_stamp, for runs still changing
         self._widths: dict[str, dict[str, int | None]] = {}
-        self._tmpdir = tempfile.mkdtemp(prefix="arrakis-duckdb-")
+        self._bounds = QueryBounds.of(memory_limit, timeout_s, max_result_bytes)
+        self._tmpdir = make_temp_dir()  # removes those of killed processes
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmpdir, True)
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect(":memory:")
         try:
+            if not is_remote(self.root):
+                _refuse_links(self.root)
             self._create_runs()
             self._create_file_views()
             self._create_macros()
@@ -103,20 +125,19 @@ class Store:
     def _create_runs(self) -> None:
         rows = []
         for run_id in self._run_ids:
-            row, manifest = run_row(RunLayout(self.root, run_id))
-            rows.append(row)
-            if manifest is None:
+            layout = RunLayout(self.root, run_id)
+            contents = read_run(layout)  # StoreError if a listed file is gone or resized
+            rows.append(contents.row)
+            self._take_files(run_id, contents)
+            if contents.manifest is None:
                 continue
-            families = {hook_family(h) for h in manifest.hooks}
-            self._families[run_id] = families
-            if manifest.shards_per_part is not None:
-                self._compacted.add(run_id)
-            elif not is_remote(self.root):
-                # a harvest may compact it while we are open
-                self._uncompacted[run_id] = manifest_stamp(
-                    RunLayout(self.root, run_id).manifest_path
-                )
-            for family in families:
+            manifest = contents.manifest
+            if not is_remote(self.root) and not (
+                manifest.status == "complete" and manifest.shards_per_part is not None
+            ):
+                # a harvest may add shards or compact it while we are open
+                self._watched[run_id] = run_stamp(layout)
+            for family in self._families[run_id]:
                 width = family_width(manifest.shape, family)
                 self._widths.setdefault(family, {})[run_id] = width
         # inserted as values: any Arrow table built from Python objects, or handed to
@@ -130,36 +151,38 @@ class Store:
             self._con.executemany(f"INSERT INTO runs VALUES ({marks})", values)
         self._views.append("runs")
 
-    def _checked_files(self, pattern: str, schema_name: str) -> list[tuple[str, str, list]]:
-        """(run id, per-run glob, files) of one table; the first file's schema checked.
+    def _take_files(self, run_id: str, contents: RunContents) -> None:
+        """Sort a run's inventoried files into the tables they belong to."""
+        tables: dict[str, list] = {}
+        for entry in contents.files:
+            tables.setdefault(_table_of(entry.path), []).append(entry)
+        self._files[run_id] = tables
+        if contents.manifest is not None:
+            self._families[run_id] = {hook_family(h) for h in contents.manifest.hooks}
 
-        ``{files}`` in the pattern stands for the run's activation file names: its
-        ``part-*`` files once it is compacted, else its ``shard-*`` files.
-        """
+    def _checked_files(self, table: str, schema_name: str) -> list[tuple[str, list]]:
+        """(run id, files) of one table over the runs, each file's recorded schema
+        checked (its footer is ``verify``'s to read: a stat already matched its size)."""
         try:
             max_version = load_schema(schema_name).version
         except SchemaError:
             max_version = None  # a tool whose schema file this install lacks
         found = []
         for run_id in self._run_ids:
-            run_dir = self.root / "runs" / run_id
-            names = "part-*.parquet" if run_id in self._compacted else SHARD_GLOB
-            run_pattern = pattern.replace("{files}", names)
-            files = sorted(run_dir.glob(run_pattern))
-            if not files:
+            entries = self._files.get(run_id, {}).get(table)
+            if not entries:
                 continue
-            if max_version is None:
-                log.warning("no schema file for %r: not checking %s", schema_name, files[0])
-            else:
-                check_file_schema(files[0], schema_name, max_version)
-            found.append((run_id, str(run_dir / run_pattern), files))
+            layout = RunLayout(self.root, run_id)
+            for entry in entries:
+                _check_entry(layout, entry, schema_name, max_version)
+            found.append((run_id, [entry.location(layout) for entry in entries]))
         return found
 
-    def _view(self, name: str, parts: list[tuple[str, str, list]], blocked: bool = False) -> None:
+    def _view(self, name: str, parts: list[tuple[str, list]], blocked: bool = False) -> None:
         """View ``name`` over the runs' files, with run_id added where a table lacks it.
 
         Runs whose files share one schema are read by one read_parquet; otherwise (runs of
-        different widths or dtypes) one read_parquet per run, united by column name: shards
+        different widths or dtypes) one read_parquet per run, united by column name: files
         of a run share a schema, so binding reads one footer per run rather than all.
         ``blocked``: activation files under ``layer=L/block=B/``, whose path values become
         the columns layer and block, so that a filter on them skips the other files
@@ -167,7 +190,7 @@ class Store:
         """
         if not parts:
             return
-        schemas = [read_schema(files[0]) for _r, _p, files in parts]
+        schemas = [read_schema(files[0]) for _r, files in parts]
         remote = is_remote(self.root)
         hive = ", hive_partitioning = true, hive_types = {'layer': SMALLINT, 'block': SMALLINT}"
         options = hive if blocked else ""
@@ -176,17 +199,16 @@ class Store:
             and all(s.equals(schemas[0]) for s in schemas)
             and "run_id" in schemas[0].names
         ):
-            files = ", ".join(_lit(pattern) for _r, pattern, _f in parts)
+            files = ", ".join(_path_lit(f) for _r, run_files in parts for f in run_files)
             body = f"SELECT * FROM read_parquet([{files}]{options})"
         else:
             selects = []
-            for i, ((run_id, pattern, files), schema) in enumerate(
-                zip(parts, schemas, strict=True)
-            ):
+            for i, ((run_id, files), schema) in enumerate(zip(parts, schemas, strict=True)):
                 if remote:
                     source = self._register_dataset(f"{name}_{i}", files, schema, blocked)
                 else:
-                    source = f"read_parquet({_lit(pattern)}{options})"
+                    listed = ", ".join(_path_lit(f) for f in files)
+                    source = f"read_parquet([{listed}]{options})"
                 select = "*" if "run_id" in schema.names else f"{_lit(run_id)} AS run_id, *"
                 selects.append(f"SELECT {select} FROM {source}")
             body = "\nUNION ALL BY NAME\n".join(selects)
@@ -218,47 +240,48 @@ class Store:
         return f'"{source}"'
 
     def _create_file_views(self) -> None:
-        self._view("tokens", self._checked_files(f"tokens/{SHARD_GLOB}", "tokens"))
-        self._view("vocab", self._checked_files("vocab.parquet", "vocab"))
-        self._view("documents", self._checked_files(f"documents/{SHARD_GLOB}", "documents"))
-        tools: set[str] = set()
-        for run_id in self._run_ids:
-            run = RunLayout(self.root, run_id)
-            tools |= {p.parent.name for p in run.results_root.glob(f"*/{SHARD_GLOB}")}
+        self._view("tokens", self._checked_files("tokens", "tokens"))
+        self._view("vocab", self._checked_files("vocab", "vocab"))
+        self._view("documents", self._checked_files("documents", "documents"))
         self._create_activation_views()
-        for tool in sorted(tools):
-            parts = self._checked_files(f"results/{tool}/{SHARD_GLOB}", f"result.{tool}")
-            self._view(f"results_{re.sub(r'[^A-Za-z0-9_]', '_', tool)}", parts)
+        outputs = {
+            table.removeprefix("results/")
+            for tables in self._files.values()
+            for table in tables
+            if table.startswith("results/")
+        }
+        for output in sorted(outputs):
+            parts = self._checked_files(f"results/{output}", f"result.{output}")
+            self._view(f"results_{re.sub(r'[^A-Za-z0-9_]', '_', output)}", parts)
 
     def _create_activation_views(self) -> None:
         for family in sorted({f for families in self._families.values() for f in families}):
             schema_name = activation_schema_name(FAMILY_KIND[family])
-            pattern = f"activations/{family}/layer=*/block=*/{{files}}"
-            parts = self._checked_files(pattern, schema_name)
+            parts = self._checked_files(f"activations/{family}", schema_name)
             self._view(f"act_{family}", parts, blocked=True)
 
     def _follow_compaction(self) -> bool:
-        """Point the views at the parts of a run that a harvest compacted since the Store
-        opened (its shard files go right after the switch); True if one switched."""
-        switched = set()
-        for run_id, stamp in list(self._uncompacted.items()):
+        """Follow the runs a harvest is still writing: new shards, the switch to parts
+        (whose shard files go right after it), new tool results. Their views are rebuilt
+        when one changed since the Store opened; True if one did."""
+        changed = False
+        for run_id, stamp in list(self._watched.items()):
             layout = RunLayout(self.root, run_id)
-            now = manifest_stamp(layout.manifest_path)
-            if now == stamp:  # a stat per query, not a manifest parse (~2 ms)
+            now = run_stamp(layout)
+            if now == stamp:  # three stats per query, not a manifest parse (~2 ms)
                 continue
-            self._uncompacted[run_id] = now
             try:
-                manifest = read_manifest(layout)
+                contents = read_run(layout)
             except StoreError:
+                continue  # mid-switch: the next query looks again
+            if contents.manifest is None:
                 continue
-            if manifest.shards_per_part is not None:
-                switched.add(run_id)
-        if switched:
-            for run_id in switched:
-                del self._uncompacted[run_id]
-            self._compacted |= switched
-            self._create_activation_views()
-        return bool(switched)
+            self._watched[run_id] = now
+            self._take_files(run_id, contents)
+            changed = True
+        if changed:
+            self._create_file_views()
+        return changed
 
     def _create_macros(self) -> None:
         for statement in helper_macros(self._widths):
@@ -271,11 +294,15 @@ class Store:
 
     def _lock_down(self) -> None:
         con = self._con
-        con.execute(f"SET temp_directory = {_lit(self._tmpdir)}")
+        for statement in self._bounds.settings(self._tmpdir):  # before the lock
+            con.execute(statement)
         # an object store's files are read by pyarrow, outside DuckDB: DuckDB itself may
         # then read no directory but its own temp directory
         local = self._tmpdir if is_remote(self.root) else self.root
-        con.execute(f"SET allowed_directories = [{_lit(local)}]")
+        # DuckDB matches the allowed directories against the escaped paths it is given
+        # (``_path_lit``) as well as the real ones
+        allowed = dict.fromkeys([str(local), glob.escape(str(local))])
+        con.execute(f"SET allowed_directories = [{', '.join(_lit(a) for a in allowed)}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")
@@ -288,63 +315,36 @@ class Store:
 
     # -- querying -----------------------------------------------------------------
 
-    def _check_read_only(self, query: str) -> None:
-        con = self._require_open()
-        try:
-            statements = con.extract_statements(query)
-        except duckdb.Error as e:
-            raise QueryError(str(e)) from None
-        if len(statements) != 1:
-            raise QueryError(
-                f"one statement per query, got {len(statements)}" if statements else "empty query"
-            )
-        st = statements[0]
-        if st.type == duckdb.StatementType.EXPLAIN:
-            # EXPLAIN ANALYZE runs its statement: only a SELECT may follow.
-            m = _EXPLAIN.match(st.query)
-            try:
-                inner = con.extract_statements(st.query[m.end() :]) if m else []
-            except duckdb.Error:
-                inner = []
-            if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
-                return
-            raise QueryError("the query surface is read-only: EXPLAIN only of a SELECT")
-        if st.type == duckdb.StatementType.SELECT:
-            return
-        kind = str(st.type).rsplit(".", 1)[-1]
-        raise QueryError(f"the query surface is read-only: {kind} statements are not allowed")
-
     def _require_open(self) -> duckdb.DuckDBPyConnection:
         if self._con is None:
             raise QueryError(f"the store {self.root} is closed")
         return self._con
 
     def sql(self, query: str) -> pl.DataFrame:
-        """Run one read-only query (SELECT, or EXPLAIN of one) and return its result."""
-        self._check_read_only(query)
-        try:
+        """Run one read-only query (SELECT, or EXPLAIN of one) and return its result;
+        past a bound of the Store, or on a bad query, a one-line QueryError."""
+        with self._bounds.guard(self._require_open()):
+            check_read_only(self._require_open(), query)
             return self._answer(query)
-        except duckdb.Error as e:
-            raise QueryError(str(e)) from None
 
     def _answer(self, query: str) -> pl.DataFrame:
         """The query's result, rerun if a harvest compacted a run under it: the query
         may have missed (or failed on) shard files deleted after the switch to parts."""
-        if self._uncompacted:
+        if self._watched:
             self._follow_compaction()
         try:
             result = self._fetch(query)
         except duckdb.IOException:
-            if not (self._uncompacted and self._follow_compaction()):
+            if not (self._watched and self._follow_compaction()):
                 raise
             return self._fetch(query)
-        if self._uncompacted and self._follow_compaction():
+        if self._watched and self._follow_compaction():
             result = self._fetch(query)
         return result
 
     def _fetch(self, query: str) -> pl.DataFrame:
         relation = self._require_open().sql(query)
-        return relation.pl() if relation is not None else pl.DataFrame()
+        return self._bounds.fetch(relation) if relation is not None else pl.DataFrame()
 
     def views(self) -> list[str]:
         """Names of the queryable views (``runs`` included), sorted."""
@@ -373,3 +373,34 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r}, runs={len(self._run_ids)}, views={len(self._views)})"
+
+
+def _table_of(path: str) -> str:
+    """The table an inventoried file belongs to: ``tokens``, ``vocab``, ``documents``,
+    ``activations/<family>`` or ``results/<output>``."""
+    parts = path.split("/")
+    if parts[0] in ("activations", "results"):
+        return f"{parts[0]}/{parts[1]}"
+    return "vocab" if path == "vocab.parquet" else parts[0]
+
+
+def _check_entry(layout: RunLayout, entry, schema_name: str, max_version: int | None) -> None:
+    if entry.schema != schema_name:
+        raise SchemaError(
+            f"{entry.location(layout)}: inventoried as table {entry.schema!r}, "
+            f"expected {schema_name!r}"
+        )
+    if max_version is not None and entry.schema_version > max_version:
+        raise SchemaError(
+            f"{entry.location(layout)}: table {schema_name!r} was written by a newer "
+            f"arrakis-ray (schema v{entry.schema_version}, this reader knows v{max_version})"
+        )
+
+
+def _refuse_links(root: Path) -> None:
+    link = first_symlink(root)
+    if link is not None:
+        raise StoreError(
+            f"{link}: a symbolic link inside the store; a query could read through it "
+            "outside the store: replace it with the files themselves"
+        )

@@ -8,13 +8,15 @@ shards per ``part-NNNNN.parquet`` (P chosen so that a part holds ~PART_BYTES), w
 groups of ~PART_ROW_GROUP_BYTES (schemas/README.md, "Layout", has the measurements).
 
 The switch is ordered so that every row stays on disk: every part is written first, then
-the manifest records ``shards_per_part`` (readers use parts from then on), then the
-shard files go. A ``RunReader`` or a query that started before the switch may fail to
-find a shard file deleted under it (``Store.sql`` notices the switch and answers again).
-A call interrupted at any point is finished by the next one: parts already written are
-kept when they hold their shards' rows, shard files already removed are not needed. The
-harvest driver runs it as Ray tasks, one per directory; ``arrakis-ray migrate`` runs it
-in its own process.
+their inventory (``completions/parts.json``), then the manifest records
+``shards_per_part`` (readers use parts from then on), then the shard files go. A
+``RunReader`` or a query that started before the switch may fail to find a shard file
+deleted under it (``Store.sql`` notices the switch and answers again). A call
+interrupted at any point is finished by the next one: parts already written are kept
+when they hold their shards' rows, shard files already removed are not needed. A part
+that ``verify --repair`` deleted is written again from its re-harvested shards. The
+harvest driver runs it as Ray tasks over groups of directories; ``arrakis-ray migrate``
+runs it in its own process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 
 from arrakis_ray.errors import StoreError
 from arrakis_ray.store import schemas
+from arrakis_ray.store.inventory import FileEntry, describe_file, relative_path
 from arrakis_ray.store.layout import RunLayout, family_kind
 from arrakis_ray.store.location import StorePath
 from arrakis_ray.store.parquet import check_file_schema, num_rows, read_files, write_table
@@ -86,32 +89,48 @@ def plan_parts(layout: RunLayout, n_shards: int) -> int:
     return max(1, min(n_shards, PART_BYTES // largest))
 
 
-def compact_directory(layout: RunLayout, directory: StorePath, n_shards: int, per_part: int) -> int:
-    """Write the parts of one directory (those not yet written); returns bytes written."""
+def compact_directory(
+    layout: RunLayout,
+    directory: StorePath,
+    n_shards: int,
+    per_part: int,
+    inventoried: dict[str, FileEntry] | None = None,
+) -> list[FileEntry]:
+    """Write the parts of one directory (those not yet written); returns every part's
+    inventory entry. ``inventoried``: the run's part entries (``completions/parts.json``)
+    by path; a part listed there and of its listed size is kept as it is."""
     family = directory.parent.parent.name
     name = schemas.activation_schema_name(family_kind(family))
     known = schemas.load_schema(name).version
-    written = 0
+    entries = []
     for part in range(-(-n_shards // per_part)):
         target = layout.part_file(directory, part)
+        listed = (inventoried or {}).get(relative_path(layout, target))
+        if listed is not None and target.exists() and target.stat().st_size == listed.bytes:
+            entries.append(listed)
+            continue
         shards = range(part * per_part, min(n_shards, (part + 1) * per_part))
         files = [layout.shard_file(directory, s) for s in shards]
         missing = [f.name for f in files if not f.exists()]
+        if listed is None and target.exists():
+            # a part an interrupted call wrote is kept if it holds exactly these shards'
+            # rows (one written with another P, from other shard sizes, would not); once
+            # its shard files are gone it is the only copy (a run migrated to inventories)
+            rows = num_rows(target)
+            if missing or rows == sum(num_rows(f) for f in files):
+                entries.append(describe_file(layout, target))
+                continue
         if missing:
             raise StoreError(
                 f"{directory}: cannot compact part {part}: shard files missing "
                 f"({', '.join(missing[:3])}); the run's shards are not all harvested"
             )
-        # a part an interrupted call wrote is kept if it holds exactly these shards' rows
-        # (one written with another P, from other shard sizes, would not)
-        if target.exists() and num_rows(target) == sum(num_rows(f) for f in files):
-            continue
         for f in files:
             check_file_schema(f, name, known)
         table = read_files(files)
         n_dims, dtype = schemas.stored_dims(table.schema)
         expected = schemas.activation_schema(family_kind(family), n_dims or 1, dtype)
-        written += write_table(
+        done = write_table(
             table,
             target,
             schema_name=name,
@@ -120,7 +139,9 @@ def compact_directory(layout: RunLayout, directory: StorePath, n_shards: int, pe
             row_group_bytes=PART_ROW_GROUP_BYTES,
             page_rows=PAGE_ROWS,
         )
-    return written
+        path = relative_path(layout, target)
+        entries.append(FileEntry(path, done.bytes, done.rows, name, known, done.checksum))
+    return entries
 
 
 def remove_shard_files(layout: RunLayout, directory: StorePath, n_shards: int) -> int:

@@ -28,9 +28,16 @@ log = logging.getLogger(__name__)
 
 STORE_MARKER = "arrakis-store.json"
 STORE_FORMAT = "arrakis-ray-store"
-STORE_VERSION = 2  # layout version this code reads and writes
+STORE_VERSION = 3  # layout version this code reads and writes
 # Version 1 kept one file per (family, shard) with every dimension as a column: at LLM
 # widths (14,336 columns) each footer was ~1.8 MB and every query parsed all of them.
+# Version 2 had column blocks but empty completion markers: a reader globbed the files,
+# so a stray copy was read twice and a deleted file went unnoticed. Version 3 lists
+# every file in an inventory (``store/inventory.py``) and reads only those.
+_VERSION_CHANGES = {
+    1: "one wide file per shard, no file inventories",
+    2: "no file inventories",
+}
 MIGRATE_HINT = "arrakis-ray migrate {root}"
 
 BLOCK_DIMS = 512
@@ -46,7 +53,7 @@ family_kind = hooks.family_kind
 hook_layer = hooks.hook_layer
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHARD_DONE = re.compile(r"^shard-(\d+)\.done$")
+_SHARD_DONE = re.compile(r"^shard-(\d+)\.json$")
 
 
 def store_version(root: StorePath) -> int:
@@ -98,9 +105,9 @@ def _read_marker(root: StorePath) -> None:
         )
     if version < STORE_VERSION:
         raise StoreError(
-            f"{root}: store layout version {version} (one wide file per shard) is not read "
-            f"by this arrakis-ray (version {STORE_VERSION}, activations in column blocks); "
-            f"convert it in place with: {MIGRATE_HINT.format(root=root)}"
+            f"{root}: store layout version {version} ({_VERSION_CHANGES.get(version, 'old')})"
+            f" is not read by this arrakis-ray (version {STORE_VERSION}); convert it in "
+            f"place with: {MIGRATE_HINT.format(root=root)}"
         )
 
 
@@ -218,11 +225,12 @@ class RunLayout:
         return directory / f"shard-{shard:05d}.parquet"
 
     def completion_marker(self, shard: int) -> StorePath:
-        """Empty file whose presence says shard ``shard`` was fully written."""
-        return self.completions_dir / f"shard-{shard:05d}.done"
+        """The inventory of shard ``shard`` (``store/inventory.py``): written last, its
+        presence says the shard was fully written."""
+        return self.completions_dir / f"shard-{shard:05d}.json"
 
     def completed_shards(self) -> set[int]:
-        """Shard numbers whose completion marker exists."""
+        """Shard numbers whose completion marker (inventory) exists."""
         if not self.completions_dir.is_dir():
             return set()
         done = set()

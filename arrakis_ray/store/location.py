@@ -149,33 +149,52 @@ def _native_s3(options_json: str):
     return S3FileSystem(**kwargs)
 
 
-def tree_bytes(path: StorePath) -> int:
-    """Total size of the files under ``path`` (0 if it does not exist)."""
-    if is_remote(path):
-        try:
-            return int(path.fs.du(path.path, total=True))
-        except FileNotFoundError:
-            return 0
-    total = 0
-    for base, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(base, name)).st_size
-            except OSError:
-                pass  # a temp file renamed away while walking
-    return total
-
-
 # Object stores have no directories: a "directory" exists once a file is under it.
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
 
 
+def first_symlink(root: Path) -> Path | None:
+    """The first symbolic link under a local directory (None if there is none): a link
+    inside a store would let a query reach files outside it. One ``scandir`` per
+    directory; links are not followed."""
+    stack = [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                return Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+    return None
+
+
 def make_dirs(path: StorePath) -> None:
-    """Create a directory and its parents (nothing to do on an object store)."""
-    if not is_remote(path):
-        path.mkdir(parents=True, exist_ok=True)
-    elif path.protocol not in _OBJECT_STORES:
-        path.fs.makedirs(path.path, exist_ok=True)
+    """Create a directory and its parents (nothing to do on an object store); a
+    StoreError naming the path and the reason if the system refuses."""
+    try:
+        if not is_remote(path):
+            path.mkdir(parents=True, exist_ok=True)
+        elif path.protocol not in _OBJECT_STORES:
+            path.fs.makedirs(path.path, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the directory {path}: {os_reason(path, e)}") from None
+
+
+def os_reason(path: StorePath, error: OSError) -> str:
+    """Why the system refused an operation on ``path``, in words: for a path below a
+    regular file (``/etc/hostname/store``), that file; else the system's own reason."""
+    if isinstance(error, NotADirectoryError | FileExistsError) and not is_remote(path):
+        for parent in Path(path).parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    return f"{parent} is a file, not a directory"
+                break
+        if Path(path).exists() and not Path(path).is_dir():
+            return f"{path} is a file, not a directory"
+    return error.strerror or str(error)
 
 
 def check_bucket(path: StorePath) -> None:

@@ -25,6 +25,7 @@ from arrakis_ray.config import ModelConfig, build_dataclass, to_dict
 from arrakis_ray.errors import ConfigError, StoreError
 from arrakis_ray.hooks import family_spec
 from arrakis_ray.store.atomic import atomic_open
+from arrakis_ray.store.inventory import FileEntry
 from arrakis_ray.store.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class HarvestCall:
-    """One ``harvest`` call that did work on the run (a resumed run has several)."""
+    """One ``harvest`` call that did work on the run (a resumed run has several),
+    rebuilt from the shard inventories: a killed call counts the shards it finished."""
 
     finished_at: str
     shards: int
@@ -102,6 +104,10 @@ class HarvestCall:
     bytes: int
     sequences: int
     seconds: float
+    """Wall time; for a call killed before it could record it, its start to its last
+    finished shard."""
+    started_at: str | None = None
+    """The call's id in the inventories (None: a call recorded before inventories)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class ToolRecord:
     rows: int
     seconds: float
     finished_at: str
+    files: tuple[FileEntry, ...] = ()
+    """The result files the call wrote (its inventory: ``store/inventory.py``)."""
 
 
 @dataclass(frozen=True)
@@ -337,6 +345,12 @@ def read_manifest(layout: RunLayout) -> RunManifest:
     manifest = RunManifest.from_json(data, str(path))
     # a version-1 manifest kept its tool records inline
     results = {name: _tool_record(raw, str(path)) for name, raw in manifest.results.items()}
+    return replace(manifest, results=results | read_tool_records(layout))
+
+
+def read_tool_records(layout: RunLayout) -> dict[str, ToolRecord]:
+    """Every tool's record on the run (``tools/*.json``), by tool name."""
+    results = {}
     if layout.tool_records_dir.is_dir():
         for record_path in sorted(layout.tool_records_dir.glob("*.json")):
             try:  # one bad record must not make the run unreadable
@@ -344,7 +358,7 @@ def read_manifest(layout: RunLayout) -> RunManifest:
                 results[record_path.stem] = _tool_record(data, str(record_path))
             except StoreError as exc:
                 log.warning("%s (record skipped)", exc)
-    return replace(manifest, results=results)
+    return results
 
 
 def write_tool_record(layout: RunLayout, tool: str, record: ToolRecord) -> None:

@@ -9,12 +9,14 @@ renamed, so readers (and the catalog's ``shard-*.parquet`` globs) never see half
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from arrakis_ray.errors import SchemaError, StoreError
 from arrakis_ray.store.atomic import atomic_path
+from arrakis_ray.store.checksum import checksum_file
 from arrakis_ray.store.location import StorePath, arrow_source
 from arrakis_ray.store.schemas import schema_mismatch
 
@@ -32,6 +34,15 @@ COMPRESSION = "snappy"
 ROW_GROUP_BYTES = 64 << 20
 MIN_ROW_GROUP_ROWS = 1024
 MAX_ROW_GROUP_ROWS = 1 << 20
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What ``write_table`` wrote: what a file inventory records (``store/inventory.py``)."""
+
+    bytes: int
+    rows: int
+    checksum: str
 
 
 def _row_group_rows(schema: pa.Schema, row_group_bytes: int = ROW_GROUP_BYTES) -> int:
@@ -52,14 +63,14 @@ def write_table(
     expected: pa.Schema,
     row_group_bytes: int = ROW_GROUP_BYTES,
     page_rows: int | None = None,
-) -> int:
+) -> WrittenFile:
     """Write ``table`` to ``path`` atomically after checking it against ``expected``.
 
     Column names, types and order must equal ``expected`` (nullability flags are taken
     from ``expected``; a non-nullable column holding nulls is refused). ``page_rows``:
     pages of at most that many rows, with a page index, so that a reader looking up a
-    few rows decodes their pages, not their whole row group. Returns the size of the
-    written file in bytes.
+    few rows decodes their pages, not their whole row group. Every page carries a CRC
+    (checked wherever pyarrow reads). Returns the file's size, rows and checksum.
     """
     problem = schema_mismatch(table.schema, expected)
     if problem:
@@ -88,11 +99,14 @@ def write_table(
             use_dictionary=keys,
             write_statistics=keys,
             row_group_size=_row_group_rows(expected, row_group_bytes),
+            write_page_checksum=True,
             **({"write_page_index": True, "max_rows_per_page": page_rows} if page_rows else {}),
         )
-        size = tmp.stat().st_size  # the local copy: no request to an object store
+        # the local copy, before it is renamed or uploaded: no request to an object store
+        size = tmp.stat().st_size
+        checksum = checksum_file(tmp)
     log.debug("wrote %s: %d rows, %d bytes", path, out.num_rows, size)
-    return size
+    return WrittenFile(size, out.num_rows, checksum)
 
 
 def file_schema(path: StorePath) -> tuple[str | None, int | None]:
@@ -142,7 +156,13 @@ def read_table(
     check_file_schema(path, schema_name, max_version)
     source, filesystem = arrow_source(path)
     try:
-        return pq.read_table(source, columns=columns, filesystem=filesystem, partitioning=None)
+        return pq.read_table(
+            source,
+            columns=columns,
+            filesystem=filesystem,
+            partitioning=None,
+            page_checksum_verification=True,
+        )
     except (pa.ArrowException, OSError) as e:
         raise StoreError(f"{path}: could not read ({e})") from None
 
@@ -171,6 +191,7 @@ def read_files(
             filters=filters,
             filesystem=sources[0][1],
             partitioning=None,
+            page_checksum_verification=True,
         )
     except (pa.ArrowException, OSError) as e:
         raise StoreError(f"{paths[0].parent}: could not read ({e})") from None

@@ -24,7 +24,13 @@ from arrakis_ray.store.layout import (
     n_blocks,
     resolve_run,
 )
-from arrakis_ray.store.manifest import ModelShape, RunManifest, family_width, read_manifest
+from arrakis_ray.store.manifest import (
+    ModelShape,
+    RunManifest,
+    family_width,
+    read_manifest,
+    read_tool_records,
+)
 from arrakis_ray.store.parquet import check_file_schema, read_files
 
 if TYPE_CHECKING:
@@ -156,10 +162,18 @@ class RunReader:
     ) -> pa.Table:
         """The rows of one tool output (``results/<output>/``): only ``columns``, and only
         rows matching pyarrow ``filters`` (``[("seq_id", ">=", 10)]``), read with pushdown."""
-        files = self.layout.result_files(output)
+        files = self._result_files(output)
         if not files:
             raise StoreError(f"run {self.run_id} has no result {output!r} (run its tool first)")
         return self._read(files, f"result.{output}", columns, filters)
+
+    def _result_files(self, output: str) -> list[StorePath]:
+        """The files of one output that its tool's record lists (never a glob: a stray
+        copy beside them is not read)."""
+        prefix = f"results/{output}/"
+        records = read_tool_records(self.layout)  # afresh: a tool may have run since
+        entries = [e for r in records.values() for e in r.files if e.path.startswith(prefix)]
+        return [e.location(self.layout) for e in sorted(entries, key=lambda e: e.path)]
 
     # ---------------------------------------------------------------------- helpers
 
@@ -253,7 +267,7 @@ class RunReader:
 
     def has_result(self, output: str) -> bool:
         """True if some tool wrote result ``output`` into this run."""
-        return bool(self.layout.result_files(output))
+        return bool(self._result_files(output))
 
     def writer(self) -> RunWriter:
         """This run's RunWriter: how a run-scope tool, which receives the reader, saves an

@@ -1,18 +1,29 @@
 """RunWriter: the one way anything writes into a run (the harvest, the tools, fixtures).
 
-Every file is written atomically and checked against its versioned schema; a shard's
-completion marker is written last, by whoever wrote the shard's last part, so a marked
-shard is whole. The paths come from ``RunLayout``; nobody else spells a file name.
+Every file is written atomically and checked against its versioned schema. The writer
+remembers each file of a shard it wrote (size, rows, checksum); a shard's completion
+marker is its inventory of those files (``store/inventory.py``), written last by whoever
+wrote the shard's last file, so a marked shard is whole and readers read exactly its
+files. The paths come from ``RunLayout``; nobody else spells a file name.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from arrakis_ray.errors import SchemaError, StoreError
 from arrakis_ray.store import schemas
 from arrakis_ray.store.atomic import atomic_open
+from arrakis_ray.store.inventory import (
+    FileEntry,
+    ShardInventory,
+    relative_path,
+    write_shard_inventory,
+    write_vocab_inventory,
+)
 from arrakis_ray.store.layout import (
     BLOCK_DIMS,
     RunLayout,
@@ -22,7 +33,7 @@ from arrakis_ray.store.layout import (
     n_blocks,
 )
 from arrakis_ray.store.manifest import RunManifest, ToolRecord, write_manifest, write_tool_record
-from arrakis_ray.store.parquet import write_table
+from arrakis_ray.store.parquet import WrittenFile, write_table
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,13 +48,20 @@ class RunWriter:
     def __init__(self, store_root: str | StorePath, run_id: str, create: bool = True) -> None:
         if create:
             store_root = init_store(store_root)
-        self.layout = RunLayout(store_root, run_id)
+        self._start(RunLayout(store_root, run_id))
 
     @classmethod
     def for_layout(cls, layout: RunLayout) -> RunWriter:
         writer = cls.__new__(cls)
-        writer.layout = layout
+        writer._start(layout)
         return writer
+
+    def _start(self, layout: RunLayout) -> None:
+        self.layout = layout
+        # shard -> path -> entry of the files written for it and not yet inventoried
+        # (a shard written again replaces its entries: the latest file is the one kept)
+        self._written: dict[int, dict[str, FileEntry]] = {}
+        self._lock = threading.Lock()  # the harvest writes a shard's files in threads
 
     @property
     def run_id(self) -> str:
@@ -79,34 +97,66 @@ class RunWriter:
                 part = (
                     rows if kind != "dense" else _block_table(rows, arrays, n_keys, block, columns)
                 )
-                written += write_table(
-                    part,
-                    self.layout.shard_file(
-                        self.layout.block_dir(family, layer_of_rows, block), shard
-                    ),
-                    schema_name=name,
-                    schema_version=version,
-                    expected=expected,
+                directory = self.layout.block_dir(family, layer_of_rows, block)
+                path = self.layout.shard_file(directory, shard)
+                done = write_table(
+                    part, path, schema_name=name, schema_version=version, expected=expected
                 )
+                self._remember(shard, path, done, name, version)
+                written += done.bytes
         return written
 
     def write_tokens(self, shard: int, table: pa.Table) -> int:
-        return self._write_fixed(
-            "tokens", self.layout.shard_file(self.layout.tokens_dir, shard), table
-        )
+        path = self.layout.shard_file(self.layout.tokens_dir, shard)
+        return self._write_fixed("tokens", path, table, shard).bytes
 
     def write_documents(self, shard: int, table: pa.Table) -> int:
         """The labels kept from the input documents (``data.keep_columns``)."""
         path = self.layout.shard_file(self.layout.documents_dir, shard)
-        return self._write_fixed("documents", path, table)
+        return self._write_fixed("documents", path, table, shard).bytes
 
     def write_vocab(self, table: pa.Table) -> int:
-        return self._write_fixed("vocab", self.layout.vocab_path, table)
+        """The vocabulary, and its inventory (one file, written once per run)."""
+        entry = self._write_fixed("vocab", self.layout.vocab_path, table)
+        write_vocab_inventory(self.layout, entry)
+        return entry.bytes
 
-    def mark_complete(self, shard: int) -> None:
-        """Say shard ``shard`` is whole: called after every file of it is written."""
-        with atomic_open(self.layout.completion_marker(shard), "wb"):
-            pass
+    def take_files(self, shard: int) -> list[FileEntry]:
+        """The files written for ``shard`` and not yet inventoried, forgotten here: a
+        pipeline stage hands them on to the stage that marks the shard complete."""
+        with self._lock:
+            return list(self._written.pop(shard, {}).values())
+
+    def mark_complete(
+        self,
+        shard: int,
+        *,
+        files: list[FileEntry] = (),
+        sequences: int = 0,
+        seconds: float = 0.0,
+        call: str | None = None,
+    ) -> ShardInventory:
+        """Say shard ``shard`` is whole: write its inventory, after every file of it.
+
+        The inventory lists the files this writer wrote for the shard plus ``files``
+        (those other writers wrote: earlier pipeline stages). Its token count is the
+        rows of the shard's tokens file. ``call``: the harvest call (its start time).
+        """
+        entries = {e.path: e for e in files}
+        entries.update({e.path: e for e in self.take_files(shard)})
+        tokens_path = self._relative(self.layout.shard_file(self.layout.tokens_dir, shard))
+        tokens = entries[tokens_path].rows if tokens_path in entries else 0
+        inventory = ShardInventory(
+            shard=shard,
+            files=tuple(entries[p] for p in sorted(entries)),
+            tokens=tokens,
+            sequences=int(sequences),
+            seconds=round(float(seconds), 3),
+            call=call,
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        write_shard_inventory(self.layout, inventory)
+        return inventory
 
     def write_manifest(self, manifest: RunManifest) -> None:
         """The run's manifest (the harvest driver's alone; tools record themselves)."""
@@ -124,12 +174,13 @@ class RunWriter:
         schema: pa.Schema,
         schema_version: int,
         replace: bool = False,
-    ) -> int:
+    ) -> FileEntry:
         """One result table of a tool as ``results/<output>/shard-NNNNN.parquet``,
         checked against ``schema`` (the tool's ``result_schema(output)``).
 
         ``replace``: a whole-run result is one file; older files of the output go
-        first, so a rerun never leaves stale rows beside it. Returns the row count.
+        first, so a rerun never leaves stale rows beside it. Returns the file's entry,
+        which the tool's record lists (``record_tool``).
         """
         directory = self.layout.results_dir(output)
         target = self.layout.shard_file(directory, shard)
@@ -137,24 +188,36 @@ class RunWriter:
             for old in self.layout.result_files(output):
                 if old != target:
                     old.unlink()
-        write_table(
-            table,
-            target,
-            schema_name=f"result.{output}",
-            schema_version=schema_version,
-            expected=schema,
+        name = f"result.{output}"
+        done = write_table(
+            table, target, schema_name=name, schema_version=schema_version, expected=schema
         )
-        return table.num_rows
+        return self._entry(target, done, name, schema_version)
 
     def record_tool(self, tool: str, record: ToolRecord) -> None:
         """Record a finished tool call (its own file: concurrent calls never collide)."""
         write_tool_record(self.layout, tool, record)
 
-    def _write_fixed(self, name: str, path, table: pa.Table) -> int:
+    def _write_fixed(self, name: str, path, table: pa.Table, shard: int | None = None):
         schema = schemas.load_schema(name)
-        return write_table(
+        done = write_table(
             table, path, schema_name=name, schema_version=schema.version, expected=schema.arrow()
         )
+        if shard is not None:
+            return self._remember(shard, path, done, name, schema.version)
+        return self._entry(path, done, name, schema.version)
+
+    def _entry(self, path, done: WrittenFile, name: str, version: int) -> FileEntry:
+        return FileEntry(self._relative(path), done.bytes, done.rows, name, version, done.checksum)
+
+    def _remember(self, shard: int, path, done: WrittenFile, name: str, version: int):
+        entry = self._entry(path, done, name, version)
+        with self._lock:
+            self._written.setdefault(shard, {})[entry.path] = entry
+        return entry
+
+    def _relative(self, path) -> str:
+        return relative_path(self.layout, path)
 
     # ----------------------------------------------------------------- tool artifacts
 

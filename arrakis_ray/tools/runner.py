@@ -3,8 +3,9 @@
 Everything is checked before any task starts (tool name, parameters, the hooks the
 tool needs against the hooks the run harvested), so a bad call writes nothing. Each
 task reads only its shard's files and writes ``results/<tool>/shard-NNNNN.parquet``
-atomically; the driver then records the call (parameters, schema version, rows) in the
-run's ``tools/<tool>.json`` (``RunWriter.record_tool``).
+atomically and returns the files' inventory entries; the driver then records the call
+(parameters, schema version, rows, the result files) in the run's ``tools/<tool>.json``
+(``RunWriter.record_tool``). Readers read exactly the files the record lists.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from arrakis_ray.config import ModelConfig, build_dataclass, to_dict
 from arrakis_ray.errors import ToolError
 from arrakis_ray.hooks import harvest_glob, hook_family
-from arrakis_ray.store import parquet
+from arrakis_ray.store.inventory import FileEntry
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.location import StorePath
 from arrakis_ray.store.manifest import ToolRecord
@@ -118,13 +119,15 @@ def analyze(
     payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id)
     with ray_errors(f"tool {tool.name}"):  # a failure in a task becomes one line
         if tool.scope == "run":
-            rows = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
+            files = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
         elif tool.reduce is not None:
             partials = _map(ray.remote(_partial_shard).options(num_cpus=0.5), payload, shards)
-            rows = ray.get(ray.remote(_reduce).options(num_cpus=1).remote(*payload, *partials))
+            files = ray.get(ray.remote(_reduce).options(num_cpus=1).remote(*payload, *partials))
         else:
             task = ray.remote(_run_shard).options(num_cpus=0.5)
-            rows = sum(ray.get(_map(task, payload, shards)))
+            files = [e for entries in ray.get(_map(task, payload, shards)) for e in entries]
+    files = sorted(files, key=lambda e: e.path)
+    rows = sum(e.rows for e in files)
 
     seconds = time.perf_counter() - started
     record = ToolRecord(
@@ -135,6 +138,7 @@ def analyze(
         rows=rows,
         seconds=round(seconds, 3),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        files=tuple(files),
     )
     RunWriter.for_layout(layout).record_tool(tool.name, record)
     log.info("%s: %d rows over %d shards in %.1f s", tool.name, rows, len(shards), seconds)
@@ -195,8 +199,8 @@ def _shard_inputs(tool, reader: RunReader, shard: int) -> ShardInputs:
 
 def _run_shard(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, shard: int
-) -> int:
-    """A Ray task: compute one shard's result rows and write them; returns the row count."""
+) -> list[FileEntry]:
+    """A Ray task: compute one shard's result rows and write them; returns the files."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id)
     result = tool.compute_shard(_shard_inputs(tool, reader, shard), model)
     return _write(tool, reader.layout, result, shard)
@@ -205,35 +209,33 @@ def _run_shard(
 def _partial_shard(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, shard: int
 ):
-    """A Ray task: write one shard's final outputs; return its partials for ``reduce``."""
+    """A Ray task: write one shard's final outputs; return its partials for ``reduce``
+    and the files written."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id)
     result = _as_outputs(tool, tool.compute_shard(_shard_inputs(tool, reader, shard), model))
     reduced = tool.output_names() if tool.reduced_outputs is None else tool.reduced_outputs
     final = {name: table for name, table in result.items() if name not in reduced}
-    if final:
-        _write(tool, reader.layout, final, shard)
-    return {name: table for name, table in result.items() if name in reduced}
+    files = _write(tool, reader.layout, final, shard) if final else []
+    return {name: table for name, table in result.items() if name in reduced}, files
 
 
 def _reduce(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, *partials
-) -> int:
-    """A Ray task: combine every shard's partials into the final tables and write them."""
+) -> list[FileEntry]:
+    """A Ray task: combine every shard's partials into the final tables and write them;
+    returns every file of the call (the shards' final outputs too)."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id, reducing=True)
+    shard_files = [e for _part, files in partials for e in files]
+    partials = [part for part, _files in partials]
     names = {name for part in partials for name in part}
     by_output = {name: [part[name] for part in partials if name in part] for name in names}
     result = tool.reduce(by_output, reader.manifest, model)
-    rows = _write(tool, reader.layout, result, 0, replace=True)
-    if tool.reduced_outputs is not None:  # the per-shard outputs' rows, for the record
-        rows += sum(
-            _rows_on_disk(reader.layout, o)
-            for o in tool.output_names()
-            if o not in tool.reduced_outputs
-        )
-    return rows
+    return shard_files + _write(tool, reader.layout, result, 0, replace=True)
 
 
-def _run_whole(tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str) -> int:
+def _run_whole(
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str
+) -> list[FileEntry]:
     """A Ray task: a run-scope tool's whole computation."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id)
     return _write(tool, reader.layout, tool.compute_run(reader, model), 0, replace=True)
@@ -248,19 +250,15 @@ def _as_outputs(tool, result) -> dict:
     return {tool.output_names()[0]: result}
 
 
-def _write(tool, layout, result, shard: int, replace: bool = False) -> int:
-    """Write each output table of ``result``; returns the rows written."""
+def _write(tool, layout, result, shard: int, replace: bool = False) -> list[FileEntry]:
+    """Write each output table of ``result``; returns the files' inventory entries."""
     writer = RunWriter.for_layout(layout)
-    return sum(
+    return [
         writer.write_result(
             output, shard, table, tool.result_schema(output), tool.schema_version, replace
         )
         for output, table in _as_outputs(tool, result).items()
-    )
-
-
-def _rows_on_disk(layout, output: str) -> int:
-    return sum(parquet.num_rows(p) for p in layout.result_files(output))
+    ]
 
 
 @lru_cache(maxsize=2)

@@ -35,7 +35,7 @@ def _wait_for_markers(store, n, timeout=240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for done in (store / "runs").glob("*/completions"):
-            if len(list(done.iterdir())) >= n:
+            if len(list(done.glob("shard-*.json"))) >= n:  # inventories: finished shards
                 return done.parent.name
         time.sleep(0.05)
     raise AssertionError(f"fewer than {n} shards completed in {timeout} s")

@@ -114,3 +114,20 @@ def test_a_familys_own_config_names_override_the_tiny_defaults():
     model = build_model("gpt2", n_layer=3, n_embd=96, n_head=4, n_positions=32)
     assert (model.n_layers, model.d_model, model.n_heads) == (3, 96, 4)
     assert model.model.config.n_positions == 32
+
+
+def test_corrupt_weights_are_one_line_naming_the_file(tmp_path) -> None:
+    import shutil
+
+    from arrakis_ray.errors import ModelLoadError
+    from arrakis_ray.models.load import load_pretrained
+    from arrakis_ray.zoo import zoo_path
+
+    model = tmp_path / "model"
+    shutil.copytree(zoo_path("facts-gpt2"), model)
+    (model / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(ModelLoadError) as err:
+        load_pretrained(model)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot load the model weights {model / 'model.safetensors'}: ")

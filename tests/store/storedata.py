@@ -3,16 +3,17 @@ behind it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from runs import synthetic_shape, write_activations, write_run
+from support import reinventory
 
 from arrakis_ray import hooks
 from arrakis_ray.store.layout import RunLayout
-from arrakis_ray.store.manifest import read_manifest
+from arrakis_ray.store.manifest import ToolRecord, read_manifest
 from arrakis_ray.store.schemas import load_schema
 from arrakis_ray.store.writer import RunWriter
 
@@ -56,6 +57,7 @@ def _write_dense(layout: RunLayout, family: str, data: np.ndarray, dtype: str) -
     writer = RunWriter.for_layout(layout)
     for shard in manifest.shard_plan:
         write_activations(writer, manifest, _dense_hooks(family, data), shard, dtype)
+    reinventory(layout)  # the fixture's new values are the run's
 
 
 def build_run(store: Path, run_id: str, dtype: str, seed: int, full: bool) -> RunData:
@@ -102,6 +104,9 @@ def build_run(store: Path, run_id: str, dtype: str, seed: int, full: bool) -> Ru
                 "score": pa.array(resid.astype(np.float64).mean(axis=(1, 2, 3))),
             }
         )
-        RunWriter.for_layout(layout).write_result("toy", 0, result, toy.arrow(), toy.version)
+        writer = RunWriter.for_layout(layout)
+        entry = writer.write_result("toy", 0, result, toy.arrow(), toy.version)
+        record = ToolRecord({}, ("toy",), toy.version, 1, entry.rows, 0.0, "2025-01-02T00:00:00Z")
+        writer.record_tool("toy", replace(record, files=(entry,)))
     data.manifest = read_manifest(layout).to_json()
     return data

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from arrakis_ray.errors import QueryError, SchemaError, StoreError
 from arrakis_ray.store.catalog import Store
 from arrakis_ray.store.layout import RunLayout, init_store
-from arrakis_ray.store.parquet import write_table
-from arrakis_ray.store.schemas import activation_schema
 
-from .storedata import N_HEADS, N_LAYERS, N_POS, N_SEQ, VOCAB, WIDTH, RunData
+from .storedata import N_HEADS, N_LAYERS, N_POS, N_SEQ, SHARD_SIZE, VOCAB, WIDTH, RunData
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
@@ -50,7 +48,7 @@ def test_views_and_runs(two_runs: tuple[Path, dict[str, RunData]]) -> None:
     assert df["tokens_per_s"].to_list() == [10.0, 20.0]
     assert df["hooks"].to_list() == [runs[r].manifest["hooks"] for r in ("run-a", "run-b")]
     sizes = [
-        sum(p.stat().st_size for p in (store / "runs" / r).rglob("*") if p.is_file())
+        sum(p.stat().st_size for p in (store / "runs" / r).rglob("*.parquet"))
         for r in ("run-a", "run-b")
     ]
     assert df["bytes"].to_list() == sizes
@@ -126,32 +124,29 @@ def test_aggregates_match_numpy(two_runs: tuple[Path, dict[str, RunData]]) -> No
     assert dtypes["column_type"].to_list() == ["FLOAT"]  # float16 and float32 runs unite
 
 
-def test_temp_files_are_invisible_and_new_shards_seen(
+def test_temp_and_stray_files_are_invisible_and_new_shards_seen(
     two_runs: tuple[Path, dict[str, RunData]],
 ) -> None:
     store, _runs = two_runs
     run = RunLayout(store, "run-b")
     family = run.block_dir("resid_post", 0, 0)
-    extra = pa.table(
-        {
-            "run_id": ["run-b"],
-            "layer": pa.array([0], pa.int16()),
-            "seq_id": pa.array([99], pa.int64()),
-            "pos": pa.array([0], pa.int32()),
-            **{f"d{i}": pa.array([1.0], pa.float32()) for i in range(WIDTH)},
-        }
-    )
-    schema = activation_schema("dense", WIDTH, "float32")
-    tmp_file = family / ".shard-00007.parquet.tmp-123-abcd"
-    write_table(extra, tmp_file, schema_name="activation.dense", schema_version=2, expected=schema)
-    # A half-written file under a temp name, as a killed writer would leave it.
-    (family / ".shard-00008.parquet.tmp-9-ffff").write_bytes(tmp_file.read_bytes()[:100])
+    # A half-written file under a temp name, as a killed writer would leave it; a copy
+    # of a shard; a foreign file under a shard's name: no inventory lists them.
+    first = run.shard_file(family, 0)
+    (family / ".shard-00008.parquet.tmp-9-ffff").write_bytes(first.read_bytes()[:100])
+    shutil.copy(first, family / "shard-00000 (copy).parquet")
+    shutil.copy(first, run.shard_file(family, 9))
+    # shard 1 not yet finished: its inventory lands while the Store is open
+    marker = run.completion_marker(1)
+    inventory = marker.read_bytes()
+    marker.unlink()
     with Store(store) as s:
-        count = "SELECT count(*) AS n FROM act_resid_post WHERE run_id = 'run-b'"
-        assert s.sql(count)["n"][0] == N_LAYERS * N_SEQ * N_POS
-        # A shard that lands after opening (a harvest still running) is seen.
-        os.replace(tmp_file, run.shard_file(family, 7))
-        assert s.sql(count)["n"][0] == N_LAYERS * N_SEQ * N_POS + 1
+        count = "SELECT count(*) AS n FROM act_resid_post WHERE run_id = 'run-b' AND layer = 0"
+        assert s.sql(count)["n"][0] == SHARD_SIZE * N_POS
+        marker.write_bytes(inventory)
+        assert s.sql(count)["n"][0] == N_SEQ * N_POS
+        tokens = s.sql("SELECT count(*) AS n FROM tokens WHERE run_id = 'run-b'")
+        assert tokens["n"][0] == N_SEQ * N_POS
 
 
 HOSTILE = [
@@ -236,13 +231,14 @@ def test_run_without_manifest_and_newer_schema(
         df = s.sql("SELECT run_id, status, name FROM runs ORDER BY run_id")
     assert df.rows() == [("run-a", "complete", "test-run-a"), ("run-b", "no-manifest", None)]
 
-    run = RunLayout(store, "run-c")
-    path = run.shard_file(run.tokens_dir, 0)
-    table = pa.table({"run_id": ["run-c"]}).cast(pa.schema([("run_id", pa.string())]))
-    write_table(
-        table, path, schema_name="tokens", schema_version=2, expected=pa.schema(table.schema)
-    )
-    with pytest.raises(SchemaError, match=r"run-c/tokens/shard-00000\.parquet.*schema v2"):
+    # every file's recorded schema is checked, not only the first one's
+    run = RunLayout(store, "run-a")
+    inventory = json.loads(run.completion_marker(1).read_text())
+    for entry in inventory["files"]:
+        if entry["path"].startswith("tokens/"):
+            entry["schema_version"] = 7
+    run.completion_marker(1).write_text(json.dumps(inventory))
+    with pytest.raises(SchemaError, match=r"run-a/tokens/shard-00001\.parquet.*schema v7"):
         Store(store)
 
 
@@ -251,11 +247,9 @@ def test_corrupt_shard_is_named(two_runs: tuple[Path, dict[str, RunData]]) -> No
     run = RunLayout(store, "run-a")
     path = run.shard_file(run.block_dir("resid_post", 0, 0), 1)
     path.write_bytes(path.read_bytes()[:-50])
-    with Store(store) as s, pytest.raises(QueryError, match=r"shard-00001\.parquet"):
-        s.sql("SELECT sum(d0) FROM act_resid_post")
-    first = run.shard_file(run.block_dir("resid_post", 0, 0), 0)
-    first.write_bytes(b"garbage")
-    with pytest.raises(StoreError, match=r"layer=0/block=0/shard-00000\.parquet: corrupt"):
+    with pytest.raises(
+        StoreError, match=r"run run-a is damaged: .*shard-00001\.parquet: \d+ bytes"
+    ):
         Store(store)
 
 

@@ -66,7 +66,7 @@ def test_init_store_marker_and_idempotence(tmp_path: Path) -> None:
     root = init_store(tmp_path / "a" / "store")
     assert json.loads((root / STORE_MARKER).read_text()) == {
         "format": "arrakis-ray-store",
-        "version": 2,
+        "version": 3,
     }
     (root / "runs" / "r1").mkdir()
     assert init_store(root) == root  # an existing store is opened, not reset
@@ -102,7 +102,7 @@ def test_run_layout_paths(tmp_path: Path) -> None:
     assert run.shard_file(run.tokens_dir, 7) == run.root / "tokens" / "shard-00007.parquet"
     assert run.activation_dir("attn_q") == run.root / "activations" / "attn_q"
     assert run.results_dir("logit_lens") == run.root / "results" / "logit_lens"
-    assert run.completion_marker(3) == run.root / "completions" / "shard-00003.done"
+    assert run.completion_marker(3) == run.root / "completions" / "shard-00003.json"
     with pytest.raises(UnknownHookError):
         run.activation_dir("resid")
     for bad in ("../x", "", "a/b", ".hidden"):
@@ -116,7 +116,8 @@ def test_completed_shards(tmp_path: Path) -> None:
     run.completions_dir.mkdir(parents=True)
     for shard in (0, 2, 11):
         run.completion_marker(shard).touch()
-    (run.completions_dir / ".shard-00004.done.tmp").touch()
+    (run.completions_dir / ".shard-00004.json.tmp-1-ab").touch()
+    (run.completions_dir / "shard-00005.done").touch()  # a layout-2 marker
     assert run.completed_shards() == {0, 2, 11}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support import family_table
+from support import family_table, reinventory
 
 from arrakis_ray.errors import QueryError
 from arrakis_ray.store.catalog import Store
@@ -180,6 +180,7 @@ def test_context_window_matches_the_tokens(two_runs: tuple[Path, dict[str, RunDa
     write_table(
         words, layout.vocab_path, schema_name="vocab", schema_version=1, expected=vocab_schema()
     )
+    reinventory(layout)
     with Store(store) as s:
         for run_id, sep in (("run-a", ""), ("run-b", " ")):
             texts = _token_texts(store, run_id)

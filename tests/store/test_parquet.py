@@ -12,6 +12,7 @@ import pytest
 from runs import shard_plan, synthetic_manifest, synthetic_shape
 
 from arrakis_ray.errors import SchemaError, StoreError
+from arrakis_ray.store.checksum import checksum_file
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.manifest import read_manifest, write_manifest
 from arrakis_ray.store.parquet import file_schema, read_table, write_table
@@ -31,7 +32,7 @@ def _dense(n: int = 10, width: int = 4, dtype: str = "float16") -> pa.Table:
     )
 
 
-def _write(table: pa.Table, path: Path, version: int = 1, dtype: str = "float16") -> int:
+def _write(table: pa.Table, path: Path, version: int = 1, dtype: str = "float16"):
     return write_table(
         table,
         path,
@@ -44,8 +45,9 @@ def _write(table: pa.Table, path: Path, version: int = 1, dtype: str = "float16"
 def test_round_trip_metadata_and_encoding(tmp_path: Path) -> None:
     path = tmp_path / "acts" / "shard-00000.parquet"
     table = _dense()
-    size = _write(table, path)
-    assert size == path.stat().st_size
+    written = _write(table, path)
+    assert written.bytes == path.stat().st_size and written.rows == table.num_rows
+    assert written.checksum == checksum_file(path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["shard-00000.parquet"]  # no temp
     back = read_table(path, schema_name="activation.dense", max_version=1)
     assert back.equals(table.cast(back.schema))

@@ -223,6 +223,7 @@ def test_layout_1_store_is_refused_then_migrated_with_equal_answers(tmp_path, ca
 
 def test_an_open_store_follows_a_running_harvest_into_its_parts(tmp_path):
     from arrakis_ray.store import compact
+    from arrakis_ray.store.inventory import PartsInventory, write_parts_inventory
     from arrakis_ray.store.manifest import read_manifest, write_manifest
 
     acts = _activations(3, width=600)
@@ -236,8 +237,8 @@ def test_an_open_store_follows_a_running_harvest_into_its_parts(tmp_path):
         # the harvest's last step, as the driver does it: parts, manifest, then removal
         manifest = read_manifest(layout)
         directories = compact.block_directories(layout)
-        for directory in directories:
-            compact.compact_directory(layout, directory, 3, 3)
+        parts = [e for d in directories for e in compact.compact_directory(layout, d, 3, 3)]
+        write_parts_inventory(layout, PartsInventory(3, tuple(parts)))
         write_manifest(layout, manifest.with_changes(shards_per_part=3, status="complete"))
         for directory in directories:
             assert compact.remove_shard_files(layout, directory, 3) == 3

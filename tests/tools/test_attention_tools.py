@@ -173,7 +173,7 @@ def _hadamard(n: int) -> np.ndarray:
     return h
 
 
-def handset_gpt2(path, vocab: int = 385, n_pos: int = 48) -> None:
+def handset_gpt2(path, vocab: int = 386, n_pos: int = 48) -> None:
     """Save a 2-layer gpt2 with a previous-token head (0.0) and an induction head (1.0).
 
     The residual stream has four 64-wide subspaces: T (token), P (position), S (the

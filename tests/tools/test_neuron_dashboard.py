@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,10 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.store.parquet import write_table
+from arrakis_ray.store.manifest import ToolRecord
 from arrakis_ray.store.reader import RunReader
 from arrakis_ray.store.schemas import load_schema
+from arrakis_ray.store.writer import RunWriter
 from arrakis_ray.tools.base import ShardInputs
 from arrakis_ray.tools.runner import _shard_inputs, analyze, make_tool
 
@@ -250,14 +252,14 @@ def test_sae_features_source(harvested, tmp_path):
 
 
 def write(layout, output: str, table: pa.Table) -> None:
+    """A result as a tool writes it: its file, and a record listing it."""
     schema = load_schema(f"result.{output}")
-    write_table(
-        table.cast(schema.arrow()),
-        layout.shard_file(layout.results_dir(output), 0),
-        schema_name=schema.name,
-        schema_version=schema.version,
-        expected=schema.arrow(),
+    writer = RunWriter.for_layout(layout)
+    entry = writer.write_result(
+        output, 0, table.cast(schema.arrow()), schema.arrow(), schema.version
     )
+    record = ToolRecord({}, (output,), schema.version, 1, entry.rows, 0.0, "2026-01-01T00:00:00Z")
+    writer.record_tool(output, replace(record, files=(entry,)))
 
 
 def test_bad_params_are_refused(harvested):
