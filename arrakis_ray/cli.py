@@ -227,10 +227,9 @@ def _cmd_verify(args) -> int:
             print(f"  stray file, not read by queries: {path}")
         if check.repair_error:
             print(f"  repair failed: {check.repair_error}")
-    damaged = [c.run_id for c in checks if not c.ok or c.repair_error]
-    if damaged and not args.repair:
+    if not args.repair and any(c.damage or c.orphans for c in checks):
         print(f"repair with: arrakis-ray verify {args.store} --repair")
-    return 1 if damaged else 0
+    return 0 if all(c.ok and not c.repair_error for c in checks) else 1
 
 
 def _cmd_report(args) -> None:

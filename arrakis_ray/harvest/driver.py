@@ -99,11 +99,21 @@ def _harvest(plan: RunPlan, tokenizer, writer: RunWriter, started: float) -> Har
         )
     if done:
         log.info("resuming run %s: %d of %d shards done", plan.run_id, len(done), len(plan.shards))
+        # the done shards' files must still be there (a compacted run under repair is
+        # rebuilding its parts: they are checked once written)
+        redo = {s.shard for s in pending}
+        damage = [
+            d
+            for d in run_damage(layout, manifest, check_checksums=False)
+            if not redo.intersection(d.shards)
+        ]
+        if damage and manifest.shards_per_part is None:
+            raise StoreError(damage_hint(layout, damage))
     ensure_ray()  # a cluster that cannot be reached fails here, before the run is touched
     _check_cluster(plan)
     resumed = manifest.harvest.resumed or bool(done)
     manifest = manifest.with_changes(
-        status="running", harvest=replace(manifest.harvest, resumed=resumed)
+        status="running", updated_at=_now(), harvest=replace(manifest.harvest, resumed=resumed)
     )
     writer.write_manifest(manifest)
     if read_vocab_inventory(layout) is None:
@@ -116,12 +126,15 @@ def _harvest(plan: RunPlan, tokenizer, writer: RunWriter, started: float) -> Har
         # completed shards keep their markers and stay usable; the run says it failed
         error = one_line_error(exc, f"harvest of run {plan.run_id}")  # None: not from Ray
         message = (str(error or exc) or type(exc).__name__)[:2000]  # never empty
+        try:
+            history = _history(layout, manifest, call, started)
+        except StoreError:  # a damaged inventory must not hide the harvest's own error
+            history = manifest.harvest
         writer.write_manifest(
             manifest.with_changes(
-                status="failed", error=message, updated_at=_now(),
-                harvest=_history(layout, manifest, call, started),
+                status="failed", error=message, updated_at=_now(), harvest=history
             )
-        )  # fmt: skip
+        )
         if error is not None:
             raise error from None
         raise
@@ -232,6 +245,8 @@ def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: b
     directories = compact.block_directories(layout)
     per_part = manifest.shards_per_part
     listed = read_parts_inventory(layout)
+    if per_part is None and listed is not None:  # interrupted between parts and manifest
+        per_part = listed.shards_per_part
     if per_part is None:
         if not enabled:
             return manifest

@@ -23,7 +23,6 @@ from arrakis_ray.config import DataConfig, ModelConfig, PipelineConfig
 from arrakis_ray.errors import ConfigError
 from arrakis_ray.harvest import inputs
 from arrakis_ray.harvest.checks import (
-    check_cluster_fits,  # noqa: F401 (the driver's: called once Ray is up)
     check_position_limit,
     check_tokenizer_fits,
     named_in,

@@ -1,8 +1,8 @@
 """Atomic file writes: readers see the old file or the new one, never half of one.
 
 On a local disk: write to a hidden temp name beside the target, fsync, rename. The temp
-name starts with a dot and does not end in ``.parquet``, so the catalog's
-``shard-*.parquet`` globs never match it, even while it is being written.
+name starts with a dot and does not end in ``.parquet``; no inventory lists it, so no
+reader sees it, and one left by a killed writer is an orphan ``verify`` removes.
 
 On an object store (``store/location.py``) there is no rename; instead the file is
 staged in a local temp file and uploaded in one call once complete. An object becomes

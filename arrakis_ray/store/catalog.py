@@ -2,8 +2,10 @@
 
 Views: ``runs`` (one row per run, from the manifests), ``tokens``, ``vocab``, ``documents``,
 ``act_<family>`` for every stored hook family and ``results_<tool>`` for every tool
-result; each spans all runs and has a ``run_id`` column. The set of runs is read when the
-Store opens; shards a running harvest adds later to those runs are seen by later queries.
+result; each spans all runs and has a ``run_id`` column, and reads exactly the files the
+runs' inventories list (``store/inventory.py``). The set of runs is read when the Store
+opens; shards and results that running or uncompacted runs gain later are seen by later
+queries.
 Table macros answer the common questions (``Store.macros()``, schemas/README.md):
 ``top_contexts``, ``cosine_topk``, ``token_across_layers``, ``context_window``.
 
@@ -45,11 +47,12 @@ from arrakis_ray.store.layout import (
     list_run_ids,
     open_store,
 )
-from arrakis_ray.store.location import arrow_source, first_symlink, is_remote
+from arrakis_ray.store.location import first_symlink, is_remote
 from arrakis_ray.store.macros import MACROS, helper_macros
 from arrakis_ray.store.manifest import family_width
 from arrakis_ray.store.parquet import read_schema
 from arrakis_ray.store.read_only import check_read_only
+from arrakis_ray.store.remote_views import arrow_dataset
 from arrakis_ray.store.run_rows import RUNS_COLUMNS, RunContents, read_run, run_stamp
 from arrakis_ray.store.schemas import activation_schema_name, load_schema
 
@@ -66,14 +69,6 @@ def _path_lit(path) -> str:
 def _lit(text: str | Path) -> str:
     """SQL string literal."""
     return "'" + str(text).replace("'", "''") + "'"
-
-
-def _duckdb_types(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with float16 as float32: DuckDB's Arrow scan has no float16 (its
-    Parquet reader returns FLOAT for it too, so the two paths give the same types)."""
-    return pa.schema(
-        [f.with_type(pa.float32()) if pa.types.is_float16(f.type) else f for f in schema]
-    )
 
 
 class Store:
@@ -126,6 +121,8 @@ class Store:
         rows = []
         for run_id in self._run_ids:
             layout = RunLayout(self.root, run_id)
+            # before reading: a change in between is seen by the next query (local only)
+            stamp = None if is_remote(self.root) else run_stamp(layout)
             contents = read_run(layout)  # StoreError if a listed file is gone or resized
             rows.append(contents.row)
             self._take_files(run_id, contents)
@@ -136,7 +133,7 @@ class Store:
                 manifest.status == "complete" and manifest.shards_per_part is not None
             ):
                 # a harvest may add shards or compact it while we are open
-                self._watched[run_id] = run_stamp(layout)
+                self._watched[run_id] = stamp
             for family in self._families[run_id]:
                 width = family_width(manifest.shape, family)
                 self._widths.setdefault(family, {})[run_id] = width
@@ -222,21 +219,8 @@ class Store:
         self, name: str, files: list, schema: pa.Schema, blocked: bool = False
     ) -> str:
         """Register the Parquet files of one run of an object-store view; its SQL source."""
-        import pyarrow.dataset as pads  # only here: it imports pandas (~0.5 s)
-
-        paths, filesystem = zip(*(arrow_source(f) for f in files), strict=True)
-        schema = _duckdb_types(schema)
-        options = {}
-        if blocked:  # layer=L/block=B from the paths: pyarrow skips files by them
-            keys = pa.schema([("layer", pa.int16()), ("block", pa.int16())])
-            options["partitioning"] = pads.HivePartitioning(keys)
-            options["partition_base_dir"] = arrow_source(files[0].parent.parent.parent)[0]
-            schema = schema.append(pa.field("block", pa.int16()))
-        dataset = pads.dataset(
-            list(paths), schema=schema, format="parquet", filesystem=filesystem[0], **options
-        )
         source = f"_arrow_{name}"
-        self._con.register(source, dataset)
+        self._con.register(source, arrow_dataset(files, schema, blocked))
         return f'"{source}"'
 
     def _create_file_views(self) -> None:

@@ -95,10 +95,13 @@ def compact_directory(
     n_shards: int,
     per_part: int,
     inventoried: dict[str, FileEntry] | None = None,
+    adopt: bool = False,
 ) -> list[FileEntry]:
     """Write the parts of one directory (those not yet written); returns every part's
     inventory entry. ``inventoried``: the run's part entries (``completions/parts.json``)
-    by path; a part listed there and of its listed size is kept as it is."""
+    by path; a part listed there and of its listed size is kept as it is. ``adopt``: a
+    part no inventory lists whose shard files are gone is taken as it is (``migrate``,
+    inventorying a store compacted before inventories existed)."""
     family = directory.parent.parent.name
     name = schemas.activation_schema_name(family_kind(family))
     known = schemas.load_schema(name).version
@@ -114,10 +117,10 @@ def compact_directory(
         missing = [f.name for f in files if not f.exists()]
         if listed is None and target.exists():
             # a part an interrupted call wrote is kept if it holds exactly these shards'
-            # rows (one written with another P, from other shard sizes, would not); once
-            # its shard files are gone it is the only copy (a run migrated to inventories)
-            rows = num_rows(target)
-            if missing or rows == sum(num_rows(f) for f in files):
+            # rows (one written with another P, from other shard sizes, would not)
+            if (missing and adopt) or (
+                not missing and num_rows(target) == sum(num_rows(f) for f in files)
+            ):
                 entries.append(describe_file(layout, target))
                 continue
         if missing:

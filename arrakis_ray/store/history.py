@@ -29,9 +29,8 @@ def harvest_calls(
     for inventory in inventories.values():
         by_call.setdefault(inventory.call, []).append(inventory)
     calls = [c for c in recorded if not c.started_at]
-    for call, shards in sorted(by_call.items()):
-        if not call:
-            continue  # shards inventoried by a migration: their calls are in ``recorded``
+    # shards inventoried by a migration (call None) have their calls in ``recorded``
+    for call, shards in sorted((c, s) for c, s in by_call.items() if c):
         finished = max(i.finished_at for i in shards)
         if seconds and call in seconds:
             wall = seconds[call]

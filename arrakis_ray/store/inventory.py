@@ -18,7 +18,8 @@ Opening a store checks each listed file's size (one stat); ``arrakis-ray verify`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -27,7 +28,9 @@ from arrakis_ray.errors import ConfigError, StoreError
 from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.checksum import checksum_file
 from arrakis_ray.store.layout import RunLayout
-from arrakis_ray.store.location import StorePath
+from arrakis_ray.store.location import StorePath, is_remote
+
+log = logging.getLogger(__name__)
 
 INVENTORY_VERSION = 1
 
@@ -45,6 +48,14 @@ class FileEntry:
     schema_version: int
     checksum: str
     """``xxh3_128:<hex>`` of the file's bytes."""
+
+    def __post_init__(self) -> None:
+        # an inventory names files inside its own run: never another run's, nor outside
+        parts = PurePosixPath(self.path).parts
+        if not parts or self.path.startswith("/") or ".." in parts or "\\" in self.path:
+            raise ValueError(f"file path {self.path!r} is not a path inside the run")
+        if self.bytes < 0 or self.rows < 0:
+            raise ValueError(f"file {self.path!r}: negative size or row count")
 
     def location(self, layout: RunLayout) -> StorePath:
         """Where the file lies."""
@@ -130,12 +141,49 @@ def read_vocab_inventory(layout: RunLayout) -> FileEntry | None:
     return _parse(FileEntry, _read_json(path), path)
 
 
+_ENTRY_TYPES = {
+    "path": str, "bytes": int, "rows": int, "schema": str, "schema_version": int, "checksum": str
+}  # fmt: skip
+
+
 def file_entries(raw: Any, where: str) -> tuple[FileEntry, ...]:
-    """File entries from JSON (a tool record's ``files``); StoreError naming ``where``."""
-    try:
-        return tuple(build_dataclass(FileEntry, item, where, "files") for item in raw or ())
-    except ConfigError as exc:
-        raise StoreError(f"corrupt file list: {exc}") from None
+    """File entries from JSON (an inventory's ``files``, the list a pipeline stage hands
+    on); StoreError naming ``where``. Checked by hand, not by ``build_dataclass``: a
+    store's open parses every entry of every inventory, thousands of them."""
+    if not isinstance(raw, list):
+        raise StoreError(f"{where}: corrupt inventory: files: expected a list")
+    entries = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or item.keys() != _ENTRY_TYPES.keys():
+            raise StoreError(
+                f"{where}: corrupt inventory: files[{i}]: expected the keys "
+                f"{', '.join(_ENTRY_TYPES)}"
+            )
+        for key, kind in _ENTRY_TYPES.items():
+            if not isinstance(item[key], kind) or isinstance(item[key], bool):
+                raise StoreError(
+                    f"{where}: corrupt inventory: files[{i}].{key}: {item[key]!r} is not "
+                    f"{'an integer' if kind is int else 'a string'}"
+                )
+        try:
+            entries.append(FileEntry(**item))
+        except ValueError as exc:
+            raise StoreError(f"{where}: corrupt inventory: files[{i}]: {exc}") from None
+    return tuple(entries)
+
+
+def table_schema(path: str) -> str:
+    """The schema name a file at ``path`` (relative to its run) must hold: ``tokens``,
+    ``vocab``, ``documents``, ``activation.<kind>`` of its family, ``result.<output>``."""
+    from arrakis_ray.store.layout import family_kind
+    from arrakis_ray.store.schemas import activation_schema_name
+
+    parts = path.split("/")
+    if parts[0] == "activations" and len(parts) > 2:
+        return activation_schema_name(family_kind(parts[1]))
+    if parts[0] == "results" and len(parts) > 2:
+        return f"result.{parts[1]}"
+    return "vocab" if path == "vocab.parquet" else parts[0]
 
 
 def relative_path(layout: RunLayout, path: StorePath) -> str:
@@ -182,40 +230,81 @@ def harvest_files(
     return files
 
 
+MAX_READ_AT_OPEN = 32
+"""Files newer than their inventories whose checksums an open reads; past this many
+(a store copied without its mtimes) it reads none and says to run ``verify``."""
+
+
 def size_problems(
     layout: RunLayout, entries: list[FileEntry], listed_at: dict[str, int] | None = None
 ) -> list[str]:
-    """What is wrong with the files by a stat each (missing, or not its recorded size);
-    one line per file. Cheap: checksums are ``verify``'s, except for a file changed
-    after the inventory listing it was written (``listed_at``: path -> the inventory's
-    mtime in ns), which is read back: an edit in place keeps the size, not the mtime."""
-    problems = []
+    """What is wrong with the files by their sizes (missing, or not the recorded size);
+    one line per file. Cheap: a stat each on a local disk, one listing of the run on an
+    object store (a stat there is a request per file). Checksums are ``verify``'s,
+    except for a file changed after the inventory listing it was written (``listed_at``:
+    path -> the inventory's mtime in ns), which is read back: an edit in place keeps the
+    size, not the mtime."""
+    problems, newer = [], []
+    sizes = _remote_sizes(layout) if is_remote(layout.root) else None
     for entry in entries:
         path = entry.location(layout)
+        if sizes is not None:
+            size, mtime = sizes.get(entry.path), None
+            if size is None:
+                problems.append(f"{path}: file is missing")
+                continue
+        else:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                problems.append(f"{path}: file is missing")
+                continue
+            except OSError as e:
+                problems.append(f"{path}: cannot be read ({e.strerror or e})")
+                continue
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        if size != entry.bytes:
+            problems.append(f"{path}: {size} bytes, but {entry.bytes} were written")
+        elif listed_at is not None and mtime > listed_at.get(entry.path, mtime):
+            newer.append((path, entry))
+    if len(newer) > MAX_READ_AT_OPEN:
+        log.warning(
+            "run %s: %d files are newer than their inventories (a copy that did not keep "
+            "mtimes?): their checksums are not read at open; run arrakis-ray verify",
+            layout.run_id, len(newer),
+        )  # fmt: skip
+        newer = []
+    for path, entry in newer:
         try:
-            stat = path.stat()
-        except FileNotFoundError:
-            problems.append(f"{path}: file is missing")
-            continue
+            if checksum_file(path) != entry.checksum:
+                problems.append(f"{path}: changed since it was written (its checksum differs)")
         except OSError as e:
             problems.append(f"{path}: cannot be read ({e.strerror or e})")
-            continue
-        if stat.st_size != entry.bytes:
-            problems.append(f"{path}: {stat.st_size} bytes, but {entry.bytes} were written")
-        elif (
-            listed_at is not None
-            and stat.st_mtime_ns > listed_at.get(entry.path, stat.st_mtime_ns)
-            and checksum_file(path) != entry.checksum
-        ):
-            problems.append(f"{path}: changed since it was written (its checksum differs)")
     return problems
 
 
+def _remote_sizes(layout: RunLayout) -> dict[str, int]:
+    """Path (relative to the run) -> size of every object under a run on an object store."""
+    root = layout.root.path.rstrip("/")
+    try:
+        found = layout.root.fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {name[len(root) + 1 :]: info.get("size", 0) for name, info in found.items()}
+
+
 def _parse(cls: type, data: Any, path: StorePath) -> Any:
+    files = None
+    if isinstance(data, dict) and "files" in data:
+        data = dict(data)
+        files = file_entries(data["files"], str(path))
+        data["files"] = []  # parsed above
     try:
         value = build_dataclass(cls, data, str(path), "")
     except ConfigError as exc:
         raise StoreError(f"corrupt inventory: {exc}") from None
+    if files is not None:
+        value = replace(value, files=files)
     if getattr(value, "version", INVENTORY_VERSION) > INVENTORY_VERSION:
         raise StoreError(
             f"{path}: inventory version {value.version} is newer than this arrakis-ray "

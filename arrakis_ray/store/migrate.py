@@ -166,6 +166,7 @@ def _inventory_results(layout: RunLayout) -> None:
             describe_file(layout, path)
             for output in record.outputs
             for path in layout.result_files(output)
+            if _SHARD_FILE.match(path.name)  # not a stray copy beside them
         ]
         write_tool_record(layout, tool, replace(record, files=tuple(files)))
 
@@ -189,7 +190,9 @@ def _compact_run(layout: RunLayout, compact_now: bool) -> int:
             return 0
     if read_parts_inventory(layout) is None:
         entries = [
-            e for d in directories for e in compact.compact_directory(layout, d, n_shards, per_part)
+            entry
+            for d in directories
+            for entry in compact.compact_directory(layout, d, n_shards, per_part, adopt=True)
         ]
         write_parts_inventory(layout, PartsInventory(per_part, tuple(entries)))
     compacted = manifest.shards_per_part is None

@@ -3,7 +3,8 @@
 Every file carries its schema's name and version in the Parquet key-value metadata
 (``arrakis.schema``, ``arrakis.schema_version``). Files appear under their final name only
 when complete: they are written to a hidden temp name in the same directory, fsynced and
-renamed, so readers (and the catalog's ``shard-*.parquet`` globs) never see half a file.
+renamed, so readers never see half a file (and read only the files an inventory lists:
+``store/inventory.py``).
 """
 
 from __future__ import annotations

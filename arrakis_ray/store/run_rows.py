@@ -31,6 +31,7 @@ from arrakis_ray.store.inventory import (
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.location import is_remote
 from arrakis_ray.store.manifest import RunManifest, read_manifest
+from arrakis_ray.store.verify import damaged_run
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +89,16 @@ def read_run(layout: RunLayout) -> RunContents:
     """A run's row, manifest and files; StoreError if an inventoried file is missing or
     of another size than written (checked again once: a compaction may have switched
     the run from shard files to parts between the reads)."""
-    contents = _read_run(layout)
-    problems = size_problems(layout, list(contents.files), contents.listed_at)
-    if problems:
+    try:
         contents = _read_run(layout)
         problems = size_problems(layout, list(contents.files), contents.listed_at)
+        if problems:
+            contents = _read_run(layout)
+            problems = size_problems(layout, list(contents.files), contents.listed_at)
+    except StoreError as exc:  # an inventory that does not parse
+        problems = [str(exc)]
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise StoreError(
-            f"run {layout.run_id} is damaged: {problems[0]}{more}; queries would answer "
-            f"wrongly: repair it with: arrakis-ray verify {layout.store_root} "
-            f"{layout.run_id} --repair"
-        )
+        raise StoreError(damaged_run(layout, problems))
     return contents
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from arrakis_ray.errors import StoreError
+from arrakis_ray.store import schemas
 from arrakis_ray.store.checksum import checksum_file
 from arrakis_ray.store.inventory import (
     FileEntry,
@@ -26,10 +27,11 @@ from arrakis_ray.store.inventory import (
     read_vocab_inventory,
     relative_path,
     size_problems,
+    table_schema,
     vocab_inventory_path,
 )
 from arrakis_ray.store.layout import RunLayout
-from arrakis_ray.store.manifest import RunManifest
+from arrakis_ray.store.manifest import RunManifest, read_manifest
 from arrakis_ray.store.parquet import file_schema, num_rows
 
 log = logging.getLogger(__name__)
@@ -63,17 +65,26 @@ def run_damage(layout: RunLayout, manifest: RunManifest, check_checksums: bool) 
             inventories[shard] = read_shard_inventory(layout, shard)
         except StoreError as exc:
             damage.append(Damage(str(layout.completion_marker(shard)), str(exc), (shard,)))
+    all_shards = tuple(s.shard for s in manifest.shard_plan)
     if manifest.status == "complete":
-        missing = sorted({s.shard for s in manifest.shard_plan} - layout.completed_shards())
+        missing = sorted(set(all_shards) - layout.completed_shards())
         for shard in missing:
             where = str(layout.completion_marker(shard))
             damage.append(Damage(where, "inventory is missing from a complete run", (shard,)))
-    parts = _read_or_note(read_parts_inventory, parts_inventory_path, layout, damage)
-    vocab = _read_or_note(read_vocab_inventory, vocab_inventory_path, layout, damage)
-    if manifest.shards_per_part is not None and parts is None:
-        damage.append(Damage(str(layout.completions_dir), "parts.json is missing", ()))
+    vocab = _read_or_note(read_vocab_inventory, vocab_inventory_path, layout, damage, ())
+    if vocab is None and inventories and not vocab_inventory_path(layout).exists():
+        # written before any shard: a run with shards and no vocabulary lost it
+        damage.append(Damage(str(vocab_inventory_path(layout)), "inventory is missing", ()))
+    parts = None
+    if manifest.shards_per_part is not None:  # the run reads its parts: all shards in them
+        parts = _read_or_note(
+            read_parts_inventory, parts_inventory_path, layout, damage, all_shards
+        )
+        if parts is None and not parts_inventory_path(layout).exists():
+            where = str(parts_inventory_path(layout))
+            damage.append(Damage(where, "inventory of a compacted run is missing", all_shards))
     for entry in harvest_files(layout, inventories, parts, vocab):
-        problem = _file_problem(layout, entry, check_checksums)
+        problem = _table_problem(entry) or _file_problem(layout, entry, check_checksums)
         if problem:
             shards = _shards_of(entry, inventories, manifest)
             damage.append(Damage(str(entry.location(layout)), problem, shards))
@@ -85,13 +96,13 @@ def run_damage(layout: RunLayout, manifest: RunManifest, check_checksums: bool) 
     return damage
 
 
-def _read_or_note(read, where, layout: RunLayout, damage: list[Damage]):
+def _read_or_note(read, where, layout: RunLayout, damage: list[Damage], shards: tuple):
     """``read(layout)``, or None with the damage noted if it does not parse (a repair
-    deletes it and builds it again)."""
+    deletes it and harvests ``shards`` again)."""
     try:
         return read(layout)
     except StoreError as exc:
-        damage.append(Damage(str(where(layout)), str(exc), ()))
+        damage.append(Damage(str(where(layout)), str(exc), shards))
         return None
 
 
@@ -109,10 +120,26 @@ def _file_problem(layout: RunLayout, entry: FileEntry, check_checksums: bool) ->
         if (name, version) != (entry.schema, entry.schema_version):
             listed = f"{entry.schema!r} v{entry.schema_version}"
             return f"holds {name!r} v{version}, inventoried as {listed}"
-        if num_rows(path) != entry.rows:
-            return f"{num_rows(path)} rows, inventoried with {entry.rows}"
+        rows = num_rows(path)
+        if rows != entry.rows:
+            return f"{rows} rows, inventoried with {entry.rows}"
     except (OSError, StoreError) as exc:
-        return f"unreadable ({exc})"
+        return f"unreadable: {str(exc).removeprefix(f'{path}: ')}"
+    return None
+
+
+def _table_problem(entry: FileEntry) -> str | None:
+    """An entry whose recorded table is not the one its directory holds, or newer than
+    this arrakis-ray reads (the catalog refuses both: ``Store._checked_files``)."""
+    expected = table_schema(entry.path)
+    if entry.schema != expected:
+        return f"inventoried as table {entry.schema!r}, but its directory holds {expected!r}"
+    try:
+        known = schemas.load_schema(expected).version
+    except StoreError:
+        return None  # a tool whose schema this install lacks: the catalog only warns
+    if entry.schema_version > known:
+        return f"schema v{entry.schema_version} is newer than this arrakis-ray (v{known})"
     return None
 
 
@@ -130,11 +157,16 @@ def _shards_of(
 
 def damage_hint(layout: RunLayout, damage: list[Damage]) -> str:
     """One line: the first damaged file, how many more, and the repair command."""
-    first = damage[0]
-    more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+    return damaged_run(layout, [f"{d.path}: {d.problem}" for d in damage])
+
+
+def damaged_run(layout: RunLayout, problems: list[str]) -> str:
+    """The one line that refuses a damaged run: its first problem, how many more, and
+    the command that repairs it."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return (
-        f"run {layout.run_id} is damaged: {first.path}: {first.problem}{more}; repair it "
-        f"with: arrakis-ray verify {layout.store_root} {layout.run_id} --repair"
+        f"run {layout.run_id} is damaged: {problems[0]}{more}; repair it with: "
+        f"arrakis-ray verify {layout.store_root} {layout.run_id} --repair"
     )
 
 
@@ -180,3 +212,68 @@ def stray_files(layout: RunLayout, inventoried: set[str]) -> list[str]:
                 if relative_path(layout, path) not in inventoried and not _TEMP.match(path.name):
                     found.append(str(path))
     return sorted(found)
+
+
+@dataclass
+class RunCheck:
+    """What ``verify`` found in one run, and what a repair did."""
+
+    run_id: str
+    damage: list[Damage] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)
+    """Damaged tool result files, each with the command that writes them again."""
+    orphans: list[str] = field(default_factory=list)
+    strays: list[str] = field(default_factory=list)
+    repaired_shards: int = 0
+    repair_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.damage and not self.results
+
+
+def check_run(layout: RunLayout) -> RunCheck:
+    """Read every file of a run back against its inventory (changes nothing)."""
+    check = RunCheck(layout.run_id)
+    check.orphans = [str(p) for p in orphan_files(layout)]
+    try:
+        manifest = read_manifest(layout)
+    except StoreError as exc:
+        check.damage.append(Damage(str(layout.manifest_path), str(exc), ()))
+        return check
+    check.damage = run_damage(layout, manifest, check_checksums=True)
+    check.results = _result_damage(layout, manifest)
+    check.strays = stray_files(layout, _inventoried_paths(layout))
+    return check
+
+
+def _result_damage(layout: RunLayout, manifest: RunManifest) -> list[str]:
+    problems = []
+    for tool, record in sorted(manifest.results.items()):
+        for entry in record.files:
+            problem = _table_problem(entry) or _file_problem(layout, entry, True)
+            if problem:
+                problems.append(
+                    f"{entry.location(layout)}: {problem} (write it again with: "
+                    f"arrakis-ray analyze {layout.root} --tool {tool})"
+                )
+    return problems
+
+
+def _inventoried_paths(layout: RunLayout) -> set[str]:
+    """Every path an inventory of the run names (shard files a compaction removed too);
+    inventories that do not parse are damage, reported by ``run_damage``."""
+    paths: set[str] = set()
+    for shard in layout.completed_shards():
+        try:
+            paths |= {f.path for f in read_shard_inventory(layout, shard).files}
+        except StoreError:
+            continue
+    for read in (read_parts_inventory, read_vocab_inventory):
+        try:
+            found = read(layout)
+        except StoreError:
+            continue
+        if found is not None:
+            paths |= {f.path for f in getattr(found, "files", (found,))}
+    return paths

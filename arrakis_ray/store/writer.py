@@ -194,6 +194,12 @@ class RunWriter:
         )
         return self._entry(target, done, name, schema_version)
 
+    def forget_tool(self, tool: str) -> None:
+        """Drop a tool's record before it runs again: the files it overwrites would no
+        longer match the record, and a store whose inventory disagrees with its files
+        refuses every query. Until the new record, the tool's results are not read."""
+        self.layout.tool_record_path(tool).unlink(missing_ok=True)
+
     def record_tool(self, tool: str, record: ToolRecord) -> None:
         """Record a finished tool call (its own file: concurrent calls never collide)."""
         write_tool_record(self.layout, tool, record)

@@ -115,6 +115,7 @@ def analyze(
         # a user's tool travels to the workers by value: its module need not be
         # importable there (a notebook, a script, a file outside any package)
         cloudpickle.register_pickle_by_value(sys.modules[type(tool).__module__])
+    RunWriter.for_layout(layout).forget_tool(tool.name)
     # the store root travels as a path object: a UPath carries its filesystem options
     payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id)
     with ray_errors(f"tool {tool.name}"):  # a failure in a task becomes one line

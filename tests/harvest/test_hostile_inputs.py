@@ -20,9 +20,10 @@ from support import DEMO_DATA, pipeline_dict
 from arrakis_ray.cli import main
 from arrakis_ray.config import HarvestConfig, load_pipeline, pipeline_from_dict
 from arrakis_ray.errors import ConfigError, DataError, ModelLoadError
+from arrakis_ray.harvest.checks import check_cluster_fits
 from arrakis_ray.harvest.inputs import plan_shards
 from arrakis_ray.harvest.model_source import check_config_overrides
-from arrakis_ray.harvest.plan import check_cluster_fits, plan_run
+from arrakis_ray.harvest.plan import plan_run
 from arrakis_ray.harvest.tokenize import TokenizeShard
 
 SOURCE = "pipelines/x.yaml"

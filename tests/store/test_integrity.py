@@ -222,6 +222,24 @@ def test_a_layout_2_store_is_refused_then_migrated(pristine_compacted, tmp_path:
     assert _answers(store) == expected
     (check,) = verify_store(store)
     assert check.ok and not check.strays
+    # a migrated run repaired: its calls mix the migration's (no id) and the repair's
+    run.shard_file(run.tokens_dir, 1).unlink()
+    (repaired,) = verify_store(store, repair=True)
+    assert repaired.ok and repaired.repaired_shards == 1, repaired
+    assert _answers(store) == expected
+
+
+def test_a_lost_parts_inventory_rebuilds_every_part(pristine_compacted, tmp_path: Path) -> None:
+    expected = _answers(pristine_compacted[0])
+    store, run = _copy(pristine_compacted, tmp_path)
+    (run.completions_dir / "parts.json").unlink()
+    with pytest.raises(StoreError, match="damaged"):
+        Store(store)
+    (check,) = verify_store(store)
+    assert [d.shards for d in check.damage][:1] == [(0, 1, 2)]  # no part can be trusted
+    (repaired,) = verify_store(store, repair=True)
+    assert repaired.ok and repaired.repaired_shards == 3, repaired
+    assert _answers(store) == expected
 
 
 def test_store_paths_with_glob_characters_read_only_their_own_files(pristine, tmp_path):
