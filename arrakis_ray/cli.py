@@ -214,7 +214,8 @@ def _cmd_verify(args) -> int:
     checks = verify_store(args.store, args.run, repair=args.repair)
     for check in checks:
         state = "ok" if check.ok and not check.repair_error else "DAMAGED"
-        done = f", {check.repaired_shards} shards harvested again" if args.repair else ""
+        n = check.repaired_shards
+        done = f", {n} shard{'' if n == 1 else 's'} harvested again" if args.repair else ""
         print(f"run {check.run_id}: {state}{done}")
         for damage in check.damage:
             shards = f" (shards {', '.join(map(str, damage.shards))})" if damage.shards else ""
