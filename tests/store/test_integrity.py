@@ -285,3 +285,26 @@ def test_actors_the_cluster_cannot_place_are_refused_before_the_run(ray_session,
     ):
         harvest(pipeline_from_dict(raw), tmp_path / "store")
     assert list_run_ids(tmp_path / "store") == []  # no run left "running"
+
+
+def test_a_staged_run_inventories_every_stage_s_files(ray_session, tmp_path: Path) -> None:
+    # stage 0 writes layers 0-1, stage 1 layers 2-3 and the tokens: one inventory lists all
+    raw = pipeline_dict(hooks=["blocks.*.hook_resid_post"], stages=2)
+    result = harvest(pipeline_from_dict(raw), tmp_path / "store")
+    run = RunLayout(tmp_path / "store", result.run_id)
+    for shard in run.completed_shards():
+        inventory = json.loads(run.completion_marker(shard).read_text())
+        on_disk = sorted(
+            p.relative_to(run.root).as_posix()
+            for p in run.root.glob(f"*/**/shard-{shard:05d}.parquet")
+        )
+        assert sorted(f["path"] for f in inventory["files"]) == on_disk
+        assert {p.split("/")[2] for p in on_disk if p.startswith("activations")} == {
+            f"layer={i}" for i in range(4)
+        }
+    with Store(tmp_path / "store") as s:
+        per_layer = s.sql("SELECT layer, count(*) AS n FROM act_resid_post GROUP BY layer")
+        (tokens,) = s.sql("SELECT count(*) FROM tokens").row(0)
+    assert sorted(per_layer.rows()) == [(i, tokens) for i in range(4)]
+    (check,) = verify_store(tmp_path / "store")
+    assert check.ok and not check.strays

@@ -278,3 +278,27 @@ def test_report_of_an_s3_run_is_written_locally(s3_run, s3_env, tmp_path, monkey
     assert report.html.resolve() == html and html.is_file()
     text = html.read_text()
     assert result.run_id in text and "<script" in text
+
+
+def test_verify_and_repair_on_s3(s3_run, s3_env, s3_endpoint):
+    from arrakis_ray.harvest.repair import verify_store
+    from arrakis_ray.store.catalog import Store
+
+    _config, result = s3_run
+    fs = _s3fs(s3_endpoint)
+    source = f"{BUCKET}/store/runs/{result.run_id}"
+    copy = f"{BUCKET}/mended/runs/{result.run_id}"
+    fs.copy(f"{BUCKET}/store/arrakis-store.json", f"{BUCKET}/mended/arrakis-store.json")
+    fs.copy(source, copy, recursive=True)
+    store = f"s3://{BUCKET}/mended"
+    with Store(store) as s:
+        expected = s.sql("SELECT count(*) AS n, sum(token_id) AS t FROM tokens").rows()
+    (check,) = verify_store(store)
+    assert check.ok
+    fs.rm_file(f"{copy}/tokens/shard-00001.parquet")
+    (check,) = verify_store(store)
+    assert [d.shards for d in check.damage] == [(1,)]
+    (repaired,) = verify_store(store, repair=True)
+    assert repaired.ok and repaired.repaired_shards == 1, repaired
+    with Store(store) as s:
+        assert s.sql("SELECT count(*) AS n, sum(token_id) AS t FROM tokens").rows() == expected
