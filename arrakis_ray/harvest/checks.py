@@ -16,15 +16,21 @@ from arrakis_ray.config import HarvestConfig, PipelineConfig
 from arrakis_ray.errors import ArrakisError, ConfigError
 
 
-def check_cluster_fits(harvest_config: HarvestConfig, resources: dict, source: str) -> None:
+def check_cluster_fits(
+    harvest_config: HarvestConfig,
+    resources: dict,
+    source: str,
+    largest_node: dict | None = None,
+) -> None:
     """Refuse actors the cluster can never place: Ray would wait for them forever.
 
     ``resources`` is ``ray.cluster_resources()`` (``{"CPU": 2.0, "GPU": 1.0, ...}``;
     a missing key means none). Each pipeline stage runs its own actor pool and every
     stage needs one actor at once for a shard to get through, so ``stages`` actors must
     fit together; more actors than fit at once is fine (Ray Data starts them as
-    resources free up). HarvestConfig reserves no memory, so only CPUs and GPUs are
-    checked.
+    resources free up). An actor lives on one node: ``largest_node``, the most of each
+    resource one alive node has, bounds one actor (8 nodes of 16 CPUs place no actor of
+    64). HarvestConfig reserves no memory, so only CPUs and GPUs are checked.
     """
     n_stages = len(harvest_config.layer_ranges) or harvest_config.stages
     for field_name, resource, unit in (
@@ -32,6 +38,12 @@ def check_cluster_fits(harvest_config: HarvestConfig, resources: dict, source: s
         ("num_cpus_per_actor", "CPU", "CPU"),
     ):
         per_actor = getattr(harvest_config, field_name)
+        on_one_node = float((largest_node or {}).get(resource, 0.0))
+        if largest_node is not None and per_actor > on_one_node:
+            raise ConfigError(
+                f"{source}: harvest.{field_name}: {_count(per_actor, unit)} per actor, but "
+                f"the largest node of the cluster has {_count(on_one_node, unit)}"
+            )
         available = float(resources.get(resource, 0.0))
         if per_actor * n_stages <= available:
             continue

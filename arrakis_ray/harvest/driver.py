@@ -157,7 +157,14 @@ def _check_cluster(plan: RunPlan) -> None:
     """Refuse actors the cluster can never place (Ray would wait for them forever)."""
     import ray
 
-    check_cluster_fits(plan.config.harvest, ray.cluster_resources(), plan.config.source)
+    largest: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name, amount in (node.get("Resources") or {}).items():
+                largest[name] = max(largest.get(name, 0.0), float(amount))
+    check_cluster_fits(
+        plan.config.harvest, ray.cluster_resources(), plan.config.source, largest or None
+    )
 
 
 def _history(layout, manifest: RunManifest, call: str, started: float, finished: bool = False):

@@ -355,3 +355,15 @@ def test_the_cli_refuses_a_long_context_with_exit_2_and_no_run(tmp_path, capsys)
     assert err.count("\n") == 1, err
     assert err.startswith(f"arrakis-ray: error: {path}: data.context_length: 100 tokens")
     assert not store.exists()
+
+
+def test_an_actor_larger_than_any_node_is_refused_though_the_cluster_is_larger():
+    harvest_config = HarvestConfig(hooks=("hook_embed",), num_cpus_per_actor=64)
+    eight_nodes = {"CPU": 128.0}
+    with pytest.raises(ConfigError) as err:
+        check_cluster_fits(harvest_config, eight_nodes, "p.yaml", largest_node={"CPU": 16.0})
+    assert str(err.value) == (
+        "p.yaml: harvest.num_cpus_per_actor: 64 CPUs per actor, but the largest node of "
+        "the cluster has 16 CPUs"
+    )
+    check_cluster_fits(harvest_config, eight_nodes, "p.yaml", largest_node={"CPU": 64.0})
