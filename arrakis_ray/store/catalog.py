@@ -40,6 +40,7 @@ from arrakis_ray.store.bounds import (
     QueryBounds,
     make_temp_dir,
 )
+from arrakis_ray.store.inventory import table_of
 from arrakis_ray.store.layout import (
     FAMILY_KIND,
     RunLayout,
@@ -152,7 +153,7 @@ class Store:
         """Sort a run's inventoried files into the tables they belong to."""
         tables: dict[str, list] = {}
         for entry in contents.files:
-            tables.setdefault(_table_of(entry.path), []).append(entry)
+            tables.setdefault(table_of(entry.path), []).append(entry)
         self._files[run_id] = tables
         if contents.manifest is not None:
             self._families[run_id] = {hook_family(h) for h in contents.manifest.hooks}
@@ -248,7 +249,7 @@ class Store:
             parts = self._checked_files(f"activations/{family}", schema_name)
             self._view(f"act_{family}", parts, blocked=True)
 
-    def _follow_compaction(self) -> bool:
+    def _follow_runs(self) -> bool:
         """Follow the runs a harvest is still writing: new shards, the switch to parts
         (whose shard files go right after it), new tool results. Their views are rebuilt
         when one changed since the Store opened; True if one did."""
@@ -319,14 +320,14 @@ class Store:
         """The query's result, rerun if a harvest compacted a run under it: the query
         may have missed (or failed on) shard files deleted after the switch to parts."""
         if self._watched:
-            self._follow_compaction()
+            self._follow_runs()
         try:
             result = self._fetch(query)
         except duckdb.IOException:
-            if not (self._watched and self._follow_compaction()):
+            if not (self._watched and self._follow_runs()):
                 raise
             return self._fetch(query)
-        if self._watched and self._follow_compaction():
+        if self._watched and self._follow_runs():
             result = self._fetch(query)
         return result
 
@@ -361,15 +362,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r}, runs={len(self._run_ids)}, views={len(self._views)})"
-
-
-def _table_of(path: str) -> str:
-    """The table an inventoried file belongs to: ``tokens``, ``vocab``, ``documents``,
-    ``activations/<family>`` or ``results/<output>``."""
-    parts = path.split("/")
-    if parts[0] in ("activations", "results"):
-        return f"{parts[0]}/{parts[1]}"
-    return "vocab" if path == "vocab.parquet" else parts[0]
 
 
 def _check_entry(layout: RunLayout, entry, schema_name: str, max_version: int | None) -> None:

@@ -7,7 +7,6 @@ only damaged, so a non-cryptographic hash is enough.
 
 from __future__ import annotations
 
-import io
 import mmap
 import os
 from pathlib import Path
@@ -30,7 +29,7 @@ def checksum_file(path: Path | StorePath) -> str:
     with path.open("rb") as f:
         try:
             fileno = f.fileno()
-        except (OSError, AttributeError, io.UnsupportedOperation):
+        except (OSError, AttributeError):  # io.UnsupportedOperation is an OSError
             fileno = None
         if fileno is not None and os.fstat(fileno).st_size > 0:
             with mmap.mmap(fileno, 0, access=mmap.ACCESS_READ) as mapped:

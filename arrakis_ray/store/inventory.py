@@ -116,7 +116,7 @@ def write_vocab_inventory(layout: RunLayout, entry: FileEntry) -> None:
 
 def read_shard_inventory(layout: RunLayout, shard: int) -> ShardInventory:
     path = layout.completion_marker(shard)
-    inventory = _parse(ShardInventory, _read_json(path), path)
+    inventory = _parse(ShardInventory, read_json(path), path)
     if inventory.shard != shard:
         raise StoreError(f"{path}: inventory of shard {inventory.shard}, not {shard}")
     return inventory
@@ -132,14 +132,14 @@ def read_parts_inventory(layout: RunLayout) -> PartsInventory | None:
     path = parts_inventory_path(layout)
     if not path.exists():
         return None
-    return _parse(PartsInventory, _read_json(path), path)
+    return _parse(PartsInventory, read_json(path), path)
 
 
 def read_vocab_inventory(layout: RunLayout) -> FileEntry | None:
     path = vocab_inventory_path(layout)
     if not path.exists():
         return None
-    return _parse(FileEntry, _read_json(path), path)
+    return _parse(FileEntry, read_json(path), path)
 
 
 _ENTRY_TYPES = {
@@ -173,18 +173,27 @@ def file_entries(raw: Any, where: str) -> tuple[FileEntry, ...]:
     return tuple(entries)
 
 
+def table_of(path: str) -> str:
+    """The table a file of a run belongs to, from its path: ``tokens``, ``vocab``,
+    ``documents``, ``activations/<family>`` or ``results/<output>``."""
+    parts = path.split("/")
+    if parts[0] in ("activations", "results") and len(parts) > 2:
+        return f"{parts[0]}/{parts[1]}"
+    return "vocab" if path == "vocab.parquet" else parts[0]
+
+
 def table_schema(path: str) -> str:
     """The schema name a file at ``path`` (relative to its run) must hold: ``tokens``,
     ``vocab``, ``documents``, ``activation.<kind>`` of its family, ``result.<output>``."""
     from arrakis_ray.store.layout import family_kind
     from arrakis_ray.store.schemas import activation_schema_name
 
-    parts = path.split("/")
-    if parts[0] == "activations" and len(parts) > 2:
-        return activation_schema_name(family_kind(parts[1]))
-    if parts[0] == "results" and len(parts) > 2:
-        return f"result.{parts[1]}"
-    return "vocab" if path == "vocab.parquet" else parts[0]
+    table = table_of(path)
+    if table.startswith("activations/"):
+        return activation_schema_name(family_kind(table.split("/")[1]))
+    if table.startswith("results/"):
+        return f"result.{table.split('/')[1]}"
+    return table
 
 
 def relative_path(layout: RunLayout, path: StorePath) -> str:
@@ -316,13 +325,15 @@ def _parse(cls: type, data: Any, path: StorePath) -> Any:
     return value
 
 
-def _read_json(path: StorePath) -> Any:
+def read_json(path: StorePath, what: str = "inventory", missing: str | None = None) -> Any:
+    """A small JSON file of the store (an inventory, a manifest, a tool record);
+    StoreError naming it if it is missing or does not parse."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise StoreError(f"{path}: inventory is missing") from None
+        raise StoreError(f"{path}: {missing or what + ' is missing'}") from None
     except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: corrupt inventory ({e})") from None
+        raise StoreError(f"{path}: corrupt {what} ({e})") from None
 
 
 def _write_json(path: StorePath, data: dict) -> None:

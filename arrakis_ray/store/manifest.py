@@ -25,7 +25,7 @@ from arrakis_ray.config import ModelConfig, build_dataclass, to_dict
 from arrakis_ray.errors import ConfigError, StoreError
 from arrakis_ray.hooks import family_spec
 from arrakis_ray.store.atomic import atomic_open
-from arrakis_ray.store.inventory import FileEntry
+from arrakis_ray.store.inventory import FileEntry, read_json
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.manifest_v1 import upgrade_v1
 
@@ -267,7 +267,7 @@ def read_manifest(layout: RunLayout) -> RunManifest:
     """The run's manifest with its tool records; StoreError naming the file if it is
     missing or corrupt."""
     path = layout.manifest_path
-    data = _read_json(path, f"manifest is missing (run {layout.run_id!r})")
+    data = read_json(path, "manifest", f"manifest is missing (run {layout.run_id!r})")
     manifest = RunManifest.from_json(data, str(path))
     # a version-1 manifest kept its tool records inline
     results = {name: _tool_record(raw, str(path)) for name, raw in manifest.results.items()}
@@ -280,7 +280,7 @@ def read_tool_records(layout: RunLayout) -> dict[str, ToolRecord]:
     if layout.tool_records_dir.is_dir():
         for record_path in sorted(layout.tool_records_dir.glob("*.json")):
             try:  # one bad record must not make the run unreadable
-                data = _read_json(record_path, "tool record is missing", "tool record")
+                data = read_json(record_path, "tool record")
                 results[record_path.stem] = _tool_record(data, str(record_path))
             except StoreError as exc:
                 log.warning("%s (record skipped)", exc)
@@ -299,15 +299,6 @@ def _tool_record(data: Any, where: str) -> ToolRecord:
         return build_dataclass(ToolRecord, data, where, "")
     except ConfigError as exc:
         raise StoreError(f"corrupt tool record: {exc}") from None
-
-
-def _read_json(path, missing: str, what: str = "manifest") -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{path}: {missing}") from None
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: corrupt {what} ({e})") from None
 
 
 def json_schema() -> dict:

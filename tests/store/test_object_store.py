@@ -116,6 +116,14 @@ def s3_run(s3_endpoint, ray_session):
         mp.undo()
 
 
+def _copy_store(fs, name: str, run_id: str) -> str:
+    """A copy of the shared S3 store under ``name`` (to damage); the copied run's prefix."""
+    copy = f"{BUCKET}/{name}/runs/{run_id}"
+    fs.copy(f"{BUCKET}/store/arrakis-store.json", f"{BUCKET}/{name}/arrakis-store.json")
+    fs.copy(f"{BUCKET}/store/runs/{run_id}", copy, recursive=True)
+    return copy
+
+
 def _ordered(store, view: str, columns: str, run_id: str):
     return store.sql(
         f"SELECT {columns} FROM {view} WHERE run_id = '{run_id}' ORDER BY ALL"
@@ -256,10 +264,7 @@ def test_corrupt_shard_on_s3_names_the_file(s3_run, s3_env, s3_endpoint):
 
     _config, result = s3_run
     fs = _s3fs(s3_endpoint)
-    source = f"{BUCKET}/store/runs/{result.run_id}"
-    copy = f"{BUCKET}/broken/runs/{result.run_id}"
-    fs.copy(f"{BUCKET}/store/arrakis-store.json", f"{BUCKET}/broken/arrakis-store.json")
-    fs.copy(source, copy, recursive=True)
+    copy = _copy_store(fs, "broken", result.run_id)
     victim = f"{copy}/tokens/shard-00000.parquet"
     fs.pipe_file(victim, fs.cat_file(victim)[:100])  # truncated
     before = {f: fs.info(f)["size"] for f in fs.find(f"{BUCKET}/broken")}
@@ -286,10 +291,7 @@ def test_verify_and_repair_on_s3(s3_run, s3_env, s3_endpoint):
 
     _config, result = s3_run
     fs = _s3fs(s3_endpoint)
-    source = f"{BUCKET}/store/runs/{result.run_id}"
-    copy = f"{BUCKET}/mended/runs/{result.run_id}"
-    fs.copy(f"{BUCKET}/store/arrakis-store.json", f"{BUCKET}/mended/arrakis-store.json")
-    fs.copy(source, copy, recursive=True)
+    copy = _copy_store(fs, "mended", result.run_id)
     store = f"s3://{BUCKET}/mended"
     with Store(store) as s:
         expected = s.sql("SELECT count(*) AS n, sum(token_id) AS t FROM tokens").rows()
