@@ -203,7 +203,6 @@ class HookedModel:
 
         return point.module.register_forward_hook(fwd_hook, with_kwargs=True)
 
-    @torch.inference_mode()
     def run_with_cache(
         self,
         input_ids: Tensor,
@@ -211,6 +210,7 @@ class HookedModel:
         hooks: Sequence[str] = (),
         *,
         interventions: Mapping[str, Intervention] | None = None,
+        grad: bool = False,
     ) -> tuple[Tensor | None, dict[str, Tensor]]:
         """Run the model on ``input_ids [batch, pos]`` and cache the requested hooks.
 
@@ -226,7 +226,17 @@ class HookedModel:
         ``interventions`` maps hook names/globs to ``fn(activation, name)``; a returned
         tensor replaces the activation downstream (and in the cache). ``hook_pattern``,
         ``hook_resid_mid`` and ``logits`` are read-only (named: an error; globs skip them).
+
+        ``grad=True`` runs with autograd on: the logits (and whatever an intervention
+        returns) stay in the graph, for gradients with respect to tensors an
+        intervention added (``live/stage_worker.py``). Cached values are detached either
+        way. No parameter's ``.grad`` is touched unless the caller backpropagates into it.
         """
+        # inference mode by default: no graph, and tensors autograd cannot record later
+        with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
+            return self._run(input_ids, attention_mask, hooks, interventions, grad)
+
+    def _run(self, input_ids, attention_mask, hooks, interventions, grad: bool):
         names = self.resolve_hooks(hooks)
         want = set(names)
         want_logits = "logits" in want or not names
@@ -259,7 +269,8 @@ class HookedModel:
                 )
             logits = None
             try:
-                logits = self.model(input_ids, **kwargs).logits.detach()
+                logits = self.model(input_ids, **kwargs).logits
+                logits = logits if grad else logits.detach()
             except _StopForward:
                 pass
             if "logits" in names:

@@ -12,7 +12,7 @@ its last block unless it is the final stage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from arrakis_ray.models.hooked import HookedModel
+    from arrakis_ray.models.hooked import HookedModel, Intervention
 
 
 class _PassThrough(nn.Module):
@@ -88,21 +88,61 @@ class StageModel:
         resid_in: Tensor | None,
     ) -> tuple[dict[str, Tensor], Tensor | None]:
         """Capture ``hooks`` (this stage's own) and return (cache, residual for the next stage)."""
+        cache, resid_out, _ = self.forward(input_ids, attention_mask, hooks, resid_in)
+        return cache, resid_out
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        hooks: Sequence[str],
+        resid_in: Tensor | None,
+        *,
+        interventions: Mapping[str, Intervention] | None = None,
+        grad: bool = False,
+    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """Run this stage: (cache of ``hooks``, residual for the next stage, logits).
+
+        ``hooks`` and ``interventions`` are concrete hook names this stage owns (the
+        caller filters with ``owns``). The last stage returns the logits, the others the
+        residual stream after their last block; with ``grad`` both stay in the graph.
+        """
         handoff = None if self.last else f"blocks.{self.stop - 1}.hook_resid_post"
         wanted = list(hooks) + ([handoff] if handoff and handoff not in hooks else [])
-        interventions = None
+        if self.last:
+            wanted.append("logits")
+        fns = dict(interventions or {})
+        handed: list[Tensor] = []
+        if handoff:
+            # the residual handed on is taken live from the forward (in the graph when
+            # grad is on), after any intervention on that hook
+            fns[handoff] = chained(fns.get(handoff), lambda x, _name: handed.append(x))
         if not self.first:
             if resid_in is None:
                 raise ValueError(f"stage starting at block {self.start} needs the residual stream")
             resid = resid_in.to(self.hooked.device, self.hooked.dtype)
-            interventions = {f"blocks.{self.start}.hook_resid_pre": lambda _x, _name: resid}
-        _, cache = self.hooked.run_with_cache(
-            input_ids, attention_mask, wanted, interventions=interventions
+            entry = f"blocks.{self.start}.hook_resid_pre"
+            fns[entry] = chained(lambda _x, _name: resid, fns.get(entry))
+        logits, cache = self.hooked.run_with_cache(
+            input_ids, attention_mask, wanted, interventions=fns, grad=grad
         )
-        resid_out = cache[handoff] if handoff else None
-        if handoff and handoff not in hooks:
-            del cache[handoff]
-        return cache, resid_out
+        for name in (handoff, "logits"):
+            if name and name not in hooks:
+                cache.pop(name, None)
+        return cache, (handed[-1] if handed else None), logits
+
+
+def chained(first: Intervention | None, second: Intervention | None) -> Intervention:
+    """One intervention doing ``first`` then ``second`` (None: that step keeps the value)."""
+
+    def both(value: Tensor, name: str) -> Tensor | None:
+        changed = None
+        for fn in (first, second):
+            if fn is not None and (new := fn(value, name)) is not None:
+                value = changed = new
+        return changed
+
+    return both
 
 
 def _parent_list(root: nn.Module, layer: nn.Module) -> nn.ModuleList:

@@ -14,6 +14,14 @@ and a SQL view ``results_<output>``). Then it implements one of two shapes:
   that need no activations (weights only) or that stream over every shard themselves
   (training a dictionary or a probe). ``RunReader`` (store/reader.py) streams shards.
 
+- ``scope = "live"``: ``compute_live(items, model, prepared)`` runs the model again,
+  with interventions (``arrakis_ray.live``). ``items`` is a slice of the tool's prompt
+  dataset (``prompt_columns``, plus ``item``: the row number); the runner fans the
+  slices out over actors holding the model (replicas, or the run's stages), each
+  writing its rows. ``model`` is a ``LiveModel``. An optional ``prepare(items, model)``
+  runs once over the whole dataset first (a dataset mean, say); what it returns is
+  passed to every ``compute_live`` as ``prepared``.
+
 A result is a ``pyarrow.Table`` (for the tool's only output) or a dict output name ->
 table. A custom tool is a subclass registered with ``register_tool``.
 """
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
+    from arrakis_ray.live.model import LiveModel
     from arrakis_ray.models import HookedModel
     from arrakis_ray.store.manifest import ModelShape, RunManifest
 
@@ -72,8 +81,13 @@ class Tool:
     """True if compute_shard/compute_run needs the model (loaded once per worker process)."""
     reduce_needs_weights: ClassVar[bool] = False
     """True if ``reduce`` needs the model (then only the reduce task loads it)."""
-    scope: ClassVar[Literal["shard", "run"]] = "shard"
-    """"shard": compute_shard per shard (+ optional reduce); "run": compute_run once."""
+    scope: ClassVar[Literal["shard", "run", "live"]] = "shard"
+    """"shard": compute_shard per shard (+ optional reduce); "run": compute_run once;
+    "live": compute_live per slice of a prompt dataset, on the live model."""
+    prompt_columns: ClassVar[tuple[str, ...]] = ()
+    """Live tools: the columns their prompt dataset must have (none: no dataset read)."""
+    items_per_task: ClassVar[int] = 32
+    """Live tools: prompt rows per actor call (and per result file)."""
     outputs: ClassVar[tuple[str, ...]] = ()
     """Result tables it writes; empty means one table named like the tool."""
     reduced_outputs: ClassVar[tuple[str, ...] | None] = None
@@ -123,6 +137,19 @@ class Tool:
     def compute_run(self, inputs: RunReader, model: HookedModel | None) -> Any:
         """The whole result, computed once for the run."""
         raise NotImplementedError(f"tool {self.name} has scope 'run' but no compute_run")
+
+    def compute_live(self, items: pa.Table, model: LiveModel, prepared: Any = None) -> Any:
+        """Result rows for a slice of the prompt dataset, from the live model."""
+        raise NotImplementedError(f"tool {self.name} has scope 'live' but no compute_live")
+
+    def prompts_path(self, manifest: RunManifest) -> str | None:
+        """The prompt dataset: the ``prompts`` parameter, else the run's own data file."""
+        given = getattr(self.params, "prompts", None)
+        return given or manifest.config.get("data", {}).get("path")
+
+    prepare = None
+    """Live tools, optional: ``prepare(self, items: pa.Table, model: LiveModel) -> Any``,
+    run once over every prompt before ``compute_live``."""
 
     reduce = None
     """Optional ``reduce(self, partials: dict[str, list[pa.Table]], manifest, model) -> result``

@@ -104,7 +104,7 @@ def analyze(
             f"with harvest.hooks including {', '.join(harvest_hint(missing))}"
         )
     shards = reader.shards
-    if not shards:
+    if not shards and tool.scope != "live":
         raise ToolError(f"run {layout.run_id} has no completed shard to analyze")
 
     import ray
@@ -119,7 +119,11 @@ def analyze(
     # the store root travels as a path object: a UPath carries its filesystem options
     payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id)
     with ray_errors(f"tool {tool.name}"):  # a failure in a task becomes one line
-        if tool.scope == "run":
+        if tool.scope == "live":
+            from arrakis_ray.live.runner import run_live
+
+            files, units = run_live(tool, reader)
+        elif tool.scope == "run":
             files = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
         elif tool.reduce is not None:
             partials = _map(ray.remote(_partial_shard).options(num_cpus=0.5), payload, shards)
@@ -127,6 +131,8 @@ def analyze(
         else:
             task = ray.remote(_run_shard).options(num_cpus=0.5)
             files = [e for entries in ray.get(_map(task, payload, shards)) for e in entries]
+        if tool.scope != "live":
+            units = len(shards)
     files = sorted(files, key=lambda e: e.path)
     rows = sum(e.rows for e in files)
 
@@ -135,19 +141,19 @@ def analyze(
         params=to_dict(tool.params),
         outputs=tool.output_names(),
         schema_version=tool.schema_version,
-        shards=len(shards),
+        shards=units,
         rows=rows,
         seconds=round(seconds, 3),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         files=tuple(files),
     )
     RunWriter.for_layout(layout).record_tool(tool.name, record)
-    log.info("%s: %d rows over %d shards in %.1f s", tool.name, rows, len(shards), seconds)
+    log.info("%s: %d rows over %d shards in %.1f s", tool.name, rows, units, seconds)
     return AnalyzeResult(
         tool.name,
         layout.run_id,
         layout.results_dir(tool.output_names()[0]),
-        len(shards),
+        units,
         rows,
         seconds,
     )
@@ -204,7 +210,7 @@ def _run_shard(
     """A Ray task: compute one shard's result rows and write them; returns the files."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id)
     result = tool.compute_shard(_shard_inputs(tool, reader, shard), model)
-    return _write(tool, reader.layout, result, shard)
+    return write_outputs(tool, reader.layout, result, shard)
 
 
 def _partial_shard(
@@ -216,7 +222,7 @@ def _partial_shard(
     result = _as_outputs(tool, tool.compute_shard(_shard_inputs(tool, reader, shard), model))
     reduced = tool.output_names() if tool.reduced_outputs is None else tool.reduced_outputs
     final = {name: table for name, table in result.items() if name not in reduced}
-    files = _write(tool, reader.layout, final, shard) if final else []
+    files = write_outputs(tool, reader.layout, final, shard) if final else []
     return {name: table for name, table in result.items() if name in reduced}, files
 
 
@@ -231,7 +237,7 @@ def _reduce(
     names = {name for part in partials for name in part}
     by_output = {name: [part[name] for part in partials if name in part] for name in names}
     result = tool.reduce(by_output, reader.manifest, model)
-    return shard_files + _write(tool, reader.layout, result, 0, replace=True)
+    return shard_files + write_outputs(tool, reader.layout, result, 0, replace=True)
 
 
 def _run_whole(
@@ -239,7 +245,7 @@ def _run_whole(
 ) -> list[FileEntry]:
     """A Ray task: a run-scope tool's whole computation."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id)
-    return _write(tool, reader.layout, tool.compute_run(reader, model), 0, replace=True)
+    return write_outputs(tool, reader.layout, tool.compute_run(reader, model), 0, replace=True)
 
 
 def _as_outputs(tool, result) -> dict:
@@ -251,7 +257,7 @@ def _as_outputs(tool, result) -> dict:
     return {tool.output_names()[0]: result}
 
 
-def _write(tool, layout, result, shard: int, replace: bool = False) -> list[FileEntry]:
+def write_outputs(tool, layout, result, shard: int, replace: bool = False) -> list[FileEntry]:
     """Write each output table of ``result``; returns the files' inventory entries."""
     writer = RunWriter.for_layout(layout)
     return [

@@ -1,0 +1,61 @@
+"""ModelHolder: one model, or one pipeline stage of it, loaded once on its device.
+
+A Ray actor that runs a model (the harvest's ``HarvestStage``, the live tools'
+``LiveActor``) needs the same four things: the device Ray assigned, a thread count that
+leaves room for the other actors on a CPU node, the weights loaded once, and a lock so
+that two concurrent calls never run the model at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from arrakis_ray.config import ModelConfig
+
+
+class ModelHolder:
+    """A HookedModel holding blocks ``[start, stop)`` on the device Ray assigned.
+
+    ``num_gpus``: the GPUs this actor asked Ray for; Ray sets CUDA_VISIBLE_DEVICES to
+    them, so ``cuda`` (device 0) is this actor's. ``sharing``: actors sharing this
+    node's cores (replicas x stages), to divide the CPU threads among them.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        stage: tuple[int, int] | None = None,
+        num_gpus: float = 0.0,
+        sharing: int = 1,
+    ):
+        import torch
+
+        from arrakis_ray.harvest.model_source import load_model
+        from arrakis_ray.models.stage import StageModel
+
+        use_gpu = num_gpus > 0 and torch.cuda.is_available()
+        self.device = "cuda" if use_gpu else "cpu"
+        if not use_gpu:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, sharing)))
+        hooked = load_model(model, device="cpu")
+        start, stop = stage or (0, hooked.n_layers)
+        self.stage = StageModel(hooked, start, stop)  # frees the other stages' blocks
+        hooked.model.to(self.device)
+        hooked.device = torch.device(self.device)
+        self.model = hooked
+        self.lock = threading.Lock()  # one call at a time runs the model
+
+
+def weights_digest(module) -> str:
+    """A digest of every parameter and buffer, bit for bit (for "weights untouched")."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
+        digest.update(name.encode())
+        raw = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8)  # any dtype
+        digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()

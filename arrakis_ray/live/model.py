@@ -1,0 +1,168 @@
+"""LiveModel: what a live tool runs, a chain of stage workers seen as one model.
+
+A tool calls ``run`` (a forward with interventions) and ``run_with_grads`` (a forward
+and a backward, for gradients at hooks) and reads the model's shape, never knowing
+whether the model is one replica on one device or stages on several, in this process
+or in Ray actors. The first worker is always in the caller's process (the live actor
+holds it), so hook names, shapes and the tokenizer are read locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from arrakis_ray.errors import ToolError
+from arrakis_ray.hooks import spec_of
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from arrakis_ray.live.stage_worker import Metric
+    from arrakis_ray.models.hooked import Intervention
+
+
+@dataclass
+class LiveRun:
+    """One forward (and backward) through every stage."""
+
+    logits: Tensor
+    cache: dict[str, Tensor]
+    values: Tensor | None = None
+    """The metric per row, when one was given."""
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    """d(sum of the metric) / d(activation), per grad hook."""
+
+
+class LiveModel:
+    """Stage workers in order (one for a whole replica), as one model."""
+
+    def __init__(self, workers: Sequence[Any]):
+        if not workers:
+            raise ValueError("a live model needs at least one stage worker")
+        self.workers = list(workers)
+        meta = self.workers[0].model  # a HookedModel: it knows every hook of the whole
+        self.meta = meta
+        self.tokenizer = meta.tokenizer
+        self.arch = meta.arch
+        self.n_layers, self.n_heads, self.n_kv_heads = meta.n_layers, meta.n_heads, meta.n_kv_heads
+        self.d_model, self.d_head, self.d_mlp = meta.d_model, meta.d_head, meta.d_mlp
+        self.vocab_size = meta.vocab_size
+        self.dtype = meta.dtype
+        self.stages = [(w.stage.start, w.stage.stop) for w in self.workers]
+
+    def __repr__(self) -> str:
+        return f"LiveModel({self.arch}, stages={self.stages})"
+
+    # ------------------------------------------------------------------ names
+
+    def resolve_hooks(self, patterns: Sequence[str] | str) -> list[str]:
+        """Concrete hook names (forward order) of names or globs."""
+        return self.meta.resolve_hooks(patterns)
+
+    def layer_of(self, hook: str) -> int:
+        return self.meta.layer_of(hook)
+
+    def hook_shape(self, hook: str) -> tuple[str, int | None]:
+        return self.meta.hook_shape(hook)
+
+    def writable(self, patterns: Sequence[str] | str) -> list[str]:
+        """Concrete writable hooks of names or globs; a read-only name is an error."""
+        names = self.resolve_hooks(patterns)
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        named = [p for p in patterns if p in names and not spec_of(p).writable]
+        if named:
+            raise ToolError(f"hook {named[0]!r} is read-only: it cannot be intervened on")
+        return [n for n in names if n != "logits" and spec_of(n).writable]
+
+    # ------------------------------------------------------------------ text
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, starting with BOS as every harvested sequence does."""
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def token_id(self, word: str, where: str = "") -> int:
+        """The one token id of ``word`` (with a leading space when that is one token)."""
+        for text in (word, " " + word):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                return int(ids[0])
+        raise ToolError(f"{where}{word!r} is not a single token of this model's tokenizer")
+
+    # ------------------------------------------------------------------ running
+
+    def _interventions(self, interventions) -> dict[str, Intervention]:
+        concrete: dict[str, Intervention] = {}
+        for pattern, fn in (interventions or {}).items():
+            for name in self.writable(pattern):
+                concrete[name] = fn
+        return concrete
+
+    def run(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        hooks: Sequence[str] = (),
+        interventions: Mapping[str, Intervention] | None = None,
+        metric: Metric | None = None,
+    ) -> LiveRun:
+        """A forward with ``interventions`` (hook name or glob -> fn), caching ``hooks``."""
+        return self._forward(input_ids, attention_mask, hooks, interventions, (), metric)
+
+    def run_with_grads(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        grad_hooks: Sequence[str],
+        metric: Metric,
+        hooks: Sequence[str] = (),
+        interventions: Mapping[str, Intervention] | None = None,
+    ) -> LiveRun:
+        """A forward and a backward: the gradient of ``metric`` (summed over rows) with
+        respect to each of ``grad_hooks``' activations."""
+        grad_hooks = self.writable(list(grad_hooks))
+        if not grad_hooks:
+            raise ToolError("run_with_grads needs at least one writable hook")
+        return self._forward(input_ids, attention_mask, hooks, interventions, grad_hooks, metric)
+
+    def _forward(self, input_ids, attention_mask, hooks, interventions, grad_hooks, metric):
+        names = self.resolve_hooks(list(hooks)) if hooks else []
+        fns = self._interventions(interventions)
+        cache: dict[str, Tensor] = {}
+        grads: dict[str, Tensor] = {}
+        resid = None
+        for worker in self.workers:
+            out = worker.forward(input_ids, attention_mask, names, resid, fns, grad_hooks, metric)
+            cache.update(out.cache)
+            resid = out.resid
+        grads.update(out.grads)
+        grad_resid = out.grad_resid
+        for worker in reversed(self.workers[:-1]):  # the backward, last stage first
+            if not grad_hooks:
+                break
+            back = worker.backward(grad_resid)
+            grads.update(back.grads)
+            grad_resid = back.grad_resid
+        return LiveRun(out.logits, {n: cache[n] for n in names if n in cache}, out.values, grads)
+
+    def final_logits(self, resid: Tensor) -> Tensor:
+        """Logits of a residual stream through the final norm and unembedding."""
+        return self.workers[-1].final_logits(resid)
+
+
+def local_model(model_config, stages: Sequence[tuple[int, int]] | None = None) -> LiveModel:
+    """A LiveModel in this process: one worker per stage, each loading its own blocks."""
+    from arrakis_ray.live.holder import ModelHolder
+    from arrakis_ray.live.stage_worker import StageWorker
+
+    if not stages:
+        return LiveModel([StageWorker(ModelHolder(model_config))])
+    return LiveModel(
+        [StageWorker(ModelHolder(model_config, tuple(s), sharing=len(stages))) for s in stages]
+    )
