@@ -97,3 +97,10 @@ def reinventory(layout) -> None:
     for tool, record in read_manifest(layout).results.items():
         files = tuple(describe_file(layout, f.location(layout)) for f in record.files)
         write_tool_record(layout, tool, replace(record, files=files))
+
+
+def with_run_id(items, run_id: str = "local"):
+    """A prompt table as the live runner hands it to compute_live (with ``run_id``)."""
+    import pyarrow as pa
+
+    return items.append_column("run_id", pa.array([run_id] * items.num_rows, pa.string()))

@@ -29,19 +29,22 @@ log = logging.getLogger(__name__)
 
 
 def prompt_items(tool: Tool, reader: RunReader) -> pa.Table:
-    """The tool's prompt dataset (checked in the driver), or one empty slice's worth."""
+    """The tool's prompt dataset (checked in the driver), with ``item`` and ``run_id``;
+    a tool without prompts gets one row (it runs once)."""
     import pyarrow as pa
 
     from arrakis_ray.live.prompts import read_prompts
 
     if not tool.prompt_columns:
-        return pa.table({"item": pa.array([0], pa.int64())})
-    path = tool.prompts_path(reader.manifest)
-    if path is None:
-        from arrakis_ray.errors import ToolError
+        items = pa.table({"item": pa.array([0], pa.int64())})
+    else:
+        path = tool.prompts_path(reader.manifest)
+        if path is None:
+            from arrakis_ray.errors import ToolError
 
-        raise ToolError(f"tool {tool.name}: give params.prompts (a .jsonl or .parquet file)")
-    return read_prompts(path, tool.prompt_columns, where=f"tool {tool.name}: prompts")
+            raise ToolError(f"tool {tool.name}: give params.prompts (a .jsonl or .parquet file)")
+        items = read_prompts(path, tool.prompt_columns, where=f"tool {tool.name}: prompts")
+    return items.append_column("run_id", pa.array([reader.run_id] * items.num_rows, pa.string()))
 
 
 def slices(items: pa.Table, size: int) -> list[pa.Table]:

@@ -6,8 +6,10 @@ An explicit dict, not a metaclass registry: reading this file tells you every to
 from __future__ import annotations
 
 from arrakis_ray.store.reader import RunReader
+from arrakis_ray.tools.activation_patching import ActivationPatching
 from arrakis_ray.tools.attention_head_composition import AttentionHeadComposition
 from arrakis_ray.tools.attention_tools import AttentionTools
+from arrakis_ray.tools.attribution_patching import AttributionPatching
 from arrakis_ray.tools.base import ShardInputs, Tool
 from arrakis_ray.tools.knowledge_prober import KnowledgeProber
 from arrakis_ray.tools.logit_attribution import LogitAttribution
@@ -33,6 +35,9 @@ TOOLS: dict[str, type[Tool]] = {
         SuperpositionDisentangler,
         KnowledgeProber,
         NeuronDashboard,
+        # live: they run the model again (arrakis_ray.live)
+        ActivationPatching,
+        AttributionPatching,
     )
 }
 
