@@ -174,7 +174,8 @@ class PipelineConfig:
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline YAML file; relative data paths resolve against it."""
+    """Read and validate a pipeline YAML file; relative data paths (``data.path``, a
+    tool's ``prompts``) resolve against it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
@@ -187,7 +188,20 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         data_path = Path(data["path"])
         if not data_path.is_absolute():
             raw["data"] = {**data, "path": str((path.parent / data_path).resolve())}
+    steps = raw.get("analyze")
+    if isinstance(steps, list):  # a live tool's prompts file, like data.path
+        raw["analyze"] = [_resolve_prompts(step, path.parent) for step in steps]
     return pipeline_from_dict(raw, source=str(path))
+
+
+def _resolve_prompts(step: Any, base: Path) -> Any:
+    params = step.get("params") if isinstance(step, dict) else None
+    if not isinstance(params, dict) or not isinstance(params.get("prompts"), str):
+        return step
+    prompts = Path(params["prompts"])
+    if prompts.is_absolute():
+        return step
+    return {**step, "params": {**params, "prompts": str((base / prompts).resolve())}}
 
 
 def pipeline_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:

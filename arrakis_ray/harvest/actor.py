@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 import weakref
 from collections import defaultdict
@@ -33,7 +31,7 @@ from arrakis_ray.harvest.batch import (
     describe_shard,
     shard_of,
 )
-from arrakis_ray.harvest.model_source import load_model, vocab_texts
+from arrakis_ray.harvest.model_source import vocab_texts
 from arrakis_ray.harvest.tokenize import documents_table
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import schemas
@@ -79,25 +77,22 @@ class HarvestStage:
         stage: int,
         call: str | None = None,
     ):
-        import torch
-
-        from arrakis_ray.models.stage import StageModel
+        from arrakis_ray.live.holder import ModelHolder
 
         self.config = config
         self.run_id = run_id
         self.call = call  # the harvest call's start time, recorded in each inventory
         self.writer = RunWriter(store_root, run_id, create=False)
-        use_gpu = config.harvest.num_gpus_per_actor > 0 and torch.cuda.is_available()
-        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs, so cuda:0 is ours
-        self.device = "cuda" if use_gpu else "cpu"
-        if not use_gpu:
-            threads = max(1, (os.cpu_count() or 1) // (config.harvest.actors * len(stages)))
-            torch.set_num_threads(threads)
-        hooked = load_model(config.model, device="cpu")
-        self.stage = StageModel(hooked, *stages[stage])  # frees the other stages' blocks
-        hooked.model.to(self.device)
-        hooked.device = torch.device(self.device)
-        self.model = hooked
+        holder = ModelHolder(
+            config.model,
+            tuple(stages[stage]),
+            num_gpus=config.harvest.num_gpus_per_actor,
+            sharing=config.harvest.actors * len(stages),
+        )
+        self.device = holder.device
+        self.stage = holder.stage
+        self.model = hooked = holder.model
+        self._model_lock = holder.lock  # one shard at a time runs the model
         self.hooks = [h for h in hooks if self.stage.owns(h, hooked.layer_of)]
         self.vocab_text = np.array(vocab_texts(hooked.tokenizer, hooked.vocab_size), dtype=object)
         self.pad_id = hooked.tokenizer.pad_token_id or 0
@@ -111,7 +106,6 @@ class HarvestStage:
             family = store_layout.hook_family(name)
             self._hook_tables[name] = (family, kind, hooked.layer_of(name), schema)
         self._tokens_schema = schemas.tokens_schema()
-        self._model_lock = threading.Lock()  # one shard at a time runs the model
         self._layout_thread = ThreadPoolExecutor(1, thread_name_prefix="arrakis-layout")
         self._write_threads = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="arrakis-write")
         for pool in (self._layout_thread, self._write_threads):

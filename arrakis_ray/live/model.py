@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 class LiveRun:
     """One forward (and backward) through every stage."""
 
-    logits: Tensor
+    logits: Tensor | None
+    """None when run with ``keep_logits=False``."""
     cache: dict[str, Tensor]
     values: Tensor | None = None
     """The metric per row, when one was given."""
@@ -111,9 +112,13 @@ class LiveModel:
         hooks: Sequence[str] = (),
         interventions: Mapping[str, Intervention] | None = None,
         metric: Metric | None = None,
+        keep_logits: bool = True,
     ) -> LiveRun:
-        """A forward with ``interventions`` (hook name or glob -> fn), caching ``hooks``."""
-        return self._forward(input_ids, attention_mask, hooks, interventions, (), metric)
+        """A forward with ``interventions`` (hook name or glob -> fn), caching ``hooks``;
+        ``keep_logits=False`` when the metric's values are all you need."""
+        return self._forward(
+            input_ids, attention_mask, hooks, interventions, (), metric, keep_logits
+        )
 
     def run_with_grads(
         self,
@@ -123,22 +128,29 @@ class LiveModel:
         metric: Metric,
         hooks: Sequence[str] = (),
         interventions: Mapping[str, Intervention] | None = None,
+        keep_logits: bool = True,
     ) -> LiveRun:
         """A forward and a backward: the gradient of ``metric`` (summed over rows) with
         respect to each of ``grad_hooks``' activations."""
         grad_hooks = self.writable(list(grad_hooks))
         if not grad_hooks:
             raise ToolError("run_with_grads needs at least one writable hook")
-        return self._forward(input_ids, attention_mask, hooks, interventions, grad_hooks, metric)
+        return self._forward(
+            input_ids, attention_mask, hooks, interventions, grad_hooks, metric, keep_logits
+        )
 
-    def _forward(self, input_ids, attention_mask, hooks, interventions, grad_hooks, metric):
+    def _forward(
+        self, input_ids, attention_mask, hooks, interventions, grad_hooks, metric, keep_logits
+    ):
         names = self.resolve_hooks(list(hooks)) if hooks else []
         fns = self._interventions(interventions)
         cache: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
         resid = None
         for worker in self.workers:
-            out = worker.forward(input_ids, attention_mask, names, resid, fns, grad_hooks, metric)
+            out = worker.forward(
+                input_ids, attention_mask, names, resid, fns, grad_hooks, metric, keep_logits
+            )
             cache.update(out.cache)
             resid = out.resid
         grads.update(out.grads)
@@ -156,13 +168,15 @@ class LiveModel:
         return self.workers[-1].final_logits(resid)
 
 
-def local_model(model_config, stages: Sequence[tuple[int, int]] | None = None) -> LiveModel:
-    """A LiveModel in this process: one worker per stage, each loading its own blocks."""
+def local_model(
+    model_config, stages: Sequence[tuple[int, int]] | None = None, num_gpus: float = 0.0
+) -> LiveModel:
+    """A LiveModel in this process: one worker per stage, each loading its own blocks
+    (on the GPU with ``num_gpus`` > 0 and CUDA present)."""
     from arrakis_ray.live.holder import ModelHolder
     from arrakis_ray.live.stage_worker import StageWorker
 
-    if not stages:
-        return LiveModel([StageWorker(ModelHolder(model_config))])
+    ranges = [tuple(s) for s in stages] if stages else [None]
     return LiveModel(
-        [StageWorker(ModelHolder(model_config, tuple(s), sharing=len(stages))) for s in stages]
+        [StageWorker(ModelHolder(model_config, r, num_gpus, len(ranges))) for r in ranges]
     )

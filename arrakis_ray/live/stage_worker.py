@@ -43,7 +43,7 @@ class StageOutput:
     resid: Tensor | None = None
     """The residual stream after this stage's last block (None for the last stage)."""
     logits: Tensor | None = None
-    """The last stage's logits (detached)."""
+    """The last stage's logits (detached), unless the caller asked not to keep them."""
     values: Tensor | None = None
     """With a metric (last stage): its value per row."""
     grads: dict[str, Tensor] = field(default_factory=dict)
@@ -73,12 +73,15 @@ class StageWorker:
         interventions: Mapping[str, Intervention] | None = None,
         grad_hooks: Sequence[str] = (),
         metric: Metric | None = None,
+        keep_logits: bool = True,
     ) -> StageOutput:
         """Run this stage; with ``grad_hooks`` keep the graph for gradients.
 
         ``hooks``, ``interventions`` and ``grad_hooks`` are concrete hook names; the ones
         other stages own are ignored here. The last stage computes ``metric`` and, with
         grad hooks, the gradients at once; an earlier stage waits for ``backward``.
+        ``keep_logits=False`` returns no logits (with a metric, its values may be all a
+        tool needs: [rows, pos, vocab] floats need not leave the device).
         """
         import torch
 
@@ -106,7 +109,7 @@ class StageWorker:
                 if grad:
                     self._pending = (resid, deltas, resid_in)
                 return out
-            out.logits = logits.detach()
+            out.logits = logits.detach() if keep_logits else None
             if metric is None:
                 return out
             with torch.inference_mode(not grad), torch.set_grad_enabled(grad):

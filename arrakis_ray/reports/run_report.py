@@ -52,6 +52,8 @@ class Section:
     title: str
     sql: str
     chart: Callable  # DataFrame -> Altair chart
+    needs: tuple[str, ...] = ()
+    """Other views the SQL reads (the section is skipped without them)."""
 
 
 def _sections() -> list[Section]:
@@ -62,6 +64,7 @@ def _sections() -> list[Section]:
         residual_charts,
         sparsity_charts,
     )
+    from arrakis_ray.reports.live_sections import live_sections
 
     every = "SELECT * FROM {view} WHERE run_id = '{run_id}'"
     return [
@@ -116,6 +119,7 @@ def _sections() -> list[Section]:
             every,
             dictionary_charts.probe_accuracy_chart,
         ),
+        *live_sections(Section),
     ]
 
 
@@ -192,7 +196,7 @@ def build_report(
             ),
         ]
         for section in _sections():
-            if section.view not in views:
+            if not {section.view, *section.needs} <= views:
                 continue
             frame = db.sql(section.sql.format(view=section.view, run_id=run_id, seq_id=seq_id))
             if not frame.is_empty():

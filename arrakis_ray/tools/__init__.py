@@ -11,6 +11,7 @@ from arrakis_ray.tools.attention_head_composition import AttentionHeadCompositio
 from arrakis_ray.tools.attention_tools import AttentionTools
 from arrakis_ray.tools.attribution_patching import AttributionPatching
 from arrakis_ray.tools.base import ShardInputs, Tool
+from arrakis_ray.tools.causal_tracing import CausalTracing
 from arrakis_ray.tools.knowledge_prober import KnowledgeProber
 from arrakis_ray.tools.logit_attribution import LogitAttribution
 from arrakis_ray.tools.logit_lens import LogitLens
@@ -38,6 +39,7 @@ TOOLS: dict[str, type[Tool]] = {
         # live: they run the model again (arrakis_ray.live)
         ActivationPatching,
         AttributionPatching,
+        CausalTracing,
     )
 }
 

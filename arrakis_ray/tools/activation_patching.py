@@ -69,7 +69,7 @@ class ActivationPatching(Tool):
             comps = patching.components(model, self.params.families, len(pair.clean))
             hooks = sorted({c.hook for c in comps})
             both = torch.tensor([pair.clean, pair.corrupted])
-            base = model.run(both, hooks=hooks, metric=_metric(pair, 2))
+            base = model.run(both, hooks=hooks, metric=_metric(pair, 2), keep_logits=False)
             clean_ld, corrupted_ld = (float(v) for v in base.values)
             clean = {hook: base.cache[hook][0] for hook in hooks}
             size = self.params.max_batch if self.params.batched else 1
@@ -77,7 +77,7 @@ class ActivationPatching(Tool):
                 chunk = comps[start : start + size]
                 patched = patch_run(model, pair, chunk, clean)
                 rows += [
-                    (pair.item, comp, ld, clean_ld, corrupted_ld)
+                    (pair, comp, ld, clean_ld, corrupted_ld)
                     for comp, ld in zip(chunk, patched, strict=True)
                 ]
         return patching.table(rows, run_id, self.result_schema())
@@ -93,7 +93,8 @@ def patch_run(model: LiveModel, pair: patching.Pair, chunk: list, clean: dict) -
         by_hook[comp.hook].append((row, comp))
     interventions = {hook: _patcher(targets, clean[hook]) for hook, targets in by_hook.items()}
     ids = torch.tensor([pair.corrupted] * len(chunk))
-    out = model.run(ids, interventions=interventions, metric=_metric(pair, len(chunk)))
+    metric = _metric(pair, len(chunk))
+    out = model.run(ids, interventions=interventions, metric=metric, keep_logits=False)
     return [float(v) for v in out.values]
 
 

@@ -67,9 +67,15 @@ class AttributionPatching(Tool):
             metric = patching.logit_diff(
                 torch.tensor([p.answer for p in pairs]), torch.tensor([p.wrong for p in pairs])
             )
-            clean = model.run(torch.tensor([p.clean for p in pairs]), hooks=hooks, metric=metric)
+            clean_ids = torch.tensor([p.clean for p in pairs])
+            clean = model.run(clean_ids, hooks=hooks, metric=metric, keep_logits=False)
             corrupted = model.run_with_grads(
-                torch.tensor([p.corrupted for p in pairs]), None, hooks, metric, hooks=hooks
+                torch.tensor([p.corrupted for p in pairs]),
+                None,
+                hooks,
+                metric,
+                hooks=hooks,
+                keep_logits=False,
             )
             effects = {
                 hook: _attribution(clean.cache[hook], corrupted.cache[hook], corrupted.grads[hook])
@@ -80,7 +86,7 @@ class AttributionPatching(Tool):
                 for comp in comps:
                     where = comp.head if comp.head is not None else comp.pos
                     estimate = corrupted_ld + float(effects[comp.hook][b, where])
-                    rows.append((pair.item, comp, estimate, clean_ld, corrupted_ld))
+                    rows.append((pair, comp, estimate, clean_ld, corrupted_ld))
         return patching.table(rows, run_id, self.result_schema())
 
 
