@@ -6,16 +6,20 @@ An explicit dict, not a metaclass registry: reading this file tells you every to
 from __future__ import annotations
 
 from arrakis_ray.store.reader import RunReader
+from arrakis_ray.tools.ablation import Ablation
 from arrakis_ray.tools.activation_patching import ActivationPatching
 from arrakis_ray.tools.attention_head_composition import AttentionHeadComposition
 from arrakis_ray.tools.attention_tools import AttentionTools
 from arrakis_ray.tools.attribution_patching import AttributionPatching
 from arrakis_ray.tools.base import ShardInputs, Tool
 from arrakis_ray.tools.causal_tracing import CausalTracing
+from arrakis_ray.tools.knowledge_graph import KnowledgeGraphExtractor
 from arrakis_ray.tools.knowledge_prober import KnowledgeProber
 from arrakis_ray.tools.logit_attribution import LogitAttribution
 from arrakis_ray.tools.logit_lens import LogitLens
+from arrakis_ray.tools.model_surgery import ModelSurgery
 from arrakis_ray.tools.neuron_dashboard import NeuronDashboard
+from arrakis_ray.tools.profile_model import ProfileModel
 from arrakis_ray.tools.read_write_heads import ReadWriteHeads
 from arrakis_ray.tools.residual_decomposition import ResidualDecomposition
 from arrakis_ray.tools.residual_tools import ResidualTools
@@ -40,6 +44,10 @@ TOOLS: dict[str, type[Tool]] = {
         ActivationPatching,
         AttributionPatching,
         CausalTracing,
+        Ablation,
+        ModelSurgery,
+        KnowledgeGraphExtractor,
+        ProfileModel,
     )
 }
 

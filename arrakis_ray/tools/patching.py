@@ -43,6 +43,8 @@ class Pair:
     corrupted: list[int]
     answer: int
     wrong: int
+    tokens: list[str]
+    """The clean prompt's token texts, for labels."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ def tokenize_pairs(items: pa.Table, model: LiveModel, tool: str) -> list[Pair]:
             )
         answer = model.token_id(row["answer"], where=f"{where}answer ")
         wrong = model.token_id(row["wrong"], where=f"{where}wrong ")
-        pairs.append(Pair(int(row["item"]), clean, corrupted, answer, wrong))
+        texts = [model.tokenizer.decode([i]) for i in clean]
+        pairs.append(Pair(int(row["item"]), clean, corrupted, answer, wrong, texts))
     return pairs
 
 
@@ -113,13 +116,14 @@ def normalised(patched: float, clean: float, corrupted: float) -> float:
 
 
 def table(rows: list[tuple], run_id: str, schema: pa.Schema) -> pa.Table:
-    """Result rows ``(item, component, logit_diff, clean_ld, corrupted_ld)`` as Arrow."""
+    """Result rows ``(pair, component, logit_diff, clean_ld, corrupted_ld)`` as Arrow."""
     import pyarrow as pa
 
     columns: dict[str, list] = {name: [] for name in schema.names}
-    for item, comp, patched, clean, corrupted in rows:
+    for pair, comp, patched, clean, corrupted in rows:
         columns["run_id"].append(run_id)
-        columns["item"].append(item)
+        columns["item"].append(pair.item)
+        columns["token"].append(None if comp.pos is None else pair.tokens[comp.pos])
         columns["family"].append(comp.family)
         columns["layer"].append(comp.layer)
         columns["pos"].append(comp.pos)

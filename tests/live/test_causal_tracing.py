@@ -26,7 +26,7 @@ from arrakis_ray.tools.causal_tracing import (
 )
 from arrakis_ray.tools.runner import analyze, make_tool
 
-TOOL = "arrakis_ray.tools.causal_tracing:CausalTracing"
+TOOL = "causal_tracing"
 FAST = {"samples": 3, "window": 1}  # window 1: each mlp/attn cell is its own layer
 
 

@@ -1,0 +1,192 @@
+"""Knowledge graph extraction: (subject, relation) prompts -> the objects the model predicts.
+
+Each prompt of the dataset states a subject and a relation and stops where the object
+would come ("the capital of france is"). The model's next-token distribution at the
+last position gives the predicted object (its ``top_k`` most likely tokens, one row
+each) with its probability and rank. ``first_layer`` says where the object appears:
+the first layer whose residual stream, read through the final norm and unembedding
+(the logit lens), already has it as top-1; -1 is the embeddings
+(``blocks.0.hook_resid_pre``), null if no layer does (possible for ranks > 1).
+
+With an answer column (``answer_column``), each row also records the expected object,
+whether this row's object is it, and the expected object's probability and rank, so
+precision is one SQL query. "What does the model know about france" is::
+
+    SELECT relation, object, probability, first_layer
+    FROM results_knowledge_graph WHERE subject = 'france' AND rank = 1
+
+This is the original Arrakis "knowledge graph extraction" tool, run on the live model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from arrakis_ray.errors import ToolError
+from arrakis_ray.tools.base import Tool
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from torch import Tensor
+
+    from arrakis_ray.live.model import LiveModel
+
+LENS_HOOKS = ("blocks.0.hook_resid_pre", "blocks.*.hook_resid_post")
+"""The residual states read by the lens: the embeddings (layer -1), then each block's."""
+
+
+@dataclass(frozen=True)
+class KnowledgeGraphParams:
+    """Parameters of the knowledge graph extractor."""
+
+    prompts: str | None = None
+    """Prompt dataset (.jsonl or .parquet) with columns prompt, subject, relation (and
+    the answer column); default: the run's own data file."""
+    answer_column: str | None = "answer"
+    """Column holding the expected object (one token); null: the dataset has none, and
+    expected, correct, expected_probability and expected_rank stay null."""
+    top_k: int = 1
+    """Objects per prompt: the k most likely next tokens, one row each (rank 1..k)."""
+    batch_size: int = 16
+    """Prompts per forward (each caches the residual stream of every layer)."""
+
+
+class KnowledgeGraphExtractor(Tool):
+    """(subject, relation) -> predicted object, its probability, rank and first layer."""
+
+    name = "knowledge_graph_extractor"
+    summary = "per (subject, relation) prompt: predicted object, probability, rank, first layer"
+    reference = "Arrakis knowledge graph extraction; logit lens (nostalgebraist 2020)"
+    Params = KnowledgeGraphParams
+    scope = "live"
+    prompt_columns = ("prompt", "subject", "relation")
+    outputs = ("knowledge_graph",)
+
+    def __init__(self, params: KnowledgeGraphParams):
+        super().__init__(params)
+        if params.top_k < 1:
+            raise ToolError(f"tool {self.name}: top_k must be at least 1, got {params.top_k}")
+        if params.batch_size < 1:
+            raise ToolError(
+                f"tool {self.name}: batch_size must be at least 1, got {params.batch_size}"
+            )
+        answer = params.answer_column
+        if answer and answer not in self.prompt_columns:
+            # the runner reads exactly these columns: the answer is required when named
+            self.prompt_columns = (*type(self).prompt_columns, answer)
+
+    def compute_live(self, items: pa.Table, model: LiveModel, prepared=None) -> pa.Table:
+        import pyarrow as pa
+
+        missing = [
+            c for c in ("run_id", "item", *self.prompt_columns) if c not in items.schema.names
+        ]
+        if missing:
+            raise ToolError(
+                f"tool {self.name}: the prompt items lack column(s) {', '.join(missing)} "
+                f"(they have {', '.join(items.schema.names)})"
+            )
+        if self.params.top_k > model.vocab_size:
+            raise ToolError(
+                f"tool {self.name}: top_k {self.params.top_k} exceeds the vocabulary "
+                f"({model.vocab_size} tokens)"
+            )
+        columns = items.to_pydict()
+        expected = self._expected_ids(columns, model)
+        rows: dict[str, list] = {name: [] for name in self.result_schema().names}
+        size = self.params.batch_size
+        for lo in range(0, items.num_rows, size):
+            batch = range(lo, min(lo + size, items.num_rows))
+            found = _predict(model, [columns["prompt"][i] for i in batch])
+            for j, i in enumerate(batch):
+                self._add_rows(rows, columns, i, found, j, expected[i], model)
+        return pa.table(rows, schema=self.result_schema())
+
+    def _expected_ids(self, columns: dict, model: LiveModel) -> list[int | None]:
+        """The expected object's token id per row (None without an answer column)."""
+        answer = self.params.answer_column
+        if not answer:
+            return [None] * len(columns["item"])
+        return [
+            model.token_id(str(word).strip(), where=f"tool {self.name}: item {item}: answer ")
+            for item, word in zip(columns["item"], columns[answer], strict=True)
+        ]
+
+    def _add_rows(self, rows, columns, i, found, j, expected, model) -> None:
+        """The ``top_k`` rows of prompt ``i`` (row ``j`` of its batch's predictions)."""
+        logits, lens_top1, layers = found["logits"][j], found["lens_top1"][:, j], found["layers"]
+        logp = logits.log_softmax(-1)
+        top = logp.topk(self.params.top_k)
+        answer = self.params.answer_column
+        for token, value in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+            rows["run_id"].append(columns["run_id"][i])
+            rows["item"].append(columns["item"][i])
+            rows["prompt"].append(columns["prompt"][i])
+            rows["subject"].append(columns["subject"][i])
+            rows["relation"].append(columns["relation"][i])
+            rows["object"].append(_word(model, token))
+            rows["object_token_id"].append(token)
+            rows["probability"].append(math.exp(value))
+            rows["rank"].append(_rank(logits, token))
+            rows["first_layer"].append(_first_layer(lens_top1, layers, token))
+            rows["expected"].append(str(columns[answer][i]) if answer else None)
+            rows["correct"].append(None if expected is None else token == expected)
+            rows["expected_probability"].append(
+                None if expected is None else math.exp(logp[expected].item())
+            )
+            rows["expected_rank"].append(None if expected is None else _rank(logits, expected))
+
+
+def _predict(model: LiveModel, prompts: list[str]) -> dict:
+    """One forward over ``prompts``: the last position's logits ``[batch, vocab]`` and the
+    lens's top-1 token per state ``[states, batch]`` with the states' layers."""
+    import torch
+
+    ids, mask, last = _padded(model, prompts)
+    hooks = model.resolve_hooks(list(LENS_HOOKS))
+    run = model.run(ids, mask, hooks=hooks)
+    rows = torch.arange(len(prompts))
+    logits = run.logits[rows, last].float().cpu()
+    # the last position of each prompt at every layer, read through the final norm
+    states = torch.stack([run.cache[h][rows, last.to(run.cache[h].device)] for h in hooks])
+    lens_top1 = model.final_logits(states).argmax(-1).cpu()
+    # blocks.0.hook_resid_pre sits in block 0, but it is the embeddings: layer -1
+    layers = [-1 if h == LENS_HOOKS[0] else model.layer_of(h) for h in hooks]
+    return {"logits": logits, "lens_top1": lens_top1, "layers": layers}
+
+
+def _padded(model: LiveModel, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids, attention mask, last real position) of BOS-prefixed prompts, right-padded:
+    a causal model never lets a real token see the padding after it."""
+    import torch
+
+    encoded = [model.encode(p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad = model.tokenizer.pad_token_id
+    pad = 0 if pad is None else pad
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return ids, mask, mask.sum(-1) - 1
+
+
+def _first_layer(lens_top1, layers: list[int], token: int) -> int | None:
+    """The first layer whose lens has ``token`` as top-1, or None."""
+    for layer, top1 in zip(layers, lens_top1.tolist(), strict=True):
+        if top1 == token:
+            return layer
+    return None
+
+
+def _rank(logits, token: int) -> int:
+    """1 + the number of tokens with a strictly larger logit (1 = top)."""
+    return int((logits > logits[token]).sum()) + 1
+
+
+def _word(model: LiveModel, token: int) -> str:
+    """A token's text without the leading space a BPE word token carries."""
+    return model.tokenizer.decode([token]).strip()
