@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.hooks import spec_of
+from arrakis_ray.live.stage_worker import StageRequest
+from arrakis_ray.models.stage import stage_owns
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from arrakis_ray.live.stage_worker import Metric
+    from arrakis_ray.live.stage_worker import Metric, Probe
     from arrakis_ray.models.hooked import Intervention
 
 
@@ -34,6 +36,8 @@ class LiveRun:
     """The metric per row, when one was given."""
     grads: dict[str, Tensor] = field(default_factory=dict)
     """d(sum of the metric) / d(activation), per grad hook."""
+    probes: dict[str, Any] = field(default_factory=dict)
+    """Hook -> what its probe returned."""
 
 
 class LiveModel:
@@ -89,21 +93,24 @@ class LiveModel:
         return ids
 
     def token_id(self, word: str, where: str = "") -> int:
-        """The one token id of ``word`` (with a leading space when that is one token)."""
+        """The one token id of ``word`` (with a leading space when that is one token);
+        a word the tokenizer only knows as its unknown token is refused."""
+        unknown = self.tokenizer.unk_token_id
         for text in (word, " " + word):
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1:
+            if len(ids) == 1 and (ids[0] != unknown or word == self.tokenizer.unk_token):
                 return int(ids[0])
         raise ToolError(f"{where}{word!r} is not a single token of this model's tokenizer")
 
     # ------------------------------------------------------------------ running
 
-    def _interventions(self, interventions) -> dict[str, Intervention]:
-        concrete: dict[str, Intervention] = {}
-        for pattern, fn in (interventions or {}).items():
-            for name in self.writable(pattern):
-                concrete[name] = fn
-        return concrete
+    def _concrete(self, by_pattern) -> dict:
+        """Hook name or glob -> fn, as concrete writable hook -> fn."""
+        return {
+            name: fn
+            for pattern, fn in (by_pattern or {}).items()
+            for name in self.writable(pattern)
+        }
 
     def run(
         self,
@@ -113,12 +120,24 @@ class LiveModel:
         interventions: Mapping[str, Intervention] | None = None,
         metric: Metric | None = None,
         keep_logits: bool = True,
+        probes: Mapping[str, Probe] | None = None,
     ) -> LiveRun:
-        """A forward with ``interventions`` (hook name or glob -> fn), caching ``hooks``;
-        ``keep_logits=False`` when the metric's values are all you need."""
-        return self._forward(
-            input_ids, attention_mask, hooks, interventions, (), metric, keep_logits
+        """A forward with ``interventions`` (hook name or glob -> fn), caching ``hooks``.
+
+        ``metric(logits) -> [rows]`` is computed where the logits are, and
+        ``keep_logits=False`` leaves them there when its values are all you need.
+        ``probes`` (hook or glob -> ``probe(activation, hook)``) run where each hook is,
+        on any stage, and what they return comes back in ``LiveRun.probes``: a small
+        value instead of a whole cached activation.
+        """
+        request = StageRequest(
+            hooks=self.resolve_hooks(list(hooks)) if hooks else [],
+            interventions=self._concrete(interventions),
+            probes={n: fn for p, fn in (probes or {}).items() for n in self.resolve_hooks(p)},
+            metric=metric,
+            keep_logits=keep_logits,
         )
+        return self._forward(input_ids, attention_mask, request)
 
     def run_with_grads(
         self,
@@ -135,33 +154,50 @@ class LiveModel:
         grad_hooks = self.writable(list(grad_hooks))
         if not grad_hooks:
             raise ToolError("run_with_grads needs at least one writable hook")
-        return self._forward(
-            input_ids, attention_mask, hooks, interventions, grad_hooks, metric, keep_logits
+        request = StageRequest(
+            hooks=self.resolve_hooks(list(hooks)) if hooks else [],
+            interventions=self._concrete(interventions),
+            grad_hooks=grad_hooks,
+            metric=metric,
+            keep_logits=keep_logits,
+        )
+        return self._forward(input_ids, attention_mask, request)
+
+    def _owned(self, worker, request: StageRequest) -> StageRequest:
+        """The part of ``request`` on the hooks ``worker``'s stage owns: a stage is sent
+        only its own interventions (and the clean values they carry)."""
+        start, stop = worker.stage.start, worker.stage.stop
+
+        def owns(hook: str) -> bool:
+            return stage_owns(start, stop, self.n_layers, self.layer_of(hook))
+
+        return StageRequest(
+            hooks=[h for h in request.hooks if h != "logits" and owns(h)],
+            interventions={h: f for h, f in request.interventions.items() if owns(h)},
+            grad_hooks=[h for h in request.grad_hooks if owns(h)],
+            probes={h: f for h, f in request.probes.items() if owns(h)},
+            metric=request.metric,
+            keep_logits=request.keep_logits,
         )
 
-    def _forward(
-        self, input_ids, attention_mask, hooks, interventions, grad_hooks, metric, keep_logits
-    ):
-        names = self.resolve_hooks(list(hooks)) if hooks else []
-        fns = self._interventions(interventions)
+    def _forward(self, input_ids, attention_mask, request: StageRequest) -> LiveRun:
         cache: dict[str, Tensor] = {}
-        grads: dict[str, Tensor] = {}
+        probed: dict[str, Any] = {}
         resid = None
         for worker in self.workers:
-            out = worker.forward(
-                input_ids, attention_mask, names, resid, fns, grad_hooks, metric, keep_logits
-            )
+            out = worker.forward(input_ids, attention_mask, resid, self._owned(worker, request))
             cache.update(out.cache)
+            probed.update(out.probed)
             resid = out.resid
-        grads.update(out.grads)
+        grads = dict(out.grads)
         grad_resid = out.grad_resid
-        for worker in reversed(self.workers[:-1]):  # the backward, last stage first
-            if not grad_hooks:
-                break
-            back = worker.backward(grad_resid)
-            grads.update(back.grads)
-            grad_resid = back.grad_resid
-        return LiveRun(out.logits, {n: cache[n] for n in names if n in cache}, out.values, grads)
+        if request.grad_hooks:
+            for worker in reversed(self.workers[:-1]):  # the backward, last stage first
+                back = worker.backward(grad_resid)
+                grads.update(back.grads)
+                grad_resid = back.grad_resid
+        names = [n for n in request.hooks if n in cache]
+        return LiveRun(out.logits, {n: cache[n] for n in names}, out.values, grads, probed)
 
     def final_logits(self, resid: Tensor) -> Tensor:
         """Logits of a residual stream through the final norm and unembedding."""

@@ -173,6 +173,7 @@ def _to_cpu(out):
     """A StageOutput with every tensor on the CPU, to travel through Ray's object store."""
     out.cache = {k: v.cpu() for k, v in out.cache.items()}
     out.grads = {k: v.cpu() for k, v in out.grads.items()}
+    out.probed = {k: v.cpu() if hasattr(v, "cpu") else v for k, v in out.probed.items()}
     for name in ("resid", "logits", "values", "grad_resid"):
         value = getattr(out, name)
         if value is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from arrakis_ray.models.stage import chained
 
@@ -32,6 +32,30 @@ if TYPE_CHECKING:
 Metric = Callable[["Tensor"], "Tensor"]
 """``metric(logits [batch, pos, vocab]) -> [batch]``: one value per row (gradients are
 taken of their sum; rows are independent, so each row's gradient is its own)."""
+
+
+Probe = Callable[["Tensor", str], Any]
+"""``probe(activation, hook) -> value``: what to send back from a hook (a slice, a
+norm, a timestamp), run where the activation is, without changing it."""
+
+
+@dataclass
+class StageRequest:
+    """One forward's instructions for one stage: only the hooks that stage owns."""
+
+    hooks: Sequence[str] = ()
+    """Hooks to cache (and return, detached)."""
+    interventions: Mapping[str, Intervention] = field(default_factory=dict)
+    """Hook -> fn replacing its value downstream."""
+    grad_hooks: Sequence[str] = ()
+    """Hooks whose gradient is wanted (the graph is kept)."""
+    probes: Mapping[str, Probe] = field(default_factory=dict)
+    """Hook -> probe: its return values come back in ``StageOutput.probed``."""
+    metric: Metric | None = None
+    """The last stage: ``metric(logits) -> [rows]``."""
+    keep_logits: bool = True
+    """False: return no logits (with a metric, its values may be all a tool needs:
+    [rows, pos, vocab] floats need not leave the device)."""
 
 
 @dataclass
@@ -50,6 +74,8 @@ class StageOutput:
     """With a metric: d(sum of values) / d(activation) per grad hook this stage owns."""
     grad_resid: Tensor | None = None
     """With a metric: the gradient with respect to the residual this stage received."""
+    probed: dict[str, Any] = field(default_factory=dict)
+    """Hook -> what its probe returned."""
 
 
 class StageWorker:
@@ -61,59 +87,46 @@ class StageWorker:
         self.stage = holder.stage
         self._pending = None  # a grad forward's graph, awaiting backward()
 
-    def owns(self, hook: str) -> bool:
-        return self.stage.owns(hook, self.model.layer_of)
-
     def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None,
-        hooks: Sequence[str] = (),
-        resid_in: Tensor | None = None,
-        interventions: Mapping[str, Intervention] | None = None,
-        grad_hooks: Sequence[str] = (),
-        metric: Metric | None = None,
-        keep_logits: bool = True,
+        self, input_ids: Tensor, attention_mask: Tensor | None, resid_in, request: StageRequest
     ) -> StageOutput:
-        """Run this stage; with ``grad_hooks`` keep the graph for gradients.
+        """Run this stage on ``request`` (the parts of a forward this stage owns).
 
-        ``hooks``, ``interventions`` and ``grad_hooks`` are concrete hook names; the ones
-        other stages own are ignored here. The last stage computes ``metric`` and, with
-        grad hooks, the gradients at once; an earlier stage waits for ``backward``.
-        ``keep_logits=False`` returns no logits (with a metric, its values may be all a
-        tool needs: [rows, pos, vocab] floats need not leave the device).
+        With grad hooks the graph is kept: the last stage computes the metric and the
+        gradients at once; an earlier stage waits for ``backward``.
         """
         import torch
 
-        own = [h for h in hooks if h != "logits" and self.owns(h)]
-        fns = {h: fn for h, fn in (interventions or {}).items() if self.owns(h)}
-        grad = bool(grad_hooks)
+        fns = dict(request.interventions)
+        grad = bool(request.grad_hooks)
         deltas: dict[str, Tensor] = {}
-        if grad:
-            for hook in (h for h in grad_hooks if self.owns(h)):
-                fns[hook] = chained(fns.get(hook), _adding_zero(deltas))
-            if resid_in is not None:
-                resid_in = resid_in.detach().to(self.holder.device).requires_grad_()
+        probed: dict[str, Any] = {}
+        for hook in request.grad_hooks:
+            fns[hook] = chained(fns.get(hook), _adding_zero(deltas))
+        for hook, probe in request.probes.items():  # after any change: what flows on
+            fns[hook] = chained(fns.get(hook), _recording(probe, probed))
+        if grad and resid_in is not None:
+            resid_in = resid_in.detach().to(self.holder.device).requires_grad_()
         with self.holder.lock:
             cache, resid, logits = self.stage.forward(
                 input_ids.to(self.holder.device),
                 None if attention_mask is None else attention_mask.to(self.holder.device),
-                own,
+                list(request.hooks),
                 resid_in,
                 interventions=fns,
                 grad=grad,
             )
-            out = StageOutput(cache)
+            out = StageOutput(cache, probed=probed)
             if not self.stage.last:
                 out.resid = resid.detach()
                 if grad:
                     self._pending = (resid, deltas, resid_in)
                 return out
-            out.logits = logits.detach() if keep_logits else None
-            if metric is None:
+            out.logits = logits.detach() if request.keep_logits else None
+            if request.metric is None:
                 return out
             with torch.inference_mode(not grad), torch.set_grad_enabled(grad):
-                values = metric(logits)
+                values = request.metric(logits)
                 if grad:
                     out.grads, out.grad_resid = _gradients(values.sum(), deltas, resid_in)
             out.values = values.detach()
@@ -142,6 +155,15 @@ class StageWorker:
         with self.holder.lock, torch.inference_mode():
             resid = resid.to(self.holder.device, self.model.dtype)
             return self.model.unembed(self.model.ln_final(resid))
+
+
+def _recording(probe: Probe, probed: dict) -> Intervention:
+    """An intervention that stores ``probe``'s value and changes nothing."""
+
+    def record(value: Tensor, name: str) -> None:
+        probed[name] = probe(value, name)
+
+    return record
 
 
 def _adding_zero(deltas: dict) -> Intervention:

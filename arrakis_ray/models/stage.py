@@ -38,6 +38,16 @@ class _PassThrough(nn.Module):
         return args[0] if args else kwargs["hidden_states"]
 
 
+def stage_owns(start: int, stop: int, n_layers: int, layer: int) -> bool:
+    """True if the stage holding blocks ``[start, stop)`` runs a hook at ``layer`` (-1:
+    the embeddings, on the first stage; n_layers: the final norm, on the last)."""
+    if layer < 0:
+        return start == 0
+    if layer >= n_layers:
+        return stop == n_layers
+    return start <= layer < stop
+
+
 def even_ranges(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
     """Split ``n_layers`` blocks into ``n_stages`` contiguous ranges, sizes differing by <= 1."""
     if not 1 <= n_stages <= n_layers:
@@ -73,12 +83,7 @@ class StageModel:
 
     def owns(self, hook: str, layer_of) -> bool:
         """True if ``hook`` (a concrete name) is captured by this stage."""
-        layer = layer_of(hook)
-        if layer < 0:
-            return self.first
-        if layer >= self.hooked.n_layers:
-            return self.last
-        return self.start <= layer < self.stop
+        return stage_owns(self.start, self.stop, self.hooked.n_layers, layer_of(hook))
 
     def run(
         self,
