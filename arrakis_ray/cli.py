@@ -250,6 +250,9 @@ def _cmd_tools(args) -> None:
         if cls.reference:
             print(f"    reference: {cls.reference}")
         print(f"    writes: {', '.join('results_' + o for o in cls.output_names())}")
+        if cls.scope == "live":
+            needs = ", ".join(cls.prompt_columns) or "no prompts"
+            print(f"    runs the model again, in actors (live); prompt columns: {needs}")
         docs = field_docs(cls.Params)
         for f in dataclasses.fields(cls.Params):
             if f.default is not dataclasses.MISSING:

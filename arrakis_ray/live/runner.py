@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, NamedTuple
 
-from arrakis_ray.config import to_dict
-
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -51,8 +49,11 @@ def slices(items: pa.Table, size: int) -> list[pa.Table]:
     return [items.slice(start, size) for start in range(0, items.num_rows, max(1, size))]
 
 
-def run_live(tool: Tool, reader: RunReader) -> tuple[list[FileEntry], int]:
-    """Run a live tool over its prompts on the run's actor layout; (files, slices)."""
+def run_live(tool: Tool, reader: RunReader, payload: tuple) -> tuple[list[FileEntry], int]:
+    """Run a live tool over its prompts on the run's actor layout; (files, slices).
+
+    ``payload``: (tool class, parameters, store root, run id, call), as the runner
+    hands it to every task."""
     import ray
     from ray.util import ActorPool
 
@@ -73,7 +74,6 @@ def run_live(tool: Tool, reader: RunReader) -> tuple[list[FileEntry], int]:
         rest = [stage_actor.remote(model_config, s, gpus, sharing) for s in stages[1:]]
         helpers += rest
         actors.append(live_actor.remote(model_config, stages, gpus, sharing, rest))
-    payload = (type(tool), to_dict(tool.params), reader.layout.store_root, reader.run_id)
     try:
         prepared = None
         if tool.prepare is not None:
@@ -116,7 +116,7 @@ class StageRange(NamedTuple):
     stop: int
 
 
-class _RemoteStage:
+class RemoteStage:
     """A StageActor seen as a StageWorker by LiveModel (each call waits for its result)."""
 
     def __init__(self, handle, stage: tuple[int, int]):
@@ -151,22 +151,32 @@ class LiveActor:
         from arrakis_ray.live.stage_worker import StageWorker
 
         first = StageWorker(ModelHolder(model_config, tuple(stages[0]), num_gpus, sharing))
-        remote = [_RemoteStage(h, tuple(s)) for h, s in zip(rest, stages[1:], strict=True)]
+        remote = [RemoteStage(h, tuple(s)) for h, s in zip(rest, stages[1:], strict=True)]
         self.model = LiveModel([first, *remote])
 
-    def prepare(self, tool_cls, params: dict, store_root, run_id: str, items):
+    def prepare(self, tool_cls, params: dict, store_root, run_id: str, call: str, items):
         from arrakis_ray.tools.runner import make_tool
 
         return make_tool(tool_cls, params).prepare(items, self.model)
 
-    def compute(self, tool_cls, params: dict, store_root, run_id: str, index: int, items, prepared):
+    def compute(
+        self,
+        tool_cls,
+        params: dict,
+        store_root,
+        run_id: str,
+        call: str,
+        index: int,
+        items,
+        prepared,
+    ):
         """One slice of the prompts: compute its rows, write them; returns the files."""
         from arrakis_ray.store.layout import RunLayout
         from arrakis_ray.tools.runner import make_tool, write_outputs
 
         tool = make_tool(tool_cls, params)
         result = tool.compute_live(items, self.model, prepared)
-        return write_outputs(tool, RunLayout(store_root, run_id), result, index)
+        return write_outputs(tool, RunLayout(store_root, run_id), result, index, call)
 
 
 def _to_cpu(out):

@@ -22,12 +22,9 @@ _MEASURE_TITLES = {
     "params": "parameters",
     "activation_bytes_per_token": "activation bytes per token",
 }
-# forward order of a module: 4 slots per layer (attn, mlp; ln_final and unembed share
-# layer n_layers); a remote row (several stages at once) goes last
-_ORDER = (
-    "datum.kind == 'remote' ? 1e9 : datum.layer * 4"
-    " + (datum.kind == 'mlp' || datum.kind == 'unembed' ? 1 : 0)"
-)
+# forward order of a module: 2 slots per layer (attn, mlp; ln_final and unembed share
+# layer n_layers, embed is alone at layer -1)
+_ORDER = "datum.layer * 2 + (datum.kind == 'mlp' || datum.kind == 'unembed' ? 1 : 0)"
 
 
 def profile_bars(
@@ -37,8 +34,7 @@ def profile_bars(
     measure (each with its own scale), coloured by module kind.
 
     ``measures``: columns of ``results_profile_model`` to show (default time and
-    FLOPs; also ``params``, ``activation_bytes_per_token``). A module without a value
-    (a remote stage's module has no time of its own) has no bar in that panel.
+    FLOPs; also ``params``, ``activation_bytes_per_token``).
     """
     measures = tuple(measures)
     unknown = [m for m in measures if m not in _MEASURE_TITLES]

@@ -204,10 +204,15 @@ class RunLayout:
         return directory / f"part-{part:05d}.parquet"
 
     def results_dir(self, tool: str) -> StorePath:
-        """Directory of one tool's result shards."""
-        if not _RUN_ID.match(tool):
-            raise StoreError(f"invalid tool name {tool!r} for a results directory")
-        return self.results_root / tool
+        """Directory of one tool output's results (a directory per call inside it)."""
+        return self.results_root / self.checked_name(tool, "tool name")
+
+    @staticmethod
+    def checked_name(name: str, what: str) -> str:
+        """``name`` if it is safe as one path segment (letters, digits, ``._-``)."""
+        if not _RUN_ID.match(name):
+            raise StoreError(f"invalid {what} {name!r} for a results directory")
+        return name
 
     def result_files(self, output: str) -> list[StorePath]:
         """The Parquet files of one tool output, in shard order (none: not computed)."""

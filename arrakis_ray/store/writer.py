@@ -9,9 +9,11 @@ files. The paths come from ``RunLayout``; nobody else spells a file name.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from arrakis_ray.errors import SchemaError, StoreError
@@ -34,6 +36,8 @@ from arrakis_ray.store.layout import (
 )
 from arrakis_ray.store.manifest import RunManifest, ToolRecord, write_manifest, write_tool_record
 from arrakis_ray.store.parquet import WrittenFile, write_table
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -173,32 +177,49 @@ class RunWriter:
         table: pa.Table,
         schema: pa.Schema,
         schema_version: int,
-        replace: bool = False,
+        call: str | None = None,
     ) -> FileEntry:
-        """One result table of a tool as ``results/<output>/shard-NNNNN.parquet``,
-        checked against ``schema`` (the tool's ``result_schema(output)``).
+        """One result table of a tool as ``results/<output>/<call>/shard-NNNNN.parquet``
+        (without ``call``: ``results/<output>/shard-NNNNN.parquet``), checked against
+        ``schema`` (the tool's ``result_schema(output)``).
 
-        ``replace``: a whole-run result is one file; older files of the output go
-        first, so a rerun never leaves stale rows beside it. Returns the file's entry,
-        which the tool's record lists (``record_tool``).
+        Each call of a tool writes its own directory, so the previous call's files stay
+        whole and listed until the new call's record replaces its record
+        (``record_tool``). Returns the file's entry, which that record lists.
         """
         directory = self.layout.results_dir(output)
+        if call is not None:
+            directory = directory / self.layout.checked_name(call, "tool call")
         target = self.layout.shard_file(directory, shard)
-        if replace:
-            for old in self.layout.result_files(output):
-                if old != target:
-                    old.unlink()
         name = f"result.{output}"
         done = write_table(
             table, target, schema_name=name, schema_version=schema_version, expected=schema
         )
         return self._entry(target, done, name, schema_version)
 
-    def forget_tool(self, tool: str) -> None:
-        """Drop a tool's record before it runs again: the files it overwrites would no
-        longer match the record, and a store whose inventory disagrees with its files
-        refuses every query. Until the new record, the tool's results are not read."""
-        self.layout.tool_record_path(tool).unlink(missing_ok=True)
+    def remove_results(self, files: Sequence[FileEntry], keep: Sequence[FileEntry] = ()) -> None:
+        """Delete tool result files (those not in ``keep``): a replaced call's, or a
+        failed call's partial ones. Best effort: a file left behind is never read,
+        because no record lists it."""
+        kept = {e.path for e in keep}
+        for entry in files:
+            if entry.path.startswith("results/") and entry.path not in kept:
+                try:
+                    entry.location(self.layout).unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", entry.path, exc)
+
+    def remove_call(self, outputs: Sequence[str], call: str) -> None:
+        """Delete what a failed tool call wrote (its own directories), best effort."""
+        for output in outputs:
+            directory = self.layout.results_dir(output) / self.layout.checked_name(
+                call, "tool call"
+            )
+            for path in directory.glob("*") if directory.is_dir() else []:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", path, exc)
 
     def record_tool(self, tool: str, record: ToolRecord) -> None:
         """Record a finished tool call (its own file: concurrent calls never collide)."""

@@ -49,7 +49,7 @@ class AblationParams:
     """Parameters of the ablation."""
 
     prompts: str | None = None
-    """Prompt file (.jsonl/.parquet) with columns prompt and answer (default: the run's
+    """Prompt file (JSONL or Parquet) with columns prompt and answer (default: the run's
     data file)."""
     components: tuple[str, ...] = (ALL_HEADS,)
     """What to ablate, one at a time: "heads" (every head), L<layer>H<head> (a head) or

@@ -34,7 +34,7 @@ class ActivationPatchingParams:
     """Parameters of activation patching."""
 
     prompts: str | None = None
-    """Pairs file (.jsonl/.parquet) with columns clean, corrupted, answer, wrong."""
+    """Pairs file (JSONL or Parquet) with columns clean, corrupted, answer, wrong."""
     families: tuple[str, ...] = patching.FAMILIES
     """What to patch: resid_pre, resid_post, attn_out, mlp_out (per layer and position)
     and attn_z (per head, every position)."""

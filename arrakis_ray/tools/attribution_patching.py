@@ -34,7 +34,7 @@ class AttributionPatchingParams:
     """Parameters of attribution patching."""
 
     prompts: str | None = None
-    """Pairs file (.jsonl/.parquet) with columns clean, corrupted, answer, wrong."""
+    """Pairs file (JSONL or Parquet) with columns clean, corrupted, answer, wrong."""
     families: tuple[str, ...] = patching.FAMILIES
     """Components to estimate, as for activation_patching."""
 

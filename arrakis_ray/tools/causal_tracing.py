@@ -53,7 +53,7 @@ class CausalTracingParams:
     """Parameters of causal tracing."""
 
     prompts: str | None = None
-    """Prompt dataset (.jsonl or .parquet) with columns prompt, subject, answer; default:
+    """Prompt dataset (JSONL or Parquet) with columns prompt, subject, answer; default:
     the run's own data file."""
     noise_scale: float = 3.0
     """Noise std added to the subject embeddings, in multiples of the std of the

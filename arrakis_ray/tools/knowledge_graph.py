@@ -42,7 +42,7 @@ class KnowledgeGraphParams:
     """Parameters of the knowledge graph extractor."""
 
     prompts: str | None = None
-    """Prompt dataset (.jsonl or .parquet) with columns prompt, subject, relation (and
+    """Prompt dataset (JSONL or Parquet) with columns prompt, subject, relation (and
     the answer column); default: the run's own data file."""
     answer_column: str | None = "answer"
     """Column holding the expected object (one token); null: the dataset has none, and
@@ -50,7 +50,7 @@ class KnowledgeGraphParams:
     top_k: int = 1
     """Objects per prompt: the k most likely next tokens, one row each (rank 1..k)."""
     batch_size: int = 16
-    """Prompts per forward (each caches the residual stream of every layer)."""
+    """Prompts per forward."""
 
 
 class KnowledgeGraphExtractor(Tool):
@@ -139,6 +139,21 @@ class KnowledgeGraphExtractor(Tool):
             rows["expected_rank"].append(None if expected is None else _rank(logits, expected))
 
 
+class LastPositions:
+    """A probe: each row's activation at its last real position, ``[batch, d_model]``
+    (rows are right-padded; ``last`` holds each row's position). An object rather than
+    a closure, so it travels to a stage in another actor as plain data."""
+
+    def __init__(self, last: Tensor):
+        self.last = last
+
+    def __call__(self, value: Tensor, _hook: str) -> Tensor:
+        import torch
+
+        rows = torch.arange(value.shape[0], device=value.device)
+        return value[rows, self.last.to(value.device)]
+
+
 def _predict(model: LiveModel, prompts: list[str]) -> dict:
     """One forward over ``prompts``: the last position's logits ``[batch, vocab]`` and the
     lens's top-1 token per state ``[states, batch]`` with the states' layers."""
@@ -146,11 +161,13 @@ def _predict(model: LiveModel, prompts: list[str]) -> dict:
 
     ids, mask, last = _padded(model, prompts)
     hooks = model.resolve_hooks(list(LENS_HOOKS))
-    run = model.run(ids, mask, hooks=hooks)
+    # every layer sends back one vector per prompt, not its whole [batch, pos, d_model]
+    run = model.run(ids, mask, probes=dict.fromkeys(hooks, LastPositions(last)))
     rows = torch.arange(len(prompts))
     logits = run.logits[rows, last].float().cpu()
-    # the last position of each prompt at every layer, read through the final norm
-    states = torch.stack([run.cache[h][rows, last.to(run.cache[h].device)] for h in hooks])
+    # the states may come from stages on different devices: gathered here, then read
+    # through the final norm and unembedding where those are
+    states = torch.stack([run.probes[h].cpu() for h in hooks])
     lens_top1 = model.final_logits(states).argmax(-1).cpu()
     # blocks.0.hook_resid_pre sits in block 0, but it is the embeddings: layer -1
     layers = [-1 if h == LENS_HOOKS[0] else model.layer_of(h) for h in hooks]

@@ -47,7 +47,7 @@ class ModelSurgeryParams:
     """Parameters of model surgery."""
 
     prompts: str | None = None
-    """Text file (.jsonl/.parquet) with a column text (default: the run's data file)."""
+    """Text file (JSONL or Parquet) with a column text (default: the run's data file)."""
     plans: dict[str, list[int]] = field(default_factory=dict)
     """Named block orders, e.g. {skip_1: [0, 2, 3], repeat_2: [0, 1, 2, 2, 3]}; empty:
     every single-block deletion (skip_0, skip_1, ...)."""

@@ -30,20 +30,24 @@ for each layer L, ``ln_final`` and ``unembed`` (layer n_layers).
   width, q/k/v/z their heads x d_head, the attention pattern n_heads x S.
 - **seconds_per_forward**: the median over ``repeats`` forwards of ``batch_size`` x
   ``seq_len`` random tokens (after ``warmup`` forwards) of the time between the hook
-  points that bound the module, stamped by interventions that return nothing (with a
-  CUDA synchronize first on a GPU): ``embed`` from ``hook_embed`` to
+  points that bound the module. Probes stamp ``time.perf_counter()`` at those hook
+  points (after a CUDA synchronize on a GPU), each in the process of the stage that
+  runs the hook, and change nothing: ``embed`` from ``hook_embed`` to
   ``blocks.0.hook_resid_pre`` (position embeddings, masks, rotary tables: the token
   lookup itself precedes every hook point and is not timed), ``blocks.L.attn`` from the
-  previous block's output to ``blocks.L.hook_attn_out``, ``blocks.L.mlp`` from there to
-  ``blocks.L.hook_resid_post``, ``ln_final`` to ``ln_final.hook_normalized`` and
-  ``unembed`` from there until the forward returns.
+  block's input to ``blocks.L.hook_attn_out``, ``blocks.L.mlp`` from there to
+  ``blocks.L.hook_resid_post``, ``ln_final`` from the last block's output to
+  ``ln_final.hook_normalized`` and ``unembed`` from there until the logits exist (a
+  metric stamps that moment where the logits are). A block's input is the previous
+  block's ``hook_resid_post``, or its own ``hook_resid_pre`` when the block starts a
+  stage: there the residual arrives from the stage before.
 
-On a model split into stages, only the first stage runs in this process: its modules
-are timed one by one. The interventions of the other stages run in their own actors,
-where a stamp cannot be read back, so their modules' times are null and one extra row
-(module ``stages.<first remote layer>-<n_layers>``, kind ``remote``) holds the time
-from the first stage's last block output until the forward returns: every later
-stage's blocks, the final norm, the unembedding and the transfers between stages.
+On a model split into stages (in other actors, on other devices), every module is still
+timed on its own: both stamps of a module are taken by the one stage that runs it, as
+clocks of two processes cannot be compared. What lies between stages is in no module's
+time: handing the residual on (and a later stage's own pass over the embeddings and
+the blocks it does not hold, before the residual arrives). The modules' times then add
+up to about a forward of the whole model in one place.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class ProfileModel(Tool):
         params = parameter_counts(meta)
         flops = flops_per_token(model, p.seq_len)
         memory = activation_bytes_per_token(meta, p.seq_len)
-        seconds, remote = time_modules(model, p.batch_size, p.seq_len, p.repeats, p.warmup)
+        seconds = time_modules(model, p.batch_size, p.seq_len, p.repeats, p.warmup)
         run_id = items["run_id"][0].as_py()
         item = items["item"][0].as_py()
         rows = [
@@ -127,15 +131,10 @@ class ProfileModel(Tool):
                 params[m.kind],
                 flops[m.kind],
                 memory[m.name],
-                seconds.get(m.name),
+                seconds[m.name],
             )
             for m in modules
         ]
-        if remote is not None:
-            start = model.stages[1][0]
-            rows.append(
-                (f"stages.{start}-{model.n_layers}", "remote", start, None, None, None, remote)
-            )
         device = _device_name(meta)
         columns = list(zip(*rows, strict=True))
         n = len(rows)
@@ -267,56 +266,73 @@ def activation_bytes_per_token(meta: HookedModel, seq_len: int) -> dict[str, int
 # ---------------------------------------------------------------------- time
 
 
-def _boundaries(local_layers: int, whole: bool) -> list[tuple[str, str]]:
-    """(hook, module ending there) in forward order, for the hooks this process runs."""
-    bounds = [("hook_embed", ""), ("blocks.0.hook_resid_pre", "embed")]
-    for layer in range(local_layers):
-        bounds += [
-            (f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.attn"),
-            (f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.mlp"),
+LOGITS_READY = "logits"
+"""The stamp taken once the last stage has the logits (by a metric: the ``logits`` hook
+is read-only, and a probe runs as an intervention)."""
+
+
+def intervals(stages: list[tuple[int, int]], n_layers: int) -> list[tuple[str, str, str]]:
+    """(module, stamp where its time starts, stamp where it ends) in forward order; both
+    stamps of a module are taken by the stage that runs it."""
+    starts = {start for start, _ in stages}
+    spans = [("embed", "hook_embed", "blocks.0.hook_resid_pre")]
+    for layer in range(n_layers):
+        # a stage's first block starts where the residual arrives: its own resid_pre
+        begin = (
+            f"blocks.{layer}.hook_resid_pre"
+            if layer in starts
+            else f"blocks.{layer - 1}.hook_resid_post"
+        )
+        attn_out = f"blocks.{layer}.hook_attn_out"
+        spans += [
+            (f"blocks.{layer}.attn", begin, attn_out),
+            (f"blocks.{layer}.mlp", attn_out, f"blocks.{layer}.hook_resid_post"),
         ]
-    if whole:
-        bounds.append(("ln_final.hook_normalized", "ln_final"))
-    return bounds
+    last = f"blocks.{n_layers - 1}.hook_resid_post"
+    return spans + [
+        ("ln_final", last, "ln_final.hook_normalized"),
+        ("unembed", "ln_final.hook_normalized", LOGITS_READY),
+    ]
+
+
+def stamp(value, _hook: str) -> float:
+    """A probe: the time its hook point is reached, once the kernels before it are done."""
+    import torch
+
+    if value.is_cuda:
+        torch.cuda.synchronize(value.device)
+    return time.perf_counter()
+
+
+def stamp_logits(logits):
+    """A metric: the time the logits exist, once per row (float64 keeps the
+    microseconds of perf_counter)."""
+    import torch
+
+    return torch.full((logits.shape[0],), stamp(logits, LOGITS_READY), dtype=torch.float64)
 
 
 def time_modules(
     model: LiveModel, batch_size: int, seq_len: int, repeats: int, warmup: int
-) -> tuple[dict[str, float], float | None]:
-    """(median seconds per module run in this process, median seconds of the remote
-    stages or None on one stage), over ``repeats`` timed forwards."""
+) -> dict[str, float]:
+    """Median seconds per module over ``repeats`` timed forwards, each measured on the
+    stage that runs it."""
     import torch
 
-    whole = len(model.stages) == 1
-    bounds = _boundaries(model.stages[0][1], whole)
-    last = "unembed" if whole else "remote"
-    cuda = model.meta.device.type == "cuda"
-    stamps: dict[str, float] = {}
-
-    def stamp(value, name: str) -> None:
-        if cuda:
-            torch.cuda.synchronize(value.device)  # the module's kernels are done
-        stamps[name] = time.perf_counter()
-        return None  # the activation is left as it is
-
+    spans = intervals(model.stages, model.n_layers)
+    hooks = {hook for _, *bounds in spans for hook in bounds} - {LOGITS_READY}
+    probes = {hook: stamp for hook in hooks}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.vocab_size, (batch_size, seq_len), generator=generator)
-    fns = {hook: stamp for hook, _ in bounds}
-    samples: dict[str, list[float]] = {m: [] for _, m in bounds[1:]} | {last: []}
+    samples: dict[str, list[float]] = {module: [] for module, _, _ in spans}
     for i in range(warmup + repeats):
-        stamps.clear()
-        model.run(ids, interventions=fns)
-        if cuda:
-            torch.cuda.synchronize()
-        end = time.perf_counter()
+        run = model.run(ids, probes=probes, metric=stamp_logits, keep_logits=False)
         if i < warmup:
             continue
-        for (start_hook, _), (hook, module) in zip(bounds, bounds[1:], strict=False):
-            samples[module].append(stamps[hook] - stamps[start_hook])
-        samples[last].append(end - stamps[bounds[-1][0]])
-    medians = {module: statistics.median(values) for module, values in samples.items()}
-    remote = medians.pop("remote", None)
-    return medians, remote
+        stamps = {**run.probes, LOGITS_READY: float(run.values[0])}
+        for module, begin, end in spans:
+            samples[module].append(stamps[end] - stamps[begin])
+    return {module: statistics.median(values) for module, values in samples.items()}
 
 
 def _check_length(meta: HookedModel, seq_len: int, where: str) -> None:

@@ -2,10 +2,13 @@
 
 Everything is checked before any task starts (tool name, parameters, the hooks the
 tool needs against the hooks the run harvested), so a bad call writes nothing. Each
-task reads only its shard's files and writes ``results/<tool>/shard-NNNNN.parquet``
+task reads only its shard's files and writes ``results/<output>/<call>/shard-NNNNN.parquet``
 atomically and returns the files' inventory entries; the driver then records the call
 (parameters, schema version, rows, the result files) in the run's ``tools/<tool>.json``
-(``RunWriter.record_tool``). Readers read exactly the files the record lists.
+(``RunWriter.record_tool``), and deletes the previous call's files. Readers read exactly
+the files the record lists, so until the new record they read the previous call's
+results, whole; a call that fails deletes its own files and leaves those.
+Live tools (``scope = "live"``) run in actors holding the model: ``live/runner.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import difflib
 import importlib
 import json
 import logging
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ from arrakis_ray.hooks import harvest_glob, hook_family
 from arrakis_ray.store.inventory import FileEntry
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.location import StorePath
-from arrakis_ray.store.manifest import ToolRecord
+from arrakis_ray.store.manifest import ToolRecord, read_tool_records
 from arrakis_ray.store.reader import RunReader
 from arrakis_ray.store.writer import RunWriter
 from arrakis_ray.tools.base import ShardInputs, Tool
@@ -88,7 +92,7 @@ def analyze(
     store: str | Path | None = None,
 ) -> AnalyzeResult:
     """Run a tool (a name, or ``module:Class``) over every completed shard of ``run``."""
-    from arrakis_ray.ray_session import ensure_ray, ray_errors
+    from arrakis_ray.ray_session import ensure_ray
 
     started = time.perf_counter()
     reader = RunReader.open(run, store)
@@ -107,7 +111,6 @@ def analyze(
     if not shards and tool.scope != "live":
         raise ToolError(f"run {layout.run_id} has no completed shard to analyze")
 
-    import ray
     from ray import cloudpickle
 
     ensure_ray()
@@ -115,24 +118,18 @@ def analyze(
         # a user's tool travels to the workers by value: its module need not be
         # importable there (a notebook, a script, a file outside any package)
         cloudpickle.register_pickle_by_value(sys.modules[type(tool).__module__])
-    RunWriter.for_layout(layout).forget_tool(tool.name)
+    writer = RunWriter.for_layout(layout)
+    # this call writes its own result directories: until its record replaces the
+    # previous one, the previous results stay whole and readable, and a call that fails
+    # leaves them as they were
+    call = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
     # the store root travels as a path object: a UPath carries its filesystem options
-    payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id)
-    with ray_errors(f"tool {tool.name}"):  # a failure in a task becomes one line
-        if tool.scope == "live":
-            from arrakis_ray.live.runner import run_live
-
-            files, units = run_live(tool, reader)
-        elif tool.scope == "run":
-            files = ray.get(ray.remote(_run_whole).options(num_cpus=1).remote(*payload))
-        elif tool.reduce is not None:
-            partials = _map(ray.remote(_partial_shard).options(num_cpus=0.5), payload, shards)
-            files = ray.get(ray.remote(_reduce).options(num_cpus=1).remote(*payload, *partials))
-        else:
-            task = ray.remote(_run_shard).options(num_cpus=0.5)
-            files = [e for entries in ray.get(_map(task, payload, shards)) for e in entries]
-        if tool.scope != "live":
-            units = len(shards)
+    payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id, call)
+    try:
+        files, units = _run_tasks(tool, reader, payload, shards)
+    except BaseException:
+        writer.remove_call(tool.output_names(), call)
+        raise
     files = sorted(files, key=lambda e: e.path)
     rows = sum(e.rows for e in files)
 
@@ -147,7 +144,10 @@ def analyze(
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         files=tuple(files),
     )
-    RunWriter.for_layout(layout).record_tool(tool.name, record)
+    previous = _previous_record(layout, tool.name)
+    writer.record_tool(tool.name, record)
+    if previous is not None:  # the replaced call's files, now listed nowhere
+        writer.remove_results(previous.files, keep=record.files)
     log.info("%s: %d rows over %d shards in %.1f s", tool.name, rows, units, seconds)
     return AnalyzeResult(
         tool.name,
@@ -157,6 +157,40 @@ def analyze(
         rows,
         seconds,
     )
+
+
+def _previous_record(layout: RunLayout, tool: str) -> ToolRecord | None:
+    """The tool's record before this call, whose files the new record replaces."""
+    from arrakis_ray.errors import StoreError
+
+    try:
+        return read_tool_records(layout).get(tool)
+    except StoreError as exc:  # a damaged record: its files are left for verify to name
+        log.warning("the previous record of %s is unreadable: %s", tool, exc)
+        return None
+
+
+def _run_tasks(tool: Tool, reader: RunReader, payload: tuple, shards: list[int]):
+    """Run the tool's Ray tasks (or live actors); (their files, units of work)."""
+    import ray
+
+    from arrakis_ray.ray_session import ray_errors
+
+    with ray_errors(f"tool {tool.name}"):  # a failure in a task becomes one line
+        if tool.scope == "live":
+            from arrakis_ray.live.runner import run_live
+
+            return run_live(tool, reader, payload)
+        if tool.scope == "run":
+            whole = ray.remote(_run_whole).options(num_cpus=1).remote(*payload)
+            return ray.get(whole), len(shards)  # it reads every shard
+        if tool.reduce is not None:
+            partials = _map(ray.remote(_partial_shard).options(num_cpus=0.5), payload, shards)
+            reduced = ray.remote(_reduce).options(num_cpus=1).remote(*payload, *partials)
+            return ray.get(reduced), len(shards)
+        task = ray.remote(_run_shard).options(num_cpus=0.5)
+        files = [e for entries in ray.get(_map(task, payload, shards)) for e in entries]
+        return files, len(shards)
 
 
 def harvest_hint(missing: list[str]) -> list[str]:
@@ -205,16 +239,16 @@ def _shard_inputs(tool, reader: RunReader, shard: int) -> ShardInputs:
 
 
 def _run_shard(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, shard: int
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str, shard: int
 ) -> list[FileEntry]:
     """A Ray task: compute one shard's result rows and write them; returns the files."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id)
     result = tool.compute_shard(_shard_inputs(tool, reader, shard), model)
-    return write_outputs(tool, reader.layout, result, shard)
+    return write_outputs(tool, reader.layout, result, shard, call)
 
 
 def _partial_shard(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, shard: int
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str, shard: int
 ):
     """A Ray task: write one shard's final outputs; return its partials for ``reduce``
     and the files written."""
@@ -222,12 +256,12 @@ def _partial_shard(
     result = _as_outputs(tool, tool.compute_shard(_shard_inputs(tool, reader, shard), model))
     reduced = tool.output_names() if tool.reduced_outputs is None else tool.reduced_outputs
     final = {name: table for name, table in result.items() if name not in reduced}
-    files = write_outputs(tool, reader.layout, final, shard) if final else []
+    files = write_outputs(tool, reader.layout, final, shard, call) if final else []
     return {name: table for name, table in result.items() if name in reduced}, files
 
 
 def _reduce(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, *partials
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str, *partials
 ) -> list[FileEntry]:
     """A Ray task: combine every shard's partials into the final tables and write them;
     returns every file of the call (the shards' final outputs too)."""
@@ -237,15 +271,15 @@ def _reduce(
     names = {name for part in partials for name in part}
     by_output = {name: [part[name] for part in partials if name in part] for name in names}
     result = tool.reduce(by_output, reader.manifest, model)
-    return shard_files + write_outputs(tool, reader.layout, result, 0, replace=True)
+    return shard_files + write_outputs(tool, reader.layout, result, 0, call)
 
 
 def _run_whole(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str
 ) -> list[FileEntry]:
     """A Ray task: a run-scope tool's whole computation."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id)
-    return write_outputs(tool, reader.layout, tool.compute_run(reader, model), 0, replace=True)
+    return write_outputs(tool, reader.layout, tool.compute_run(reader, model), 0, call)
 
 
 def _as_outputs(tool, result) -> dict:
@@ -257,12 +291,12 @@ def _as_outputs(tool, result) -> dict:
     return {tool.output_names()[0]: result}
 
 
-def write_outputs(tool, layout, result, shard: int, replace: bool = False) -> list[FileEntry]:
+def write_outputs(tool, layout, result, shard: int, call: str) -> list[FileEntry]:
     """Write each output table of ``result``; returns the files' inventory entries."""
     writer = RunWriter.for_layout(layout)
     return [
         writer.write_result(
-            output, shard, table, tool.result_schema(output), tool.schema_version, replace
+            output, shard, table, tool.result_schema(output), tool.schema_version, call
         )
         for output, table in _as_outputs(tool, result).items()
     ]

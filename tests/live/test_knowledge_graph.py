@@ -11,7 +11,12 @@ import torch
 from support import with_run_id
 
 from arrakis_ray.errors import DataError, ToolError
-from arrakis_ray.tools.knowledge_graph import KnowledgeGraphExtractor
+from arrakis_ray.tools.knowledge_graph import (
+    LENS_HOOKS,
+    KnowledgeGraphExtractor,
+    LastPositions,
+    _padded,
+)
 from arrakis_ray.tools.runner import analyze, make_tool
 from arrakis_ray.zoo.corpus import FACTS
 
@@ -100,6 +105,23 @@ def test_ranks_probabilities_and_first_layer_match_a_manual_lens(demo_live, demo
         # the last layer's lens is the model's own prediction
         assert lens_top1[-1] == top.indices[0]
         assert graph["first_layer"][3 * k] is not None
+
+
+def test_the_lens_reads_each_prompts_last_real_position(demo_live, demo_staged):
+    """The probe sends back, per layer, each right-padded row's last real position: the
+    cached residual there, on whichever stage holds the layer."""
+    prompts = ["the capital of france is", "people in spain speak", "paris is in"]
+    ids, mask, last = _padded(demo_live, prompts)
+    assert last.tolist() == [len(demo_live.encode(p)) - 1 for p in prompts]
+    hooks = demo_live.resolve_hooks(list(LENS_HOOKS))
+    cache = demo_live.run(ids, mask, hooks=hooks).cache
+    for model in (demo_live, demo_staged):
+        probed = model.run(ids, mask, probes={h: LastPositions(last) for h in hooks}).probes
+        assert sorted(probed) == sorted(hooks)
+        for hook in hooks:
+            assert probed[hook].shape == (3, demo_live.d_model)
+            expected = torch.stack([cache[hook][row, pos] for row, pos in enumerate(last)])
+            torch.testing.assert_close(probed[hook], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_two_stages_give_the_same_graph(demo_live, demo_staged, demo_facts):

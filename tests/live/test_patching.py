@@ -246,3 +246,44 @@ def test_analyze_fans_pairs_out_over_ray_actors(harvested, demo_live, tmp_path):
             want.select("run_id", "item", "family", "layer", "pos", "head")
         )
         np.testing.assert_allclose(stored["logit_diff"], want["logit_diff"], atol=1e-4)
+
+
+def test_a_failed_rerun_leaves_the_previous_results_whole(harvested, tmp_path):
+    """Bad pairs fail inside an actor, after the call has started writing: the earlier
+    call's record and files stay, and the failed call leaves no file behind."""
+    import pyarrow.parquet as pq
+
+    from arrakis_ray.errors import ArrakisError
+    from arrakis_ray.store.manifest import read_tool_records
+    from arrakis_ray.store.reader import RunReader
+    from arrakis_ray.tools.runner import analyze
+
+    run_dir = harvested[2].run_dir
+    good = read_prompts(PAIRS, patching.PAIR_COLUMNS).slice(0, 10).drop(["item"])
+    bad = pa.concat_tables(
+        [
+            good,
+            _pairs([FRANCE[:1] + ("the capital city of spain is",) + FRANCE[2:]]).select(
+                good.column_names
+            ),
+        ]
+    )
+    pq.write_table(good, tmp_path / "good.parquet")
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    params = {"families": ["attn_z"], "max_batch": 64}
+    analyze(run_dir, "activation_patching", {**params, "prompts": str(tmp_path / "good.parquet")})
+    reader = RunReader.open(run_dir)
+    before = reader.result("activation_patching")
+    record = read_tool_records(reader.layout)["activation_patching"]
+    with pytest.raises(ArrakisError, match="prompts row 11: clean and corrupted prompts differ"):
+        analyze(
+            run_dir, "activation_patching", {**params, "prompts": str(tmp_path / "bad.parquet")}
+        )
+    assert read_tool_records(reader.layout)["activation_patching"] == record
+    assert reader.result("activation_patching").equals(before)
+    written = sorted(
+        p.relative_to(run_dir).as_posix() for p in (run_dir / "results").rglob("*.parquet")
+    )
+    assert written == sorted(
+        e.path for r in read_tool_records(reader.layout).values() for e in r.files
+    )

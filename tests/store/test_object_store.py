@@ -141,7 +141,7 @@ def test_harvest_writes_only_to_the_bucket(s3_run, s3_endpoint):
         assert sum(f"/activations/{family}/layer=" in f for f in files) == 4, family
         assert not any(f"/activations/{family}/" in f and "/shard-" in f for f in files)
     assert sum("/completions/shard-" in f for f in files) == 3
-    assert any("/results/logit_lens/shard-" in f for f in files)
+    assert any("/results/logit_lens/" in f and "/shard-" in f for f in files)
     assert not any(".tmp" in f or "upload" in f for f in files)
 
 

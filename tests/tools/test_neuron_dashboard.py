@@ -307,9 +307,12 @@ def test_runner_and_sql_lookup(harvested):
     assert stats["max"][0] == x[:, 123].max() and stats["n_tokens"][0] == result.tokens
     # the key filter reaches the Parquet scan, which has min/max statistics on the keys
     assert re.search(r"Filters:.*layer\s*=\s*2", plan, re.S) and "neuron" in plan
-    meta = pq.ParquetFile(
-        result.run_dir / "results" / "neuron_top_contexts" / "shard-00000.parquet"
-    )
+    (written,) = [  # the file the tool's record lists
+        e.path
+        for e in RunReader.open(result.run_dir).manifest.results["neuron_dashboard"].files
+        if e.path.startswith("results/neuron_top_contexts/")
+    ]
+    meta = pq.ParquetFile(result.run_dir / written)
     names = meta.schema_arrow.names
     group = meta.metadata.row_group(0)
     for key in ("layer", "neuron", "rank"):

@@ -23,7 +23,7 @@ DEMO_HOOKS = list(load_pipeline(REPO / "pipelines" / "demo.yaml").harvest.hooks)
 # the demo pipeline's tools, with its parameters
 DEMO_TOOLS = [(s.tool, s.params) for s in load_pipeline(REPO / "pipelines" / "demo.yaml").analyze]
 # columns that legitimately differ between two runs of the same computation
-VOLATILE = {"run_id", "seconds"}
+VOLATILE = {"run_id", "seconds", "seconds_per_forward"}  # the last: profile_model timing
 
 
 @pytest.fixture(scope="module")
