@@ -21,15 +21,16 @@ The tools' own ``compute_live`` runs on a ``LiveModel`` in this process, without
   (``max_batch`` 256);
 - ``atp``: ``attribution_patching``, every component in 2 forwards and 1 backward.
 
-Reported per model: interventions (components x pairs) per second of naive and
-batched, their ratio (target >= 10x), the sweep's wall for each, AtP's speed-up over
-the naive sweep (target >= 50x) and over the batched one, and the Pearson correlation
-of AtP's estimates with the exact values, for heads (``attn_z``) and for the residual
-stream (``resid_pre``). Each figure is the median over the repeats, the three methods
-taking turns. The naive sweep runs on a subset of the pairs (``--naive-pairs``): its
-rate is per intervention, so the subset only shortens the wall; its sweep wall is
-scaled to all pairs. The batched and naive rows are checked equal (1e-4). The last
-line printed is one JSON object with every figure.
+Reported per model: interventions (components x pairs) per second of naive and batched,
+their ratio (target >= 10x), the sweep's wall for each, AtP's speed-up over the naive
+sweep (target >= 50x) and over the batched one, and the Pearson correlation of AtP's
+estimated effects with the exact ones (patched minus corrupted logit difference: the
+pairs' own logit differences, common to both, would inflate it), for heads (``attn_z``)
+and for the residual stream (``resid_pre``). Each figure is the median over the repeats,
+the three methods taking turns. The naive sweep runs on a subset of the pairs
+(``--naive-pairs``): its rate is per intervention, so the subset only shortens the wall;
+its sweep wall is scaled to all pairs. The batched and naive rows are checked equal
+(1e-4). The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def values(table: pa.Table, family: str | None = None) -> np.ndarray:
-    """The table's logit diffs in component order (item, family, layer, pos, head)."""
+def values(table: pa.Table, family: str | None = None, effect: bool = False) -> np.ndarray:
+    """The table's logit diffs in component order (item, family, layer, pos, head); with
+    ``effect``, minus the pair's corrupted logit diff (what a patch changed)."""
     import pyarrow.compute as pc
 
     if family is not None:
@@ -86,7 +88,11 @@ def values(table: pa.Table, family: str | None = None) -> np.ndarray:
     order = pc.sort_indices(
         table, [(k, "ascending") for k in ("item", "family", "layer", "pos", "head")]
     )
-    return table.take(order)["logit_diff"].to_numpy(zero_copy_only=False)
+    table = table.take(order)
+    found = table["logit_diff"].to_numpy(zero_copy_only=False)
+    if effect:
+        found = found - table["corrupted_logit_diff"].to_numpy(zero_copy_only=False)
+    return found
 
 
 def measure(name: str, config: ModelConfig, pairs: pa.Table, args) -> dict:
@@ -117,7 +123,10 @@ def measure(name: str, config: ModelConfig, pairs: pa.Table, args) -> dict:
         raise SystemExit(f"{name}: batched and naive patching differ by {check}")
     correlation = {
         family: float(
-            np.corrcoef(values(tables["batched"], family), values(tables["atp"], family))[0, 1]
+            np.corrcoef(
+                values(tables["batched"], family, effect=True),
+                values(tables["atp"], family, effect=True),
+            )[0, 1]
         )
         for family in ("attn_z", "resid_pre")
     }

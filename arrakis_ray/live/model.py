@@ -9,11 +9,13 @@ holds it), so hook names, shapes and the tokenizer are read locally.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.harvest.checks import position_limit
 from arrakis_ray.hooks import spec_of
 from arrakis_ray.live.stage_worker import StageRequest
 from arrakis_ray.models.stage import stage_owns
@@ -55,7 +57,10 @@ class LiveModel:
         self.d_model, self.d_head, self.d_mlp = meta.d_model, meta.d_head, meta.d_mlp
         self.vocab_size = meta.vocab_size
         self.dtype = meta.dtype
+        self.max_positions: int | None = position_limit(meta.model.config)
+        """Tokens one sequence may hold (learned or declared positions); None: no limit."""
         self.stages = [(w.stage.start, w.stage.stop) for w in self.workers]
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LiveModel({self.arch}, stages={self.stages})"
@@ -158,6 +163,7 @@ class LiveModel:
             hooks=self.resolve_hooks(list(hooks)) if hooks else [],
             interventions=self._concrete(interventions),
             grad_hooks=grad_hooks,
+            grad=True,
             metric=metric,
             keep_logits=keep_logits,
         )
@@ -175,12 +181,19 @@ class LiveModel:
             hooks=[h for h in request.hooks if h != "logits" and owns(h)],
             interventions={h: f for h, f in request.interventions.items() if owns(h)},
             grad_hooks=[h for h in request.grad_hooks if owns(h)],
+            grad=request.grad,
             probes={h: f for h, f in request.probes.items() if owns(h)},
             metric=request.metric,
             keep_logits=request.keep_logits,
         )
 
     def _forward(self, input_ids, attention_mask, request: StageRequest) -> LiveRun:
+        # one call at a time: a stage keeps a grad forward's graph for the backward that
+        # follows, and two interleaved calls would backpropagate through the wrong one
+        with self._lock:
+            return self._forward_and_back(input_ids, attention_mask, request)
+
+    def _forward_and_back(self, input_ids, attention_mask, request: StageRequest) -> LiveRun:
         cache: dict[str, Tensor] = {}
         probed: dict[str, Any] = {}
         resid = None
@@ -191,8 +204,10 @@ class LiveModel:
             resid = out.resid
         grads = dict(out.grads)
         grad_resid = out.grad_resid
-        if request.grad_hooks:
+        if request.grad:
             for worker in reversed(self.workers[:-1]):  # the backward, last stage first
+                if grad_resid is None:  # no grad hook before here: the backward ends
+                    break
                 back = worker.backward(grad_resid)
                 grads.update(back.grads)
                 grad_resid = back.grad_resid

@@ -24,6 +24,8 @@ def read_prompts(path: str | Path, columns: tuple[str, ...], where: str = "promp
     """The prompt table of ``path`` with ``columns`` (and ``item``), refused clearly."""
     import pyarrow as pa
 
+    if "://" in str(path):
+        raise DataError(f"{where}: {path}: give a local file (prompts are read by the driver)")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{where}: {path} does not exist")
@@ -50,6 +52,9 @@ def read_prompts(path: str | Path, columns: tuple[str, ...], where: str = "promp
     if table.num_rows == 0:
         raise DataError(f"{where}: {path} holds no rows")
     for column in columns:
+        kind = table.schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{where}: {path}: column {column} holds {kind}; give text")
         if table.column(column).null_count:
             row = table.column(column).to_pylist().index(None)
             raise DataError(f"{where}: {path}: row {row + 1}: column {column} is empty")

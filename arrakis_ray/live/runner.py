@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, NamedTuple
 
+from arrakis_ray.config import HarvestConfig, build_dataclass
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -60,36 +62,64 @@ def run_live(tool: Tool, reader: RunReader, payload: tuple) -> tuple[list[FileEn
     manifest = reader.manifest
     items = prompt_items(tool, reader)
     work = slices(items, tool.items_per_task)
-    harvest = manifest.config.get("harvest", {})
-    replicas = max(1, min(int(harvest.get("actors", 1)), len(work)))
+    harvest = build_dataclass(HarvestConfig, manifest.config.get("harvest"), "manifest", "harvest")
     stages = [tuple(s) for s in manifest.stages] or [(0, manifest.shape.n_layers)]
-    gpus = float(harvest.get("num_gpus_per_actor", 0.0))
-    cpus = float(harvest.get("num_cpus_per_actor", 0.5))
-    model_config = manifest.model_config
+    replicas = min(harvest.actors, len(work), _replicas_that_fit(harvest, len(stages)))
+    gpus, cpus = harvest.num_gpus_per_actor, harvest.num_cpus_per_actor
     sharing = replicas * len(stages)
     live_actor = ray.remote(LiveActor).options(num_cpus=cpus, num_gpus=gpus)
     stage_actor = ray.remote(StageActor).options(num_cpus=cpus, num_gpus=gpus)
-    actors, helpers = [], []
-    for _ in range(replicas):
-        rest = [stage_actor.remote(model_config, s, gpus, sharing) for s in stages[1:]]
-        helpers += rest
-        actors.append(live_actor.remote(model_config, stages, gpus, sharing, rest))
+    model_config = manifest.model_config
+    actors: list = []
+    helpers: list = []
     try:
+        for _ in range(replicas):
+            rest = [stage_actor.remote(model_config, s, gpus, sharing) for s in stages[1:]]
+            helpers += rest
+            actors.append(live_actor.remote(model_config, stages, gpus, sharing, rest))
         prepared = None
         if tool.prepare is not None:
-            prepared = ray.get(actors[0].prepare.remote(*payload, items))
+            tool_cls, params = payload[:2]
+            prepared = ray.get(actors[0].prepare.remote(tool_cls, params, items))
         prepared_ref = ray.put(prepared)
         pool = ActorPool(actors)
-        jobs = list(enumerate(work))
         files: list[FileEntry] = []
         for entries in pool.map_unordered(
-            lambda actor, job: actor.compute.remote(*payload, job[0], job[1], prepared_ref), jobs
+            lambda actor, job: actor.compute.remote(*payload, job[0], job[1], prepared_ref),
+            list(enumerate(work)),
         ):
             files += entries
-    finally:
+    finally:  # a failed slice stops the others mid-write: the runner removes the call's files
         for actor in actors + helpers:
             ray.kill(actor)
     return files, len(work)
+
+
+def _replicas_that_fit(harvest: HarvestConfig, n_stages: int) -> int:
+    """How many replicas (chains of ``n_stages`` actors) the cluster holds at once.
+
+    Every chain's actors must live together (a LiveActor waits on its StageActors), so
+    replicas beyond what fits would wait forever; one chain must fit, or the call is
+    refused as a harvest is (``check_cluster_fits``)."""
+    import ray
+
+    from arrakis_ray.harvest.checks import check_cluster_fits
+
+    largest: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name, amount in (node.get("Resources") or {}).items():
+                largest[name] = max(largest.get(name, 0.0), float(amount))
+    total = ray.cluster_resources()
+    check_cluster_fits(harvest, total, "the run's harvest config", largest or None)
+    fits = harvest.actors
+    for per_actor, resource in (
+        (harvest.num_cpus_per_actor, "CPU"),
+        (harvest.num_gpus_per_actor, "GPU"),
+    ):
+        if per_actor > 0:
+            fits = min(fits, int(float(total.get(resource, 0.0)) // (per_actor * n_stages)))
+    return max(1, fits)
 
 
 class StageActor:
@@ -154,7 +184,8 @@ class LiveActor:
         remote = [RemoteStage(h, tuple(s)) for h, s in zip(rest, stages[1:], strict=True)]
         self.model = LiveModel([first, *remote])
 
-    def prepare(self, tool_cls, params: dict, store_root, run_id: str, call: str, items):
+    def prepare(self, tool_cls, params: dict, items):
+        """The tool's ``prepare`` over every prompt (once, before the slices)."""
         from arrakis_ray.tools.runner import make_tool
 
         return make_tool(tool_cls, params).prepare(items, self.model)

@@ -48,7 +48,10 @@ class StageRequest:
     interventions: Mapping[str, Intervention] = field(default_factory=dict)
     """Hook -> fn replacing its value downstream."""
     grad_hooks: Sequence[str] = ()
-    """Hooks whose gradient is wanted (the graph is kept)."""
+    """Hooks (of this stage) whose gradient is wanted."""
+    grad: bool = False
+    """Keep the graph: some stage has grad hooks. Every stage then runs with autograd,
+    so a gradient can flow back through stages that own none of them."""
     probes: Mapping[str, Probe] = field(default_factory=dict)
     """Hook -> probe: its return values come back in ``StageOutput.probed``."""
     metric: Metric | None = None
@@ -97,8 +100,9 @@ class StageWorker:
         """
         import torch
 
+        self._pending = None  # a graph a failed call left is never backpropagated
         fns = dict(request.interventions)
-        grad = bool(request.grad_hooks)
+        grad = request.grad
         deltas: dict[str, Tensor] = {}
         probed: dict[str, Any] = {}
         for hook in request.grad_hooks:
@@ -115,6 +119,7 @@ class StageWorker:
                 resid_in,
                 interventions=fns,
                 grad=grad,
+                logits=request.keep_logits or request.metric is not None,
             )
             out = StageOutput(cache, probed=probed)
             if not self.stage.last:
@@ -186,12 +191,13 @@ def _gradients(output, deltas: dict, resid_in, grad_output=None):
     if not targets:
         return {}, None
     found = torch.autograd.grad(output, targets, grad_outputs=grad_output, allow_unused=True)
+    of_deltas = found[: len(deltas)]
     grads = {
         name: (g if g is not None else torch.zeros_like(d)).detach()
-        for (name, d), g in zip(deltas.items(), found, strict=False)
+        for (name, d), g in zip(deltas.items(), of_deltas, strict=True)
     }
     grad_resid = None
-    if resid_in is not None:
-        g = found[-1]
+    if resid_in is not None:  # the last target
+        g = found[len(deltas)]
         grad_resid = (g if g is not None else torch.zeros_like(resid_in)).detach()
     return grads, grad_resid

@@ -105,16 +105,19 @@ class StageModel:
         *,
         interventions: Mapping[str, Intervention] | None = None,
         grad: bool = False,
+        logits: bool = False,
     ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
         """Run this stage: (cache of ``hooks``, residual for the next stage, logits).
 
         ``hooks`` and ``interventions`` are concrete hook names this stage owns (the
-        caller filters with ``owns``). The last stage returns the logits, the others the
-        residual stream after their last block; with ``grad`` both stay in the graph.
+        caller filters with ``owns``). The last stage returns the logits when asked
+        (``logits``; otherwise its forward stops after the last hook it caches, as a
+        harvest wants), the others the residual stream after their last block; with
+        ``grad`` both stay in the graph.
         """
         handoff = None if self.last else f"blocks.{self.stop - 1}.hook_resid_post"
         wanted = list(hooks) + ([handoff] if handoff and handoff not in hooks else [])
-        if self.last:
+        if self.last and logits and "logits" not in wanted:
             wanted.append("logits")
         fns = dict(interventions or {})
         handed: list[Tensor] = []
@@ -128,13 +131,13 @@ class StageModel:
             resid = resid_in.to(self.hooked.device, self.hooked.dtype)
             entry = f"blocks.{self.start}.hook_resid_pre"
             fns[entry] = chained(lambda _x, _name: resid, fns.get(entry))
-        logits, cache = self.hooked.run_with_cache(
+        out, cache = self.hooked.run_with_cache(
             input_ids, attention_mask, wanted, interventions=fns, grad=grad
         )
         for name in (handoff, "logits"):
             if name and name not in hooks:
                 cache.pop(name, None)
-        return cache, (handed[-1] if handed else None), logits
+        return cache, (handed[-1] if handed else None), (out if self.last and logits else None)
 
 
 def chained(first: Intervention | None, second: Intervention | None) -> Intervention:

@@ -2,7 +2,7 @@
 
 Each function takes a Polars or pandas DataFrame from SQL over
 ``results_activation_patching`` (or ``results_attribution_patching``, same columns) and
-returns an Altair chart; the queries the report uses are in ``reports/run_report.py``.
+returns an Altair chart; the queries the report uses are in ``reports/live_sections.py``.
 """
 
 from __future__ import annotations

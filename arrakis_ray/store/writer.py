@@ -204,10 +204,13 @@ class RunWriter:
         kept = {e.path for e in keep}
         for entry in files:
             if entry.path.startswith("results/") and entry.path not in kept:
+                path = entry.location(self.layout)
                 try:
-                    entry.location(self.layout).unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
                 except OSError as exc:
                     log.warning("could not remove %s: %s", entry.path, exc)
+                if path.parent.parent.name != "results":  # a call's own directory
+                    _remove_if_empty(path.parent)
 
     def remove_call(self, outputs: Sequence[str], call: str) -> None:
         """Delete what a failed tool call wrote (its own directories), best effort."""
@@ -220,6 +223,7 @@ class RunWriter:
                     path.unlink(missing_ok=True)
                 except OSError as exc:
                     log.warning("could not remove %s: %s", path, exc)
+            _remove_if_empty(directory)
 
     def record_tool(self, tool: str, record: ToolRecord) -> None:
         """Record a finished tool call (its own file: concurrent calls never collide)."""
@@ -293,3 +297,12 @@ def _block_table(rows: pa.Table, arrays: list, n_keys: int, block: int, columns:
 
 _ARTIFACT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHARD_FILE = re.compile(r"^shard-.*\.parquet$")  # result tables' names: never an artifact
+
+
+def _remove_if_empty(directory) -> None:
+    """Remove an empty directory (object stores have none: nothing to do there)."""
+    try:
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+    except OSError:
+        pass

@@ -7,10 +7,11 @@ in the clean run, and the logit difference is read at the last position. The met
 its normalised recovery: 0 = as corrupted, 1 = as clean (Meng et al. 2022; Wang et al.
 2022; Heimersheim & Nanda 2024 on how to read it).
 
-Batched: the clean run is cached once per pair, then the corrupted prompt is repeated
-along the batch, each row patched at its own component, up to ``max_batch`` rows per
-forward. Rows never interact, so each row equals its own forward (the tests check this
-against one forward per intervention, which ``batched: false`` runs, for the benchmark).
+Batched: the clean and corrupted runs of a slice's pairs of one length are cached in
+one forward; then corrupted prompts fill each forward, every row patched at its own
+(pair, component), up to ``max_batch`` rows. Rows never interact, so each row equals
+its own forward (the tests check this against one forward per intervention, which
+``batched: false`` runs, for the benchmark).
 """
 
 from __future__ import annotations
@@ -64,69 +65,81 @@ class ActivationPatching(Tool):
         import torch
 
         run_id = items.column("run_id")[0].as_py()
-        rows = []
+        by_length: dict[int, list[patching.Pair]] = defaultdict(list)
         for pair in patching.tokenize_pairs(items, model, self.name):
-            comps = patching.components(model, self.params.families, len(pair.clean))
+            by_length[len(pair.clean)].append(pair)
+        rows = []
+        for n_pos, group in sorted(by_length.items()):  # pairs of one length share forwards
+            comps = patching.components(model, self.params.families, n_pos)
             hooks = sorted({c.hook for c in comps})
-            both = torch.tensor([pair.clean, pair.corrupted])
-            base = model.run(both, hooks=hooks, metric=_metric(pair, 2), keep_logits=False)
-            clean_ld, corrupted_ld = (float(v) for v in base.values)
-            clean = {hook: base.cache[hook][0] for hook in hooks}
+            n = len(group)
+            ids = torch.tensor([p.clean for p in group] + [p.corrupted for p in group])
+            base = model.run(ids, hooks=hooks, metric=_metric(group + group), keep_logits=False)
+            clean_lds, corrupted_lds = base.values[:n].tolist(), base.values[n:].tolist()
+            clean = {hook: base.cache[hook][:n] for hook in hooks}  # [pair, pos, ...]
+            jobs = [(i, comp) for i in range(n) for comp in comps]
             size = self.params.max_batch if self.params.batched else 1
-            for start in range(0, len(comps), size):
-                chunk = comps[start : start + size]
-                patched = patch_run(model, pair, chunk, clean)
+            for start in range(0, len(jobs), size):
+                chunk = jobs[start : start + size]
+                patched = patch_run(model, group, chunk, clean)
                 rows += [
-                    (pair, comp, ld, clean_ld, corrupted_ld)
-                    for comp, ld in zip(chunk, patched, strict=True)
+                    (group[i], comp, ld, clean_lds[i], corrupted_lds[i])
+                    for (i, comp), ld in zip(chunk, patched, strict=True)
                 ]
         return patching.table(rows, run_id, self.result_schema())
 
 
-def patch_run(model: LiveModel, pair: patching.Pair, chunk: list, clean: dict) -> list[float]:
-    """One forward of the corrupted prompt, row i patched at ``chunk[i]``; the logit
-    difference of each row."""
+def patch_run(model: LiveModel, group: list, chunk: list, clean: dict) -> list[float]:
+    """One forward of corrupted prompts, row r being ``chunk[r] = (pair index,
+    component)``: that pair's corrupted prompt with that one component's clean value
+    patched in. Returns each row's logit difference."""
     import torch
 
-    by_hook: dict[str, list[tuple[int, patching.Component]]] = defaultdict(list)
-    for row, comp in enumerate(chunk):
-        by_hook[comp.hook].append((row, comp))
-    interventions = {hook: _patcher(targets, clean[hook]) for hook, targets in by_hook.items()}
-    ids = torch.tensor([pair.corrupted] * len(chunk))
-    metric = _metric(pair, len(chunk))
+    by_hook: dict[str, list[tuple[int, int, patching.Component]]] = defaultdict(list)
+    for row, (i, comp) in enumerate(chunk):
+        by_hook[comp.hook].append((row, i, comp))
+    interventions = {hook: _Patch(targets, clean[hook]) for hook, targets in by_hook.items()}
+    ids = torch.tensor([group[i].corrupted for i, _ in chunk])
+    metric = _metric([group[i] for i, _ in chunk])
     out = model.run(ids, interventions=interventions, metric=metric, keep_logits=False)
-    return [float(v) for v in out.values]
+    return out.values.tolist()
 
 
-def _patcher(targets: list, clean):
-    """An intervention writing the clean value into each target row at its position
-    (dense: ``clean [pos, d]``) or head (``attn_z``: ``clean [pos, head, d_head]``)."""
-    import torch
+class _Patch:
+    """An intervention writing clean values into target rows: at one position (dense
+    hooks, ``clean [pair, pos, d]``) or one head at every position (``attn_z``,
+    ``clean [pair, pos, head, d_head]``). It carries only its targets' clean values, so
+    a remote stage receives what it patches and nothing more."""
 
-    rows = torch.tensor([row for row, _ in targets])
-    heads = [comp.head for _, comp in targets]
-    if heads[0] is not None:
-        index = torch.tensor(heads)
+    def __init__(self, targets: list, clean):
+        import torch
 
-        def patch_heads(act, _name):
-            act = act.clone()
-            act[rows, :, index] = clean[:, index].transpose(0, 1).to(act.device, act.dtype)
-            return act
+        self.rows = torch.tensor([row for row, _, _ in targets])
+        pairs = torch.tensor([i for _, i, _ in targets])
+        self.heads = targets[0][2].head is not None
+        if self.heads:
+            self.index = torch.tensor([comp.head for _, _, comp in targets])
+            self.values = clean[pairs, :, self.index]  # [target, pos, d_head]
+        else:
+            self.index = torch.tensor([comp.pos for _, _, comp in targets])
+            self.values = clean[pairs, self.index]  # [target, d]
 
-        return patch_heads
-    index = torch.tensor([comp.pos for _, comp in targets])
-
-    def patch_positions(act, _name):
+    def __call__(self, act, _name):
         act = act.clone()
-        act[rows, index] = clean[index].to(act.device, act.dtype)
+        rows, index = self.rows.to(act.device), self.index.to(act.device)
+        values = self.values.to(act.device, act.dtype)
+        if self.heads:
+            act[rows, :, index] = values
+        else:
+            act[rows, index] = values
         return act
 
-    return patch_positions
 
-
-def _metric(pair: patching.Pair, rows: int):
+def _metric(pairs: list):
+    """The logit difference of each row, row r asking ``pairs[r]``'s question."""
     import torch
 
-    if rows < 1:
+    if not pairs:
         raise ToolError("activation_patching: an empty batch")
-    return patching.logit_diff(torch.full((rows,), pair.answer), torch.full((rows,), pair.wrong))
+    answer = torch.tensor([p.answer for p in pairs])
+    return patching.logit_diff(answer, torch.tensor([p.wrong for p in pairs]))

@@ -11,7 +11,7 @@ SQL join on (item, family, layer, pos, head) compares them.
 The estimate is linear: good for heads, whose effects are small and local, and worse
 for the residual stream, where one patch changes everything after it (Kramár et al.
 report the failure modes; benchmarks/BENCHMARKS.md gives the correlation measured here).
-Pairs of the same length run together, one batch row each.
+Pairs of the same length run together, one batch row each, up to ``max_batch``.
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ class AttributionPatchingParams:
     """Pairs file (JSONL or Parquet) with columns clean, corrupted, answer, wrong."""
     families: tuple[str, ...] = patching.FAMILIES
     """Components to estimate, as for activation_patching."""
+    max_batch: int = 64
+    """Pairs per forward and backward (the graph of a batch is held for the backward)."""
 
     def __post_init__(self) -> None:
         patching.check_families(self.families, "attribution_patching")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
 
 
 class AttributionPatching(Tool):
@@ -61,7 +65,13 @@ class AttributionPatching(Tool):
         for pair in patching.tokenize_pairs(items, model, self.name):
             by_length[len(pair.clean)].append(pair)
         rows = []
-        for n_pos, pairs in sorted(by_length.items()):
+        size = self.params.max_batch
+        batches = [
+            (n_pos, same[start : start + size])
+            for n_pos, same in sorted(by_length.items())
+            for start in range(0, len(same), size)
+        ]
+        for n_pos, pairs in batches:
             comps = patching.components(model, self.params.families, n_pos)
             hooks = sorted({c.hook for c in comps})
             metric = patching.logit_diff(

@@ -103,6 +103,11 @@ class Tool:
     def output_names(cls) -> tuple[str, ...]:
         return cls.outputs or (cls.name,)
 
+    def check(self, manifest: RunManifest) -> None:
+        """Refuse (ToolError, one line) parameters this run's model cannot take: a layer
+        or head out of range, a length beyond its positions. The runner calls it before
+        any task or actor starts, so a bad call writes nothing."""
+
     def required_hooks(self, manifest: RunManifest) -> list[str]:
         """Concrete hook names this tool reads, given the run's manifest (model shape)."""
         return []

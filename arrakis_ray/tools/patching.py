@@ -102,7 +102,7 @@ def logit_diff(answer: torch.Tensor, wrong: torch.Tensor):
     last position; ``answer``/``wrong`` hold one token id per row."""
 
     def metric(logits):
-        last = logits[:, -1, :]
+        last = logits[:, -1, :].float()  # a bfloat16 difference keeps ~3 digits
         rows = range(len(last))
         return last[rows, answer.to(last.device)] - last[rows, wrong.to(last.device)]
 

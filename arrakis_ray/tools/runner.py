@@ -100,6 +100,7 @@ def analyze(
     tool = make_tool(tool_name, params)
     for output in tool.output_names():
         tool.result_schema(output)  # a missing schema file fails here, before any task runs
+    tool.check(manifest)
     missing = [h for h in tool.required_hooks(manifest) if h not in manifest.hooks]
     if missing:
         raise ToolError(
@@ -144,8 +145,13 @@ def analyze(
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         files=tuple(files),
     )
-    previous = _previous_record(layout, tool.name)
-    writer.record_tool(tool.name, record)
+    # (an unreadable previous record is skipped here: its files are left for verify)
+    previous = read_tool_records(layout).get(tool.name)
+    try:
+        writer.record_tool(tool.name, record)
+    except BaseException:
+        writer.remove_call(tool.output_names(), call)
+        raise
     if previous is not None:  # the replaced call's files, now listed nowhere
         writer.remove_results(previous.files, keep=record.files)
     log.info("%s: %d rows over %d shards in %.1f s", tool.name, rows, units, seconds)
@@ -157,17 +163,6 @@ def analyze(
         rows,
         seconds,
     )
-
-
-def _previous_record(layout: RunLayout, tool: str) -> ToolRecord | None:
-    """The tool's record before this call, whose files the new record replaces."""
-    from arrakis_ray.errors import StoreError
-
-    try:
-        return read_tool_records(layout).get(tool)
-    except StoreError as exc:  # a damaged record: its files are left for verify to name
-        log.warning("the previous record of %s is unreadable: %s", tool, exc)
-        return None
 
 
 def _run_tasks(tool: Tool, reader: RunReader, payload: tuple, shards: list[int]):
@@ -184,13 +179,31 @@ def _run_tasks(tool: Tool, reader: RunReader, payload: tuple, shards: list[int])
         if tool.scope == "run":
             whole = ray.remote(_run_whole).options(num_cpus=1).remote(*payload)
             return ray.get(whole), len(shards)  # it reads every shard
-        if tool.reduce is not None:
-            partials = _map(ray.remote(_partial_shard).options(num_cpus=0.5), payload, shards)
-            reduced = ray.remote(_reduce).options(num_cpus=1).remote(*payload, *partials)
-            return ray.get(reduced), len(shards)
-        task = ray.remote(_run_shard).options(num_cpus=0.5)
-        files = [e for entries in ray.get(_map(task, payload, shards)) for e in entries]
-        return files, len(shards)
+        refs: list = []
+        try:
+            if tool.reduce is not None:
+                partial = ray.remote(_partial_shard).options(num_cpus=0.5)
+                refs += _map(partial, payload, shards)
+                refs.append(ray.remote(_reduce).options(num_cpus=1).remote(*payload, *refs))
+                return ray.get(refs[-1]), len(shards)
+            refs += _map(ray.remote(_run_shard).options(num_cpus=0.5), payload, shards)
+            return [e for entries in ray.get(refs) for e in entries], len(shards)
+        except BaseException:
+            _stop(refs)
+            raise
+
+
+def _stop(refs: list) -> None:
+    """Cancel the tasks still running after one failed, and wait for them: the call's
+    files are removed next, and a task still writing would leave one behind."""
+    import ray
+
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # finished or already failed: nothing to cancel
+            pass
+    ray.wait(refs, num_returns=len(refs), timeout=60)
 
 
 def harvest_hint(missing: list[str]) -> list[str]:

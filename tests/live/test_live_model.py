@@ -76,6 +76,22 @@ def test_gradients_through_stages_equal_autograd_on_the_whole_model(demo_live, d
     assert all(p.grad is None for w in demo_staged.workers for p in w.model.model.parameters())
 
 
+@pytest.mark.parametrize("hook", ["blocks.0.hook_mlp_out", "blocks.3.hook_mlp_out"])
+def test_a_gradient_wanted_in_one_stage_only(demo_live, demo_staged, hook):
+    """The other stage owns no grad hook: the gradient still flows through it (stage 2's
+    hook) or back to it (stage 1's)."""
+    answer = demo_live.token_id("paris")
+
+    def metric(logits):
+        return logits[:, -1, answer]
+
+    whole = demo_live.run_with_grads(_ids(demo_live), None, [hook], metric)
+    staged = demo_staged.run_with_grads(_ids(demo_live), None, [hook], metric)
+    assert list(staged.grads) == [hook]
+    assert staged.grads[hook].abs().max() > 0
+    assert_close(staged.grads[hook], whole.grads[hook], atol=1e-5, rtol=1e-4)
+
+
 def test_final_logits_read_a_residual_through_the_last_stage(demo_live, demo_staged):
     _, cache = demo_live.meta.run_with_cache(_ids(demo_live), hooks=["blocks.3.hook_resid_post"])
     resid = cache["blocks.3.hook_resid_post"]

@@ -17,7 +17,7 @@ import arrakis_ray.tools as tools_package
 from arrakis_ray.tools.runner import harvest_hint
 
 TOOLS_DIR = Path(tools_package.__file__).parent
-INFRASTRUCTURE = {"__init__", "base", "runner", "decompose"}  # not tools: shared by them
+INFRASTRUCTURE = {"__init__", "base", "runner", "decompose", "patching", "live_metrics"}  # shared
 TOOL_MODULES = sorted(p for p in TOOLS_DIR.glob("*.py") if p.stem not in INFRASTRUCTURE)
 
 
