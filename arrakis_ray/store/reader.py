@@ -47,6 +47,8 @@ class RunReader:
     def __init__(self, layout: RunLayout, manifest: RunManifest | None = None) -> None:
         self.layout = layout
         self.manifest = manifest if manifest is not None else read_manifest(layout)
+        self.call: str | None = None
+        """Inside a tool's task: the tool call, whose directory its artifacts go to."""
         self._seq_ranges: dict[int, tuple[int, int]] = {}
 
     @classmethod
@@ -274,7 +276,7 @@ class RunReader:
         artifact of its own (``RunWriter.write_artifact``); the runner writes its tables."""
         from arrakis_ray.store.writer import RunWriter
 
-        return RunWriter.for_layout(self.layout)
+        return RunWriter.for_layout(self.layout, self.call)
 
     def artifact_path(self, relative: str) -> StorePath:
         """Where an artifact lies, given its path relative to the run directory (as

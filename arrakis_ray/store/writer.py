@@ -55,13 +55,15 @@ class RunWriter:
         self._start(RunLayout(store_root, run_id))
 
     @classmethod
-    def for_layout(cls, layout: RunLayout) -> RunWriter:
+    def for_layout(cls, layout: RunLayout, call: str | None = None) -> RunWriter:
+        """A writer of an existing run; ``call``: the tool call whose artifacts it writes."""
         writer = cls.__new__(cls)
-        writer._start(layout)
+        writer._start(layout, call)
         return writer
 
-    def _start(self, layout: RunLayout) -> None:
+    def _start(self, layout: RunLayout, call: str | None = None) -> None:
         self.layout = layout
+        self.call = call
         # shard -> path -> entry of the files written for it and not yet inventoried
         # (a shard written again replaces its entries: the latest file is the one kept)
         self._written: dict[int, dict[str, FileEntry]] = {}
@@ -213,7 +215,9 @@ class RunWriter:
                     _remove_if_empty(path.parent)
 
     def remove_call(self, outputs: Sequence[str], call: str) -> None:
-        """Delete what a failed tool call wrote (its own directories), best effort."""
+        """Delete what a tool call wrote in its own directories of ``outputs`` (its
+        tables' and its artifacts'), best effort: a failed call's, or a replaced one's
+        artifacts."""
         for output in outputs:
             directory = self.layout.results_dir(output) / self.layout.checked_name(
                 call, "tool call"
@@ -254,7 +258,8 @@ class RunWriter:
 
     def write_artifact(self, tool: str, name: str, data: bytes) -> str:
         """A file a tool keeps beside its result tables (trained weights, say), written
-        atomically as ``results/<tool>/<name>``.
+        atomically as ``results/<tool>/<call>/<name>`` (``results/<tool>/<name>`` for a
+        writer without a call): each call keeps its own, like its tables.
 
         Returns its path relative to the run directory: what a result row records and
         ``RunReader.read_artifact`` takes.
@@ -264,7 +269,10 @@ class RunWriter:
                 f"invalid artifact name {name!r}: use letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit, and not a result file's shard-*.parquet"
             )
-        path = self.layout.results_dir(tool) / name
+        directory = self.layout.results_dir(tool)
+        if self.call is not None:
+            directory = directory / self.layout.checked_name(self.call, "tool call")
+        path = directory / name
         with atomic_open(path, "wb") as f:
             f.write(data)
         return path.relative_to(self.layout.root).as_posix()

@@ -126,10 +126,11 @@ def analyze(
     call = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
     # the store root travels as a path object: a UPath carries its filesystem options
     payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id, call)
+    own_dirs = (*tool.output_names(), tool.name)  # its tables', and its artifacts'
     try:
         files, units = _run_tasks(tool, reader, payload, shards)
     except BaseException:
-        writer.remove_call(tool.output_names(), call)
+        writer.remove_call(own_dirs, call)
         raise
     files = sorted(files, key=lambda e: e.path)
     rows = sum(e.rows for e in files)
@@ -150,10 +151,12 @@ def analyze(
     try:
         writer.record_tool(tool.name, record)
     except BaseException:
-        writer.remove_call(tool.output_names(), call)
+        writer.remove_call(own_dirs, call)
         raise
     if previous is not None:  # the replaced call's files, now listed nowhere
         writer.remove_results(previous.files, keep=record.files)
+        for old in _calls_of(previous) - {call}:  # and its artifacts
+            writer.remove_call([tool.name], old)
     log.info("%s: %d rows over %d shards in %.1f s", tool.name, rows, units, seconds)
     return AnalyzeResult(
         tool.name,
@@ -163,6 +166,11 @@ def analyze(
         rows,
         seconds,
     )
+
+
+def _calls_of(record: ToolRecord) -> set[str]:
+    """The call directories a record's files lie in (``results/<output>/<call>/...``)."""
+    return {parts[2] for e in record.files if len(parts := e.path.split("/")) == 4}
 
 
 def _run_tasks(tool: Tool, reader: RunReader, payload: tuple, shards: list[int]):
@@ -229,10 +237,16 @@ def _map(task, payload: tuple, shards: list[int]) -> list:
 
 
 def _context(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, reducing=False
+    tool_cls: type[Tool],
+    params: dict,
+    store_root: StorePath,
+    run_id: str,
+    call: str,
+    reducing=False,
 ):
     """(tool, reader, model-or-None) inside a worker."""
     reader = RunReader(RunLayout(store_root, run_id))
+    reader.call = call
     tool = make_tool(tool_cls, params)
     wanted = tool.reduce_needs_weights if reducing else tool.needs_weights
     model_config = json.dumps(to_dict(reader.manifest.model_config), sort_keys=True)
@@ -255,7 +269,7 @@ def _run_shard(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str, shard: int
 ) -> list[FileEntry]:
     """A Ray task: compute one shard's result rows and write them; returns the files."""
-    tool, reader, model = _context(tool_cls, params, store_root, run_id)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id, call)
     result = tool.compute_shard(_shard_inputs(tool, reader, shard), model)
     return write_outputs(tool, reader.layout, result, shard, call)
 
@@ -265,7 +279,7 @@ def _partial_shard(
 ):
     """A Ray task: write one shard's final outputs; return its partials for ``reduce``
     and the files written."""
-    tool, reader, model = _context(tool_cls, params, store_root, run_id)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id, call)
     result = _as_outputs(tool, tool.compute_shard(_shard_inputs(tool, reader, shard), model))
     reduced = tool.output_names() if tool.reduced_outputs is None else tool.reduced_outputs
     final = {name: table for name, table in result.items() if name not in reduced}
@@ -278,7 +292,7 @@ def _reduce(
 ) -> list[FileEntry]:
     """A Ray task: combine every shard's partials into the final tables and write them;
     returns every file of the call (the shards' final outputs too)."""
-    tool, reader, model = _context(tool_cls, params, store_root, run_id, reducing=True)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id, call, reducing=True)
     shard_files = [e for _part, files in partials for e in files]
     partials = [part for part, _files in partials]
     names = {name for part in partials for name in part}
@@ -291,7 +305,7 @@ def _run_whole(
     tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str
 ) -> list[FileEntry]:
     """A Ray task: a run-scope tool's whole computation."""
-    tool, reader, model = _context(tool_cls, params, store_root, run_id)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id, call)
     return write_outputs(tool, reader.layout, tool.compute_run(reader, model), 0, call)
 
 

@@ -34,8 +34,9 @@ Outputs:
   i is activation column ``d{i}``. Rebuild a vector in SQL with
   ``list(value ORDER BY dim)``.
 The trained weights are also saved as the run's artifact ``results/
-superposition_disentangler/<hook>.safetensors`` (W_enc [d, m], b_enc [m], W_dec [m, d],
-b_dec [d]); ``sae_metrics.weights_path`` is its path relative to the run directory.
+superposition_disentangler/<call>/<hook>.safetensors`` (W_enc [d, m], b_enc [m], W_dec
+[m, d], b_dec [d]); ``sae_metrics.weights_path`` is its path relative to the run
+directory.
 """
 
 from __future__ import annotations

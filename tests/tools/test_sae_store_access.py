@@ -47,15 +47,15 @@ def test_a_staged_run_gives_the_same_sae(tmp_path):
     for output in ("sae_features", "sae_directions"):
         assert a[output].drop_columns(["run_id"]).equals(b[output].drop_columns(["run_id"]))
     (ma,), (mb,) = a["sae_metrics"].to_pylist(), b["sae_metrics"].to_pylist()
+    paths = [m.pop("weights_path") for m in (ma, mb)]
     for m in (ma, mb):
         del m["run_id"], m["seconds"]
     assert ma == mb
-    # the weights: a run artifact, the same bytes' tensors in both runs
-    wa, wb = (load(r.read_artifact(ma["weights_path"])) for r in (whole, staged))
-    assert (
-        ma["weights_path"]
-        == "results/superposition_disentangler/blocks.1.hook_resid_post.safetensors"
-    )
+    # the weights: a run artifact, the same bytes' tensors in both runs (a reader
+    # outside a tool call writes no call directory)
+    wa, wb = (load(r.read_artifact(p)) for r, p in zip((whole, staged), paths, strict=True))
+    want = "results/superposition_disentangler/blocks.1.hook_resid_post.safetensors"
+    assert paths == [want, want]
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         np.testing.assert_array_equal(wa[name], wb[name])
 

@@ -169,3 +169,10 @@ def test_runs_as_a_ray_task_on_the_demo_run(harvested):
     assert freq.height == m["n_features"] - m["dead_features"]
     assert freq["frequency"].sum() == pytest.approx(m["l0"])
     assert feature_frequency_histogram(freq).to_dict()["mark"]["type"] == "bar"
+    # a rerun replaces the weights with its own; the first call's are removed with it
+    first = result.run_dir / m["weights_path"]
+    analyze(result.run_dir, "superposition_disentangler", {"hook": HOOK, "k": k, "epochs": 1})
+    (again,) = Store(store).sql("SELECT weights_path FROM results_sae_metrics").to_dicts()
+    assert again["weights_path"] != m["weights_path"]
+    assert (result.run_dir / again["weights_path"]).is_file() and not first.exists()
+    assert not first.parent.exists()  # the first call's directory went with it
