@@ -183,7 +183,7 @@ class LiveModel:
             grad_hooks=[h for h in request.grad_hooks if owns(h)],
             grad=request.grad,
             probes={h: f for h, f in request.probes.items() if owns(h)},
-            metric=request.metric,
+            metric=request.metric if stop == self.n_layers else None,  # the last stage's
             keep_logits=request.keep_logits,
         )
 

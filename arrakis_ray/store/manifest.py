@@ -211,6 +211,16 @@ class RunManifest:
         """Input columns stored in the run's documents table (``data.keep_columns``)."""
         return tuple((self.config.get("data") or {}).get("keep_columns") or ())
 
+    @property
+    def data_path(self) -> str | None:
+        """The run's input data (``data.path``, resolved): a live tool's default prompts."""
+        return (self.config.get("data") or {}).get("path")
+
+    @property
+    def context_length(self) -> int | None:
+        """Tokens per harvested sequence (``data.context_length``)."""
+        return (self.config.get("data") or {}).get("context_length")
+
     def with_changes(self, **changes: Any) -> RunManifest:
         """A copy with some fields replaced (manifests are immutable values)."""
         return replace(self, **changes)

@@ -20,7 +20,12 @@ tokens), each with the unablated value and the change. Rows are per prompt, so
 ``avg(loss_delta) ... group by component`` in SQL is the dataset's figure.
 
 Batched: every (prompt, component) pair is one row of a forward, up to ``batch_size``
-rows at once, each row ablating its own component; rows never interact.
+rows at once, each row ablating its own component; rows never interact. Each ablated
+hook gets its own intervention carrying only its rows, units and replacement values,
+so a stage in another actor receives only what its own hooks need. The loss and the
+log-prob are computed where the logits are (``live_metrics.LossAndSpan``): only two
+figures per row come back. A prompt longer than the model's positions is refused with
+its row (cutting it would cut off the answer).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.tools import live_metrics
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from arrakis_ray.live.model import LiveModel
+    from arrakis_ray.store.manifest import RunManifest
 
 COMPONENT_RE = re.compile(r"^L(\d+)([HN])(\d+)$")
 ALL_HEADS = "heads"
@@ -86,7 +92,15 @@ class Component:
         return f"blocks.{self.layer}.{part}"
 
 
-def parse_components(specs: tuple[str, ...], model: LiveModel, tool: str) -> list[Component]:
+class Shape(Protocol):
+    """What components are checked against: a LiveModel, or a run's ModelShape."""
+
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+
+
+def parse_components(specs: tuple[str, ...], model: Shape, tool: str) -> list[Component]:
     """The components named by ``specs`` (deduplicated, in the order given), checked
     against the model's shape."""
     found: dict[str, Component] = {}
@@ -136,6 +150,9 @@ class Ablation(Tool):
     prompt_columns = ("prompt", "answer")
     items_per_task = 16
 
+    def check(self, manifest: RunManifest) -> None:
+        parse_components(self.params.components, manifest.shape, self.name)
+
     # ---------------------------------------------------------------- the dataset pass
 
     def prepare(self, items: pa.Table, model: LiveModel) -> dict | None:
@@ -158,11 +175,17 @@ class Ablation(Tool):
         counts = prompts.mask.sum(0).float()  # prompts reaching each position
         for lo in range(0, len(prompts.items), self.params.batch_size):
             rows = slice(lo, lo + self.params.batch_size)
-            run = model.run(prompts.ids[rows], prompts.mask[rows], hooks=hooks)
+            # each stage sums its own hooks over the batch: [pos, ...] comes back, not
+            # [batch, pos, ...]
+            probe = MaskedSum(prompts.mask[rows])
+            run = model.run(
+                prompts.ids[rows],
+                prompts.mask[rows],
+                probes=dict.fromkeys(hooks, probe),
+                keep_logits=False,
+            )
             for hook in hooks:
-                value = run.cache[hook].float().cpu()
-                mask = prompts.mask[rows].float().reshape(*value.shape[:2], *[1] * (value.ndim - 2))
-                part = (value * mask).sum(0)
+                part = run.probes[hook].cpu()
                 sums[hook] = part if hook not in sums else sums[hook] + part
         return {
             hook: total / counts.reshape(-1, *[1] * (total.ndim - 1))
@@ -178,34 +201,42 @@ class Ablation(Tool):
         if prepared is None and self.params.method != "zero":
             prepared = self.prepare(items, model)  # alone: the slice is the dataset
         prompts = self._tokenize(items, model)
-        base = model.run(prompts.ids, prompts.mask)
-        base_loss = live_metrics.next_token_loss(base.logits, prompts.ids, prompts.mask)
-        base_lp = live_metrics.span_logprob(base.logits, prompts.ids, prompts.starts, prompts.stops)
+        size, n = self.params.batch_size, len(prompts.items)
+        base = torch.cat(
+            [self._scores(model, prompts, rows) for rows in torch.arange(n).split(size)]
+        )
         source = self._source(prompts, comps, model, prepared)
 
-        pairs = [(i, c) for c in range(len(comps)) for i in range(len(prompts.items))]
-        loss, logprob = [], []
-        for lo in range(0, len(pairs), self.params.batch_size):
-            chunk = pairs[lo : lo + self.params.batch_size]
+        pairs = [(i, c) for c in range(len(comps)) for i in range(n)]
+        ablated = []
+        for lo in range(0, len(pairs), size):
+            chunk = pairs[lo : lo + size]
             rows = torch.tensor([i for i, _ in chunk])
-            ids, mask = prompts.ids[rows], prompts.mask[rows]
-            logits = model.run(ids, mask, interventions=_ablations(chunk, comps, source)).logits
-            starts, stops = prompts.starts[rows], prompts.stops[rows]
-            loss.append(live_metrics.next_token_loss(logits, ids, mask).cpu())
-            logprob.append(live_metrics.span_logprob(logits, ids, starts, stops).cpu())
+            ablated.append(self._scores(model, prompts, rows, _ablations(chunk, comps, source)))
+        scores = torch.cat(ablated)
         measured = {
-            "loss": (torch.cat(loss), base_loss.cpu()),
-            "answer_logprob": (torch.cat(logprob), base_lp.cpu()),
+            "loss": (scores[:, 0], base[:, 0]),
+            "answer_logprob": (scores[:, 1], base[:, 1]),
         }
         return self._table(items, prompts, comps, pairs, measured)
+
+    def _scores(self, model: LiveModel, prompts: _Prompts, rows: Tensor, interventions=None):
+        """``[len(rows), 2]`` on the CPU: (loss, answer log-prob) of one forward over
+        the slice's prompts ``rows`` (row r of the forward is prompt ``rows[r]``)."""
+        ids, mask = prompts.ids[rows], prompts.mask[rows]
+        metric = live_metrics.LossAndSpan(ids, mask, prompts.starts[rows], prompts.stops[rows])
+        run = model.run(ids, mask, interventions=interventions, metric=metric, keep_logits=False)
+        return run.values.float().cpu()
 
     def _tokenize(self, items: pa.Table, model: LiveModel) -> _Prompts:
         import torch
 
+        limit = model.max_positions
         seqs, starts, item_ids = [], [], []
         for row in items.select(["item", "prompt", "answer"]).to_pylist():
             where = f"{self.name}: prompts row {row['item'] + 1}: "
             ids, start = live_metrics.encode_with_answer(model, row["prompt"], row["answer"], where)
+            live_metrics.refuse_longer(ids, limit, where)
             seqs.append(ids)
             starts.append(start)
             item_ids.append(int(row["item"]))
@@ -239,12 +270,17 @@ class Ablation(Tool):
             raise ToolError(f"{self.name}: prompt row {unknown[0] + 1} has no prepared source")
         sources = [prepared["sources"][item] for item in prompts.items]
         ids, mask = live_metrics.pad_right(sources, model.tokenizer.pad_token_id)
-        run = model.run(ids, mask, hooks=hooks)
         # each position reads the source's value there, or its last token's beyond its end
         last = torch.tensor([len(s) - 1 for s in sources])[:, None]
         pos = torch.minimum(torch.arange(n_pos)[None, :], last)
-        rows = torch.arange(len(sources))[:, None]
-        return {hook: ("resample", run.cache[hook].cpu()[rows, pos]) for hook in hooks}
+        parts: dict[str, list[Tensor]] = {hook: [] for hook in hooks}
+        for rows in torch.arange(len(sources)).split(self.params.batch_size):
+            run = model.run(ids[rows], mask[rows], hooks=hooks, keep_logits=False)
+            for hook in hooks:
+                parts[hook].append(
+                    run.cache[hook].cpu()[torch.arange(len(rows))[:, None], pos[rows]]
+                )
+        return {hook: ("resample", torch.cat(parts[hook])) for hook in hooks}
 
     def _table(self, items, prompts, comps, pairs, measured: dict) -> pa.Table:
         """One row per (prompt, component); ``measured``: name -> (ablated, base)."""
@@ -270,32 +306,57 @@ class Ablation(Tool):
         return pa.table(columns, schema=self.result_schema())
 
 
+class MaskedSum:
+    """A probe: an activation summed over a batch's rows at each position, padding left
+    out (``[pos, *unit dims]`` float32)."""
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask
+
+    def __call__(self, value: Tensor, _hook: str) -> Tensor:
+        import torch
+
+        shape = (*value.shape[:2], *[1] * (value.ndim - 2))
+        mask = self.mask.to(value.device, torch.float32).reshape(shape)
+        return (value.float() * mask).sum(0)
+
+
+class Ablate:
+    """One hook's ablation: row ``rows[i]`` of the forward gets unit ``units[i]``
+    replaced at every position by ``new[i]`` (``[pos, *unit dims]``), or by zeros when
+    ``new`` is None. It carries only this hook's rows and values: a stage in another
+    actor receives only what its own hooks need."""
+
+    def __init__(self, rows: Tensor, units: Tensor, new: Tensor | None):
+        self.rows, self.units, self.new = rows, units, new
+
+    def __call__(self, value: Tensor, _hook: str) -> Tensor:
+        rows, units = self.rows.to(value.device), self.units.to(value.device)
+        value = value.clone()
+        value[rows, :, units] = 0 if self.new is None else self.new.to(value.device, value.dtype)
+        return value
+
+
 def _ablations(chunk: list[tuple[int, int]], comps: list[Component], source: dict) -> dict:
-    """Interventions for one forward: row r ablates ``comps[chunk[r][1]]`` of prompt
-    ``chunk[r][0]`` (its row in the slice, for a resampled source)."""
+    """One ``Ablate`` per hook of one forward: row r ablates ``comps[chunk[r][1]]`` of
+    prompt ``chunk[r][0]`` (its row in the slice, for a resampled source)."""
     import torch
 
     by_hook: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for row, (prompt, c) in enumerate(chunk):
         by_hook[comps[c].hook].append((row, comps[c].unit, prompt))
-    plans = {hook: torch.tensor(entries).T for hook, entries in by_hook.items()}
-
-    def ablate(value: Tensor, name: str) -> Tensor:
-        rows, units, prompts = plans[name].to(value.device)
-        kind, data = source[name]
-        value = value.clone()
+    fns = {}
+    for hook, entries in by_hook.items():
+        rows, units, prompts = (torch.tensor(column) for column in zip(*entries, strict=True))
+        kind, data = source[hook]
         if kind == "zero":
-            value[rows, :, units] = 0
-            return value
-        data = data.to(value.device, value.dtype)
-        if kind == "mean":  # [pos, unit, ...] -> [row, pos, ...]
-            new = data[:, units].movedim(1, 0)
+            new = None
+        elif kind == "mean":  # [pos, unit, ...] -> [row, pos, ...]
+            new = data[:, units].movedim(1, 0).contiguous()
         else:  # [prompt, pos, unit, ...] -> [row, pos, ...]
             new = data[prompts, :, units]
-        value[rows, :, units] = new
-        return value
-
-    return dict.fromkeys(plans, ablate)
+        fns[hook] = Ablate(rows, units, new)
+    return fns
 
 
 def _resample_sources(prompts: _Prompts, seed: int) -> dict[int, list[int]]:

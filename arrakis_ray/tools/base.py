@@ -149,8 +149,7 @@ class Tool:
 
     def prompts_path(self, manifest: RunManifest) -> str | None:
         """The prompt dataset: the ``prompts`` parameter, else the run's own data file."""
-        given = getattr(self.params, "prompts", None)
-        return given or manifest.config.get("data", {}).get("path")
+        return getattr(self.params, "prompts", None) or manifest.data_path
 
     prepare = None
     """Live tools, optional: ``prepare(self, items: pa.Table, model: LiveModel) -> Any``,

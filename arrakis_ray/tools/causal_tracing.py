@@ -188,7 +188,7 @@ class CausalTracing(Tool):
         hooks = sorted(
             {_hook(r.kind, layer) for r in restorations for layer in range(r.start, r.stop)}
         )
-        clean_run = model.run(ids, hooks=hooks, metric=metric)
+        clean_run = model.run(ids, hooks=hooks, metric=metric, keep_logits=False)
         clean = {name: value[0].detach().cpu() for name, value in clean_run.cache.items()}
         noise = subject_noise(
             p.seed, prompt.item, p.samples, prompt.stop - prompt.start, model.d_model

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from arrakis_ray.errors import ToolError
+from arrakis_ray.tools import live_metrics
 from arrakis_ray.tools.base import Tool
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from arrakis_ray.live.model import LiveModel
+    from arrakis_ray.store.manifest import RunManifest
 
 LENS_HOOKS = ("blocks.0.hook_resid_pre", "blocks.*.hook_resid_post")
 """The residual states read by the lens: the embeddings (layer -1), then each block's."""
@@ -52,6 +54,11 @@ class KnowledgeGraphParams:
     batch_size: int = 16
     """Prompts per forward."""
 
+    def __post_init__(self) -> None:
+        for name in ("top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
 
 class KnowledgeGraphExtractor(Tool):
     """(subject, relation) -> predicted object, its probability, rank and first layer."""
@@ -66,16 +73,15 @@ class KnowledgeGraphExtractor(Tool):
 
     def __init__(self, params: KnowledgeGraphParams):
         super().__init__(params)
-        if params.top_k < 1:
-            raise ToolError(f"tool {self.name}: top_k must be at least 1, got {params.top_k}")
-        if params.batch_size < 1:
-            raise ToolError(
-                f"tool {self.name}: batch_size must be at least 1, got {params.batch_size}"
-            )
         answer = params.answer_column
         if answer and answer not in self.prompt_columns:
-            # the runner reads exactly these columns: the answer is required when named
+            # the runner reads exactly these columns: the answer is required when named.
+            # Set per instance from the parameters, so every actor's tool (rebuilt from
+            # them by make_tool) reads the same columns as the driver's.
             self.prompt_columns = (*type(self).prompt_columns, answer)
+
+    def check(self, manifest: RunManifest) -> None:
+        _check_top_k(self.params.top_k, manifest.shape.d_vocab, self.name)
 
     def compute_live(self, items: pa.Table, model: LiveModel, prepared=None) -> pa.Table:
         import pyarrow as pa
@@ -88,11 +94,7 @@ class KnowledgeGraphExtractor(Tool):
                 f"tool {self.name}: the prompt items lack column(s) {', '.join(missing)} "
                 f"(they have {', '.join(items.schema.names)})"
             )
-        if self.params.top_k > model.vocab_size:
-            raise ToolError(
-                f"tool {self.name}: top_k {self.params.top_k} exceeds the vocabulary "
-                f"({model.vocab_size} tokens)"
-            )
+        _check_top_k(self.params.top_k, model.vocab_size, self.name)
         columns = items.to_pydict()
         expected = self._expected_ids(columns, model)
         rows: dict[str, list] = {name: [] for name in self.result_schema().names}
@@ -140,14 +142,15 @@ class KnowledgeGraphExtractor(Tool):
 
 
 class LastPositions:
-    """A probe: each row's activation at its last real position, ``[batch, d_model]``
-    (rows are right-padded; ``last`` holds each row's position). An object rather than
-    a closure, so it travels to a stage in another actor as plain data."""
+    """Each row's activation at its last real position, ``[batch, width]`` (rows are
+    right-padded; ``last`` holds each row's position): a probe at a residual hook, or a
+    metric on the logits. An object rather than a closure, so it travels to a stage in
+    another actor as plain data."""
 
     def __init__(self, last: Tensor):
         self.last = last
 
-    def __call__(self, value: Tensor, _hook: str) -> Tensor:
+    def __call__(self, value: Tensor, _hook: str | None = None) -> Tensor:
         import torch
 
         rows = torch.arange(value.shape[0], device=value.device)
@@ -161,10 +164,13 @@ def _predict(model: LiveModel, prompts: list[str]) -> dict:
 
     ids, mask, last = _padded(model, prompts)
     hooks = model.resolve_hooks(list(LENS_HOOKS))
-    # every layer sends back one vector per prompt, not its whole [batch, pos, d_model]
-    run = model.run(ids, mask, probes=dict.fromkeys(hooks, LastPositions(last)))
-    rows = torch.arange(len(prompts))
-    logits = run.logits[rows, last].float().cpu()
+    at_last = LastPositions(last)
+    # every layer sends back one vector per prompt, not its whole [batch, pos, d_model],
+    # and the last stage only the last positions' logits
+    run = model.run(
+        ids, mask, probes=dict.fromkeys(hooks, at_last), metric=at_last, keep_logits=False
+    )
+    logits = run.values.float().cpu()
     # the states may come from stages on different devices: gathered here, then read
     # through the final norm and unembedding where those are
     states = torch.stack([run.probes[h].cpu() for h in hooks])
@@ -177,18 +183,15 @@ def _predict(model: LiveModel, prompts: list[str]) -> dict:
 def _padded(model: LiveModel, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
     """(ids, attention mask, last real position) of BOS-prefixed prompts, right-padded:
     a causal model never lets a real token see the padding after it."""
-    import torch
-
-    encoded = [model.encode(p) for p in prompts]
-    width = max(len(e) for e in encoded)
-    pad = model.tokenizer.pad_token_id
-    pad = 0 if pad is None else pad
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, tokens in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
+    ids, mask = live_metrics.pad_right(
+        [model.encode(p) for p in prompts], model.tokenizer.pad_token_id
+    )
     return ids, mask, mask.sum(-1) - 1
+
+
+def _check_top_k(top_k: int, vocab: int, tool: str) -> None:
+    if top_k > vocab:
+        raise ToolError(f"tool {tool}: top_k {top_k} exceeds the vocabulary ({vocab} tokens)")
 
 
 def _first_layer(lens_top1, layers: list[int], token: int) -> int | None:

@@ -23,7 +23,12 @@ swap two. A plan equal to ``range(n_layers)`` is a plain forward, bit for bit.
 
 Per (prompt, plan) the row records the loss (mean next-token cross-entropy over the
 ``text``), the unmodified model's loss, and agreement with it over the same positions:
-top-1 agreement and KL(base || plan).
+top-1 agreement and KL(base || plan). They are computed where the logits are
+(``live_metrics.Agreement``): the unmodified forward's next-token log-probs go to the
+plan's last forward, and only four figures per text come back.
+
+Texts longer than the model's positions are refused, naming the row, unless
+``max_tokens`` cuts them (the run's own data file holds whole documents).
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from torch import Tensor
 
-    from arrakis_ray.live.model import LiveModel
+    from arrakis_ray.live.model import LiveModel, LiveRun
+    from arrakis_ray.live.stage_worker import Metric
+    from arrakis_ray.store.manifest import RunManifest
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,11 @@ class ModelSurgeryParams:
     """Named block orders, e.g. {skip_1: [0, 2, 3], repeat_2: [0, 1, 2, 2, 3]}; empty:
     every single-block deletion (skip_0, skip_1, ...)."""
     batch_size: int = 32
-    """Texts per forward."""
+    """Texts per forward. Each holds the unmodified model's next-token log-probs,
+    batch_size x tokens x vocab float32: lower it for long texts or a large vocabulary."""
+    max_tokens: int | None = None
+    """Cut each text to this many tokens (BOS included); null: no cut, and a text longer
+    than the model's positions is refused."""
 
     def __post_init__(self) -> None:
         for name, layers in self.plans.items():
@@ -62,6 +73,10 @@ class ModelSurgeryParams:
                 raise ValueError(f"plans.{name}: give a list of block indices, got {layers!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(
+                f"max_tokens must be at least 2 (BOS and a token), got {self.max_tokens}"
+            )
 
 
 def increasing_runs(plan: list[int]) -> list[list[int]]:
@@ -74,8 +89,11 @@ def increasing_runs(plan: list[int]) -> list[list[int]]:
     return runs
 
 
-def run_plan(model: LiveModel, ids: Tensor, mask: Tensor, plan: list[int]) -> Tensor:
-    """The logits of the model with its blocks applied in the order ``plan``."""
+def run_plan(
+    model: LiveModel, ids: Tensor, mask: Tensor, plan: list[int], metric: Metric | None = None
+) -> LiveRun:
+    """The last forward of the model with its blocks applied in the order ``plan``: its
+    logits, or with ``metric`` only the metric's values (the logits stay where they are)."""
     runs = increasing_runs(plan)
     resid = None
     for k, run in enumerate(runs):
@@ -84,9 +102,11 @@ def run_plan(model: LiveModel, ids: Tensor, mask: Tensor, plan: list[int]) -> Te
         if resid is not None:
             fns[f"blocks.{run[0]}.hook_resid_pre"] = _setting(resid)
         if last:
-            return model.run(ids, mask, interventions=fns).logits
+            return model.run(
+                ids, mask, interventions=fns, metric=metric, keep_logits=metric is None
+            )
         hook = f"blocks.{run[-1]}.hook_resid_post"
-        resid = model.run(ids, mask, hooks=[hook], interventions=fns).cache[hook]
+        resid = model.run(ids, mask, hooks=[hook], interventions=fns, keep_logits=False).cache[hook]
     raise AssertionError("increasing_runs returns at least one run")
 
 
@@ -125,9 +145,11 @@ class ModelSurgery(Tool):
     prompt_columns = ("text",)
     items_per_task = 32
 
-    def plans(self, model: LiveModel) -> dict[str, list[int]]:
-        """The plans to run, checked against the model's blocks."""
-        n = model.n_layers
+    def check(self, manifest: RunManifest) -> None:
+        self.plans(manifest.shape.n_layers)
+
+    def plans(self, n: int) -> dict[str, list[int]]:
+        """The plans to run, checked against the model's ``n`` blocks."""
         plans = dict(self.params.plans) or {
             f"skip_{i}": [j for j in range(n) if j != i] for i in range(n)
         }
@@ -143,20 +165,22 @@ class ModelSurgery(Tool):
         import pyarrow as pa
         import torch
 
-        plans = self.plans(model)
+        plans = self.plans(model.n_layers)
+        limit = model.max_positions
+        self._check_cut(limit)
         rows = items.select(["item", "text"]).to_pylist()
         columns: dict[str, list] = {name: [] for name in self.result_schema().names}
         run_id = items.column("run_id")[0].as_py()
         for lo in range(0, len(rows), self.params.batch_size):
             batch = rows[lo : lo + self.params.batch_size]
-            seqs = [model.encode(row["text"]) for row in batch]
+            seqs = [self._encode(model, row, limit) for row in batch]
             ids, mask = live_metrics.pad_right(seqs, model.tokenizer.pad_token_id)
-            base = model.run(ids, mask).logits
-            base_loss = live_metrics.next_token_loss(base, ids, mask).cpu()
+            base = live_metrics.NextTokenLogprobs()
+            base_logprobs = model.run(ids, mask, metric=base, keep_logits=False).values
+            agreement = live_metrics.Agreement(base_logprobs, ids, mask)
             for name, plan in plans.items():
-                logits = run_plan(model, ids, mask, plan)
-                loss = live_metrics.next_token_loss(logits, ids, mask).cpu()
-                top1, kl = (v.cpu() for v in live_metrics.agreement(base, logits, mask))
+                figures = run_plan(model, ids, mask, plan, agreement).values.cpu()
+                loss, base_loss, top1, kl = figures.unbind(-1)
                 n = len(batch)
                 columns["run_id"] += [run_id] * n
                 columns["item"] += [row["item"] for row in batch]
@@ -166,5 +190,20 @@ class ModelSurgery(Tool):
                 columns["base_loss"] += base_loss.tolist()
                 columns["loss_delta"] += (loss.double() - base_loss.double()).tolist()
                 columns["top1_agreement"] += top1.tolist()
-                columns["kl"] += torch.clamp(kl, min=0).tolist()
+                columns["kl"] += torch.clamp(kl, min=0).tolist()  # rounding: never below 0
         return pa.table(columns, schema=self.result_schema())
+
+    def _check_cut(self, limit: int | None) -> None:
+        cut = self.params.max_tokens
+        if cut is not None and limit is not None and cut > limit:
+            raise ToolError(f"{self.name}: max_tokens {cut} exceeds the model's {limit} positions")
+
+    def _encode(self, model: LiveModel, row: dict, limit: int | None) -> list[int]:
+        """A text's token ids (BOS first), cut to ``max_tokens``; with no cut, a text
+        beyond the model's ``limit`` positions is refused with its row."""
+        ids = model.encode(row["text"])
+        if self.params.max_tokens is not None:
+            return ids[: self.params.max_tokens]
+        where = f"{self.name}: prompts row {row['item'] + 1}: "
+        live_metrics.refuse_longer(ids, limit, where, "; set params.max_tokens to cut texts")
+        return ids

@@ -241,6 +241,69 @@ def test_bad_input_is_refused(demo_live, demo_facts):
         ablation(components=["L0H0"]).compute_live(prompt_items([("a cow says", "")]), demo_live)
 
 
+def _manifest():
+    """A run's manifest whose model (2 layers, 2 heads, 32 neurons) is not the demo's."""
+    from runs import synthetic_manifest, synthetic_shape
+
+    return synthetic_manifest("other", ["blocks.0.hook_resid_post"], synthetic_shape(), [])
+
+
+def test_the_driver_refuses_components_the_runs_model_lacks(harvested):
+    from support import store_snapshot
+
+    from arrakis_ray.tools.runner import analyze
+
+    manifest = _manifest()
+    ablation(components=["heads", "L1H1", "L1N31"]).check(manifest)  # all in range
+    for spec, error in [
+        ("L2H0", "L2H0: layer 2 out of range"),
+        ("L0H2", r"L0H2: head 2 out of range \(0..1\)"),
+        ("L1N32", r"L1N32: neuron 32 out of range \(0..31\)"),
+    ]:
+        with pytest.raises(ToolError, match=error):
+            ablation(components=[spec]).check(manifest)
+    # through analyze: refused in the driver, before any actor, writing nothing
+    run_dir = harvested[2].run_dir
+    before = store_snapshot(run_dir)
+    with pytest.raises(ToolError, match="L9H0: layer 9 out of range"):
+        analyze(run_dir, TOOL, {"components": ["L9H0"]})
+    assert store_snapshot(run_dir) == before
+
+
+def test_a_prompt_beyond_the_models_positions_is_refused_with_its_row(demo_live):
+    items = prompt_items([("a cow says", "moo"), ("the " * 70, "paris")])
+    with pytest.raises(DataError, match="row 2: 72 tokens .*, but the model has 64 positions"):
+        ablation(components=["L0H0"]).compute_live(items, demo_live)
+
+
+def test_each_hook_gets_only_its_own_rows_and_values(demo_live, demo_facts):
+    """The interventions of one forward: one Ablate per hook, each carrying the
+    replacement values of its own rows only (what a stage in another actor receives)."""
+    import pickle
+
+    from arrakis_ray.tools.ablation import Ablate, _ablations, parse_components
+
+    items = facts(demo_facts, 3)
+    tool = ablation(components=["L0H1", "L3N5", "L3N9"], method="resample")
+    comps = parse_components(tool.params.components, demo_live, TOOL)
+    prompts = tool._tokenize(items, demo_live)
+    source = tool._source(prompts, comps, demo_live, tool.prepare(items, demo_live))
+    chunk = [(i, c) for c in range(3) for i in range(3)]  # 9 rows: 3 per component
+    fns = _ablations(chunk, comps, source)
+    assert sorted(fns) == ["blocks.0.attn.hook_z", "blocks.3.mlp.hook_post"]
+    head, neurons = fns["blocks.0.attn.hook_z"], fns["blocks.3.mlp.hook_post"]
+    assert isinstance(head, Ablate) and isinstance(neurons, Ablate)
+    n_pos = prompts.ids.shape[1]
+    assert head.rows.tolist() == [0, 1, 2] and head.units.tolist() == [1] * 3
+    assert head.new.shape == (3, n_pos, demo_live.d_head)
+    torch.testing.assert_close(head.new, source["blocks.0.attn.hook_z"][1][:, :, 1])
+    assert neurons.rows.tolist() == [3, 4, 5, 6, 7, 8]
+    assert neurons.units.tolist() == [5, 5, 5, 9, 9, 9]
+    want = source["blocks.3.mlp.hook_post"][1][[0, 1, 2, 0, 1, 2], :, [5, 5, 5, 9, 9, 9]]
+    torch.testing.assert_close(neurons.new, want)
+    assert pickle.loads(pickle.dumps(neurons)).new.shape == (6, n_pos)  # plain data
+
+
 def test_through_ray_equals_local(harvested, demo_live, demo_facts, tmp_path):
     """20 prompts in 2 slices (16 + 4): the sources of resampling cross slices."""
     from arrakis_ray.store.reader import RunReader

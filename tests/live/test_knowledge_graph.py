@@ -168,6 +168,27 @@ def test_bad_input_is_refused_with_its_row(demo_live, demo_facts):
         _tool(top_k=1000).compute_live(demo_facts.slice(0, 1), demo_live)
 
 
+def test_the_driver_refuses_top_k_beyond_the_runs_vocabulary():
+    """check() reads the run's manifest (here a 16-token vocabulary), before any actor;
+    the answer column named in the parameters is read by every copy of the tool."""
+    from runs import synthetic_manifest, synthetic_shape
+
+    from arrakis_ray.config import to_dict
+
+    manifest = synthetic_manifest("other", ["blocks.0.hook_resid_post"], synthetic_shape(), [])
+    _tool(top_k=16).check(manifest)
+    with pytest.raises(ToolError, match=r"top_k 17 exceeds the vocabulary \(16 tokens\)"):
+        _tool(top_k=17).check(manifest)
+    with pytest.raises(ToolError, match="batch_size must be at least 1, got 0"):
+        _tool(batch_size=0)
+    tool = _tool(answer_column="fact")
+    rebuilt = make_tool(KnowledgeGraphExtractor, to_dict(tool.params))  # as an actor does
+    assert (
+        rebuilt.prompt_columns == tool.prompt_columns == ("prompt", "subject", "relation", "fact")
+    )
+    assert KnowledgeGraphExtractor.prompt_columns == ("prompt", "subject", "relation")
+
+
 FRANCE_SQL = """
     SELECT relation, object, round(probability, 3) AS probability, first_layer, correct
     FROM results_knowledge_graph

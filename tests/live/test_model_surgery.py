@@ -164,6 +164,47 @@ def test_bad_plans_are_refused(demo_live, demo_facts):
         surgery(plans={"half": [0, 1.5]})
 
 
+def test_the_driver_refuses_plans_beyond_the_runs_blocks():
+    """check() reads the run's manifest (here a 2-block model), before any actor."""
+    from runs import synthetic_manifest, synthetic_shape
+
+    manifest = synthetic_manifest("other", ["blocks.0.hook_resid_post"], synthetic_shape(), [])
+    surgery(plans={"swap": [1, 0]}).check(manifest)
+    surgery().check(manifest)  # the default plans are the model's own deletions
+    with pytest.raises(
+        ToolError, match=r"plan deep: blocks \[2\] out of range \(the model has 2\)"
+    ):
+        surgery(plans={"fine": [0, 1], "deep": [0, 2]}).check(manifest)
+
+
+def test_max_tokens_cuts_each_text(demo_live, demo_facts):
+    """Texts cut to 5 tokens give the figures of their first 4 words (the demo tokenizer
+    is word-level), computed by hand; a text beyond the model's 64 positions is refused
+    unless cut."""
+    items = texts(demo_facts, 3, start=5)
+    plans = {"skip_2": [0, 1, 3], "swap": [1, 0, 2, 3]}
+    out = by_item_plan(surgery(plans=plans, max_tokens=5).compute_live(items, demo_live))
+    for row in items.to_pylist():
+        cut = " ".join(row["text"].split()[:4])
+        for name, plan in plans.items():
+            for key, value in expected(demo_live.meta, cut, plan).items():
+                assert out[(row["item"], name)][key] == pytest.approx(value, abs=1e-4), key
+
+    long = with_run_id(
+        pa.table({"text": ["a cow says moo .", "the " * 70], "item": pa.array([0, 1], pa.int64())})
+    )
+    with pytest.raises(
+        DataError, match="prompts row 2: 71 tokens .* 64 positions; set params.max_tokens"
+    ):
+        surgery(plans=plans).compute_live(long, demo_live)
+    cut = surgery(plans=plans, max_tokens=64).compute_live(long, demo_live)
+    assert np.isfinite(cut["loss"].to_numpy()).all()
+    with pytest.raises(ToolError, match="max_tokens 65 exceeds the model's 64 positions"):
+        surgery(max_tokens=65).compute_live(long, demo_live)
+    with pytest.raises(ToolError, match="max_tokens must be at least 2"):
+        surgery(max_tokens=1)
+
+
 def test_through_ray_equals_local(harvested, demo_live, demo_facts, tmp_path):
     from arrakis_ray.live.prompts import read_prompts
     from arrakis_ray.store.reader import RunReader
