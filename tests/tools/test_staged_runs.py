@@ -24,12 +24,12 @@ DEMO_HOOKS = list(load_pipeline(REPO / "pipelines" / "demo.yaml").harvest.hooks)
 EVERY_DEMO_TOOL = [
     (s.tool, s.params) for s in load_pipeline(REPO / "pipelines" / "demo.yaml").analyze
 ]
-# of the live tools, two through Ray here: each live tool's 2-stage result is checked in
+# of the live tools, one through Ray here: each live tool's 2-stage result is checked in
 # one process in tests/live, and the Ray chain of stage actors by tests/live/test_live_runner
 DEMO_TOOLS = [
     (tool, params)
     for tool, params in EVERY_DEMO_TOOL
-    if TOOLS[tool].scope != "live" or tool in ("activation_patching", "causal_tracing")
+    if TOOLS[tool].scope != "live" or tool == "activation_patching"
 ]
 # columns that legitimately differ between two runs of the same computation
 VOLATILE = {"run_id", "seconds", "seconds_per_forward", "weights_path"}  # timings; a call dir
