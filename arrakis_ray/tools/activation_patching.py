@@ -65,11 +65,9 @@ class ActivationPatching(Tool):
         import torch
 
         run_id = items.column("run_id")[0].as_py()
-        by_length: dict[int, list[patching.Pair]] = defaultdict(list)
-        for pair in patching.tokenize_pairs(items, model, self.name):
-            by_length[len(pair.clean)].append(pair)
+        by_length = patching.pairs_by_length(items, model, self.name)
         rows = []
-        for n_pos, group in sorted(by_length.items()):  # pairs of one length share forwards
+        for n_pos, group in by_length:  # pairs of one length share forwards
             comps = patching.components(model, self.params.families, n_pos)
             hooks = sorted({c.hook for c in comps})
             n = len(group)

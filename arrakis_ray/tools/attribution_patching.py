@@ -16,7 +16,6 @@ Pairs of the same length run together, one batch row each, up to ``max_batch``.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,14 +60,12 @@ class AttributionPatching(Tool):
         import torch
 
         run_id = items.column("run_id")[0].as_py()
-        by_length: dict[int, list[patching.Pair]] = defaultdict(list)
-        for pair in patching.tokenize_pairs(items, model, self.name):
-            by_length[len(pair.clean)].append(pair)
+        by_length = patching.pairs_by_length(items, model, self.name)
         rows = []
         size = self.params.max_batch
         batches = [
             (n_pos, same[start : start + size])
-            for n_pos, same in sorted(by_length.items())
+            for n_pos, same in by_length
             for start in range(0, len(same), size)
         ]
         for n_pos, pairs in batches:

@@ -84,6 +84,15 @@ def tokenize_pairs(items: pa.Table, model: LiveModel, tool: str) -> list[Pair]:
     return pairs
 
 
+def pairs_by_length(items: pa.Table, model: LiveModel, tool: str) -> list[tuple[int, list[Pair]]]:
+    """The slice's pairs grouped by prompt length (tokens), shortest first: pairs of one
+    length can share a forward."""
+    by_length: dict[int, list[Pair]] = {}
+    for pair in tokenize_pairs(items, model, tool):
+        by_length.setdefault(len(pair.clean), []).append(pair)
+    return sorted(by_length.items())
+
+
 def components(model: LiveModel, families: tuple[str, ...], n_pos: int) -> list[Component]:
     """Every component of ``families`` for prompts of ``n_pos`` tokens, in layer order."""
     found = []
