@@ -52,3 +52,18 @@ def hf_model():
         path, local_files_only=True, attn_implementation="eager"
     ).eval()
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request):
+    """The tool tests (tests/tools, tests/live): tiny matmuls, where more torch threads
+    only fight the Ray workers for this machine's 2 cores."""
+    if request.path.parent.name not in ("tools", "live"):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

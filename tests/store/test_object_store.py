@@ -304,3 +304,42 @@ def test_verify_and_repair_on_s3(s3_run, s3_env, s3_endpoint):
     assert repaired.ok and repaired.repaired_shards == 1, repaired
     with Store(store) as s:
         assert s.sql("SELECT count(*) AS n, sum(token_id) AS t FROM tokens").rows() == expected
+
+
+def test_a_live_tool_writes_to_the_bucket_and_a_rerun_replaces_its_files(
+    s3_run, s3_endpoint, tmp_path
+):
+    """Activation patching in actors on a run in the bucket: its rows equal the tool run
+    here, its files are in the bucket under the call's directory, and a second call
+    replaces the first's files there."""
+    import polars as pl
+    import pyarrow.parquet as pq
+    from support import REPO, with_run_id
+
+    from arrakis_ray.config import ModelConfig
+    from arrakis_ray.live.model import local_model
+    from arrakis_ray.live.prompts import read_prompts
+    from arrakis_ray.store.reader import RunReader
+    from arrakis_ray.tools import patching
+    from arrakis_ray.tools.runner import analyze, make_tool
+
+    _config, result = s3_run
+    pairs = read_prompts(REPO / "pipelines" / "data" / "facts_pairs.jsonl", patching.PAIR_COLUMNS)
+    pq.write_table(pairs.slice(0, 4).drop(["item"]), tmp_path / "pairs.parquet")
+    params = {"prompts": str(tmp_path / "pairs.parquet"), "families": ["attn_z"]}
+    fs = _s3fs(s3_endpoint)
+    prefix = f"{BUCKET}/store/runs/{result.run_id}/results/activation_patching/"
+    listed = []
+    for _ in range(2):
+        analyze(result.run_dir, "activation_patching", params)
+        listed.append(sorted(f for f in fs.find(prefix) if f.endswith(".parquet")))
+    first, second = listed
+    assert len(first) == len(second) == 1 and first != second  # one slice, one file per call
+    stored = pl.from_arrow(RunReader.open(result.run_dir).result("activation_patching"))
+    want = make_tool("activation_patching", params).compute_live(
+        with_run_id(pairs.slice(0, 4), result.run_id), local_model(ModelConfig(zoo="facts-gpt2"))
+    )
+    keys = ["item", "layer", "head"]
+    want = pl.from_arrow(want).sort(keys)
+    assert stored.sort(keys).select(keys).equals(want.select(keys))
+    np.testing.assert_allclose(stored.sort(keys)["logit_diff"], want["logit_diff"], atol=1e-4)
