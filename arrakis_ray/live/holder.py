@@ -46,6 +46,19 @@ class ModelHolder:
         self.model = hooked
         self.lock = threading.Lock()  # one call at a time runs the model
 
+    @classmethod
+    def wrapping(cls, hooked) -> ModelHolder:
+        """A holder of a HookedModel already built in this process (the bench's model),
+        whole and where it is: nothing is loaded, moved or freed."""
+        from arrakis_ray.models.stage import StageModel
+
+        holder = cls.__new__(cls)
+        holder.device = str(hooked.device)
+        holder.stage = StageModel(hooked, 0, hooked.n_layers)
+        holder.model = hooked
+        holder.lock = threading.Lock()
+        return holder
+
 
 def weights_digest(module) -> str:
     """A digest of every parameter and buffer, bit for bit (for "weights untouched")."""

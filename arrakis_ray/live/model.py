@@ -231,3 +231,12 @@ def local_model(
     return LiveModel(
         [StageWorker(ModelHolder(model_config, r, num_gpus, len(ranges))) for r in ranges]
     )
+
+
+def live_model_of(hooked) -> LiveModel:
+    """A one-stage LiveModel over a HookedModel of this process (the bench's model): the
+    live tools run on it as on an actor's model, without Ray."""
+    from arrakis_ray.live.holder import ModelHolder
+    from arrakis_ray.live.stage_worker import StageWorker
+
+    return LiveModel([StageWorker(ModelHolder.wrapping(hooked))])
