@@ -1,41 +1,43 @@
-"""Neuron dashboards as tables: per-neuron statistics and top activating contexts.
+"""Neuron dashboards as tables: what a Neuronpedia-style feature page shows, per neuron.
 
 For a dense hook family (``family``, default ``mlp_post``), or for the features of the
 run's sparse autoencoder (``source: sae_features``, the results of
 superposition_disentangler; neuron = feature id), every neuron of every chosen layer gets
 what a feature dashboard shows (Bricken et al. 2023, "Towards Monosemanticity";
-Neuronpedia): activation frequency (value > ``threshold``), mean, max, the 50th, 90th and
-99th percentiles, and its ``k`` top activating tokens with ``window`` tokens each side.
+Neuronpedia), as five tables:
 
-Streaming, one shard per Ray task, then ``reduce``:
+- ``neuron_stats``: density (activation > ``threshold``), mean, max and the 50th, 90th
+  and 99th percentiles (exact moments; percentiles within a stated relative error:
+  ``neuron_sketch.py``);
+- ``neuron_top_contexts``: its ``k`` top activating tokens with ``window`` tokens each
+  side, the centre in [brackets] (``neuron_contexts.py``);
+- ``neuron_quantile_contexts``: a uniform sample of ``samples`` of its ACTIVE tokens,
+  drawn by a hash of (seq_id, pos, layer, neuron) (bottom-k sampling), split by
+  activation into ``intervals`` equal-count intervals (``neuron_contexts.py``);
+- ``neuron_histograms``: its activation histogram, exact counts in about ``bins``
+  equal-width bins whose edges are multiples of a power of two (``neuron_histograms.py``
+  says why and how close to [min, max]);
+- ``neuron_logit_effects``: the ``logit_k`` tokens it promotes and suppresses directly,
+  ``C_V((gamma * P w) @ W_U)`` for the direction ``w`` it writes: ``W_out`` rows for
+  mlp_post, basis vectors for residual-stream families, decoder rows for SAE features
+  (``neuron_logit_effects.py``; mlp_pre gets none).
 
-- frequency, mean and max come from exact sufficient statistics (counts, float64 sums,
-  maxima), so they equal a direct computation over every value;
-- percentiles come from a mergeable log-bucket histogram (the DDSketch mapping): a value
-  ``x`` with ``|x| >= 1e-6`` falls in bucket ``sign(x) * ceil(log_g |x|)`` with
-  ``g = (1 + a) / (1 - a)`` (``a = quantile_accuracy``, default 0.01); smaller values in
-  one zero bucket. The q-th percentile is the order statistic ``x_(r)``,
-  ``r = ceil(q n / 100)`` (numpy's ``inverted_cdf``); the estimate is the midpoint
-  ``2 g^i / (g + 1)`` of that value's bucket, clamped to the exact [min, max], so
-  ``|estimate - x_(r)| <= max(a |x_(r)|, 1e-6)``. Buckets merge by adding counts, so the
-  bound holds for any number of shards, with memory bounded by the buckets in use;
-- top contexts: each shard keeps its own top ``k`` per neuron (ties: lower seq_id, then
-  lower pos first) with the context text, and ``reduce`` keeps the global top ``k`` by the
-  same order. The context is the tokens from ``pos - window`` to ``pos + window`` of the
-  sequence, the centre token in ``[brackets]`` and ``…`` where the sequence goes on; texts
-  are concatenated when the vocabulary carries its own spaces (GPT-2 style ``" the"``),
-  else joined with a space. It equals the catalog's ``context_window`` macro.
+Streaming, one shard per Ray task, then ``reduce``: every shard returns sufficient
+statistics, sketch buckets, histogram cells and its own top-k and bottom-k-by-hash
+candidates; ``reduce`` merges them exactly (the result does not depend on the sharding)
+and computes the logit effects from the model's weights (only the reduce task loads
+the model; ``logit_k: 0`` skips it). The SAE source is one run-scope task doing the same
+shard by shard.
 
-Rows are sorted by (layer, neuron[, rank]) and the integer keys carry Parquet statistics,
-so ``WHERE layer = 4 AND neuron = 123`` lets DuckDB skip row groups of a large result.
-The one reduce task holds every shard's candidates (shards x layers x neurons x k rows)
-and bucket counts: on a very large run, summarise a few layers per call.
+Rows are sorted by (family, layer, neuron, ...) and the integer keys carry Parquet
+statistics, so a feature page's ``WHERE layer = 4 AND neuron = 123`` lets DuckDB skip row
+groups of a large result. The one reduce task holds every shard's candidates
+(shards x layers x neurons x (k + samples) rows), buckets and cells: on a very large
+run, summarise a few layers per call.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -45,15 +47,23 @@ from arrakis_ray import hooks
 from arrakis_ray.errors import ToolError
 from arrakis_ray.numerics import rank_within_groups
 from arrakis_ray.store.reader import RunReader
+from arrakis_ray.tools import neuron_contexts as ctx
 from arrakis_ray.tools.base import ShardInputs, Tool
+from arrakis_ray.tools.neuron_histograms import (
+    cells_per_neuron,
+    dense_cells,
+    merge_histograms,
+    sparse_cells,
+)
+from arrakis_ray.tools.neuron_logit_effects import top_effects
+from arrakis_ray.tools.neuron_sae import sae_directions, sae_entries, sae_metrics
+from arrakis_ray.tools.neuron_sketch import QuantileSketch, merge_stats, sketch_lists
 
 if TYPE_CHECKING:
     from arrakis_ray.store.manifest import RunManifest
 
-ZERO = 1e-6  # |x| below this lands in the zero bucket (absolute error < 1e-6)
-PERCENTILES = (50, 90, 99)
 BLOCK_CELLS = 1 << 22  # neurons x buckets (or x tokens) handled at once: bounds memory
-_SPACED = re.compile(r"^ \S")  # a token text that carries its own leading space
+PARTIALS = ("neuron_stats", "neuron_top_contexts", "neuron_quantile_contexts", "neuron_histograms")
 
 
 @dataclass(frozen=True)
@@ -67,11 +77,19 @@ class NeuronDashboardParams:
     k: int = 20
     """Top activating contexts kept per neuron."""
     window: int = 8
-    """Tokens of context on each side of a top token."""
+    """Tokens of context on each side of a top or sampled token."""
     threshold: float = 0.0
     """A neuron fires on a token when its activation is strictly above this."""
     quantile_accuracy: float = 0.01
-    """Relative error bound a of the percentiles (see the module docstring)."""
+    """Relative error bound a of the percentiles (see neuron_sketch.py)."""
+    samples: int = 60
+    """Active tokens sampled per neuron (uniformly, by hash) for the quantile contexts."""
+    intervals: int = 6
+    """Equal-count activation intervals the sample is split into (0 = lowest)."""
+    bins: int = 40
+    """Histogram bins per neuron (at least 32/33 of this; see neuron_histograms.py)."""
+    logit_k: int = 10
+    """Promoted and suppressed tokens per neuron; 0 = no logit effects (no model load)."""
     source: Literal["activations", "sae_features"] = "activations"
     """activations: the stored family; sae_features: the run's SAE features (neuron =
     feature id), from superposition_disentangler's results."""
@@ -85,22 +103,42 @@ class NeuronDashboardParams:
             raise ValueError(f"k must be >= 1 and window >= 0, got k={self.k}, {self.window=}")
         if not 0 < self.quantile_accuracy < 0.5:
             raise ValueError(f"quantile_accuracy must be in (0, 0.5), got {self.quantile_accuracy}")
+        if not 1 <= self.intervals <= self.samples:
+            raise ValueError(
+                f"need 1 <= intervals <= samples, got {self.intervals=}, {self.samples=}"
+            )
+        if self.bins < 1 or self.logit_k < 0:
+            raise ValueError(
+                f"bins must be >= 1 and logit_k >= 0, got {self.bins=}, {self.logit_k=}"
+            )
+        if self.source == "sae_features" and self.threshold < 0:
+            raise ValueError(
+                f"threshold {self.threshold} < 0 with source sae_features: SAE features "
+                "are >= 0, so every token would be active"
+            )
 
 
 class NeuronDashboard(Tool):
-    """Per-neuron frequency, mean, max, percentiles and top-k contexts with their text."""
+    """Feature-page tables per neuron: stats, top and quantile contexts, histogram, logits."""
 
     name = "neuron_dashboard"
-    summary = "per neuron: firing frequency, mean, max, p50/p90/p99, top-k contexts"
+    summary = (
+        "per neuron: density, mean, max, p50/p90/p99, top-k and activation-quantile "
+        "contexts, histogram, promoted/suppressed tokens"
+    )
     reference = "Bricken et al. 2023, 'Towards Monosemanticity' (feature dashboards); Neuronpedia"
     Params = NeuronDashboardParams
-    outputs = ("neuron_stats", "neuron_top_contexts")
+    outputs = (*PARTIALS, "neuron_logit_effects")
 
     def __init__(self, params: NeuronDashboardParams):
         super().__init__(params)
+        sae = params.source == "sae_features"
         # SAE features are one run-wide result, read one shard's seq_id range at a time
-        self.scope = "run" if params.source == "sae_features" else "shard"
-        self.sketch = _Sketch(params.quantile_accuracy)
+        self.scope = "run" if sae else "shard"
+        # the weights are read once: by the reduce task, or by the one SAE task
+        self.reduce_needs_weights = params.logit_k > 0 and not sae
+        self.needs_weights = params.logit_k > 0 and sae
+        self.sketch = QuantileSketch(params.quantile_accuracy)
 
     def _layers(self, manifest: RunManifest) -> list[int]:
         return self.selected_layers(manifest, self.params.layers)
@@ -112,7 +150,7 @@ class NeuronDashboard(Tool):
         return [hooks.family_hook(family, layer) for layer in self._layers(manifest)]
 
     def compute_shard(self, inputs: ShardInputs, model=None) -> dict:
-        """One shard's sufficient statistics and top-k candidates, per layer."""
+        """One shard's partials (statistics, buckets, cells, candidates), per layer."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -120,60 +158,72 @@ class NeuronDashboard(Tool):
         table = inputs.activations.get(family)
         if table is None:
             raise ToolError(f"{self.name}: shard {inputs.shard} has no {family} table")
-        contexts = _Contexts(inputs.tokens, inputs.vocab, self.params.window)
-        stats, tops = [], []
+        contexts = ctx.ContextText(inputs.tokens, inputs.vocab, self.params.window)
+        parts: dict[str, list] = {name: [] for name in PARTIALS}
         for layer in self._layers(inputs.manifest):
             rows = table.filter(pc.equal(table["layer"], layer))
+            where = f"{self.name}: shard {inputs.shard} of run {inputs.run_id}, layer {layer}"
             if rows.num_rows == 0:
-                raise ToolError(
-                    f"{self.name}: shard {inputs.shard} of run {inputs.run_id} has no "
-                    f"{family} rows for layer {layer}"
-                )
+                raise ToolError(f"{where}: no {family} rows")
             rows = rows.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
             dims = [c for c in rows.column_names if c[0] == "d" and c[1:].isdigit()]
             x = np.column_stack([rows[c].to_numpy().astype(np.float32) for c in dims])
             keys = (rows["seq_id"].to_numpy(), rows["pos"].to_numpy())
-            stat, top = self._dense(x, *keys, contexts)
-            stats.append(_with_keys(stat, family, layer))
-            tops.append(_with_keys(top, family, layer))
-        return {
-            "neuron_stats": pa.concat_tables(stats),
-            "neuron_top_contexts": pa.concat_tables(tops),
-        }
+            partial = self._dense(x, *keys, layer, contexts, where)
+            for name, part in zip(PARTIALS, partial, strict=True):
+                parts[name].append(_with_keys(part, family, layer))
+        return {name: pa.concat_tables(tables) for name, tables in parts.items()}
 
     def compute_run(self, inputs: RunReader, model=None) -> dict:
-        """The SAE source: every shard's tokens with their feature activations, reduced."""
-        hook, layer, n_features = _sae_metrics(inputs, self.name)
+        """The SAE source: every shard's tokens with their feature activations, reduced,
+        and the features' logit effects from their decoder directions."""
+        hook, layer, n_features = sae_metrics(inputs, self.name)
         family = f"sae:{hook}"
-        stats, tops = [], []
+        parts: dict[str, list] = {name: [] for name in PARTIALS}
         for shard in inputs.shards:
             tokens = inputs.tokens(shard).sort_by([("seq_id", "ascending"), ("pos", "ascending")])
             seq, pos = tokens["seq_id"].to_numpy(), tokens["pos"].to_numpy()
-            row, feature, value = _sae_entries(inputs, seq, pos)
-            contexts = _Contexts(tokens, inputs.vocab, self.params.window)
-            stat, top = self._sparse(len(seq), n_features, row, feature, value, seq, pos, contexts)
-            stats.append(_with_keys(stat, family, layer))
-            tops.append(_with_keys(top, family, layer))
-        if not stats:
+            if len(seq) == 0:
+                continue
+            row, feature, value = sae_entries(inputs, seq, pos)
+            contexts = ctx.ContextText(tokens, inputs.vocab, self.params.window)
+            where = f"{self.name}: shard {shard} of run {inputs.run_id}, {family}"
+            partial = self._sparse(
+                len(seq), n_features, row, feature, value, seq, pos, layer, contexts, where
+            )
+            for name, part in zip(PARTIALS, partial, strict=True):
+                parts[name].append(_with_keys(part, family, layer))
+        if not parts["neuron_stats"]:
             raise ToolError(f"{self.name}: run {inputs.run_id} has no completed shard")
-        return self.reduce({"neuron_stats": stats, "neuron_top_contexts": tops}, inputs.manifest)
+        tables = self._merge(parts, inputs.run_id)
+        units = []
+        if self.params.logit_k > 0:
+            vectors = sae_directions(inputs, hook, n_features, self.name)
+            units = [(hooks.hook_family(hook), layer, vectors, family)]
+        tables["neuron_logit_effects"] = self._logit_effects(
+            model, inputs.run_id, units, inputs.vocab
+        )
+        return tables
 
     # -- per shard ------------------------------------------------------------------
 
-    def _dense(self, x: np.ndarray, seq, pos, contexts) -> tuple[dict, dict]:
+    def _dense(self, x: np.ndarray, seq, pos, layer: int, contexts, where: str) -> tuple:
+        """Partials of one layer's [tokens, neurons] values (rows in (seq, pos) order)."""
+        p, sk = self.params, self.sketch
         n, width = x.shape
-        k, sk = min(self.params.k, n), self.sketch
+        active = x > p.threshold
         stat = {
             "neuron": np.arange(width),
             "n": np.full(width, n),
-            "n_active": (x > self.params.threshold).sum(0),
+            "n_active": active.sum(0),
             "sum": x.sum(0, dtype=np.float64),
             "min": x.min(0).astype(np.float64),
             "max": x.max(0).astype(np.float64),
         }
-        # neuron blocks keep the bucket counts and tie scans within BLOCK_CELLS cells
-        step = max(1, BLOCK_CELLS // max(sk.span, n))
-        cells, top_rows, top_cols = [], [], []
+        hist = dense_cells(x, stat["min"], stat["max"], p.bins, where)
+        # neuron blocks keep the bucket counts, hashes and tie scans within BLOCK_CELLS
+        step = max(1, BLOCK_CELLS // max(sk.span, cells_per_neuron(p.bins), n))
+        cells, tops, picks = [], [], []
         for lo in range(0, width, step):
             block = x[:, lo : lo + step]
             counts = np.bincount(
@@ -182,32 +232,39 @@ class NeuronDashboard(Tool):
             )
             (cell,) = np.nonzero(counts)
             cells.append((cell // sk.span + lo, cell % sk.span - sk.offset, counts[cell]))
-            r, c = _top_rows(block, k)
-            top_rows.append(r)
-            top_cols.append(c + lo)
+            r, c = ctx.top_rows(block, min(p.k, n))
+            tops.append((r, c + lo))
+            neurons = np.arange(lo, lo + block.shape[1])
+            priority = ctx.sample_hash(seq[:, None], pos[:, None], layer, neurons[None, :])
+            r, c = ctx.sample_rows(active[:, lo : lo + step], priority, p.samples)
+            picks.append((r, c + lo, priority[r, c]))
         neuron, code, count = (np.concatenate(parts) for parts in zip(*cells, strict=True))
-        stat.update(_sketch_lists(neuron, code, count, width))
-        rows, cols = np.concatenate(top_rows), np.concatenate(top_cols)
-        return stat, _candidates(cols, rows, x[rows, cols], seq, pos, contexts)
+        stat.update(sketch_lists(neuron, code, count, width))
+        rows, cols = (np.concatenate(parts) for parts in zip(*tops, strict=True))
+        top = ctx.candidates(cols, rows, x[rows, cols], seq, pos, contexts)
+        rows, cols, prio = (np.concatenate(parts) for parts in zip(*picks, strict=True))
+        sample = ctx.candidates(cols, rows, x[rows, cols], seq, pos, contexts, prio)
+        return stat, top, sample, hist
 
-    def _sparse(self, n, width, row, feature, value, seq, pos, contexts) -> tuple[dict, dict]:
+    def _sparse(self, n, width, row, feature, value, seq, pos, layer, contexts, where) -> tuple:
         """Like ``_dense`` for a [n, width] matrix that is zero except at (row, feature)."""
-        thr, sk = self.params.threshold, self.sketch
+        p, sk = self.params, self.sketch
         nnz = np.bincount(feature, minlength=width)
         zeros = n - nnz  # absent entries are exact zeros
         hi = np.full(width, -np.inf)
         lo = np.full(width, np.inf)
         np.maximum.at(hi, feature, value)
         np.minimum.at(lo, feature, value)
+        active = value > p.threshold  # threshold >= 0: the zeros are never active
         stat = {
             "neuron": np.arange(width),
             "n": np.full(width, n),
-            "n_active": np.bincount(feature, weights=value > thr, minlength=width).astype(int)
-            + (zeros if 0.0 > thr else 0),
+            "n_active": np.bincount(feature, weights=active, minlength=width).astype(int),
             "sum": np.bincount(feature, weights=value.astype(np.float64), minlength=width),
             "min": np.where(zeros > 0, np.minimum(lo, 0.0), lo),
             "max": np.where(zeros > 0, np.maximum(hi, 0.0), hi),
         }
+        hist = sparse_cells(feature, value, zeros, stat["min"], stat["max"], p.bins, where)
         key = np.concatenate(
             [
                 feature * sk.span + sk.codes(value) + sk.offset,
@@ -220,164 +277,67 @@ class NeuronDashboard(Tool):
         )
         keep = count > 0
         cell, count = cell[keep], count[keep].astype(np.int64)
-        stat.update(_sketch_lists(cell // sk.span, cell % sk.span - sk.offset, count, width))
+        stat.update(sketch_lists(cell // sk.span, cell % sk.span - sk.offset, count, width))
         # top-k per feature among its nonzero tokens: value desc, then token order
-        take, _ = rank_within_groups([feature], [-value, row], k=self.params.k)
-        return stat, _candidates(feature[take], row[take], value[take], seq, pos, contexts)
+        take, _ = rank_within_groups([feature], [-value, row], k=p.k)
+        top = ctx.candidates(feature[take], row[take], value[take], seq, pos, contexts)
+        # the quantile sample among its active tokens: priority, then token order
+        (on,) = np.nonzero(active)
+        prio = ctx.sample_hash(seq[row[on]], pos[row[on]], layer, feature[on])
+        pick, _ = rank_within_groups([feature[on]], [prio, row[on]], k=p.samples)
+        on = on[pick]
+        sample = ctx.candidates(feature[on], row[on], value[on], seq, pos, contexts, prio[pick])
+        return stat, top, sample, hist
 
     # -- reduce ---------------------------------------------------------------------
 
     def reduce(self, partials: dict, manifest: RunManifest, model=None) -> dict:
-        """Merge every shard's statistics and candidates into the final tables."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
+        """Merge every shard's partials into the final tables; add the logit effects."""
+        tables = self._merge(partials, manifest.run_id)
+        family = self.params.family
+        units = [(family, layer, None, None) for layer in self._layers(manifest)]
+        tables["neuron_logit_effects"] = self._logit_effects(model, manifest.run_id, units)
+        return tables
 
-        run_id, sk = manifest.run_id, self.sketch
-        s = pa.concat_tables(partials["neuron_stats"])
-        family = s["family"].to_numpy(zero_copy_only=False)
-        layer, neuron = s["layer"].to_numpy(), s["neuron"].to_numpy()
-        keys, group = np.unique(
-            np.rec.fromarrays([family.astype(str), layer, neuron]), return_inverse=True
+    def _merge(self, partials: dict, run_id: str) -> dict:
+        import pyarrow as pa
+
+        p = self.params
+        stats = merge_stats(pa.concat_tables(partials["neuron_stats"]), self.sketch)
+        top = ctx.merge_top(pa.concat_tables(partials["neuron_top_contexts"]), p.k)
+        quantiles = ctx.merge_quantiles(
+            pa.concat_tables(partials["neuron_quantile_contexts"]), p.samples, p.intervals
         )
-        group, size = group.ravel(), len(keys)
-        n = np.bincount(group, weights=s["n"].to_numpy(), minlength=size)
-        lo, hi = np.full(size, np.inf), np.full(size, -np.inf)
-        np.minimum.at(lo, group, s["min"].to_numpy())
-        np.maximum.at(hi, group, s["max"].to_numpy())
-        lengths = pc.list_value_length(s["codes"]).to_numpy()
-        cell = np.repeat(group, lengths) * sk.span + sk.offset
-        cell += pc.list_flatten(s["codes"]).to_numpy()
-        cells, inverse = np.unique(cell, return_inverse=True)
-        counts = np.bincount(inverse.ravel(), weights=pc.list_flatten(s["counts"]).to_numpy())
-        columns = {
-            "family": keys["f0"],
-            "layer": keys["f1"],
-            "neuron": keys["f2"],
-            "freq": np.bincount(group, weights=s["n_active"].to_numpy(), minlength=size) / n,
-            "mean": np.bincount(group, weights=s["sum"].to_numpy(), minlength=size) / n,
-            "max": hi,
-            **{
-                f"p{q}": sk.quantile(cells // sk.span, cells % sk.span - sk.offset, counts, n, q)
-                for q in PERCENTILES
-            },
-            "n_tokens": n.astype(np.int64),
-        }
-        for q in PERCENTILES:  # the true order statistic lies in [min, max]
-            columns[f"p{q}"] = np.clip(columns[f"p{q}"], lo, hi)
-        top = pa.concat_tables(partials["neuron_top_contexts"])
-        col = {c: top[c].to_numpy(zero_copy_only=False) for c in top.column_names}
-        rows, rank = rank_within_groups(
-            [col["family"].astype(str), col["layer"], col["neuron"]],
-            [-col["activation"], col["seq_id"], col["pos"]],
-            k=self.params.k,
-        )
-        top = top.take(pa.array(rows)).append_column("rank", pa.array(rank))
+        histograms = merge_histograms(pa.concat_tables(partials["neuron_histograms"]), p.bins)
         return {
-            "neuron_stats": _final(self, "neuron_stats", run_id, columns),
+            "neuron_stats": _final(self, "neuron_stats", run_id, stats),
             "neuron_top_contexts": _final(
                 self, "neuron_top_contexts", run_id, {c: top[c] for c in top.column_names}
             ),
+            "neuron_quantile_contexts": _final(self, "neuron_quantile_contexts", run_id, quantiles),
+            "neuron_histograms": _final(self, "neuron_histograms", run_id, histograms),
         }
 
+    def _logit_effects(self, model, run_id: str, units: list[tuple], vocab=None):
+        """The ``neuron_logit_effects`` table of ``units``: (family, layer, vectors,
+        label) per layer; empty with logit_k 0 or a family without a path to the logits."""
+        import pyarrow as pa
 
-class _Sketch:
-    """The log-bucket mapping: value -> signed bucket code (0 = |x| < ZERO), and back."""
-
-    def __init__(self, accuracy: float):
-        self.gamma = (1 + accuracy) / (1 - accuracy)
-        self.log_gamma = math.log(self.gamma)
-        self.i_min = math.ceil(math.log(ZERO) / self.log_gamma)
-        i_max = math.ceil(math.log(np.finfo(np.float32).max) / self.log_gamma)
-        self.offset = i_max - self.i_min + 1  # largest |code|
-        self.span = 2 * self.offset + 1  # codes per neuron
-
-    def codes(self, x: np.ndarray) -> np.ndarray:
-        a = np.abs(x.astype(np.float64))
-        with np.errstate(divide="ignore"):
-            i = np.ceil(np.log(np.maximum(a, ZERO)) / self.log_gamma)
-        code = np.where(a < ZERO, 0, np.sign(x) * (np.maximum(i, self.i_min) - self.i_min + 1))
-        return code.astype(np.int64)
-
-    def value(self, code: np.ndarray) -> np.ndarray:
-        i = np.abs(code) + self.i_min - 1
-        mid = 2 * self.gamma**i / (self.gamma + 1)
-        return np.where(code == 0, 0.0, np.sign(code) * mid)
-
-    def quantile(self, group, code, count, n, q: int) -> np.ndarray:
-        """Bucket midpoint of the order statistic x_(ceil(q n / 100)) of every group.
-
-        ``group``/``code`` sorted (as np.unique returns them), ``n`` the group totals.
-        """
-        cum = np.cumsum(count)
-        start = np.searchsorted(group, np.arange(len(n)), side="left")
-        before = np.where(start > 0, cum[np.maximum(start - 1, 0)], 0)
-        rank = np.maximum(1, -(-(q * n.astype(np.int64)) // 100))  # integer ceil
-        return self.value(code[np.searchsorted(cum, before + rank, side="left")])
-
-
-class _Contexts:
-    """Context text of a token: its window of the sequence, the centre in brackets."""
-
-    def __init__(self, tokens, vocab, window: int):
-        tokens = tokens.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
-        seq = tokens["seq_id"].to_numpy()
-        self.texts = tokens["token_text"].to_pylist()
-        first = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
-        ends = np.r_[first[1:], len(seq)]
-        self.spans = {int(seq[i]): (int(i), int(e)) for i, e in zip(first, ends, strict=True)}
-        spaced = any(isinstance(v, str) and _SPACED.match(v) for v in vocab)
-        self.sep = "" if spaced else " "
-        self.window = window
-        self._cache: dict[tuple[int, int], str] = {}
-
-    def __call__(self, seq: int, pos: int) -> str:
-        key = (seq, pos)
-        if key not in self._cache:
-            start, end = self.spans[seq]  # positions run 0..length-1 within a sequence
-            lo, hi = max(0, pos - self.window), min(end - start - 1, pos + self.window)
-            words = self.texts[start + lo : start + hi + 1]
-            words[pos - lo] = f"[{words[pos - lo]}]"
-            text = self.sep.join(words)
-            left = "…" + self.sep if lo > 0 else ""
-            right = self.sep + "…" if hi < end - start - 1 else ""
-            self._cache[key] = left + text + right
-        return self._cache[key]
-
-
-def _top_rows(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, columns) of the k largest values of each column; ties: lower row first."""
-    n = x.shape[0]
-    kth = np.partition(x, n - k, axis=0)[n - k]  # k-th largest per column
-    above = x > kth
-    tie = x == kth
-    need = k - above.sum(0)
-    return np.nonzero(above | (tie & (np.cumsum(tie, axis=0) <= need)))
-
-
-def _candidates(neuron, row, value, seq, pos, contexts) -> dict:
-    import pyarrow as pa
-
-    return {
-        "neuron": neuron,
-        "seq_id": seq[row],
-        "pos": pos[row],
-        "activation": value.astype(np.float32),
-        "context": pa.array(
-            [contexts(int(s), int(p)) for s, p in zip(seq[row], pos[row], strict=True)],
-            pa.string(),
-        ),
-    }
-
-
-def _sketch_lists(neuron, code, count, width: int) -> dict:
-    """Per-neuron list columns of (code, count), from cells sorted by (neuron, code)."""
-    import pyarrow as pa
-
-    offsets = np.r_[0, np.cumsum(np.bincount(neuron, minlength=width))].astype(np.int32)
-    return {
-        "codes": pa.ListArray.from_arrays(offsets, pa.array(code.astype(np.int32))),
-        "counts": pa.ListArray.from_arrays(offsets, pa.array(count.astype(np.int64))),
-    }
+        empty = self.result_schema("neuron_logit_effects").empty_table()
+        if self.params.logit_k == 0:
+            return empty
+        if model is None:
+            raise ToolError(
+                f"{self.name}: neuron_logit_effects needs the model's weights; "
+                "pass the model, or logit_k: 0"
+            )
+        tables = []
+        for family, layer, vectors, label in units:
+            columns = top_effects(model, family, layer, self.params.logit_k, vocab, vectors, label)
+            if columns is None:
+                return empty
+            tables.append(_final(self, "neuron_logit_effects", run_id, columns))
+        return pa.concat_tables(tables) if tables else empty
 
 
 def _with_keys(columns: dict, family: str, layer: int):
@@ -386,42 +346,6 @@ def _with_keys(columns: dict, family: str, layer: int):
     n = len(columns["neuron"])
     keys = {"family": pa.array([family] * n, pa.string()), "layer": np.full(n, layer, np.int16)}
     return pa.table({**keys, **columns})
-
-
-def _sae_metrics(inputs: RunReader, tool: str) -> tuple[str, int, int]:
-    """(hook, layer, n_features) of the run's sparse autoencoder."""
-    if not all(inputs.has_result(name) for name in ("sae_metrics", "sae_features")):
-        raise ToolError(
-            f"{tool}: run {inputs.run_id} has no sae_features results; "
-            "run superposition_disentangler first"
-        )
-    metrics = inputs.result("sae_metrics").to_pylist()
-    if len(metrics) != 1:
-        raise ToolError(f"{tool}: run {inputs.run_id} has {len(metrics)} SAEs; expected one")
-    m = metrics[0]
-    return m["hook"], m["layer"], m["n_features"]
-
-
-def _sae_entries(inputs: RunReader, seq: np.ndarray, pos: np.ndarray):
-    """(token row, feature, value) of the SAE activations of the tokens (seq, pos),
-    which are sorted by (seq, pos)."""
-    if len(seq) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    # only this shard's seq_id range is read (pushdown), never the whole run's table
-    table = inputs.result(
-        "sae_features",
-        columns=["seq_id", "pos", "feature", "activation"],
-        filters=[("seq_id", ">=", int(seq.min())), ("seq_id", "<=", int(seq.max()))],
-    )
-    # tokens are sorted by (seq, pos): a token's row is the rank of its combined key
-    key = seq.astype(np.int64) * (int(pos.max()) + 1) + pos
-    got_pos = table["pos"].to_numpy()
-    got = table["seq_id"].to_numpy().astype(np.int64) * (int(pos.max()) + 1) + got_pos
-    row = np.searchsorted(key, got)
-    ok = (row < len(key)) & (key[np.minimum(row, len(key) - 1)] == got)
-    ok &= got_pos <= pos.max()  # a larger pos could alias another token's key
-    feature = table["feature"].to_numpy().astype(np.int64)
-    return row[ok], feature[ok], table["activation"].to_numpy()[ok].astype(np.float32)
 
 
 def _final(tool: Tool, output: str, run_id: str, columns: dict):

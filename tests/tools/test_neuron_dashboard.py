@@ -9,8 +9,6 @@ the tokens table. The tool only ever sees one shard.
 from __future__ import annotations
 
 import re
-import shutil
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -24,17 +22,16 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.store import layout as store_layout
 from arrakis_ray.store import manifest as store_manifest
 from arrakis_ray.store.catalog import Store
-from arrakis_ray.store.manifest import ToolRecord
 from arrakis_ray.store.reader import RunReader
-from arrakis_ray.store.schemas import load_schema
-from arrakis_ray.store.writer import RunWriter
 from arrakis_ray.tools.base import ShardInputs
+from arrakis_ray.tools.neuron_dashboard import NeuronDashboard
+from arrakis_ray.tools.neuron_logit_effects import top_effects
 from arrakis_ray.tools.runner import _shard_inputs, analyze, make_tool
 
 PCTS = (50, 90, 99)
 
 
-def run_tool(run_dir, params: dict) -> dict[str, pd.DataFrame]:
+def run_tool(run_dir, params: dict, model=None) -> dict[str, pd.DataFrame]:
     """compute_shard on every stored shard, then reduce: the runner's path, without Ray."""
     layout = store_layout.RunLayout(run_dir.parents[1], run_dir.name)
     manifest = store_manifest.read_manifest(layout)
@@ -44,7 +41,14 @@ def run_tool(run_dir, params: dict) -> dict[str, pd.DataFrame]:
         inputs = _shard_inputs(tool, RunReader(layout, manifest), shard)
         for name, table in tool.compute_shard(inputs).items():
             partials.setdefault(name, []).append(table)
-    return {k: v.to_pandas() for k, v in tool.reduce(partials, manifest).items()}
+    return {k: v.to_pandas() for k, v in tool.reduce(partials, manifest, model).items()}
+
+
+def run_model(run_dir):
+    """The run's model, loaded as the runner's reduce task loads it."""
+    from arrakis_ray.harvest.model_source import load_model
+
+    return load_model(RunReader.open(run_dir).manifest.model_config)
 
 
 def all_values(run_dir, family: str, layer: int) -> tuple[np.ndarray, pd.DataFrame]:
@@ -76,7 +80,7 @@ def window_text(texts: list[str], pos: int, width: int, sep: str) -> str:
 
 def test_dashboard_matches_direct_computation(harvested):
     _, _, result = harvested
-    params = {"layers": [0, 3], "k": 7, "window": 3, "threshold": 0.1}
+    params = {"layers": [0, 3], "k": 7, "window": 3, "threshold": 0.1, "logit_k": 0}
     got = run_tool(result.run_dir, params)
     tokens = pd.read_parquet(result.run_dir / "tokens").sort_values(["seq_id", "pos"])
     texts = tokens.groupby("seq_id")["token_text"].apply(list).to_dict()
@@ -153,7 +157,9 @@ def test_ties_heavy_tails_and_shard_merging():
     x[:, 4] = rng.standard_normal(n) * 1e-7  # all in the zero bucket
     x = x.astype(np.float32).astype(np.float64)
     vocab = [" the", " cat", " sat", "s", " on", "."]  # GPT-2 style: texts concatenated
-    tool = make_tool("neuron_dashboard", {"k": 25, "window": 2, "quantile_accuracy": 0.02})
+    tool = make_tool(
+        "neuron_dashboard", {"k": 25, "window": 2, "quantile_accuracy": 0.02, "logit_k": 0}
+    )
     shards = [
         synthetic_shard(x[i : i + 200], [i // 10 + j for j in range(10)], vocab)
         for i in (0, 200, 400)
@@ -185,83 +191,6 @@ def test_ties_heavy_tails_and_shard_merging():
     assert first["context"] == ("…" if lo else "") + want + ("…" if hi < 19 else "")
 
 
-def test_sae_features_source(harvested, tmp_path):
-    """Features of a (synthetic) SAE result: absent rows are zeros, neuron = feature."""
-    _, _, result = harvested
-    store = tmp_path / "store"
-    run = store / "runs" / result.run_id
-    run.mkdir(parents=True)
-    shutil.copy(result.run_dir.parents[1] / store_layout.STORE_MARKER, store)
-    for part in ("tokens", "completions"):
-        shutil.copytree(result.run_dir / part, run / part)
-    for part in ("manifest.json", "vocab.parquet"):
-        shutil.copy(result.run_dir / part, run / part)
-    layout = store_layout.RunLayout(store, result.run_id)
-    manifest = store_manifest.read_manifest(layout)
-    sae = make_tool("neuron_dashboard", {"source": "sae_features", "k": 5, "window": 1})
-    inputs = RunReader(layout, manifest)
-    with pytest.raises(ToolError, match="run superposition_disentangler first"):
-        sae.compute_run(inputs)
-    tokens = pd.read_parquet(run / "tokens").sort_values(["seq_id", "pos"])
-    n_features, rng = 6, np.random.default_rng(2)
-    dense = np.where(
-        rng.random((len(tokens), n_features)) < [0.5, 0.1, 0.0, 0.01, 0.9, 0.3],
-        rng.exponential(2.0, (len(tokens), n_features)),
-        0.0,
-    ).astype(np.float32)
-    dense[:40, 4] = 50.0  # ties, above every other value
-    r, f = np.nonzero(dense)
-    features = pa.table(
-        {
-            "run_id": [result.run_id] * len(r),
-            "hook": ["blocks.2.hook_resid_post"] * len(r),
-            "seq_id": tokens["seq_id"].to_numpy()[r],
-            "pos": tokens["pos"].to_numpy()[r].astype(np.int32),
-            "feature": f.astype(np.int32),
-            "activation": dense[r, f],
-        }
-    )
-    write(layout, "sae_features", features)
-    metrics = {f.name: [None] for f in load_schema("result.sae_metrics").arrow()}
-    metrics.update(
-        run_id=[result.run_id], hook=["blocks.2.hook_resid_post"], layer=[2], kind=["topk"],
-        width=[128], n_features=[n_features], epochs=[1], n_tokens=[len(tokens)], mse=[0.0],
-        l0=[1.0], dead_features=[1], train_loss=[0.0], weights_path=["x"], seconds=[0.0],
-    )  # fmt: skip
-    write(layout, "sae_metrics", pa.table(metrics))
-
-    assert sae.scope == "run" and sae.required_hooks(manifest) == []
-    got = {k: v.to_pandas() for k, v in sae.compute_run(inputs).items()}
-    stats, top = got["neuron_stats"], got["neuron_top_contexts"]
-    assert stats["neuron"].to_list() == list(range(n_features))
-    assert set(stats["family"]) == {"sae:blocks.2.hook_resid_post"} and set(stats["layer"]) == {2}
-    seq, pos = tokens["seq_id"].to_numpy(), tokens["pos"].to_numpy()
-    for feature in range(n_features):
-        v = dense[:, feature].astype(np.float64)
-        row = stats.iloc[feature]
-        assert row["n_tokens"] == len(v) and row["freq"] == (v > 0).mean() and row["max"] == v.max()
-        assert row["mean"] == pytest.approx(v.mean(), rel=1e-9, abs=1e-15)
-        assert_quantiles(row, v, 0.01)
-        active = np.flatnonzero(v > 0)
-        order = active[np.lexsort((pos[active], seq[active], -v[active]))][:5]
-        mine = top.query("neuron == @feature").sort_values("rank")
-        assert list(zip(mine["seq_id"], mine["pos"], strict=True)) == list(
-            zip(seq[order], pos[order], strict=True)
-        )
-    assert top.query("neuron == 2").empty  # a dead feature has no contexts
-
-
-def write(layout, output: str, table: pa.Table) -> None:
-    """A result as a tool writes it: its file, and a record listing it."""
-    schema = load_schema(f"result.{output}")
-    writer = RunWriter.for_layout(layout)
-    entry = writer.write_result(
-        output, 0, table.cast(schema.arrow()), schema.arrow(), schema.version
-    )
-    record = ToolRecord({}, (output,), schema.version, 1, entry.rows, 0.0, "2026-01-01T00:00:00Z")
-    writer.record_tool(output, replace(record, files=(entry,)))
-
-
 def test_bad_params_are_refused(harvested):
     with pytest.raises(ToolError, match="family 'mlp_pots'"):
         make_tool("neuron_dashboard", {"family": "mlp_pots"})
@@ -269,6 +198,19 @@ def test_bad_params_are_refused(harvested):
         make_tool("neuron_dashboard", {"k": 0})
     with pytest.raises(ToolError, match="source"):
         make_tool("neuron_dashboard", {"source": "saes"})
+    with pytest.raises(ToolError, match="intervals <= samples"):
+        make_tool("neuron_dashboard", {"samples": 4, "intervals": 6})
+    with pytest.raises(ToolError, match="bins must be"):
+        make_tool("neuron_dashboard", {"bins": 0})
+    with pytest.raises(ToolError, match="logit_k"):
+        make_tool("neuron_dashboard", {"logit_k": -1})
+    with pytest.raises(ToolError, match="SAE features are >= 0"):
+        make_tool("neuron_dashboard", {"source": "sae_features", "threshold": -0.5})
+    with pytest.raises(ToolError, match="needs the model's weights"):  # reduce without it
+        make_tool("neuron_dashboard", {})._logit_effects(None, "r", [("mlp_post", 0, None, None)])
+    # the weights are loaded only where they are used, and only when asked for
+    assert make_tool("neuron_dashboard", {}).reduce_needs_weights
+    assert not make_tool("neuron_dashboard", {"logit_k": 0}).reduce_needs_weights
     _, _, result = harvested
     manifest = store_manifest.read_manifest(
         store_layout.RunLayout(result.run_dir.parents[1], result.run_id)
@@ -279,8 +221,36 @@ def test_bad_params_are_refused(harvested):
 
 def test_runner_and_sql_lookup(harvested):
     _, store, result = harvested
-    done = analyze(result.run_dir, "neuron_dashboard", {"layers": [1, 2], "k": 4, "window": 2})
-    assert done.shards == 3 and done.rows == 2 * 512 * (1 + 4)
+    params = {"layers": [1, 2], "k": 4, "window": 2, "samples": 6, "intervals": 3}
+    done = analyze(result.run_dir, "neuron_dashboard", params | {"bins": 8, "logit_k": 3})
+    # a feature page: one lookup per table by (run_id, family, layer, neuron)
+    page = {
+        output: f"SELECT * FROM results_{output} WHERE run_id = '{result.run_id}' "
+        "AND family = 'mlp_post' AND layer = 2 AND neuron = 123"
+        for output in NeuronDashboard.outputs
+    }
+    with Store(store) as db:
+        counts = {
+            output: db.sql(
+                f"SELECT count(*) AS n FROM results_{output} WHERE run_id = '{result.run_id}'"
+            )["n"][0]
+            for output in NeuronDashboard.outputs
+        }
+        got = {output: db.sql(query) for output, query in page.items()}
+        plans = {o: "\n".join(db.sql(f"EXPLAIN {q}")["explain_value"]) for o, q in page.items()}
+    assert done.shards == 3 and done.rows == sum(counts.values())
+    assert counts["neuron_stats"] == 2 * 512 and counts["neuron_logit_effects"] == 2 * 512 * 6
+    assert got["neuron_histograms"]["count"].sum() == result.tokens
+    x, keys = all_values(result.run_dir, "mlp_post", 2)
+    assert got["neuron_quantile_contexts"].height == min(6, int((x[:, 123] > 0).sum()))
+    # the reduce task loaded the model: its effects equal an in-process computation
+    vocab = RunReader.open(result.run_dir).vocab
+    want = top_effects(run_model(result.run_dir), "mlp_post", 2, 3, vocab)
+    effects = got["neuron_logit_effects"].sort(["direction", "rank"])
+    assert effects["token_id"].to_list() == want["token_id"][123 * 6 : 124 * 6].tolist()
+    assert effects["token"].to_list() == vocab[effects["token_id"].to_numpy()].tolist()
+    for output, plan in plans.items():  # the key filters reach the scan
+        assert re.search(r"Filters:.*layer\s*=\s*2", plan, re.S) and "neuron" in plan, output
     lookup = (
         "SELECT rank, seq_id, pos, activation, context FROM results_neuron_top_contexts "
         f"WHERE run_id = '{result.run_id}' AND layer = 2 AND neuron = 123 ORDER BY rank"
@@ -291,29 +261,24 @@ def test_runner_and_sql_lookup(harvested):
             "SELECT * FROM results_neuron_stats WHERE layer = 2 AND neuron = 123 "
             f"AND run_id = '{result.run_id}'"
         )
-        plan = "\n".join(db.sql(f"EXPLAIN {lookup}")["explain_value"])
         macro = [
             db.sql(f"SELECT context FROM context_window('{result.run_id}', {s}, {p}, 2)")[
                 "context"
             ][0]
             for s, p in zip(rows["seq_id"], rows["pos"], strict=True)
         ]
-    x, keys = all_values(result.run_dir, "mlp_post", 2)
     order = np.lexsort((keys["pos"], keys["seq_id"], -x[:, 123]))[:4]
     assert rows["rank"].to_list() == [1, 2, 3, 4]
     assert rows["seq_id"].to_list() == keys["seq_id"].to_numpy()[order].tolist()
     assert rows["pos"].to_list() == keys["pos"].to_numpy()[order].tolist()
     assert rows["context"].to_list() == macro  # the tool and the SQL macro agree
     assert stats["max"][0] == x[:, 123].max() and stats["n_tokens"][0] == result.tokens
-    # the key filter reaches the Parquet scan, which has min/max statistics on the keys
-    assert re.search(r"Filters:.*layer\s*=\s*2", plan, re.S) and "neuron" in plan
-    (written,) = [  # the file the tool's record lists
-        e.path
-        for e in RunReader.open(result.run_dir).manifest.results["neuron_dashboard"].files
-        if e.path.startswith("results/neuron_top_contexts/")
-    ]
-    meta = pq.ParquetFile(result.run_dir / written)
-    names = meta.schema_arrow.names
-    group = meta.metadata.row_group(0)
-    for key in ("layer", "neuron", "rank"):
-        assert group.column(names.index(key)).statistics.has_min_max
+    # the scans the filters reach have min/max statistics on the keys
+    files = RunReader.open(result.run_dir).manifest.results["neuron_dashboard"].files
+    for output in NeuronDashboard.outputs:
+        (written,) = [e.path for e in files if e.path.startswith(f"results/{output}/")]
+        meta = pq.ParquetFile(result.run_dir / written)
+        names = meta.schema_arrow.names
+        group = meta.metadata.row_group(0)
+        for key in ("layer", "neuron"):
+            assert group.column(names.index(key)).statistics.has_min_max, (output, key)
