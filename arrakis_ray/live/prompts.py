@@ -9,6 +9,7 @@ in the file, which every result row carries back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,21 +44,7 @@ def read_prompts(path: str | Path, columns: tuple[str, ...], where: str = "promp
     except (pa.ArrowInvalid, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{where}: {path}: cannot read it: {first}") from None
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise DataError(
-            f"{where}: {path} lacks column(s) {', '.join(missing)} "
-            f"(it has {', '.join(table.column_names) or 'none'})"
-        )
-    if table.num_rows == 0:
-        raise DataError(f"{where}: {path} holds no rows")
-    for column in columns:
-        kind = table.schema.field(column).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise DataError(f"{where}: {path}: column {column} holds {kind}; give text")
-        if table.column(column).null_count:
-            row = table.column(column).to_pylist().index(None)
-            raise DataError(f"{where}: {path}: row {row + 1}: column {column} is empty")
+    check_text_columns(table, columns, where, str(path), first_row=1)
     table = table.select(list(columns))
     return table.append_column("item", pa.array(range(table.num_rows), pa.int64()))
 
@@ -69,3 +56,27 @@ def find_span(ids: list[int], part: list[int]) -> tuple[int, int] | None:
         if ids[start : start + n] == part:
             return start, start + n
     return None
+
+
+def check_text_columns(
+    table: pa.Table, columns: Sequence[str], where: str, source: str, first_row: int = 0
+) -> None:
+    """DataError, naming ``source`` and the row (counted from ``first_row``), unless
+    ``table`` has rows and every column of ``columns``, as text without gaps."""
+    import pyarrow as pa
+
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"{where}: {source} lacks column(s) {', '.join(missing)} "
+            f"(it has {', '.join(table.column_names) or 'none'})"
+        )
+    if table.num_rows == 0:
+        raise DataError(f"{where}: {source} holds no rows")
+    for column in columns:
+        kind = table.schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{where}: {source}: column {column} holds {kind}; give text")
+        if table.column(column).null_count:
+            row = table.column(column).to_pylist().index(None)
+            raise DataError(f"{where}: {source}: row {row + first_row}: column {column} is empty")

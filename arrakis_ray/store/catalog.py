@@ -3,9 +3,10 @@
 Views: ``runs`` (one row per run, from the manifests), ``tokens``, ``vocab``, ``documents``,
 ``act_<family>`` for every stored hook family and ``results_<tool>`` for every tool
 result; each spans all runs and has a ``run_id`` column, and reads exactly the files the
-runs' inventories list (``store/inventory.py``). The set of runs is read when the Store
-opens; shards and results that running or uncompacted runs gain later are seen by later
-queries.
+runs' inventories list (``store/inventory.py``). The bench's records are the views
+``experiments``, ``experiment_calls`` and ``hypotheses`` (``bench/records.py``). The set
+of runs is read when the Store opens; shards and results that running or uncompacted
+runs gain later are seen by later queries.
 Table macros answer the common questions (``Store.macros()``, schemas/README.md):
 ``top_contexts``, ``cosine_topk``, ``token_across_layers``, ``context_window``.
 
@@ -107,6 +108,7 @@ class Store:
                 _refuse_links(self.root)
             self._create_runs()
             self._create_file_views()
+            self._create_experiment_views()
             self._create_macros()
             self._lock_down()
         except duckdb.Error as e:
@@ -242,6 +244,14 @@ class Store:
         for output in sorted(outputs):
             parts = self._checked_files(f"results/{output}", f"result.{output}")
             self._view(f"results_{re.sub(r'[^A-Za-z0-9_]', '_', output)}", parts)
+
+    def _create_experiment_views(self) -> None:
+        """``experiment_calls``, ``experiments`` and ``hypotheses``: the bench's records
+        (``bench/records.py``), present (maybe empty) in every store."""
+        from arrakis_ray.bench.records import create_views
+
+        create_views(self._con, self.root, self._register_dataset)
+        self._views.extend(["experiment_calls", "experiments", "hypotheses"])
 
     def _create_activation_views(self) -> None:
         for family in sorted({f for families in self._families.values() for f in families}):

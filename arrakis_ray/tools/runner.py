@@ -253,7 +253,8 @@ def _context(
     return tool, reader, _model(model_config) if wanted else None
 
 
-def _shard_inputs(tool, reader: RunReader, shard: int) -> ShardInputs:
+def shard_inputs(tool, reader: RunReader, shard: int) -> ShardInputs:
+    """What ``compute_shard`` reads for one shard (the bench's in-process runs too)."""
     families = sorted({hook_family(h) for h in tool.required_hooks(reader.manifest)})
     return ShardInputs(
         run_id=reader.run_id,
@@ -270,7 +271,7 @@ def _run_shard(
 ) -> list[FileEntry]:
     """A Ray task: compute one shard's result rows and write them; returns the files."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id, call)
-    result = tool.compute_shard(_shard_inputs(tool, reader, shard), model)
+    result = tool.compute_shard(shard_inputs(tool, reader, shard), model)
     return write_outputs(tool, reader.layout, result, shard, call)
 
 
@@ -280,7 +281,7 @@ def _partial_shard(
     """A Ray task: write one shard's final outputs; return its partials for ``reduce``
     and the files written."""
     tool, reader, model = _context(tool_cls, params, store_root, run_id, call)
-    result = _as_outputs(tool, tool.compute_shard(_shard_inputs(tool, reader, shard), model))
+    result = as_outputs(tool, tool.compute_shard(shard_inputs(tool, reader, shard), model))
     reduced = tool.output_names() if tool.reduced_outputs is None else tool.reduced_outputs
     final = {name: table for name, table in result.items() if name not in reduced}
     files = write_outputs(tool, reader.layout, final, shard, call) if final else []
@@ -309,7 +310,8 @@ def _run_whole(
     return write_outputs(tool, reader.layout, tool.compute_run(reader, model), 0, call)
 
 
-def _as_outputs(tool, result) -> dict:
+def as_outputs(tool, result) -> dict:
+    """A tool's result as {output: table}, its outputs checked against its declaration."""
     if isinstance(result, dict):
         unknown = set(result) - set(tool.output_names())
         if unknown:
@@ -325,7 +327,7 @@ def write_outputs(tool, layout, result, shard: int, call: str) -> list[FileEntry
         writer.write_result(
             output, shard, table, tool.result_schema(output), tool.schema_version, call
         )
-        for output, table in _as_outputs(tool, result).items()
+        for output, table in as_outputs(tool, result).items()
     ]
 
 

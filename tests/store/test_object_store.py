@@ -343,3 +343,39 @@ def test_a_live_tool_writes_to_the_bucket_and_a_rerun_replaces_its_files(
     want = pl.from_arrow(want).sort(keys)
     assert stored.sort(keys).select(keys).equals(want.select(keys))
     np.testing.assert_allclose(stored.sort(keys)["logit_diff"], want["logit_diff"], atol=1e-4)
+
+
+def test_bench_records_on_s3_are_read_back_and_queried(s3_run, s3_env, s3_endpoint):
+    """The bench's store may be a bucket: calls are objects there, read by a new bench
+    and by the catalog's views; a store's runs and experiments join."""
+    import polars as pl
+
+    from arrakis_ray.bench import BaseInterpretabilityBench, HookedAutoConfig, HookedAutoModel
+    from arrakis_ray.store.catalog import Store
+
+    _config, result = s3_run
+    model = HookedAutoModel(
+        HookedAutoConfig(
+            "gpt2", vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4
+        )
+    )
+    exp = BaseInterpretabilityBench(model, save_dir=f"s3://{BUCKET}/store")
+
+    @exp.log_experiment
+    def table(n):
+        return pl.DataFrame({"i": list(range(n))})
+
+    table(3)
+    table(3)
+    again = BaseInterpretabilityBench(model, save_dir=f"s3://{BUCKET}/store")
+    (version,) = again.list_versions("table")
+    record = again.get_version("table", version)
+    assert record["result"]["i"].to_list() == [0, 1, 2] and len(record["calls"]) == 2
+    keys = _s3fs(s3_endpoint).find(f"{BUCKET}/store/experiments/calls/table/")
+    assert len(keys) == 2
+    with Store(f"s3://{BUCKET}/store") as db:
+        both = db.sql(
+            "SELECT (SELECT count(*) FROM runs) AS runs, "
+            "(SELECT n_calls FROM experiments WHERE name = 'table') AS calls"
+        )
+    assert both.row(0) == (1, 2)

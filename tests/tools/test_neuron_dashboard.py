@@ -26,7 +26,7 @@ from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.base import ShardInputs
 from arrakis_ray.tools.neuron_dashboard import NeuronDashboard
 from arrakis_ray.tools.neuron_logit_effects import top_effects
-from arrakis_ray.tools.runner import _shard_inputs, analyze, make_tool
+from arrakis_ray.tools.runner import analyze, make_tool, shard_inputs
 
 PCTS = (50, 90, 99)
 
@@ -38,7 +38,7 @@ def run_tool(run_dir, params: dict, model=None) -> dict[str, pd.DataFrame]:
     tool = make_tool("neuron_dashboard", params)
     partials: dict[str, list] = {}
     for shard in sorted(layout.completed_shards()):
-        inputs = _shard_inputs(tool, RunReader(layout, manifest), shard)
+        inputs = shard_inputs(tool, RunReader(layout, manifest), shard)
         for name, table in tool.compute_shard(inputs).items():
             partials.setdefault(name, []).append(table)
     return {k: v.to_pandas() for k, v in tool.reduce(partials, manifest, model).items()}

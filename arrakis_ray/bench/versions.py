@@ -1,0 +1,242 @@
+"""What an experiment version is made of, as canonical bytes: source, arguments, model.
+
+A version is ``sha256(name, source, arguments, model fingerprint)[:16]``: no timestamp,
+so the same code run with the same arguments on the same model is the same version in
+any process (the original Arrakis hashed a timestamp in, so every call was a new
+"version" and nothing could be found again).
+
+- **source**: the function's source as written (``inspect.getsource``). Where Python
+  cannot find it (a function typed at ``python -c``), the version hashes its compiled
+  code (``marshal``, stable for one Python version) and the record says so.
+- **arguments**: bound to the signature with defaults applied, as canonical JSON (sorted
+  keys). Arrays, tensors and tables are hashed by content (dtype, shape, bytes), and
+  written out when they are small; the model by its fingerprint. A value with no stable
+  content (an open file, an object whose repr is its address) is refused by name: a
+  version built from ``repr`` would change from one process to the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import marshal
+import math
+import textwrap
+from collections.abc import Callable, Mapping
+from pathlib import PurePath
+from typing import Any
+
+from arrakis_ray.errors import DataError
+
+SMALL = 64  # arrays of at most this many values are written out in full
+
+
+def source_of(func: Callable) -> tuple[str, bytes]:
+    """(source text for the record, bytes that identify the code for the version)."""
+    func = inspect.unwrap(func)
+    try:
+        text = textwrap.dedent(inspect.getsource(func))
+        return text, text.encode()
+    except (OSError, TypeError):
+        code = getattr(func, "__code__", None)
+        where = getattr(code, "co_filename", "?")
+        note = f"# source not available (defined in {where}): the version hashes its bytecode"
+        return note, marshal.dumps(code) if code is not None else note.encode()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def version_of(name: str, code: bytes, arguments: str, model: str | None) -> str:
+    h = hashlib.sha256()
+    for part in (name.encode(), code, arguments.encode(), (model or "").encode()):
+        h.update(len(part).to_bytes(8, "little"))  # unambiguous concatenation
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def bound_arguments(func: Callable, args: tuple, kwargs: dict, skip: set[str]) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults applied, ``skip`` left out."""
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{getattr(func, '__name__', func)}(): {e}") from None
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k not in skip}
+
+
+def canonical(arguments: Mapping[str, Any], where: str) -> str:
+    """Canonical JSON of the arguments (the version's input and the record's text)."""
+    return json.dumps(
+        {k: _plain(v, f"{where} argument {k!r}") for k, v in arguments.items()},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def _plain(value: Any, where: str) -> Any:
+    """A JSON value with the same content as ``value``, or DataError."""
+    import numpy as np
+
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, np.generic):
+        return _plain(value.item(), where)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_plain(v, where) for v in value), key=json.dumps)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, where) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {"__dataclass__": type(value).__qualname__, **_plain(fields, where)}
+    array = _as_numpy(value)
+    if array is not None:
+        if array.size <= SMALL and array.dtype.kind in "biuf":
+            return {"dtype": str(array.dtype), "shape": list(array.shape), "values": array.tolist()}
+        raw = np.ascontiguousarray(array)
+        return {
+            "dtype": str(array.dtype),
+            "shape": list(array.shape),
+            "sha256": digest(raw.tobytes() if raw.dtype.kind != "O" else repr(raw).encode()),
+        }
+    table = _as_arrow(value)
+    if table is not None:
+        return {
+            "table": table.schema.to_string(),
+            "rows": table.num_rows,
+            "sha256": _table_digest(table),
+        }
+    if _is_hooked_model(value):
+        return {"model": fingerprint(value)}
+    if inspect.isfunction(value) or inspect.ismethod(value):
+        _text, code = source_of(value)
+        return {"function": value.__qualname__, "sha256": digest(code)}
+    raise DataError(
+        f"{where}: a {type(value).__name__} has no stable content to version; pass plain "
+        "values, arrays, tensors or tables (or a tool through use_tools)"
+    )
+
+
+def _as_numpy(value: Any):
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        t = value.detach().cpu()
+        return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
+    return None
+
+
+def _as_arrow(value: Any):
+    import pyarrow as pa
+
+    if isinstance(value, pa.Table):
+        return value
+    module = type(value).__module__
+    if module.startswith("polars") and hasattr(value, "to_arrow"):
+        return value.to_arrow()
+    if module.startswith("pandas") and hasattr(value, "to_dict"):
+        return pa.Table.from_pandas(value)
+    return None
+
+
+def _table_digest(table) -> str:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    return digest(sink.getvalue().to_pybytes())
+
+
+def as_table(value: Any):
+    """An Arrow table for a table or array result (arrays: one flat ``value`` column,
+    their shape and dtype in the schema metadata), else None."""
+    import pyarrow as pa
+
+    table = _as_arrow(value)
+    if table is not None:
+        return table, "table"
+    array = _as_numpy(value)
+    if array is not None and array.ndim >= 1 and array.dtype.kind in "biuf":
+        meta = {"shape": json.dumps(list(array.shape)), "dtype": str(array.dtype)}
+        flat = pa.table({"value": array.reshape(-1)}).replace_schema_metadata(meta)
+        return flat, "array"
+    return None
+
+
+def array_from(table) -> Any:
+    """The numpy array an ``array`` result file holds."""
+    meta = table.schema.metadata or {}
+    shape = json.loads(meta.get(b"shape", b"[-1]"))
+    return table["value"].to_numpy().reshape(shape)
+
+
+def result_json(value: Any) -> tuple[str, str]:
+    """(result_kind, JSON text) of a JSON-able result: ``json``, or ``repr`` when some
+    part has no JSON form (then the text is its repr, as a JSON string)."""
+    try:
+        return "json", json.dumps(_jsonable(value), allow_nan=False)
+    except (TypeError, ValueError):
+        return "repr", json.dumps(repr(value))
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, list | tuple):  # named tuples (HeadScore) too: as lists
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    array = _as_numpy(value)
+    if array is not None:
+        return _jsonable(array.tolist())
+    raise TypeError(type(value).__name__)
+
+
+def _is_hooked_model(value: Any) -> bool:
+    from arrakis_ray.models.hooked import HookedModel
+
+    return isinstance(value, HookedModel)
+
+
+_FINGERPRINTS: dict[int, tuple[tuple, str]] = {}
+
+
+def fingerprint(model) -> str:
+    """The model's fingerprint (``models/load.py``), recomputed only when a weight changed.
+
+    Reading every parameter costs about a second per GB, too much for every logged call
+    of a large model. Each tensor's storage address and in-place version counter
+    (``Tensor._version``, which autograd itself relies on to detect in-place changes)
+    identify its state, so an unchanged key means unchanged weights."""
+    from arrakis_ray.models.load import model_fingerprint
+
+    tensors = [*model.model.parameters(), *model.model.buffers()]
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape), str(t.dtype)) for t in tensors)
+    cached = _FINGERPRINTS.get(id(model))
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = model_fingerprint(model)
+    _FINGERPRINTS[id(model)] = (key, value)
+    return value
