@@ -33,6 +33,9 @@ def test_views_and_runs(two_runs: tuple[Path, dict[str, RunData]]) -> None:
             "act_attn_pattern",
             "act_attn_q",
             "act_resid_post",
+            "experiment_calls",  # the bench's records: present, empty, in every store
+            "experiments",
+            "hypotheses",
             "results_toy",
             "runs",
             "tokens",
@@ -218,8 +221,10 @@ def test_not_a_store_and_empty_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         Store(tmp_path / "missing")
     with Store(init_store(tmp_path / "empty")) as s:
-        assert s.views() == ["runs"] and s.run_ids() == []
+        assert s.views() == ["experiment_calls", "experiments", "hypotheses", "runs"]
+        assert s.run_ids() == []
         assert s.sql("SELECT count(*) AS n FROM runs")["n"][0] == 0
+        assert s.sql("SELECT count(*) AS n FROM experiments")["n"][0] == 0
 
 
 def test_run_without_manifest_and_newer_schema(
