@@ -106,4 +106,4 @@ def forward_pass():
 
 
 forward_pass()
-print(exp.last_profile)
+print(exp.last_profile.select("module", "calls", "seconds", "share_of_time", "params"))
