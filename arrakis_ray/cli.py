@@ -164,6 +164,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.set_defaults(func=_cmd_report)
 
+    site = sub.add_parser(
+        "site", help="write the store's offline HTML site: runs, tools, features, experiments"
+    )
+    site.add_argument("store", help="store directory, or a URI such as s3://bucket/prefix")
+    site.add_argument("--out", required=True, help="output directory (created if needed)")
+    site.add_argument(
+        "--runs", nargs="+", metavar="ID", help="only these runs (ids or unique prefixes)"
+    )
+    site.add_argument(
+        "--top-features",
+        type=int,
+        default=8,
+        metavar="N",
+        help="feature pages per layer of a run with neuron_dashboard results (default 8)",
+    )
+    site.set_defaults(func=_cmd_site)
+
     t = sub.add_parser("tools", help="list the analysis tools and their parameters")
     t.set_defaults(func=_cmd_tools)
 
@@ -242,6 +259,13 @@ def _cmd_report(args) -> None:
         print(f"png:    {png}")
 
 
+def _cmd_site(args) -> None:
+    from arrakis_ray.reports.site import build_site
+
+    site = build_site(args.store, args.out, runs=args.runs, top_features=args.top_features)
+    print(f"site:   {site.index}  ({len(site.pages)} pages)")
+
+
 def _cmd_tools(args) -> None:
     from arrakis_ray.tools import TOOLS
 
@@ -310,7 +334,36 @@ def _cmd_demo(args) -> None:
     print(f"store:  {store_path(args.store)}")
     print(f"run:    {run_dir}")
     print(f"report: {report.html}")
+    _demo_bench(args.store)
+    from arrakis_ray.reports.site import build_site
+    from arrakis_ray.store.location import is_remote
+
+    # the site is opened in a browser: beside the store, or here for an object store
+    root = store_path(args.store)
+    site = build_site(args.store, Path("site") if is_remote(root) else root / "site")
+    print(f"site:   {site.index}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
+
+
+def _demo_bench(store: str) -> None:
+    """The Arrakis walkthrough (pipelines/coming_from_arrakis.py) into the demo's store,
+    so the site and SQL show experiments; its own printing is kept out of the console."""
+    import contextlib
+    import io
+    import runpy
+
+    from arrakis_ray.resources import data_dir
+
+    script = data_dir("pipelines") / "coming_from_arrakis.py"
+    argv = sys.argv
+    sys.argv = [str(script), str(store)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    print(f"bench:  the Arrakis walkthrough ({script.name}) recorded its experiments:")
+    print(f'  arrakis-ray sql {store} "SELECT name, version, kind, n_calls FROM experiments"')
 
 
 def _run_pipeline(pipeline: Path, store: str):

@@ -1,9 +1,17 @@
-"""Self-contained HTML reports (plus one PNG per chart) from Altair charts.
+"""Offline HTML pages (plus one PNG per chart) from Altair charts.
 
-A report is one ``report.html`` that works offline: the Vega, Vega-Lite and
-Vega-Embed JavaScript is inlined (from ``vl_convert.javascript_bundle``), every chart's
-spec is embedded as JSON, and the page loads nothing from the network. The page
-records whether each chart rendered, so a headless browser can check it
+Two kinds of page share one renderer:
+
+- a report (:func:`write_report`): one ``report.html`` that works offline on its own:
+  the Vega, Vega-Lite and Vega-Embed JavaScript is inlined (from
+  ``vl_convert.javascript_bundle``), so the file can be mailed or opened anywhere;
+- a page of a site (:func:`write_page`): the same markup, but the ~1 MB bundle is one
+  file of the site (:func:`write_bundle`, ``assets/vega-bundle.js``) that every page
+  loads by a relative URL, so a site of a hundred pages stays small and still needs no
+  network.
+
+Every chart's spec is embedded as JSON and the page loads nothing from the network. The
+page records whether each chart rendered, so a headless browser can check it
 (:func:`arrakis_ray.reports.browser.render_in_browser`):
 
 - each chart container (``div.arrakis-chart``) gets ``data-status="rendered"`` once
@@ -29,15 +37,26 @@ from typing import TYPE_CHECKING, Any
 
 from arrakis_ray.errors import ReportError
 from arrakis_ray.reports.browser import RenderResult, render_in_browser
+from arrakis_ray.reports.page_assets import EMBED_JS, ERROR_HOOK_JS, PAGE_CSS
 
 if TYPE_CHECKING:
     import altair as alt
 
-__all__ = ["ReportPaths", "RenderResult", "render_in_browser", "write_report"]
+__all__ = [
+    "ChartBlock",
+    "ChartRow",
+    "ReportPaths",
+    "RenderResult",
+    "render_in_browser",
+    "write_bundle",
+    "write_page",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 
 PNG_SCALE = 2  # PNG pixels per chart pixel: sharp on high-density screens and in slides
+BUNDLE_FILE = "vega-bundle.js"  # the name write_bundle gives the site's shared script
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,41 @@ class ReportPaths:
 
     html: Path
     pngs: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChartBlock:
+    """A section of a page holding one chart."""
+
+    heading: str
+    chart: Any
+    """An Altair chart, or a Vega-Lite spec as a dict (a saved ``.vl.json``)."""
+    before_html: str = ""
+    """Trusted HTML between the heading and the chart (escape store text first)."""
+    after_html: str = ""
+    """Trusted HTML under the chart."""
+
+
+@dataclass(frozen=True)
+class ChartRow:
+    """Charts side by side under one heading: the same chart for several runs."""
+
+    heading: str
+    charts: tuple[ChartBlock, ...]
+    """Each one's heading is its caption."""
+    before_html: str = ""
+
+
+Block = str | ChartBlock | ChartRow  # a str is trusted HTML, inserted as-is
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    """A chart ready for the page: its caption, unique slug and JSON-safe spec."""
+
+    heading: str
+    slug: str
+    spec: dict[str, Any]
 
 
 def write_report(
@@ -60,40 +114,82 @@ def write_report(
 
     ``charts`` is a sequence of ``(heading, chart)``; the heading becomes the
     section's ``<h2>`` and, slugified, the PNG's file name (``<slug>.png``).
-    ``intro_html`` is inserted as-is under the page title (trusted HTML).
+    ``intro_html`` is inserted as-is under the page title (trusted HTML). The page
+    inlines the Vega bundle: it is one file that works offline on its own.
     """
     import vl_convert as vlc
 
     vl_version = _vegalite_version()
-    slugs: list[str] = []
-    specs: list[dict[str, Any]] = []
-    for i, (heading, chart) in enumerate(charts):
-        slugs.append(_slugify(heading, fallback=f"chart-{i + 1}", taken=slugs))
-        specs.append(_chart_spec(chart, heading))
+    blocks: list[Block] = [intro_html, *(ChartBlock(h, c) for h, c in charts)]
+    embedded = _embed_all(blocks)  # converted before anything is written
     out_dir = Path(out_dir)  # created only once every chart converted: bad input writes nothing
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    page = _render_page(
-        title=title,
-        intro_html=intro_html,
-        sections=[(h, s, spec) for (h, _), s, spec in zip(charts, slugs, specs, strict=True)],
-        bundle=_javascript_bundle(vl_version),
-    )
+    page = _render_page(title, blocks, embedded, _inline_bundle(vl_version))
     html_path = out_dir / "report.html"
     _write_atomic(html_path, page.encode("utf-8"))
 
     pngs: list[Path] = []
     if png:
-        for (heading, _), slug, spec in zip(charts, slugs, specs, strict=True):
+        for chart in (e for item in embedded for e in item):
             try:
-                data = vlc.vegalite_to_png(spec, vl_version=vl_version, scale=PNG_SCALE)
+                data = vlc.vegalite_to_png(chart.spec, vl_version=vl_version, scale=PNG_SCALE)
             except Exception as exc:  # vl-convert raises plain ValueError/RuntimeError
-                raise ReportError(f"PNG export of chart {heading!r} failed: {exc}") from exc
-            path = out_dir / f"{slug}.png"
+                raise ReportError(f"PNG export of chart {chart.heading!r} failed: {exc}") from exc
+            path = out_dir / f"{chart.slug}.png"
             _write_atomic(path, data)
             pngs.append(path)
-    log.info("wrote report %s (%d charts, %d PNGs)", html_path, len(specs), len(pngs))
+    log.info("wrote report %s (%d charts, %d PNGs)", html_path, len(charts), len(pngs))
     return ReportPaths(html=html_path, pngs=pngs)
+
+
+def write_page(path: Path, *, title: str, blocks: Sequence[Block], bundle_src: str) -> Path:
+    """Write one page of a site to ``path``: ``blocks`` in order, charts drawn by the
+    script at ``bundle_src`` (a URL relative to the page, written by :func:`write_bundle`).
+
+    A page without charts loads no script but the error recorder.
+    """
+    embedded = _embed_all(blocks)
+    has_charts = any(embedded)
+    script = f'<script src="{html.escape(bundle_src)}"></script>' if has_charts else ""
+    page = _render_page(title, blocks, embedded, script)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, page.encode("utf-8"))
+    return path
+
+
+def write_bundle(path: Path) -> Path:
+    """Write Vega + Vega-Lite + Vega-Embed as one script file (~1 MB), the one copy that
+    every page of a site loads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, _javascript_bundle(_vegalite_version()).encode("utf-8"))
+    return path
+
+
+def _embed_all(blocks: Sequence[Block]) -> list[list[_Embedded]]:
+    """Per block, its charts as specs with page-unique slugs ([] for HTML blocks)."""
+    slugs: list[str] = []
+    embedded: list[list[_Embedded]] = []
+    for block in blocks:
+        if isinstance(block, str):
+            embedded.append([])
+            continue
+        if isinstance(block, ChartBlock):
+            items = [(block.heading, block.chart)]
+        elif isinstance(block, ChartRow):
+            items = [(f"{block.heading}: {c.heading}", c.chart) for c in block.charts]
+        else:
+            raise ReportError(
+                f"page block: expected HTML, a ChartBlock or a ChartRow, got {block!r}"
+            )
+        charts = []
+        for heading, chart in items:
+            slug = _slugify(heading, fallback=f"chart-{len(slugs) + 1}", taken=slugs)
+            slugs.append(slug)
+            charts.append(_Embedded(heading, slug, _chart_spec(chart, heading)))
+        embedded.append(charts)
+    return embedded
 
 
 def _vegalite_version() -> str | None:
@@ -118,15 +214,22 @@ def _javascript_bundle(vl_version: str | None) -> str:
     """Vega + Vega-Lite + Vega-Embed as one script (~0.9 MB, ~1.5 s to build, so cached)."""
     import vl_convert as vlc
 
-    bundle = vlc.javascript_bundle(vl_version=vl_version)
+    return vlc.javascript_bundle(vl_version=vl_version)
+
+
+def _inline_bundle(vl_version: str | None) -> str:
+    """The bundle as an inline <script> element."""
     # A literal "</script" would end the inline <script> element early.
-    return re.sub(r"</(script)", r"<\\/\1", bundle, flags=re.IGNORECASE)
+    bundle = re.sub(r"</(script)", r"<\\/\1", _javascript_bundle(vl_version), flags=re.IGNORECASE)
+    return f"<script>{bundle}</script>"
 
 
-def _chart_spec(chart: alt.TopLevelMixin, heading: str) -> dict[str, Any]:
+def _chart_spec(chart: Any, heading: str) -> dict[str, Any]:
     """The chart's Vega-Lite spec with its data inlined, JSON-safe."""
     import altair as alt
 
+    if isinstance(chart, dict):  # a spec saved earlier (an experiment's .vl.json)
+        return _json_safe(chart)
     if not isinstance(chart, alt.TopLevelMixin):
         raise ReportError(
             f"chart {heading!r}: expected an Altair chart, got {type(chart).__name__}"
@@ -174,86 +277,19 @@ def _json_for_script(spec: dict[str, Any]) -> str:
     return json.dumps(spec, allow_nan=False, separators=(",", ":")).replace("<", "\\u003c")
 
 
-# Installed before the Vega bundle so that errors while loading it are recorded too.
-_ERROR_HOOK_JS = """
-(function () {
-  var box = document.getElementById("arrakis-errors");
-  window.arrakisRecordError = function (msg) {
-    var item = document.createElement("li");
-    item.textContent = String(msg);
-    box.appendChild(item);
-  };
-  window.addEventListener("error", function (e) {
-    window.arrakisRecordError("error: " + (e.message || e.type));
-  });
-  window.addEventListener("unhandledrejection", function (e) {
-    var r = e.reason;
-    window.arrakisRecordError("unhandled rejection: " + (r && r.message ? r.message : r));
-  });
-})();
-"""
-
-# Embeds every chart with the SVG renderer and records the outcome on its container.
-_EMBED_JS = """
-(function () {
-  function message(err) { return err && err.message ? err.message : String(err); }
-  // Vega reports some failures (bad expressions, data errors) through its logger only.
-  function logger(el) {
-    var level = 2;  // vega.Warn
-    return {
-      level: function (l) { if (l === undefined) { return level; } level = l; return this; },
-      error: function () {
-        var text = Array.prototype.map.call(arguments, message).join(" ");
-        window.arrakisRecordError(el.id + ": " + text);
-        return this;
-      },
-      warn: function () {
-        var text = Array.prototype.map.call(arguments, message).join(" ");
-        var prev = el.getAttribute("data-warnings");
-        el.setAttribute("data-warnings", prev ? prev + "\\n" + text : text);
-        return this;
-      },
-      info: function () { return this; },
-      debug: function () { return this; }
-    };
-  }
-  var charts = document.querySelectorAll("div.arrakis-chart");
-  if (typeof window.vegaEmbed !== "function") {
-    charts.forEach(function (el) { el.setAttribute("data-status", "error: vegaEmbed missing"); });
-    window.arrakisRecordError("vegaEmbed is not defined: the inline bundle did not load");
-    return;
-  }
-  charts.forEach(function (el) {
-    var spec;
-    try {
-      spec = JSON.parse(document.getElementById(el.getAttribute("data-spec")).textContent);
-    } catch (err) {
-      el.setAttribute("data-status", "error: " + message(err));
-      return;
-    }
-    window.vegaEmbed(el, spec, { renderer: "svg", actions: false, logger: logger(el) })
-      .then(function () { el.setAttribute("data-status", "rendered"); })
-      .catch(function (err) { el.setAttribute("data-status", "error: " + message(err)); });
-  });
-})();
-"""
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }
-section { margin: 2.5rem 0; }
-.arrakis-chart { overflow-x: auto; }
-#arrakis-errors { display: none; }
-"""
+def _chart_html(chart: _Embedded) -> list[str]:
+    return [
+        f'<div class="arrakis-chart" id="chart-{chart.slug}" data-spec="spec-{chart.slug}"'
+        ' data-status="pending"></div>',
+        f'<script type="application/json" id="spec-{chart.slug}">'
+        f"{_json_for_script(chart.spec)}</script>",
+    ]
 
 
 def _render_page(
-    *,
-    title: str,
-    intro_html: str,
-    sections: list[tuple[str, str, dict[str, Any]]],
-    bundle: str,
+    title: str, blocks: Sequence[Block], embedded: list[list[_Embedded]], bundle_html: str
 ) -> str:
-    """The full HTML document."""
+    """The full HTML document; ``bundle_html`` is the element that loads Vega."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -261,25 +297,48 @@ def _render_page(
         '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>",
-        f"<style>{_CSS}</style>",
+        f"<style>{PAGE_CSS}</style>",
         "</head>",
         "<body>",
         '<ul id="arrakis-errors" hidden></ul>',
-        f"<script>{_ERROR_HOOK_JS}</script>",
-        f"<script>{bundle}</script>",
+        f"<script>{ERROR_HOOK_JS}</script>",
+        bundle_html,
         f"<h1>{html.escape(title)}</h1>",
-        intro_html,
     ]
-    for heading, slug, spec in sections:
-        parts += [
-            f'<section id="{slug}">',
-            f"<h2>{html.escape(heading)}</h2>",
-            f'<div class="arrakis-chart" id="chart-{slug}" data-spec="spec-{slug}"'
-            ' data-status="pending"></div>',
-            f'<script type="application/json" id="spec-{slug}">{_json_for_script(spec)}</script>',
-            "</section>",
-        ]
-    parts += [f"<script>{_EMBED_JS}</script>", "</body>", "</html>", ""]
+    for block, charts in zip(blocks, embedded, strict=True):
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, ChartBlock):
+            (chart,) = charts
+            parts += [
+                f'<section id="{chart.slug}">',
+                f"<h2>{html.escape(block.heading)}</h2>",
+                block.before_html,
+                *_chart_html(chart),
+                block.after_html,
+                "</section>",
+            ]
+        else:
+            row_id = _slugify(block.heading, fallback="row", taken=[])
+            parts += [
+                f'<section id="row-{row_id}">',
+                f"<h2>{html.escape(block.heading)}</h2>",
+                block.before_html,
+                '<div class="arrakis-row">',
+            ]
+            for child, chart in zip(block.charts, charts, strict=True):
+                parts += [
+                    "<figure>",
+                    f"<figcaption>{html.escape(child.heading)}</figcaption>",
+                    child.before_html,
+                    *_chart_html(chart),
+                    child.after_html,
+                    "</figure>",
+                ]
+            parts += ["</div>", "</section>"]
+    if any(embedded):
+        parts.append(f"<script>{EMBED_JS}</script>")
+    parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
 
 

@@ -3,10 +3,13 @@
 Charts are built from SQL results only, so what a report shows is what anyone can
 query with ``arrakis-ray sql``. The queries are kept here, in plain sight. A section
 appears when its tool's results exist in the run; the logit lens is required.
+The site (``reports/site.py``) draws its run and tool pages from the same sections
+(``report_sections``, ``report_charts``), so both show the same charts from the same SQL.
 """
 
 from __future__ import annotations
 
+import html
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +127,103 @@ def _sections() -> list[Section]:
 
 
 @dataclass(frozen=True)
+class ReportChart:
+    """One chart of a run's report, with the SQL that produced its data."""
+
+    section: Section
+    title: str
+    sql: str
+    """The query as run: the section's SQL for this run (and sequence)."""
+    chart: object  # an Altair chart
+
+    @property
+    def view(self) -> str:
+        return self.section.view
+
+
+def _lens_heatmap(df):
+    from arrakis_ray.reports.charts import logit_lens_heatmap
+
+    first = df.filter(df["layer"] == df["layer"].min())
+    text = " ".join(first["token_text"])
+    return logit_lens_heatmap(df, title=f"P(actual next token) by layer and position: {text[:80]}")
+
+
+def _lens_by_layer(df):
+    import polars as pl
+
+    from arrakis_ray.reports.charts import layer_line_chart
+
+    long = df.unpivot(index="layer", variable_name="measure", value_name="value").with_columns(
+        pl.col("value").cast(pl.Float64)
+    )
+    return layer_line_chart(
+        long,
+        x="layer",
+        y="value",
+        color="measure",
+        title="Mean probability of the actual next token, and top-1 accuracy",
+    )
+
+
+LENS_SECTIONS = (
+    Section(
+        "results_logit_lens", "Logit lens, sequence {seq_id}", LENS_FOR_SEQUENCE, _lens_heatmap
+    ),
+    Section(
+        "results_logit_lens",
+        "What each layer knows, over the whole run",
+        LENS_BY_LAYER,
+        _lens_by_layer,
+    ),
+)
+
+
+def report_sections() -> list[Section]:
+    """Every section a report may hold, in page order: the logit lens first."""
+    return [*LENS_SECTIONS, *_sections()]
+
+
+def first_sequence(db, run_id: str) -> int | None:
+    """The run's first sequence with logit-lens results (the heatmap's default)."""
+    if "results_logit_lens" not in db.views():
+        return None
+    first = db.sql(f"SELECT min(seq_id) AS s FROM results_logit_lens WHERE run_id = '{run_id}'")
+    value = first["s"][0]
+    return None if value is None else int(value)
+
+
+def report_charts(
+    db, run_id: str, seq_id: int | None, sections: list[Section] | None = None
+) -> list[ReportChart]:
+    """The charts of ``sections`` (default: all) whose views the store has and whose
+    query returns rows for the run, each with its SQL (``db``: an open Store)."""
+    views = set(db.views())
+    charts = []
+    for section in report_sections() if sections is None else sections:
+        if not {section.view, *section.needs} <= views:
+            continue
+        if seq_id is None and "{seq_id}" in section.sql:
+            continue  # a per-sequence chart of a run without logit-lens results
+        sql = section.sql.format(view=section.view, run_id=run_id, seq_id=seq_id)
+        frame = db.sql(sql)
+        if not frame.is_empty():
+            title = section.title.format(seq_id=seq_id)
+            charts.append(ReportChart(section, title, sql.strip(), section.chart(frame)))
+    return charts
+
+
+def report_intro(run_id: str) -> str:
+    """The report's opening paragraph (HTML): what the charts are and how to read them."""
+    return (
+        f"<p>Run <code>{html.escape(run_id)}</code>. Every chart is drawn from a SQL query "
+        "over the store (<code>arrakis-ray sql</code>). The logit lens reads the residual "
+        "stream after each layer through the final norm and unembedding. Colour: "
+        "probability of the token that actually comes next. Text: the layer's top-1 guess.</p>"
+    )
+
+
+@dataclass(frozen=True)
 class RunReport:
     """Paths of a written report."""
 
@@ -141,9 +241,6 @@ def build_report(
     png: bool = True,
 ) -> RunReport:
     """Write ``report.html`` (+ PNGs) for a run that has logit-lens results."""
-    import polars as pl
-
-    from arrakis_ray.reports.charts import layer_line_chart, logit_lens_heatmap
     from arrakis_ray.reports.html import write_report
     from arrakis_ray.store.catalog import Store
 
@@ -155,76 +252,40 @@ def build_report(
         remote = is_remote(layout.root)
         out_dir = Path(f"report-{run_id}") if remote else layout.root / "report"
     out_dir = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     with Store(layout.store_root) as db:
-        views = set(db.views())
-        if "results_logit_lens" not in views:
+        if seq_id is None:
+            seq_id = first_sequence(db, run_id)
+        if seq_id is None:
             raise ToolError(
                 f"run {run_id} has no logit-lens results: run "
                 f"'arrakis-ray analyze {layout.root} --tool logit_lens' first"
             )
-        if seq_id is None:
-            first = db.sql(
-                f"SELECT min(seq_id) AS s FROM results_logit_lens WHERE run_id = '{run_id}'"
-            )
-            seq_id = int(first["s"][0])
-        lens = db.sql(LENS_FOR_SEQUENCE.format(run_id=run_id, seq_id=int(seq_id)))
-        if lens.is_empty():
-            raise ToolError(f"run {run_id} has no sequence {seq_id}")
-        by_layer = (
-            db.sql(LENS_BY_LAYER.format(run_id=run_id))
-            .unpivot(index="layer", variable_name="measure", value_name="value")
-            .with_columns(pl.col("value").cast(pl.Float64))
-        )
-        text = " ".join(lens.filter(pl.col("layer") == lens["layer"].min())["token_text"])
-        charts = [
-            (
-                f"Logit lens, sequence {seq_id}",
-                logit_lens_heatmap(
-                    lens, title=f"P(actual next token) by layer and position: {text[:80]}"
-                ),
-            ),
-            (
-                "What each layer knows, over the whole run",
-                layer_line_chart(
-                    by_layer,
-                    x="layer",
-                    y="value",
-                    color="measure",
-                    title="Mean probability of the actual next token, and top-1 accuracy",
-                ),
-            ),
-        ]
-        for section in _sections():
-            if not {section.view, *section.needs} <= views:
-                continue
-            frame = db.sql(section.sql.format(view=section.view, run_id=run_id, seq_id=seq_id))
-            if not frame.is_empty():
-                charts.append((section.title, section.chart(frame)))
-    intro = (
-        f"<p>Run <code>{run_id}</code>. Every chart is drawn from a SQL query over the "
-        "store (<code>arrakis-ray sql</code>). The logit lens reads the residual stream "
-        "after each layer through the final norm and unembedding. Colour: probability of "
-        "the token that actually comes next. Text: the layer's top-1 guess.</p>"
-    )
+        charts = report_charts(db, run_id, int(seq_id))
+    if not charts or charts[0].section is not LENS_SECTIONS[0]:
+        raise ToolError(f"run {run_id} has no sequence {seq_id}")
     try:
         paths = write_report(
-            charts, out_dir, title=f"arrakis-ray report: {run_id}", intro_html=intro, png=png
+            [(c.title, c.chart) for c in charts],
+            out_dir,
+            title=f"arrakis-ray report: {run_id}",
+            intro_html=report_intro(run_id),
+            png=png,
         )
-    except OSError as e:  # what _check_out_dir cannot foresee: /proc, a full disk
+    except OSError as e:  # what check_out_dir cannot foresee: /proc, a full disk
         where = Path(e.filename) if e.filename else out_dir
         raise ReportError(f"cannot write the report to {where}: {os_reason(where, e)}") from None
     return RunReport(paths.html, list(paths.pngs), int(seq_id))
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def check_out_dir(out_dir: Path, what: str = "report") -> None:
     """ReportError, before any query runs, if the report cannot go to ``out_dir``: it or
     the nearest existing directory above it is a file, or that directory is read-only.
     Nothing is created here: a report that fails later leaves no empty directory."""
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
     if not existing.is_dir():
         raise ReportError(
-            f"cannot write the report to {out_dir}: {existing} is a file, not a directory"
+            f"cannot write the {what} to {out_dir}: {existing} is a file, not a directory"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ReportError(f"cannot write the report to {out_dir}: {existing} is not writable")
+        raise ReportError(f"cannot write the {what} to {out_dir}: {existing} is not writable")
