@@ -17,7 +17,7 @@ the report site all see it:
 - ``@exp.plot_results(PlotSpec(...), input_ids=...)``: the function receives ``fig``,
   an Altair chart of the model's activations, saved with the version.
 - ``exp.map(fn, grid)``: a function over a parameter grid as Ray tasks, each call
-  recorded.
+  recorded (``bench/fanout.py``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from arrakis_ray.bench import calls, records, versions
-from arrakis_ray.errors import ArrakisError, DataError, RemoteTaskError, ToolError
+from arrakis_ray.errors import DataError, ToolError
 
 
 class BaseInterpretabilityBench:
@@ -47,6 +46,7 @@ class BaseInterpretabilityBench:
         self.tools: dict[str, Any] = builtin_tools(model, self.store)
         self.last_profile = None
         """The module table of the last ``@profile_model`` call (a Polars frame)."""
+        self._fingerprints = versions.Fingerprints()
 
     # -- recording ------------------------------------------------------------------
 
@@ -62,7 +62,7 @@ class BaseInterpretabilityBench:
         arguments = versions.canonical(bound, f"experiment {name}:")
         model_print = arch = None
         if _is_hooked(self.model):
-            model_print, arch = versions.fingerprint(self.model), self.model.arch
+            model_print, arch = self._fingerprints(self.model), self.model.arch
         version = versions.version_of(name, raw[1], arguments, model_print)
         return calls.CallSpec(name, kind, raw[0], arguments, version, model_print, arch)
 
@@ -84,12 +84,19 @@ class BaseInterpretabilityBench:
 
     def _decorate(self, func, kind, finish=calls.plain_outcome, extra=None):
         name = records.check_name(func.__name__)
+        if not getattr(func, "__bench_source__", None):
+            # read here, in the process that defined it: a Ray worker of ``map`` may not
+            # see the file
+            func.__bench_source__ = versions.source_of(func)
 
         @functools.wraps(func)
         def logged(*args, **kwargs):
             return self._call(func, name, kind, args, kwargs, finish, extra)
 
-        logged.__bench_logged__ = (func, name, kind)
+        logged.__bench_records__ = True  # a use_tools wrapper around it keeps the mark
+        logged.__bench_spec__ = functools.partial(
+            self._spec, func, name, kind, extra=extra
+        )  # for map: every grid point's arguments checked before any task starts
         return logged
 
     # -- the original's API ------------------------------------------------------------
@@ -108,9 +115,10 @@ class BaseInterpretabilityBench:
 
     def get_version(self, experiment_name: str, version_hash: str) -> dict | None:
         """One version: ``source``, ``arguments``, ``model_fingerprint``, its ``calls``
-        (oldest first) and the last successful call's ``result`` (JSON values as Python
+        (oldest first), the last successful call's ``result`` (JSON values as Python
         values, a table as a Polars frame, an array as numpy, a chart as its Vega-Lite
-        dict). A unique prefix of the version is enough; None if there is no such one."""
+        dict) and ``profile`` (``@profile_model``'s module table). A unique prefix of
+        the version is enough; None if there is no such one."""
         found = self._query(
             "SELECT * FROM experiments WHERE name = ? AND starts_with(version, ?)",
             [experiment_name, version_hash],
@@ -137,7 +145,15 @@ class BaseInterpretabilityBench:
             "model_arch": version["model_arch"],
             "calls": call_rows,
             "result": self._result(ok[-1]) if ok else None,
+            "profile": self._profile(ok[-1]) if ok else None,
         }
+
+    def _profile(self, call: Mapping[str, Any]):
+        import polars as pl
+
+        if not call.get("profile_file"):
+            return None
+        return pl.from_arrow(records.read_table(self.store, call["profile_file"]))
 
     def _result(self, call: Mapping[str, Any]) -> Any:
         import json
@@ -209,6 +225,11 @@ class BaseInterpretabilityBench:
           bytes per token, seconds per forward): a Polars frame, recorded as a call.
         """
         if func is None and granularity is not None:
+            if options:
+                raise ToolError(
+                    f"profile_model: granularity is for the decorator, {', '.join(options)} "
+                    "for the method (exp.profile_model(input_ids=...)): not both"
+                )
             return lambda f: self._profiled(f, granularity)
         if func is not None:
             return self._profiled(func, granularity or "component")
@@ -275,8 +296,9 @@ class BaseInterpretabilityBench:
 
     def plot_results(self, *plots, input_ids, **kwargs) -> Callable:
         """Run the model on ``input_ids`` and build each ``PlotSpec``'s chart; the
-        function gets ``fig`` (one chart, or several stacked) and its return value is
-        recorded; the chart it returns (else ``fig``) is saved with the version."""
+        function gets ``fig`` (one chart, or several stacked) and ``kwargs``. Its return
+        value is returned and recorded; the chart it returns (else ``fig``) is saved
+        with the call (``chart_file``)."""
         from arrakis_ray.bench.plots import PlotSpec, build_chart
 
         if not plots or not all(isinstance(p, PlotSpec) for p in plots):
@@ -288,71 +310,45 @@ class BaseInterpretabilityBench:
 
                 charts = [build_chart(self.model, spec, input_ids) for spec in plots]
                 fig = charts[0] if len(charts) == 1 else alt.vconcat(*charts)
-                returned = func(*args, fig=fig, **kw, **kwargs)
-                return returned if type(returned).__module__.startswith("altair") else fig
+                return func(*args, fig=fig, **kw, **kwargs), fig
+
+            def finish(plotted):
+                returned, fig = plotted
+                outcome = calls.plain_outcome(returned)
+                if "chart.vl.json" not in outcome.artifacts:  # it returned something else
+                    outcome.artifacts["chart.vl.json"] = fig.to_json(indent=None).encode()
+                return outcome
 
             functools.update_wrapper(with_figure, func)
             with_figure.__bench_source__ = versions.source_of(func)
             with_figure.__bench_injected__ = ("fig",)
             specs = [dict(vars(p)) for p in plots]
-            extra = {"plots": specs, "input_ids": input_ids}
-            return self._decorate(with_figure, "plot", extra=extra)
+            # the decorator's keyword arguments go to the function: they are its arguments
+            extra = {"plots": specs, "input_ids": input_ids, **kwargs}
+            return self._decorate(with_figure, "plot", finish, extra=extra)
 
         return decorator
 
     def map(
         self, fn: Callable, grid: Mapping[str, Iterable] | Iterable[Mapping], *, num_cpus: float = 1
     ):
-        """Call ``fn`` once per point of ``grid`` as Ray tasks; each call is recorded.
+        """Call ``fn`` once per point of ``grid`` as Ray tasks; each call is recorded as a
+        direct call would be (a hypothesis test, a plot, a profile included).
 
+        ``fn`` is a bench-decorated function (a plain one is logged as an experiment).
         ``grid``: a dict of parameter -> values (every combination, in order) or a list
-        of keyword dicts. Returns the results in grid order. Calls that fail are
-        recorded; one error naming how many failed is raised after all have run.
+        of keyword dicts. Every point's arguments are checked here, before any task
+        starts. Returns the results in grid order. Calls that fail are recorded; one
+        error naming how many failed is raised after all have run.
         """
-        import ray
+        from arrakis_ray.bench.fanout import grid_points, run_points
 
-        from arrakis_ray.ray_session import ensure_ray, ray_errors
-
-        func, name, kind = getattr(fn, "__bench_logged__", (fn, fn.__name__, "experiment"))
-        records.check_name(name)
-        points = _grid_points(grid)
-        source = getattr(func, "__bench_source__", None) or versions.source_of(func)
-        ensure_ray()
-        bench = ray.put(self)
-        task = ray.remote(num_cpus=num_cpus)(_run_point)
-        refs = [task.remote(bench, func, name, kind, source, point) for point in points]
-        results, failed = [], []
-        for point, ref in zip(points, refs, strict=True):
-            try:
-                with ray_errors(f"experiment {name}"):
-                    results.append(ray.get(ref))
-            except ArrakisError as e:
-                results.append(None)
-                failed.append((point, e))
-        if failed:
-            point, error = failed[0]
-            raise RemoteTaskError(
-                f"{len(failed)} of {len(points)} calls of {name} failed (each is recorded); "
-                f"first, at {point}: {error}"
-            )
-        return results
-
-
-def _run_point(bench: BaseInterpretabilityBench, func, name, kind, source, point):
-    """One grid point, in a Ray worker: the same recording as a direct call."""
-    func.__bench_source__ = source  # found in the driver: a worker may not see the file
-    return bench._call(func, name, kind, (), dict(point))
-
-
-def _grid_points(grid) -> list[dict[str, Any]]:
-    if isinstance(grid, Mapping):
-        keys = list(grid)
-        values = [list(grid[k]) if not isinstance(grid[k], str) else [grid[k]] for k in keys]
-        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
-    points = [dict(p) for p in grid]
-    if not points:
-        raise DataError("map: the grid is empty")
-    return points
+        if not getattr(fn, "__bench_records__", False):
+            fn = self.log_experiment(fn)
+        points = grid_points(grid)
+        for point in points:
+            fn.__bench_spec__((), point)  # DataError / TypeError naming the argument
+        return run_points(fn, points, num_cpus)
 
 
 def _by_granularity(table, granularity: str):

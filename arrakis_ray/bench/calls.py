@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import platform
 import secrets
@@ -26,6 +27,9 @@ from functools import cache
 from typing import Any
 
 from arrakis_ray.bench import records, versions
+from arrakis_ray.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 MAX_STDOUT = 1 << 20  # characters of printed output kept in the record
 
@@ -51,7 +55,9 @@ class Outcome:
     row: dict[str, Any] = field(default_factory=dict)
     hypothesis: dict[str, Any] | None = None
     artifacts: dict[str, Any] = field(default_factory=dict)
-    """file name -> Arrow table (written as Parquet) or bytes."""
+    """file name -> Arrow table (written as Parquet) or bytes: ``result.parquet``,
+    ``chart.vl.json`` or ``profile.parquet``, named in the row's ``result_file``,
+    ``chart_file`` or ``profile_file``."""
 
 
 def new_call_id(now: datetime) -> str:
@@ -126,7 +132,7 @@ def record_call(
         "kind": spec.kind,
         "started_at": started.replace(tzinfo=None),
         "wall_s": wall,
-        "status": "ok" if error is None else "error",
+        "status": "ok",
         "source": spec.source,
         "arguments": spec.arguments,
         "model_fingerprint": spec.model_fingerprint,
@@ -137,26 +143,30 @@ def record_call(
         "pid": os.getpid(),
         "packages": packages(),
     }
+    if error is None:
+        row.update(outcome.row)
+        try:
+            _write_artifacts(files, outcome.artifacts, row)
+        except Exception as e:  # noqa: BLE001 - the call ran: its record still goes in
+            error = StoreError(f"the result of {spec.name} could not be stored: {e}")
+            row.update(result_kind="none", result_json=None, result_file=None, chart_file=None)
+            row["profile_file"] = None
     if error is not None:
         first = (str(error).strip().splitlines() or [""])[0]
+        row["status"] = "error"
         row["error"] = f"{type(error).__name__}: {first}".rstrip(": ")
         row["traceback"] = "".join(traceback.format_exception(error))
-    else:
-        row.update(outcome.row)
-        for file_name, content in outcome.artifacts.items():
-            path, relative = files.artifact(file_name)
-            if isinstance(content, bytes):
-                records.write_bytes(path, content)
-            else:
-                records.write_table(path, content)
-            if file_name.startswith("result"):
-                row["result_file"] = relative
-            elif file_name.startswith("chart"):
-                row["chart_file"] = relative
     used = list(dict.fromkeys(runs_read()))
     row["run_id"] = used[0] if used else None
     row["run_ids"] = used or None
-    records.write_row(files.call, row, records.call_schema())
+    try:
+        records.write_row(files.call, row, records.call_schema())
+    except Exception:
+        if error is None:
+            raise
+        # the function's own exception matters more than its record's
+        log.exception("could not record the failed call %s of %s", call_id, spec.name)
+        raise error from None
     if error is None and outcome.hypothesis is not None:
         hypothesis = {
             "name": spec.name,
@@ -169,6 +179,20 @@ def record_call(
     if error is not None:
         raise error
     return outcome.returned
+
+
+def _write_artifacts(files: records.ExperimentFiles, artifacts: dict, row: dict) -> None:
+    """Write the call's artifact files; the row names each by its column."""
+    for file_name, content in artifacts.items():
+        path, relative = files.artifact(file_name)
+        if isinstance(content, bytes):
+            records.write_bytes(path, content)
+        else:
+            records.write_table(path, content)
+        column = file_name.partition(".")[0].rstrip("0123456789-") + "_file"
+        if column not in ("result_file", "chart_file", "profile_file"):
+            raise ValueError(f"artifact {file_name!r} has no column")
+        row[column] = relative
 
 
 def plain_outcome(result: Any) -> Outcome:

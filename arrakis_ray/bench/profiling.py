@@ -269,7 +269,7 @@ def profile_forward(
     (``(batch, pos)`` or ``(pos,)``), when given, sets ``batch_size`` and ``seq_len``
     from its shape: the tool times random tokens of that shape, as a forward's time does
     not depend on which tokens it reads. ``run_id`` fills the table's ``run_id`` column
-    (the bench puts the experiment there).
+    (``"bench"``: the model profiled is the bench's, not a stored run's).
     """
     import polars as pl
     import pyarrow as pa

@@ -6,6 +6,10 @@ Layout (under the store root, beside ``runs/``)::
     experiments/hypotheses/<name>/<call_id>.parquet   one row: schemas/hypothesis.v1.json
     experiments/artifacts/<name>/<call_id>/...        result.parquet, chart.vl.json, profile.parquet
 
+Every store opened for SQL reads the footer of every record file (about a millisecond
+each): a store of many thousands of calls would want them compacted, which is not done
+yet.
+
 Why one file per call: every call is a new name (its UTC start time and random hex), so
 two processes logging at once never write the same file, and nothing is ever read,
 changed and written back. Each file appears whole (``store/atomic.py``: rename on a
@@ -18,8 +22,8 @@ the bench's own small one for ``list_versions``):
 
 - ``experiment_calls``: the call rows;
 - ``experiments``: one row per (name, version): its source, arguments and model, first
-  and last call, number of calls that succeeded and failed, the last call's status,
-  result and chart;
+  and last call, number of calls that succeeded and failed, the last call's status, and
+  the last successful call's result and chart;
 - ``hypotheses``: the hypothesis rows.
 
 The file lists are read when the views are built: calls logged later are seen by a
@@ -29,6 +33,7 @@ connection opened later.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +45,13 @@ from arrakis_ray.errors import StoreError
 from arrakis_ray.store.atomic import atomic_path
 from arrakis_ray.store.location import StorePath, is_remote
 
+log = logging.getLogger(__name__)
+
 EXPERIMENTS_DIR = "experiments"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 
-# a (name, version)'s last call gives its status, result and chart
+# a (name, version)'s last call gives its status; its last successful call its result
+# and chart (arg_max skips nulls: without the filter they could come from another call)
 EXPERIMENTS_SQL = """
 SELECT name, version,
        arg_min(kind, started_at) AS kind,
@@ -57,8 +65,8 @@ SELECT name, version,
        count(*) FILTER (WHERE status = 'ok') AS n_ok,
        count(*) FILTER (WHERE status = 'error') AS n_error,
        arg_max(status, started_at) AS last_status,
-       arg_max(result_json, started_at) AS last_result_json,
-       arg_max(chart_file, started_at) AS last_chart_file
+       arg_max(result_json, started_at) FILTER (WHERE status = 'ok') AS last_ok_result_json,
+       arg_max(chart_file, started_at) FILTER (WHERE status = 'ok') AS last_ok_chart_file
 FROM experiment_calls
 GROUP BY name, version
 """
@@ -154,14 +162,45 @@ def read_table(root: StorePath, relative: str) -> pa.Table:
         raise StoreError(f"{root / relative}: cannot read this experiment result ({e})") from None
 
 
-def record_files(root: StorePath, kind: str) -> list:
-    """The record files of ``kind`` (calls or hypotheses): complete files only, since a
-    file being written has a hidden temp name."""
+def record_files(root: StorePath, kind: str, schema: pa.Schema) -> list:
+    """The record files of ``kind`` (calls or hypotheses) with ``schema``: complete files
+    only, since a file being written has a hidden temp name. A file that cannot be read
+    or holds another table is left out with a warning: one damaged record must not take
+    the store's other views (its runs) down with it."""
+    import pyarrow.parquet as pq
+
+    from arrakis_ray.store.location import arrow_source
+
     base = root / EXPERIMENTS_DIR / kind
     if not base.is_dir():
         return []
-    files = sorted(base.glob("*/*.parquet"), key=str)
-    return [f for f in files if not f.name.startswith(".")]
+    found = []
+    for path in sorted(base.glob("*/*.parquet"), key=str):
+        if path.name.startswith("."):
+            continue
+        try:
+            where, filesystem = arrow_source(path)
+            readable = _fits(pq.read_schema(where, filesystem=filesystem), schema)
+        except (OSError, pa.ArrowInvalid):
+            readable = False
+        if readable:
+            found.append(path)
+        else:
+            log.warning("%s: not a readable %s record; left out of the views", path, kind)
+    return found
+
+
+def _fits(found: pa.Schema, schema: pa.Schema) -> bool:
+    """A record file fits when its columns are the schema's, with their types, and only
+    nullable ones missing (a column added later: null in older records)."""
+    for field in schema:
+        index = found.get_field_index(field.name)
+        if index < 0:
+            if not field.nullable:
+                return False
+        elif not found.field(index).type.equals(field.type):
+            return False
+    return set(found.names) <= set(schema.names)
 
 
 def create_views(con, root: StorePath, register: Callable[[str, list, pa.Schema], str]) -> None:
@@ -175,7 +214,7 @@ def create_views(con, root: StorePath, register: Callable[[str, list, pa.Schema]
         ("experiment_calls", "calls", call_schema()),
         ("hypotheses", "hypotheses", hypothesis_schema()),
     ):
-        files = record_files(root, kind)
+        files = record_files(root, kind, schema)
         columns = ", ".join(f'"{f.name}"' for f in schema)
         if not files:
             body = _empty_select(schema)
@@ -183,6 +222,7 @@ def create_views(con, root: StorePath, register: Callable[[str, list, pa.Schema]
             body = f"SELECT {columns} FROM {register(view, files, schema)}"
         else:
             listed = ", ".join(_literal(str(f)) for f in files)
+            # union_by_name: a record older than a nullable column reads it as null
             body = f"SELECT {columns} FROM read_parquet([{listed}], union_by_name = true)"
         con.execute(f'CREATE OR REPLACE VIEW "{view}" AS {body}')
     con.execute(f"CREATE OR REPLACE VIEW experiments AS {EXPERIMENTS_SQL}")

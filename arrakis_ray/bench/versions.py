@@ -9,9 +9,12 @@ any process (the original Arrakis hashed a timestamp in, so every call was a new
   cannot find it (a function typed at ``python -c``), the version hashes its compiled
   code (``marshal``, stable for one Python version) and the record says so.
 - **arguments**: bound to the signature with defaults applied, as canonical JSON (sorted
-  keys). Arrays, tensors and tables are hashed by content (dtype, shape, bytes), and
-  written out when they are small; the model by its fingerprint. A value with no stable
-  content (an open file, an object whose repr is its address) is refused by name: a
+  keys). Arrays, tensors, Series and tables are hashed by content (dtype, shape, bytes;
+  a table without its schema metadata, which holds library versions), and written out
+  when they are small; a function by its code and the values it closes over; the model
+  by its fingerprint; non-finite floats are tagged (``{"float": "nan"}``), so they
+  differ from the string ``"nan"``. A value with no stable content (an open file, an
+  array of Python objects, an object whose repr is its address) is refused by name: a
   version built from ``repr`` would change from one process to the next.
 """
 
@@ -83,8 +86,8 @@ def _plain(value: Any, where: str) -> Any:
 
     if value is None or isinstance(value, bool | int | str):
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, float):  # tagged: the string "nan" is another value
+        return value if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, np.generic):
         return _plain(value.item(), where)
     if isinstance(value, PurePath):
@@ -100,26 +103,27 @@ def _plain(value: Any, where: str) -> Any:
         return {"__dataclass__": type(value).__qualname__, **_plain(fields, where)}
     array = _as_numpy(value)
     if array is not None:
+        if array.dtype.kind not in "biufcSUM":  # objects: no bytes that are their content
+            raise DataError(f"{where}: an array of {array.dtype} has no stable content to version")
         if array.size <= SMALL and array.dtype.kind in "biuf":
             return {"dtype": str(array.dtype), "shape": list(array.shape), "values": array.tolist()}
-        raw = np.ascontiguousarray(array)
-        return {
-            "dtype": str(array.dtype),
-            "shape": list(array.shape),
-            "sha256": digest(raw.tobytes() if raw.dtype.kind != "O" else repr(raw).encode()),
-        }
-    table = _as_arrow(value)
-    if table is not None:
-        return {
-            "table": table.schema.to_string(),
-            "rows": table.num_rows,
-            "sha256": _table_digest(table),
-        }
+        raw = np.ascontiguousarray(array).tobytes()
+        return {"dtype": str(array.dtype), "shape": list(array.shape), "sha256": digest(raw)}
+    table = as_arrow_table(value)
+    if table is not None:  # pandas and Arrow put versions in the metadata: not content
+        table = table.replace_schema_metadata(None)
+        schema = table.schema.to_string(show_schema_metadata=False)
+        return {"table": schema, "rows": table.num_rows, "sha256": _table_digest(table)}
     if _is_hooked_model(value):
-        return {"model": fingerprint(value)}
-    if inspect.isfunction(value) or inspect.ismethod(value):
+        return {"model": Fingerprints()(value)}
+    if inspect.isfunction(value):  # its code, and the values it closes over
         _text, code = source_of(value)
-        return {"function": value.__qualname__, "sha256": digest(code)}
+        cells = [c.cell_contents for c in value.__closure__ or ()]
+        return {
+            "function": value.__qualname__,
+            "sha256": digest(code),
+            "closure": _plain(cells, where),
+        }
     raise DataError(
         f"{where}: a {type(value).__name__} has no stable content to version; pass plain "
         "values, arrays, tensors or tables (or a tool through use_tools)"
@@ -127,27 +131,51 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def _as_numpy(value: Any):
+    """A numpy array of an array, a tensor or a polars / pandas Series, else None."""
     import numpy as np
 
     if isinstance(value, np.ndarray):
         return value
-    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+    kind = _library_type(value)
+    if kind == ("torch", "Tensor") or (kind[0] == "torch" and hasattr(value, "detach")):
         t = value.detach().cpu()
         return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
+    if kind in (("polars", "Series"), ("pandas", "Series")):
+        return value.to_numpy()
     return None
 
 
-def _as_arrow(value: Any):
+def as_arrow_table(value: Any, *, rows: bool = False):
+    """An Arrow table of a pyarrow Table or a polars / pandas DataFrame (the index of a
+    pandas frame dropped), and with ``rows`` of a list of dicts; None for anything else,
+    or for a pandas frame Arrow cannot type (mixed objects in a column)."""
     import pyarrow as pa
 
     if isinstance(value, pa.Table):
         return value
-    module = type(value).__module__
-    if module.startswith("polars") and hasattr(value, "to_arrow"):
+    kind = _library_type(value)
+    if kind == ("polars", "DataFrame"):
         return value.to_arrow()
-    if module.startswith("pandas") and hasattr(value, "to_dict"):
-        return pa.Table.from_pandas(value)
+    if kind == ("pandas", "DataFrame"):
+        try:
+            return pa.Table.from_pandas(value, preserve_index=False)
+        except (pa.ArrowException, ValueError, TypeError):
+            return None
+    if (
+        rows
+        and isinstance(value, list | tuple)
+        and value
+        and all(isinstance(r, dict) for r in value)
+    ):
+        return pa.Table.from_pylist(list(value))
     return None
+
+
+def _library_type(value: Any) -> tuple[str, str]:
+    """(top-level package, class name): tensors and frames are recognised without
+    importing their libraries."""
+    cls = type(value)
+    return cls.__module__.partition(".")[0], cls.__name__
 
 
 def _table_digest(table) -> str:
@@ -164,7 +192,7 @@ def as_table(value: Any):
     their shape and dtype in the schema metadata), else None."""
     import pyarrow as pa
 
-    table = _as_arrow(value)
+    table = as_arrow_table(value)
     if table is not None:
         return table, "table"
     array = _as_numpy(value)
@@ -220,23 +248,35 @@ def _is_hooked_model(value: Any) -> bool:
     return isinstance(value, HookedModel)
 
 
-_FINGERPRINTS: dict[int, tuple[tuple, str]] = {}
+class Fingerprints:
+    """The model's fingerprint (``models/load.py``: sha256 of its config and weights),
+    computed again only when its weights changed.
+
+    sha256 reads about a GB a second, too slow for every logged call of a large model;
+    xxh3 of the same bytes is several times faster and says whether they changed. Every
+    call reads the weights once this way: a change made any way (``p.data.mul_``, a
+    loaded state dict) is seen, which tensor version counters would miss."""
+
+    def __init__(self):
+        self._last: tuple[int, str] | None = None
+
+    def __call__(self, model) -> str:
+        import xxhash
+
+        from arrakis_ray.models.load import model_fingerprint
+
+        quick = xxhash.xxh3_64()
+        for name, tensor in sorted(model.model.state_dict().items()):
+            raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(-1)
+            quick.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            quick.update(raw.view(torch_uint8()).numpy().tobytes())
+        key = quick.intdigest()
+        if self._last is None or self._last[0] != key:
+            self._last = (key, model_fingerprint(model))
+        return self._last[1]
 
 
-def fingerprint(model) -> str:
-    """The model's fingerprint (``models/load.py``), recomputed only when a weight changed.
+def torch_uint8():
+    import torch
 
-    Reading every parameter costs about a second per GB, too much for every logged call
-    of a large model. Each tensor's storage address and in-place version counter
-    (``Tensor._version``, which autograd itself relies on to detect in-place changes)
-    identify its state, so an unchanged key means unchanged weights."""
-    from arrakis_ray.models.load import model_fingerprint
-
-    tensors = [*model.model.parameters(), *model.model.buffers()]
-    key = tuple((t.data_ptr(), t._version, tuple(t.shape), str(t.dtype)) for t in tensors)
-    cached = _FINGERPRINTS.get(id(model))
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    value = model_fingerprint(model)
-    _FINGERPRINTS[id(model)] = (key, value)
-    return value
+    return torch.uint8

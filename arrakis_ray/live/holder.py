@@ -40,9 +40,14 @@ class ModelHolder:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, sharing)))
         hooked = load_model(model, device="cpu")
         start, stop = stage or (0, hooked.n_layers)
-        self.stage = StageModel(hooked, start, stop)  # frees the other stages' blocks
+        stage_model = StageModel(hooked, start, stop)  # frees the other stages' blocks
         hooked.model.to(self.device)
         hooked.device = torch.device(self.device)
+        self._hold(hooked, stage_model)
+
+    def _hold(self, hooked, stage_model) -> None:
+        """What every holder has, however its model came: the one place to add to."""
+        self.stage = stage_model
         self.model = hooked
         self.lock = threading.Lock()  # one call at a time runs the model
 
@@ -52,11 +57,9 @@ class ModelHolder:
         whole and where it is: nothing is loaded, moved or freed."""
         from arrakis_ray.models.stage import StageModel
 
-        holder = cls.__new__(cls)
+        holder = cls.__new__(cls)  # not __init__: that loads a model from its config
         holder.device = str(hooked.device)
-        holder.stage = StageModel(hooked, 0, hooked.n_layers)
-        holder.model = hooked
-        holder.lock = threading.Lock()
+        holder._hold(hooked, StageModel(hooked, 0, hooked.n_layers))
         return holder
 
 

@@ -15,13 +15,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from arrakis_ray.reports.html import ChartBlock, ChartRow
-from arrakis_ray.reports.site_pages import Page, QueryLog, nav, sql_block, sql_text
+from arrakis_ray.reports.site_pages import (
+    Page,
+    QueryLog,
+    density_bin_sql,
+    nav,
+    sql_block,
+    sql_text,
+)
 
 log = logging.getLogger(__name__)
 
 COMPARISON_PATH = "compare.html"
-DENSITY_FLOOR = 1e-6  # a dead neuron's density, drawn at log10 = -6
-DENSITY_BIN = 0.25  # log10(frequency) per bin
 
 LENS_BY_LAYER = """
 SELECT run_id, layer,
@@ -32,11 +37,10 @@ WHERE run_id IN ({runs}) AND target_rank IS NOT NULL
 GROUP BY run_id, layer ORDER BY run_id, layer
 """
 
-# the share of each layer's neurons per density bin: runs of any width compare
+# the share of each layer's neurons per density bin (the feature pages' bins): runs of
+# any width compare
 DENSITY_BY_LAYER = f"""
-SELECT run_id, family, layer,
-       floor(log10(greatest(freq, {DENSITY_FLOOR})) / {DENSITY_BIN}) * {DENSITY_BIN}
-         AS log10_freq,
+SELECT run_id, family, layer, {density_bin_sql("freq")} AS log10_freq,
        count(*) / sum(count(*)) OVER (PARTITION BY run_id, family, layer) AS share
 FROM {{view}}
 WHERE run_id IN ({{runs}})

@@ -5,7 +5,10 @@ Read from the store's views ``experiments`` (one row per version), ``experiment_
 ``test_hypothesis``). A page lists the experiment's versions with their source code, its
 calls with their status and results, the hypothesis tests, and embeds the charts the
 calls saved (``chart_file``: a Vega-Lite spec, a path relative to the store root). A
-result stored as a table (``result_file``: Parquet) is previewed.
+result stored as a table (``result_file``: Parquet) and the per-module table of a
+``profile_model`` call (``profile_file``: Parquet) are previewed. A version's "last
+result" is that of its last successful call (``last_ok_result_json``): a later failure
+does not hide what the version last produced.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from arrakis_ray.reports.site_pages import (
     QueryLog,
     link,
     nav,
+    plural,
     safe_name,
     sql_block,
     sql_text,
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 MAX_CHARTS = 12  # charts embedded per experiment page: the most recent calls' ones
 MAX_DETAILS = 20  # calls whose output and traceback are shown
 PREVIEW_ROWS = 10  # rows of a stored result table shown
+MAX_PREVIEWS = 5  # stored tables previewed per kind (results, profiles): the latest calls'
+# a call's stored tables: column -> what the preview's heading calls it
+STORED_TABLES = {"result_file": "Result", "profile_file": "Per-module profile"}
 
 EXPERIMENT_LIST = """
 SELECT name, count(*) AS versions, sum(n_calls) AS calls, sum(n_ok) AS ok,
@@ -41,13 +48,13 @@ FROM experiments GROUP BY name ORDER BY name
 
 VERSIONS = """
 SELECT version, kind, model_arch, model_fingerprint, first_call, last_call, n_calls,
-       n_ok, n_error, last_status, arguments, source, last_result_json
+       n_ok, n_error, last_status, arguments, source, last_ok_result_json
 FROM experiments WHERE name = {name} ORDER BY first_call, version
 """
 
 CALLS = """
 SELECT call_id, version, kind, started_at, wall_s, status, error, result_kind,
-       result_json, result_file, chart_file, run_id, host, stdout, traceback
+       result_json, result_file, profile_file, chart_file, run_id, host, stdout, traceback
 FROM experiment_calls WHERE name = {name} ORDER BY started_at, call_id
 """
 
@@ -105,7 +112,7 @@ def _experiment_page(db, name: str, store: str, run_pages: dict[str, str]) -> Pa
         f"<h2>Versions ({len(versions)})</h2>",
         "<p>A version is a hash of the function's source, its arguments and the "
         "model's fingerprint: the same code on the same model is the same version.</p>",
-        table_html(versions.drop("arguments", "source", "last_result_json")),
+        table_html(versions.drop("arguments", "source", "last_ok_result_json")),
         sql_block(versions_sql, store),
     ]
     for v in versions.iter_rows(named=True):
@@ -113,7 +120,7 @@ def _experiment_page(db, name: str, store: str, run_pages: dict[str, str]) -> Pa
             f"<h3>Version <code>{html.escape(str(v['version']))}</code></h3>",
             f"<p>Arguments: <code>{html.escape(str(v['arguments']))}</code></p>",
             f"<pre><code>{html.escape(str(v['source'] or ''))}</code></pre>",
-            _json_details("Last result", v["last_result_json"]),
+            _json_details("Last successful result", v["last_ok_result_json"]),
         ]
 
     calls_sql = CALLS.format(**key)
@@ -134,8 +141,10 @@ def _experiment_page(db, name: str, store: str, run_pages: dict[str, str]) -> Pa
                     f"<details><summary>{label} of call {html.escape(str(call['call_id']))}"
                     f"</summary><pre>{html.escape(str(call[label]))}</pre></details>"
                 )
-    for call in calls.filter(calls["result_file"].is_not_null()).tail(5).iter_rows(named=True):
-        page.blocks.append(_table_preview(db.root, call))
+    for column, label in STORED_TABLES.items():
+        stored = calls.filter(calls[column].is_not_null()).tail(MAX_PREVIEWS)
+        for call in stored.iter_rows(named=True):
+            page.blocks.append(_table_preview(db.root, call, column, label))
 
     if "hypotheses" in db.views():
         tests_sql = HYPOTHESES.format(**key)
@@ -204,13 +213,14 @@ def _read_spec(root, relative: str) -> tuple[dict | None, str]:
     return spec, ""
 
 
-def _table_preview(root, call: dict) -> str:
-    """The first rows of a call's result table (a Parquet file in the store)."""
+def _table_preview(root, call: dict, column: str, label: str) -> str:
+    """The first rows of a table a call stored (``call[column]``: a Parquet file in the
+    store, by its path relative to the root)."""
     import polars as pl
     import pyarrow.parquet as pq
 
-    relative = call["result_file"]
-    title = f"<h3>Result of call {html.escape(str(call['call_id']))}</h3>"
+    relative = call[column]
+    title = f"<h3>{html.escape(label)} of call {html.escape(str(call['call_id']))}</h3>"
     path = _store_file(root, relative)
     if path is None:
         return title + f"<p>{html.escape(repr(relative))} is not a path inside the store.</p>"
@@ -226,6 +236,6 @@ def _table_preview(root, call: dict) -> str:
             title + f"<p>{html.escape(str(relative))} could not be read: {html.escape(str(e))}</p>"
         )
     return (
-        title + f"<p><code>{html.escape(str(relative))}</code>: {rows} rows, the first "
+        title + f"<p><code>{html.escape(str(relative))}</code>: {plural(rows, 'row')}, the first "
         f"{min(rows, PREVIEW_ROWS)} shown.</p>" + table_html(frame)
     )

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import html
 import logging
-import math
 import re
 
 from arrakis_ray.reports.site_pages import (
+    DENSITY_BIN,
     Page,
     QueryLog,
     anchor,
     cell,
+    density_bin_sql,
+    density_log10,
     link,
     nav,
     safe_name,
@@ -46,9 +48,6 @@ TOP_CONTEXTS = "results_neuron_top_contexts"
 QUANTILE_CONTEXTS = "results_neuron_quantile_contexts"
 HISTOGRAMS = "results_neuron_histograms"
 LOGIT_EFFECTS = "results_neuron_logit_effects"
-
-DENSITY_FLOOR = 1e-6  # log10 of a dead neuron's density would be -inf: drawn at -6
-DENSITY_BIN = 0.25  # width of a density bin, in log10(frequency)
 
 TOP_BY_MAX = """
 SELECT family, layer, neuron, freq, mean, max, p99, n_tokens
@@ -75,8 +74,7 @@ WHERE s.run_id = {{run}} AND s.family = {{family}} AND s.layer = {{layer}}
 """
 
 LAYER_DENSITY = f"""
-SELECT floor(log10(greatest(freq, {DENSITY_FLOOR})) / {DENSITY_BIN}) * {DENSITY_BIN}
-         AS log10_freq,
+SELECT {density_bin_sql("freq")} AS log10_freq,
        count(*) AS neurons
 FROM {STATS}
 WHERE run_id = {{run}} AND family = {{family}} AND layer = {{layer}}
@@ -244,7 +242,7 @@ def _density(q: QueryLog, key: dict, freq: float, store: str) -> list:
             tooltip=["log10_freq:Q", "neurons:Q"],
         )
     )
-    here = math.log10(max(freq, DENSITY_FLOOR))
+    here = density_log10(freq)
     marker = (
         alt.Chart(alt.Data(values=[{"log10_freq": here}]))
         .mark_rule(color="#d62728", strokeWidth=2)

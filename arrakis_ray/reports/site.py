@@ -39,13 +39,14 @@ from arrakis_ray.reports.site_pages import (
     anchor,
     link,
     nav,
+    plural,
     queries_footer,
     safe_name,
     sql_block,
     sql_text,
     table_html,
 )
-from arrakis_ray.store.location import os_reason
+from arrakis_ray.store.location import is_remote, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def build_site(
     out = Path(out_dir).expanduser().absolute()
     check_out_dir(out, what="site")
     with Store(store) as db:
+        check_outside_store_data(out, db.root)
         store_text = str(db.root)
         listed = db.sql(RUNS)
         site_runs = [_run_of(row) for row in listed.iter_rows(named=True)]
@@ -148,6 +150,40 @@ def build_site(
         pages += experiment_pages(db, store=store_text, run_pages=run_pages)
         index = _index_page(db, site_runs, pages, compared is not None, store_text)
     return _write(out, [index, *pages])
+
+
+STORE_DATA_DIRS = ("runs", "experiments")  # what `verify` checks, and pages must not join
+
+
+def check_outside_store_data(out: Path, store_root) -> None:
+    """ReportError if the site would be written into the store's data: ``out`` is the
+    store root (its pages would land in ``runs/`` and ``experiments/``) or lies in
+    either of those, where ``verify`` reports every page as a stray. Paths are compared
+    resolved (symbolic links followed) and, for what names hide (a bind mount, a
+    case-blind disk), by identity. A site beside the data (``STORE/site``, the demo's)
+    is fine. A store on an object store shares nothing with a local directory."""
+    if is_remote(store_root):
+        return
+    root = Path(store_root).resolve()
+    target = out.resolve()
+    if _same_dir(target, root):
+        raise ReportError(
+            f"cannot write the site to {out}: it is the store {root}; write it beside the "
+            f"data, e.g. {root / 'site'}"
+        )
+    for name in STORE_DATA_DIRS:
+        data = root / name
+        if any(_same_dir(p, data) for p in (target, *target.parents)):
+            raise ReportError(
+                f"cannot write the site to {out}: it is inside the store's {name}/ "
+                f"({data}), where its pages would be strays; write it elsewhere, e.g. "
+                f"{root / 'site'}"
+            )
+
+
+def _same_dir(path: Path, other: Path) -> bool:
+    """``path`` is ``other`` by resolved name or, both existing, by identity."""
+    return path == other or (path.exists() and other.exists() and path.samefile(other))
 
 
 def _run_of(row: dict) -> _Run:
@@ -265,7 +301,7 @@ def _tool_page(db, run: _Run, tool: str, seq_id, store: str) -> Page:
         )
         preview = q.sql(preview_sql)
         page.blocks += [
-            f"<p>{int(count['n'][0])} rows; the first {len(preview)}:</p>",
+            f"<p>{plural(int(count['n'][0]), 'row')}; the first {len(preview)}:</p>",
             table_html(preview),
             sql_block(preview_sql, store),
         ]
@@ -278,7 +314,9 @@ def _index_page(db, runs: list[_Run], pages: list[Page], compared: bool, store: 
     q = QueryLog(db)
     q.queries.append(RUNS.strip())  # run by build_site: the runs table comes from it
     page = Page("index.html", "arrakis-ray site", queries=q.queries)
-    page.blocks.append(f"<p>Store <code>{html.escape(store)}</code>: {len(runs)} runs.</p>")
+    page.blocks.append(
+        f"<p>Store <code>{html.escape(store)}</code>: {plural(len(runs), 'run')}.</p>"
+    )
     if runs:
         frame = pl.DataFrame(
             [

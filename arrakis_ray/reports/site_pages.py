@@ -24,6 +24,11 @@ BUNDLE_PATH = "assets/vega-bundle.js"  # site path of the one copy of the Vega s
 PREVIEW_ROWS = 20  # rows of a result table shown on its tool page
 MAX_CELL = 240  # characters of one text cell before it is cut (the full text in a tooltip)
 
+# Neuron firing densities are drawn on a log scale, binned the same way on the feature
+# pages and the comparison page, so a bin means one thing across the site.
+DENSITY_FLOOR = 1e-6  # log10 of a dead neuron's density would be -inf: drawn at -6
+DENSITY_BIN = 0.25  # width of a density bin, in log10(frequency)
+
 _SAFE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -35,6 +40,21 @@ def safe_name(text: str) -> str:
         return text
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:48] or "x"
     return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def plural(count: int, word: str) -> str:
+    """``1 run``, ``2 runs``, ``0 runs``: a count with its noun (plural by ``s``)."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def density_bin_sql(column: str = "freq") -> str:
+    """SQL of the lower edge of the log10 density bin of a firing frequency ``column``."""
+    return f"floor(log10(greatest({column}, {DENSITY_FLOOR})) / {DENSITY_BIN}) * {DENSITY_BIN}"
+
+
+def density_log10(freq: float) -> float:
+    """A firing frequency on the density charts' axis (the floor as in the SQL)."""
+    return math.log10(max(freq, DENSITY_FLOOR))
 
 
 def sql_text(text: str) -> str:

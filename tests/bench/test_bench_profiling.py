@@ -122,11 +122,12 @@ def test_params_are_the_modules_parameter_counts():
     assert params["blocks.1.mlp"] == numel(block.post_attention_layernorm, block.mlp)
 
 
-def test_times_are_positive_and_shares_sum_to_one(gpt2):
+def test_times_are_finite_and_shares_sum_to_one(gpt2):
     with ModuleProfiler(gpt2) as profiler:
         gpt2.run_with_cache(IDS)
     table = profiler.table()
-    assert all(s > 0 and math.isfinite(s) for s in table["seconds"])
+    # no timing claims (a shared machine): only that each is a duration
+    assert all(s >= 0 and math.isfinite(s) for s in table["seconds"])
     assert table["share_of_time"].sum() == pytest.approx(1.0)
     assert table["cuda_peak_bytes"].null_count() == len(MODULES)  # on CPU: null
 

@@ -59,12 +59,15 @@ def test_a_version_is_its_source_arguments_and_model_and_every_call_is_recorded(
         next(bench.model.model.parameters()).mul_(2)
     scaled(3)
     assert len(bench.list_versions("scaled")) == 3
+    next(bench.model.model.parameters()).data.mul_(3)  # no autograd version bump
+    scaled(3)
+    assert len(bench.list_versions("scaled")) == 4
 
     with Store(bench.store) as db:
         experiments = db.sql("SELECT * FROM experiments WHERE name = 'scaled' ORDER BY first_call")
         calls = db.sql("SELECT * FROM experiment_calls WHERE name = 'scaled'")
-    assert experiments["n_calls"].to_list() == [3, 1, 1]
-    assert calls.height == 5 and calls["call_id"].n_unique() == 5
+    assert experiments["n_calls"].to_list() == [3, 1, 1, 1]
+    assert calls.height == 6 and calls["call_id"].n_unique() == 6
     packages = json.loads(calls["packages"][0])
     assert packages["torch"] == torch.__version__.split("+")[0] or packages["torch"].startswith(
         torch.__version__.split("+")[0]
@@ -93,6 +96,46 @@ def test_tables_arrays_and_charts_are_stored_as_files(bench):
     np.testing.assert_array_equal(array, np.arange(6, dtype=np.float32).reshape(2, 3))
     spec = bench.get_version("chart", bench.list_versions("chart")[0])["result"]
     assert spec["mark"]["type"] == "point" and spec["encoding"]["x"]["field"] == "x"
+
+    @bench.log_experiment
+    def series():
+        return pl.Series("s", [1.5, 2.5])
+
+    np.testing.assert_array_equal(series(), [1.5, 2.5])  # the caller gets its result
+    stored = bench.get_version("series", bench.list_versions("series")[0])["result"]
+    np.testing.assert_array_equal(stored, [1.5, 2.5])
+
+
+def test_a_result_that_cannot_be_stored_is_an_error_call_and_nothing_is_lost(bench):
+    import pyarrow as pa
+
+    from arrakis_ray.errors import StoreError
+
+    union = pa.UnionArray.from_sparse(
+        pa.array([0, 1], pa.int8()), [pa.array([1, 2]), pa.array(["a", "b"])]
+    )
+
+    @bench.log_experiment
+    def unstorable():
+        return pa.table({"u": union})  # Parquet has no union type
+
+    with pytest.raises(StoreError, match="the result of unstorable could not be stored"):
+        unstorable()
+    (call,) = bench.get_version("unstorable", bench.list_versions("unstorable")[0])["calls"]
+    assert call["status"] == "error" and call["result_file"] is None
+
+
+def test_a_damaged_record_is_left_out_and_the_store_still_opens(bench):
+    @bench.log_experiment
+    def kept(x):
+        return x
+
+    kept(1), kept(2)
+    victim = sorted((bench.store / "experiments" / "calls" / "kept").glob("*.parquet"))[0]
+    victim.write_bytes(b"not parquet")
+    with Store(bench.store) as db:
+        assert db.sql("SELECT n_calls FROM experiments")["n_calls"].to_list() == [1]
+        assert db.sql("SELECT count(*) AS n FROM runs")["n"][0] == 0
 
 
 def test_a_failing_call_is_recorded_raised_and_changes_nothing_stored(bench):
@@ -124,12 +167,62 @@ def test_an_argument_without_stable_content_is_refused_by_name(bench):
 
     with pytest.raises(DataError, match="experiment takes: argument 'thing': a object"):
         takes(object())
+    with pytest.raises(DataError, match="argument 'thing': an array of object"):
+        takes(np.array([object(), object()]))
+
+    def make(k):
+        return lambda x: x * k
+
+    takes(make(1)), takes(make(100))  # closures differ by what they close over
+    assert len(bench.list_versions("takes")) == 2
+    takes(float("nan")), takes("nan")  # a float is not its repr
+    assert len(bench.list_versions("takes")) == 4
     # arrays and tensors are versioned by content, not identity
     takes(np.ones(1000))
     takes(np.ones(1000))
     takes(torch.ones(1000))
     takes(np.zeros(1000))
-    assert len(bench.list_versions("takes")) == 3
+    assert len(bench.list_versions("takes")) == 7
+
+
+def test_plot_results_records_the_decorator_arguments_and_returns_the_function_value(bench):
+    from arrakis_ray.bench import PlotSpec
+
+    ids = torch.tensor([[1, 5, 9, 2]])
+
+    def plotted(scale):
+        @bench.plot_results(
+            PlotSpec("attention", "blocks.0.attn.hook_pattern"), input_ids=ids, scale=scale
+        )
+        def summary(fig=None, scale=1):
+            return {"scale": scale, "charted": fig is not None}
+
+        return summary
+
+    assert plotted(5)() == {"scale": 5, "charted": True}
+    plotted(1)()
+    versions = bench.list_versions("summary")
+    assert len(versions) == 2
+    record = bench.get_version("summary", versions[0])
+    assert record["arguments"]["scale"] == 5 and record["result"] == {"scale": 5, "charted": True}
+    chart = json.loads((bench.store / record["calls"][0]["chart_file"]).read_text())
+    assert "blocks.0.attn.hook_pattern" in json.dumps(chart)
+
+
+def test_a_profile_is_read_back_with_its_version(bench):
+    @bench.profile_model
+    def two_forwards():
+        ids = torch.tensor([[1, 2, 3]])
+        bench.model.run_with_cache(ids)
+        bench.model.run_with_cache(ids)
+
+    two_forwards()
+    record = bench.get_version("two_forwards", bench.list_versions("two_forwards")[0])
+    profile = record["profile"]
+    assert profile.equals(bench.last_profile)
+    assert set(profile["calls"]) == {2} and "blocks.1.mlp" in profile["module"].to_list()
+    with pytest.raises(Exception, match="granularity is for the decorator"):
+        bench.profile_model(granularity="layer", input_ids=None)
 
 
 _LOGGER = textwrap.dedent(
@@ -203,6 +296,45 @@ def test_map_runs_a_grid_as_ray_tasks_and_records_each_call(bench, ray_session):
             "WHERE name = 'picky' GROUP BY 1 ORDER BY 1"
         )
     assert status.to_dict(as_series=False) == {"status": ["error", "ok"], "n": [1, 2]}
+    # every point is checked before any task starts
+    with pytest.raises(TypeError, match=r"picky\(\): missing a required argument: 'x'"):
+        bench.map(picky, [{"x": 1}, {"y": 2}])
+    with pytest.raises(DataError, match="grid parameter 'x' has no values"):
+        bench.map(picky, {"x": []})
+
+
+def test_map_records_each_decorator_as_a_direct_call_does(bench, ray_session):
+    @bench.test_hypothesis(n_permutations=99, n_bootstrap=99)
+    def samples(shift):
+        return {"shifted": [shift + i for i in range(6)], "base": list(range(6))}
+
+    @bench.log_experiment
+    @bench.use_tools("write_read")
+    def heads(layer, write_read=None):
+        return [h.head for h in write_read.identify_write_heads(layer)]
+
+    @bench.use_tools("write_read")
+    @bench.log_experiment
+    def heads_outer(layer, write_read=None):
+        return [h.head for h in write_read.identify_write_heads(layer)]
+
+    direct = samples(3)
+    mapped = bench.map(samples, {"shift": [3, 0]})
+    assert mapped[0] == direct and mapped[1].difference == 0.0
+    assert bench.map(heads, {"layer": [0, 1]}) == [heads(0), heads(1)]
+    assert bench.map(heads_outer, {"layer": [1]}) == [heads_outer(1)]
+    with Store(bench.store) as db:
+        found = db.sql(
+            "SELECT name, count(DISTINCT version) AS versions, count(*) AS calls "
+            "FROM experiment_calls GROUP BY name ORDER BY name"
+        )
+        tests = db.sql("SELECT count(*) AS n FROM hypotheses")
+    assert found.to_dict(as_series=False) == {
+        "name": ["heads", "heads_outer", "samples"],
+        "versions": [2, 1, 2],  # mapped and direct calls share versions
+        "calls": [4, 2, 3],
+    }
+    assert tests["n"][0] == 3
 
 
 def test_the_walkthrough_runs_twice_in_fresh_processes_without_duplicates(tmp_path):
@@ -218,7 +350,8 @@ def test_the_walkthrough_runs_twice_in_fresh_processes_without_duplicates(tmp_pa
         experiments = db.sql("SELECT name, kind, n_calls, n_ok FROM experiments ORDER BY name")
         hypotheses = db.sql("SELECT welch_p, permutation_p, reject FROM hypotheses")
         chart = db.sql(
-            "SELECT last_chart_file AS chart_file FROM experiments WHERE name = 'attention_heatmap'"
+            "SELECT last_ok_chart_file AS chart_file FROM experiments "
+            "WHERE name = 'attention_heatmap'"
         )
     assert experiments["n_calls"].to_list() == [2] * experiments.height  # no new versions
     assert experiments["n_ok"].to_list() == [2] * experiments.height

@@ -4,6 +4,7 @@ activations themselves."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import struct
@@ -98,7 +99,27 @@ def _experiments(store: Path) -> dict:
         return fig
 
     norms()
-    return {"versions": exp.list_versions("scaled"), "hypothesis": test}
+
+    forwards = []
+
+    @exp.profile_model
+    def profiled():
+        # two forwards, then the same version fails: its last successful result stays
+        if forwards:
+            raise RuntimeError("second call fails")
+        for _ in range(2):
+            exp.model.run_with_cache(torch.tensor([[1, 2, 3]]))  # a full forward
+            forwards.append(1)
+        return {"forwards": len(forwards)}
+
+    profiled()
+    with pytest.raises(RuntimeError):
+        profiled()
+    return {
+        "versions": exp.list_versions("scaled"),
+        "hypothesis": test,
+        "profile": exp.last_profile,
+    }
 
 
 # -- reading pages back -------------------------------------------------------------
@@ -267,9 +288,10 @@ def test_the_site_has_every_page(site):
         # one feature page per layer summarised (top_features=1)
         assert sum(n.startswith(f"runs/{run}/features/mlp_post-l2-") for n in names) == 1
     assert {"compare.html"} | {
-        f"experiments/{n}.html" for n in ("scaled", "two_groups", "norms")
+        f"experiments/{n}.html" for n in ("scaled", "two_groups", "norms", "profiled")
     } <= names
-    assert len(names) == 1 + 1 + 2 * 5 + 3
+    assert len(names) == 1 + 1 + 2 * 5 + 4
+    assert ": 2 runs.</p>" in site.built.index.read_text(encoding="utf-8")
 
 
 def test_every_page_renders_in_chromium(site, chromium):
@@ -484,6 +506,37 @@ def test_experiment_pages_show_versions_calls_tests_and_charts(site):
     assert "<h2>Experiments</h2>" in index and 'href="experiments/two_groups.html"' in index
 
 
+def test_an_experiment_page_previews_the_profile_and_the_last_successful_result(site):
+    """profiled() succeeded (two forwards) and then failed, in one version."""
+    with Store(site.store) as db:
+        calls = db.sql(
+            "SELECT call_id, status, profile_file FROM experiment_calls "
+            "WHERE name = 'profiled' ORDER BY started_at"
+        )
+        version = db.sql("SELECT * FROM experiments WHERE name = 'profiled'")
+    assert calls["status"].to_list() == ["ok", "error"]
+    assert version["last_status"][0] == "error"
+    assert json.loads(version["last_ok_result_json"][0]) == {"forwards": 2}
+    text = (site.out / "experiments" / "profiled.html").read_text(encoding="utf-8")
+    assert "<summary>Last successful result</summary>" in text
+    assert html.escape(json.dumps({"forwards": 2}, indent=2)) in text
+    # the ok call's per-module table, previewed as stored (and as the bench measured it)
+    ok_call, profile_file = calls["call_id"][0], calls["profile_file"][0]
+    stored = pl.read_parquet(site.store / profile_file)
+    assert stored["module"].to_list() == site.profile["module"].to_list()
+    assert set(stored["calls"].to_list()) == {2}  # every module ran in both forwards
+    assert f"Per-module profile of call {ok_call}</h3>" in text
+    assert f"<code>{profile_file}</code>: {len(stored)} rows, the first" in text
+    page = _read(site.out / "experiments" / "profiled.html")
+    (preview,) = [t for t in page.tables if t["header"][:1] == ["module"]]
+    shown = min(len(stored), 10)
+    assert [r[0] for r in preview["rows"]] == stored["module"].to_list()[:shown]
+    calls_column = preview["header"].index("calls")
+    assert [r[calls_column] for r in preview["rows"]] == ["2"] * shown
+    # the failed call recorded no profile: one preview only
+    assert text.count("Per-module profile of call") == calls["profile_file"].is_not_null().sum()
+
+
 def test_cli_site_for_chosen_runs_and_its_errors(site, tmp_path, capsys):
     from arrakis_ray.cli import main
 
@@ -503,6 +556,67 @@ def test_cli_site_for_chosen_runs_and_its_errors(site, tmp_path, capsys):
     assert main(["site", str(site.store), "--out", str(out / "index.html" / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot write the site to" in err and "is a file" in err
+    assert ": 1 run.</p>" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def _listing(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+def test_the_site_is_never_written_into_the_store_data(site, tmp_path, capsys):
+    """Pages in the store root, runs/ or experiments/ would be strays for `verify`."""
+    from arrakis_ray.cli import main
+    from arrakis_ray.errors import ReportError
+
+    store, run = site.store, site.runs[0].run_id
+    before = _listing(store)
+    (tmp_path / "to_runs").symlink_to(store / "runs")
+    (tmp_path / "to_store").symlink_to(store)
+    refused = {
+        store: "it is the store",
+        store / "runs" / ".." / ".": "it is the store",
+        tmp_path / "to_store": "it is the store",
+        store / "runs": "inside the store's runs/",
+        store / "runs" / run / "site": "inside the store's runs/",
+        store / "experiments" / "new" / "site": "inside the store's experiments/",
+        tmp_path / "to_runs" / "x": "inside the store's runs/",
+        tmp_path / "to_store" / "experiments": "inside the store's experiments/",
+    }
+    for out, why in refused.items():
+        with pytest.raises(ReportError, match=re.escape(why)):
+            build_site(store, out)
+    assert main(["site", str(tmp_path / "to_store"), "--out", str(store)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"arrakis-ray: error: cannot write the site to {store}: it is the store")
+    assert "\n" not in err
+    assert _listing(store) == before  # nothing written, not even a directory
+
+
+def test_a_site_beside_the_data_of_an_empty_store(tmp_path):
+    from arrakis_ray.store.layout import init_store
+
+    store = init_store(tmp_path / "store")
+    built = build_site(store, store / "site")  # as the demo writes it
+    assert built.index == store / "site" / "index.html"
+    assert ": 0 runs.</p>" in built.index.read_text(encoding="utf-8")
+    assert not any((store / "runs").iterdir())
+
+
+def test_plural_and_the_shared_density_bins():
+    from arrakis_ray.reports import comparison, feature_pages
+    from arrakis_ray.reports.site_pages import density_bin_sql, density_log10, plural
+
+    assert [plural(n, "run") for n in (0, 1, 2)] == ["0 runs", "1 run", "2 runs"]
+    # one definition of the bins: both pages' SQL carry it, and it bins as the axis does
+    assert density_bin_sql("freq") in feature_pages.LAYER_DENSITY
+    assert density_bin_sql("freq") in comparison.DENSITY_BY_LAYER
+    freqs = [0.0, 1e-7, 1e-6, 0.003, 0.05, 0.5, 1.0]
+    got = duckdb.sql(
+        f"SELECT {density_bin_sql('freq')} AS b FROM unnest({freqs}) AS t(freq) ORDER BY freq"
+    ).fetchall()
+    expected = [np.floor(density_log10(f) / 0.25) * 0.25 for f in freqs]
+    assert [b for (b,) in got] == pytest.approx(expected)
+    assert expected[:3] == [-6.0, -6.0, -6.0] and expected[-1] == 0.0
 
 
 # -- the building blocks, without a store --------------------------------------------
