@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from arrakis_ray.bench.tools import ModelHere
     from arrakis_ray.models.hooked import HookedModel
     from arrakis_ray.store.inventory import FileEntry
-    from arrakis_ray.store.manifest import RunManifest
+    from arrakis_ray.store.manifest import RunManifest, ToolRecord
     from arrakis_ray.store.reader import RunReader
     from arrakis_ray.tools.base import Tool
 
@@ -71,10 +71,9 @@ def run_in_process(tool: Tool, here: ModelHere, inputs: Any) -> dict[str, pa.Tab
             seqs, documents = ([], {}) if inputs is None else _sequences(inputs, here, name)
             reader = _capture(root, here, hooks, seqs, documents)
             files, units = _observe(tool, here.model, reader)
-        _record(tool, reader, files, units)
-        from arrakis_ray.bench.tools import read_results
+        from arrakis_ray.bench.tools import record_tables
 
-        return read_results(reader, tool)
+        return record_tables(reader.layout, tool, _record(tool, reader, files, units))
 
 
 # ------------------------------------------------------------------------ inputs
@@ -83,12 +82,13 @@ def run_in_process(tool: Tool, here: ModelHere, inputs: Any) -> dict[str, pa.Tab
 def _sequences(inputs: Any, here: ModelHere, where: str) -> tuple[list[np.ndarray], dict]:
     """(token id sequences, kept columns) of texts, token ids, or a table of texts in
     column ``text`` whose other columns are labels (kept as ``data.keep_columns``)."""
+    from arrakis_ray.bench.versions import as_arrow_table
     from arrakis_ray.harvest.checks import position_limit
 
     documents: dict[str, list] = {}
     if isinstance(inputs, str):
         inputs = [inputs]
-    elif _as_table(inputs) is not None:
+    elif as_arrow_table(inputs, rows=True) is not None:
         documents = _text_table(inputs, (TEXT_COLUMN,), where).to_pydict()
         inputs = documents.pop(TEXT_COLUMN)
     if isinstance(inputs, list | tuple) and inputs and all(isinstance(t, str) for t in inputs):
@@ -135,26 +135,12 @@ def _token_ids(inputs: Any, vocab_size: int, where: str) -> list[np.ndarray]:
     return seqs
 
 
-def _as_table(value: Any) -> pa.Table | None:
-    """A table given as Arrow, polars, pandas, or a list of dicts (else None)."""
-    import pyarrow as pa
-
-    if isinstance(value, pa.Table):
-        return value
-    if type(value).__module__.startswith("polars"):
-        return value.to_arrow()
-    if type(value).__module__.startswith("pandas"):
-        return pa.Table.from_pandas(value, preserve_index=False)
-    if isinstance(value, list | tuple) and value and all(isinstance(r, dict) for r in value):
-        return pa.Table.from_pylist(list(value))
-    return None
-
-
 def _text_table(inputs: Any, columns: tuple[str, ...], where: str) -> pa.Table:
     """``inputs`` as a table with rows whose ``columns`` all hold text, or one refusal."""
+    from arrakis_ray.bench.versions import as_arrow_table
     from arrakis_ray.live.prompts import check_text_columns
 
-    table = _as_table(inputs)
+    table = as_arrow_table(inputs, rows=True)
     if table is None:
         raise DataError(
             f"{where}: inputs must be a table with columns {', '.join(columns)} (a list of "
@@ -374,9 +360,9 @@ def _live(
     return files, len(work)
 
 
-def _record(tool: Tool, reader: RunReader, files: list[FileEntry], units: int) -> None:
-    """Record the call in the temporary run as ``analyze`` records one, so the tables
-    are read back through the same record."""
+def _record(tool: Tool, reader: RunReader, files: list[FileEntry], units: int) -> ToolRecord:
+    """Record the call in the temporary run as ``analyze`` records one (the tables are
+    read back through that record, as a ``run=`` call reads them); returns it."""
     from arrakis_ray.config import to_dict
     from arrakis_ray.store.manifest import ToolRecord
     from arrakis_ray.store.writer import RunWriter
@@ -393,6 +379,7 @@ def _record(tool: Tool, reader: RunReader, files: list[FileEntry], units: int) -
         files=tuple(files),
     )
     RunWriter.for_layout(reader.layout).record_tool(tool.name, record)
+    return record
 
 
 def _call() -> str:

@@ -2,40 +2,22 @@
 
 ``builtin_tools(model, store)`` gives every registered analysis tool
 (``arrakis_ray.tools.TOOLS``) as a :class:`BenchTool` bound to the bench's model and
-store, under its own name and under the original Arrakis key that maps to it:
+store, under its own name and under the original Arrakis key that maps to it
+(``ARRAKIS_KEYS``); a key and the tool's own name give the same object.
+``read_write_heads`` (key ``write_read``) is a ``WriteRead``, which adds the original's
+head rankings (``bench/write_read.py``).
 
-============== ============================== =========================================
-Arrakis key    tool                           why this one
-============== ============================== =========================================
-attention      attention_tools                AttentionTools: per-head pattern scores
-composer       attention_head_composition     AttentionComposer: Q/K/V composition
-logit          logit_attribution              LogitAttributor: per-component logit
-logit_lens     logit_lens                     LogitLens
-knowledge      knowledge_prober               the original bound KnowledgeProber here
-kg_extractor   knowledge_graph_extractor      KnowledgeGraphExtractor
-causal         causal_tracing                 CausalTracer (ROME-style restoration)
-decomposer     residual_decomposition         ResidualDecomposer
-superposition  superposition_disentangler     SuperpositionDisentangler (an SAE)
-sparsity       sparsity_analyzer              SparsityAnalyzer
-write_read     read_write_heads               WriteReadAnalyzer: :class:`WriteRead`
-residual       residual_tools                 ResidualTools: norms and layer-to-layer
-k_prober       knowledge_prober               KnowledgeProber (linear probes)
-surgery        model_surgery                  ModelSurgery
-feature_viz    neuron_dashboard               FeatureViz: per-neuron top contexts
-============== ============================== =========================================
-
-A key and the tool's own name give the same object. Each tool runs on a stored run of
-the bench's store (``run=``: the runner, through Ray) or on small inputs given in Python
-(``inputs=``: in this process, on the bench's model; ``bench/tool_runs.py``), and both
-return the tool's result tables as polars DataFrames, equal row for row.
+Each tool runs on a stored run of the bench's store (``run=``: the run's recorded
+results when they were computed with the same parameters, else the runner, through Ray)
+or on small inputs given in Python (``inputs=``: in this process, on the bench's model;
+``bench/tool_runs.py``), and both return the tool's result tables as polars DataFrames,
+equal row for row.
 """
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
-from numbers import Integral, Real
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,27 +31,29 @@ if TYPE_CHECKING:
 
     from arrakis_ray.live.model import LiveModel
     from arrakis_ray.models.hooked import HookedModel
-    from arrakis_ray.store.reader import RunReader
+    from arrakis_ray.store.layout import RunLayout
+    from arrakis_ray.store.manifest import ToolRecord
     from arrakis_ray.tools.base import Tool
 
 ARRAKIS_KEYS: dict[str, str] = {
-    "attention": "attention_tools",
-    "composer": "attention_head_composition",
-    "logit": "logit_attribution",
-    "logit_lens": "logit_lens",
-    "knowledge": "knowledge_prober",
-    "kg_extractor": "knowledge_graph_extractor",
-    "causal": "causal_tracing",
-    "decomposer": "residual_decomposition",
-    "superposition": "superposition_disentangler",
-    "sparsity": "sparsity_analyzer",
-    "write_read": "read_write_heads",
-    "residual": "residual_tools",
-    "k_prober": "knowledge_prober",
-    "surgery": "model_surgery",
-    "feature_viz": "neuron_dashboard",
+    "attention": "attention_tools",  # AttentionTools: per-head pattern scores
+    "composer": "attention_head_composition",  # AttentionComposer: Q/K/V composition
+    "logit": "logit_attribution",  # LogitAttributor: per-component logit
+    "logit_lens": "logit_lens",  # LogitLens
+    "knowledge": "knowledge_prober",  # the original bound KnowledgeProber here
+    "kg_extractor": "knowledge_graph_extractor",  # KnowledgeGraphExtractor
+    "causal": "causal_tracing",  # CausalTracer (ROME-style restoration)
+    "decomposer": "residual_decomposition",  # ResidualDecomposer
+    "superposition": "superposition_disentangler",  # SuperpositionDisentangler (an SAE)
+    "sparsity": "sparsity_analyzer",  # SparsityAnalyzer
+    "write_read": "read_write_heads",  # WriteReadAnalyzer: bench/write_read.py
+    "residual": "residual_tools",  # ResidualTools: norms and layer-to-layer
+    "k_prober": "knowledge_prober",  # KnowledgeProber (linear probes)
+    "surgery": "model_surgery",  # ModelSurgery
+    "feature_viz": "neuron_dashboard",  # FeatureViz: per-neuron top contexts
 }
-"""Original Arrakis tool key -> the registered tool it maps to (table above)."""
+"""Original Arrakis tool key -> the registered tool it maps to (what it was, beside)."""
+READ_ATTEMPTS = 3  # run= calls: how often to look again when a concurrent call interferes
 
 
 class ModelHere:
@@ -78,6 +62,12 @@ class ModelHere:
 
     def __init__(self, model: HookedModel):
         self.model = model
+
+    def __getstate__(self) -> dict:
+        """The model alone: the cached LiveModel holds a lock, which cannot be pickled (a
+        bench goes to Ray workers by ``exp.map``); it and the vocabulary are built again
+        on first use."""
+        return {"model": self.model}
 
     @cached_property
     def live(self) -> LiveModel:
@@ -104,14 +94,20 @@ class ModelHere:
 
 
 def builtin_tools(model: HookedModel, store: Any) -> dict[str, object]:
-    """Every registered tool bound to ``model`` and ``store`` (a local path or s3://
-    URI of an initialised store), by name and by original Arrakis key."""
+    """Every built-in tool bound to ``model`` and ``store`` (a local path or s3:// URI
+    of an initialised store), by name and by original Arrakis key.
+
+    Tools registered from other packages are not included: ``exp.map`` ships the bench
+    to Ray workers, which may not import their modules. Add one with
+    ``exp.tools["name"] = BenchTool(MyTool, exp.model, exp.store)``."""
+    from arrakis_ray.bench.write_read import WriteRead  # it subclasses BenchTool
     from arrakis_ray.tools import TOOLS
 
     here = ModelHere(model)  # one live model and vocabulary, shared by the tools
     tools: dict[str, object] = {
         name: WriteRead(here, store) if name == WriteRead.tool_name else BenchTool(cls, here, store)
         for name, cls in TOOLS.items()
+        if cls.__module__.startswith("arrakis_ray.")
     }
     tools.update({key: tools[name] for key, name in ARRAKIS_KEYS.items() if name in tools})
     return tools
@@ -123,12 +119,20 @@ class BenchTool:
     ``run(inputs=None, *, run=None, **params)``: the tool's result, a DataFrame for a
     tool with one output, else a dict output name -> DataFrame. ``params`` are the
     tool's parameters (``arrakis-ray tools`` lists them), checked as ``analyze`` checks
-    them. ``run``: a run id (or unique prefix) or run directory of the bench's store,
-    analysed by ``arrakis_ray.tools.runner.analyze`` (Ray, with the run's own model),
-    its results then read back from the store. ``inputs``: texts, token ids (a list of
-    id lists, a 2-D array or tensor), or for a live tool a prompt table (a list of
-    dicts, a polars or pandas DataFrame, a pyarrow Table) with its ``prompt_columns``;
-    computed in this process on the bench's model, as run ``live``.
+    them. ``inputs``: texts, token ids (a list of id lists, a 2-D array or tensor), or
+    for a live tool a prompt table (a list of dicts, a polars or pandas DataFrame, a
+    pyarrow Table) with its ``prompt_columns``; computed in this process on the bench's
+    model, as run ``live``.
+
+    ``run``: a run id (or unique prefix) or run directory of the bench's store. A run
+    whose record of the tool has the same parameters (defaults filled in by its Params)
+    and schema version: its stored tables, nothing written (a prompts file edited since
+    is not noticed). Otherwise ``arrakis_ray.tools.runner.analyze`` runs it (Ray, the
+    run's own model), which REPLACES the run's record of the tool and deletes the
+    previous call's files, exactly as ``arrakis-ray analyze`` does. Tables are read from
+    the files of a record with the requested parameters, never "the current record":
+    concurrent calls with other parameters (``exp.map``) never get each other's tables
+    (one that keeps finding its record replaced gives up with a ToolError).
 
     ``runs_used``: the ids of the stored runs read since the bench last cleared the list
     (each once, in order), so that an experiment call joins to ``runs``.
@@ -169,8 +173,9 @@ class BenchTool:
         return frames if len(frames) > 1 else next(iter(frames.values()))
 
     def _on_stored_run(self, tool: Tool, run: str | Path, params: dict) -> dict:
+        from arrakis_ray.errors import StoreError
         from arrakis_ray.store.layout import open_store, resolve_run
-        from arrakis_ray.store.reader import RunReader
+        from arrakis_ray.store.manifest import read_tool_records
         from arrakis_ray.tools.runner import analyze
 
         if self.store is None:
@@ -182,21 +187,66 @@ class BenchTool:
                 f"tool {self.name}: run {run} is in the store {layout.store_root}, not the "
                 f"bench's store {ours}: the experiment could not join it to its runs"
             )
-        analyze(layout.run_id, tool.name, params, store=ours)
-        if layout.run_id not in self.runs_used:
-            self.runs_used.append(layout.run_id)
-        return read_results(RunReader(layout), tool)
+        for _attempt in range(READ_ATTEMPTS):
+            record = stored_record(layout, tool)
+            if record is None:  # never computed so: compute it (replacing the record)
+                analyze(layout.run_id, tool.name, params, store=ours)
+                record = stored_record(layout, tool)  # None: replaced by a concurrent call
+            tables = None if record is None else record_tables(layout, tool, record)
+            if tables is not None:
+                if layout.run_id not in self.runs_used:
+                    self.runs_used.append(layout.run_id)
+                return tables
+            if record is not None and read_tool_records(layout).get(tool.name) == record:
+                raise StoreError(f"run {layout.run_id}: a result file of {self.name} is gone")
+        raise ToolError(
+            f"tool {self.name}: concurrent calls with other parameters kept replacing run "
+            f"{layout.run_id}'s record of it before this call could read its results; make "
+            "calls of one tool on one run with different parameters one after another"
+        )
 
 
-def read_results(reader: RunReader, tool: Tool) -> dict[str, pa.Table]:
-    """The tool's recorded tables of a run, by output (an output it wrote no file for:
-    its schema's empty table)."""
-    return {
-        output: reader.result(output)
-        if reader.has_result(output)
-        else tool.result_schema(output).empty_table()
-        for output in tool.output_names()
-    }
+def stored_record(layout: RunLayout, tool: Tool) -> ToolRecord | None:
+    """The run's record of ``tool`` if it was computed with ``tool``'s parameters (the
+    stored ones built into the tool's Params, defaults filled in, then compared) and its
+    schema version; else None."""
+    from arrakis_ray.config import to_dict
+    from arrakis_ray.store.manifest import read_tool_records
+    from arrakis_ray.tools.runner import make_tool
+
+    record = read_tool_records(layout).get(tool.name)
+    if record is None or record.schema_version != tool.schema_version:
+        return None
+    try:
+        stored = make_tool(type(tool), record.params, source="the run's tool record")
+    except ToolError:  # parameters this version of the tool no longer takes
+        return None
+    return record if to_dict(stored.params) == to_dict(tool.params) else None
+
+
+def record_tables(layout: RunLayout, tool: Tool, record: ToolRecord) -> dict[str, pa.Table] | None:
+    """The tool's tables, by output, read from exactly the files ``record`` lists (an
+    output it wrote no file for: its schema's empty table). None if one of them is gone
+    (a later call replaced the record and deleted them)."""
+    from arrakis_ray.errors import StoreError
+    from arrakis_ray.store.parquet import check_file_schema, read_files
+
+    tables = {}
+    for output in tool.output_names():
+        mine = [e for e in record.files if e.path.startswith(f"results/{output}/")]
+        paths = [e.location(layout) for e in sorted(mine, key=lambda e: e.path)]
+        if not paths:
+            tables[output] = tool.result_schema(output).empty_table()
+            continue
+        try:
+            for path in paths:
+                check_file_schema(path, f"result.{output}", tool.schema_version)
+            tables[output] = read_files(paths)
+        except StoreError:
+            if all(path.exists() for path in paths):
+                raise
+            return None
+    return tables
 
 
 def _same_place(a: Any, b: Any) -> bool:
@@ -206,203 +256,3 @@ def _same_place(a: Any, b: Any) -> bool:
     if isinstance(a, Path) and isinstance(b, Path):
         return a.resolve() == b.resolve()
     return str(a).rstrip("/") == str(b).rstrip("/")
-
-
-class HeadScore(NamedTuple):
-    """One attention head and its score (a tuple: JSON writes it as a list)."""
-
-    layer: int
-    head: int
-    score: float
-
-
-class WriteRead(BenchTool):
-    """The original Arrakis' WriteReadAnalyzer, on the verified ``read_write_heads`` math.
-
-    A direction in the residual stream is one of ``token`` (its text exactly as in the
-    vocabulary) or ``token_id`` (the token's centred unembedding direction, with the
-    final norm folded in when ``fold_ln``), ``dim_idx`` (the basis direction
-    ``e_dim_idx``) or ``direction`` (d_model floats). Per head, all in [0, 1]
-    (``arrakis_ray.tools.read_write_heads``): ``write_weight = ||W_OV u|| / ||W_OV||_F``,
-    ``read_q``, ``read_k`` (through W_QK) and ``read_v`` (through W_OV). With ``fold_ln``
-    each head reads through its ln1 as in the tool. ``run(...)`` runs the
-    ``read_write_heads`` tool itself (its activation scores too), as any BenchTool.
-    """
-
-    tool_name = "read_write_heads"
-
-    def __init__(self, model: HookedModel | ModelHere, store: Any = None):
-        super().__init__(self.tool_name, model, store)
-
-    def scores(
-        self,
-        layer_idx: int | None = None,
-        *,
-        token: str | None = None,
-        token_id: int | None = None,
-        dim_idx: int | None = None,
-        direction: Any = None,
-        fold_ln: bool = True,
-    ) -> pl.DataFrame:
-        """Every head's (or ``layer_idx``'s heads') ``ov_norm`` (||W_OV||_F) and
-        ``qk_norm`` (||W_QK||_F), and with a direction its ``direction`` label,
-        ``write_weight``, ``read_q``, ``read_k`` and ``read_v``."""
-        import polars as pl
-        import torch
-
-        from arrakis_ray.models.circuits import layer_factors
-        from arrakis_ray.tools.read_write_heads import WEIGHT_COLUMNS, weight_scores
-
-        model = self.here.model
-        layers = range(model.n_layers) if layer_idx is None else [self._layer(layer_idx)]
-        resolved = self._direction(token, token_id, dim_idx, direction, fold_ln)
-        with torch.inference_mode():
-            factors = [layer_factors(model, layer, fold_ln) for layer in layers]
-            ov = np.stack([f.ov_norm().float().cpu().numpy() for f in factors])
-            qk = np.stack([f.qk_norm().float().cpu().numpy() for f in factors])
-        layer, head = (
-            a.ravel() for a in np.meshgrid(list(layers), range(model.n_heads), indexing="ij")
-        )
-        columns: dict[str, Any] = {
-            "layer": pl.Series(layer, dtype=pl.Int16),
-            "head": pl.Series(head, dtype=pl.Int16),
-        }
-        if resolved is not None:
-            u, label = resolved
-            by_column = weight_scores(model, u, fold_ln)  # [n_layers, n_heads] each
-            columns["direction"] = [label] * len(layer)
-            for name in WEIGHT_COLUMNS:
-                columns[name] = pl.Series(by_column[name][list(layers)].ravel(), dtype=pl.Float32)
-        columns["ov_norm"] = pl.Series(ov.ravel(), dtype=pl.Float32)
-        columns["qk_norm"] = pl.Series(qk.ravel(), dtype=pl.Float32)
-        return pl.DataFrame(columns)
-
-    def identify_write_heads(
-        self,
-        layer_idx: int,
-        *,
-        token: str | None = None,
-        token_id: int | None = None,
-        dim_idx: int | None = None,
-        direction: Any = None,
-        top_k: int | None = None,
-        threshold: float | None = None,
-        fold_ln: bool = True,
-    ) -> list[HeadScore]:
-        """The heads of ``layer_idx`` by how much they write, best first: along a
-        direction, ``write_weight``; with no direction, how much they write at all,
-        ``||W_OV||_F`` (the head's output size for iid unit inputs, in residual units).
-        Kept: scores >= ``threshold``, then the first ``top_k``."""
-        scores = self.scores(
-            layer_idx, token=token, token_id=token_id, dim_idx=dim_idx,
-            direction=direction, fold_ln=fold_ln,
-        )  # fmt: skip
-        column = "write_weight" if "write_weight" in scores.columns else "ov_norm"
-        return _ranked(scores, column, top_k, threshold)
-
-    def identify_read_heads(
-        self,
-        layer_idx: int,
-        *,
-        dim_idx: int | None = None,
-        token: str | None = None,
-        token_id: int | None = None,
-        direction: Any = None,
-        read: str = "q",
-        top_k: int | None = None,
-        threshold: float | None = None,
-        fold_ln: bool = True,
-    ) -> list[HeadScore]:
-        """The heads of ``layer_idx`` by how much they read a direction, best first:
-        ``read`` = "q" (its queries, ``read_q``), "k" (its keys) or "v" (its values).
-        Kept: scores >= ``threshold``, then the first ``top_k``."""
-        if read not in ("q", "k", "v"):
-            raise ToolError(f"write_read: read={read!r}: give 'q', 'k' or 'v'")
-        if all(v is None for v in (dim_idx, token, token_id, direction)):
-            raise ToolError(
-                "write_read: identify_read_heads reads a direction: give dim_idx, token, "
-                "token_id or direction"
-            )
-        scores = self.scores(
-            layer_idx, token=token, token_id=token_id, dim_idx=dim_idx,
-            direction=direction, fold_ln=fold_ln,
-        )  # fmt: skip
-        return _ranked(scores, f"read_{read}", top_k, threshold)
-
-    def _layer(self, layer_idx: Any) -> int:
-        n_layers = self.here.model.n_layers
-        if not isinstance(layer_idx, Integral) or isinstance(layer_idx, bool):
-            raise ToolError(f"write_read: layer_idx must be an integer, got {layer_idx!r}")
-        if not 0 <= layer_idx < n_layers:
-            raise ToolError(
-                f"write_read: layer_idx {layer_idx} is out of range: the model has "
-                f"{n_layers} layers (0..{n_layers - 1})"
-            )
-        return int(layer_idx)
-
-    def _direction(self, token, token_id, dim_idx, direction, fold_ln: bool):
-        """``(unit vector, label)`` of the one direction given, or None if none is."""
-        from arrakis_ray.tools.read_write_heads import ReadWriteParams, resolve_direction
-
-        given = {
-            name: value
-            for name, value in (
-                ("token", token), ("token_id", token_id),
-                ("dim_idx", dim_idx), ("direction", direction),
-            )
-            if value is not None
-        }  # fmt: skip
-        if not given:
-            return None
-        if len(given) > 1:
-            raise ToolError(
-                f"write_read: give one direction, not {' and '.join(given)} "
-                "(token, token_id, dim_idx or direction)"
-            )
-        model = self.here.model
-        if token is not None and model.tokenizer is None:
-            raise ToolError(
-                f"write_read: token {token!r}: this model has no tokenizer; give token_id"
-            )
-        if dim_idx is not None:
-            if not isinstance(dim_idx, Integral) or not 0 <= dim_idx < model.d_model:
-                raise ToolError(
-                    f"write_read: dim_idx {dim_idx!r} is not a residual dimension of this "
-                    f"model (0..{model.d_model - 1}, d_model = {model.d_model})"
-                )
-            direction = np.eye(model.d_model)[int(dim_idx)]
-        if direction is not None:
-            if hasattr(direction, "detach"):  # a torch tensor
-                direction = direction.detach().cpu().numpy()
-            direction = tuple(float(x) for x in np.asarray(direction, dtype=np.float64).ravel())
-        try:
-            params = ReadWriteParams(
-                token=token, token_id=token_id, direction=direction, fold_ln=fold_ln
-            )
-        except ValueError as exc:
-            raise ToolError(f"write_read: {exc}") from None
-        # only a token needs the vocabulary's texts (decoding it takes a while)
-        vocab = self.here.vocab if direction is None else np.array([], dtype=object)
-        u, label = resolve_direction(params, model, vocab)
-        return u, (f"dim:{int(dim_idx)}" if dim_idx is not None else label)
-
-
-def _ranked(
-    scores: pl.DataFrame, column: str, top_k: int | None, threshold: float | None
-) -> list[HeadScore]:
-    """Heads by ``column``, best first (ties: lower head first), filtered."""
-    import polars as pl
-
-    if top_k is not None and (not isinstance(top_k, Integral) or top_k < 1):
-        raise ToolError(f"write_read: top_k must be a positive integer, got {top_k!r}")
-    if threshold is not None and (not isinstance(threshold, Real) or not math.isfinite(threshold)):
-        raise ToolError(f"write_read: threshold must be a finite number, got {threshold!r}")
-    ranked = scores.sort([column, "head"], descending=[True, False])
-    if threshold is not None:
-        ranked = ranked.filter(pl.col(column) >= threshold)
-    if top_k is not None:
-        ranked = ranked.head(int(top_k))
-    return [
-        HeadScore(int(layer), int(head), float(score))
-        for layer, head, score in ranked.select("layer", "head", column).iter_rows()
-    ]

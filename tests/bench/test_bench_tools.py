@@ -3,7 +3,9 @@ every tool's in-process path against the same tool on a stored harvest."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -13,8 +15,9 @@ import torch
 from polars.testing import assert_frame_equal
 from support import DEMO_DATA
 
-from arrakis_ray.bench.tools import ARRAKIS_KEYS, BenchTool, HeadScore, WriteRead, builtin_tools
-from arrakis_ray.errors import DataError, ToolError
+from arrakis_ray.bench.tools import ARRAKIS_KEYS, BenchTool, builtin_tools
+from arrakis_ray.bench.write_read import HeadScore, WriteRead
+from arrakis_ray.errors import DataError, StoreError, ToolError
 from arrakis_ray.models.weights import attention_weights
 from arrakis_ray.store.reader import RunReader
 
@@ -54,6 +57,23 @@ def bench_store(harvested, tmp_path_factory):
     copy = tmp_path_factory.mktemp("bench-tools") / "store"
     shutil.copytree(store, copy)
     return copy, result.run_id
+
+
+@pytest.fixture
+def own_store(harvested, tmp_path):
+    """(a copy of the shared harvested store for one test, the run id)."""
+    _config, store, result = harvested
+    shutil.copytree(store, tmp_path / "store")
+    return tmp_path / "store", result.run_id
+
+
+def tree_digest(root) -> dict[str, str]:
+    """Every file under ``root``: its relative path -> the sha256 of its bytes."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 def by_hand(model, layer: int, u: np.ndarray, fold_ln: bool) -> dict[str, np.ndarray]:
@@ -220,7 +240,27 @@ def test_live_tool_on_inputs_equals_the_stored_run(bench_store, demo, tmp_path):
     _assert_rows_equal(here, stored, ["item", "rank"])
     as_dicts = tool.run(rows, top_k=2)
     assert_frame_equal(as_dicts, here)
+    # pandas (its index dropped, not a column) and Arrow give the same table
+    import pandas as pd
+    import pyarrow as pa
+
+    frame = pd.DataFrame(rows, index=[7, 3, 9, 1, 5])
+    for table in (frame, pa.Table.from_pylist(rows)):
+        assert_frame_equal(tool.run(table, top_k=2), here)
     assert tool.runs_used == [run_id]  # in-process calls read no stored run
+
+
+def test_a_text_table_gives_the_rows_of_its_texts(demo):
+    """An observational tool given a table: its ``text`` column is the inputs (the rows
+    equal those of the plain texts, its other columns labels), whatever library holds it."""
+    import pandas as pd
+
+    texts = ["the capital of france is paris", "the capital of spain is"]
+    lens = builtin_tools(demo, None)["logit_lens"]
+    plain = lens.run(texts)
+    labelled = {"text": texts, "label": ["a", "b"]}
+    for table in (pl.DataFrame(labelled), pd.DataFrame(labelled, index=[4, 2])):
+        assert_frame_equal(lens.run(table), plain)
 
 
 def test_run_path_returns_the_stored_tables_and_records_the_run(bench_store, demo):
@@ -246,6 +286,97 @@ def test_in_process_token_ids_in_any_container_agree(tiny):
     for given in (ids, torch.from_numpy(ids)):
         for output, frame in tool.run(given).items():
             assert_frame_equal(frame, from_list[output])
+
+
+# --------------------------------------------------- run=: stored records, reused
+
+
+def test_run_with_the_stored_params_reads_them_and_writes_nothing(own_store, demo, monkeypatch):
+    """The harvest fixture ran logit_lens with its defaults: asking for those (left out,
+    or given explicitly) reads the stored tables, every file of the store unchanged."""
+    from arrakis_ray.tools import runner
+
+    store, run_id = own_store
+    want = pl.from_arrow(RunReader.open(run_id, store).result("logit_lens"))
+    before = tree_digest(store)
+
+    def no_analyze(*args, **kwargs):
+        raise AssertionError("the stored record has these params: nothing to compute")
+
+    monkeypatch.setattr(runner, "analyze", no_analyze)
+    lens = builtin_tools(demo, store)["logit_lens"]
+    assert_frame_equal(lens.run(run=run_id), want)
+    assert_frame_equal(lens.run(run=run_id, include_embed=False), want)
+    assert tree_digest(store) == before
+    assert lens.runs_used == [run_id]
+    # a file its record lists, gone (not replaced by a call): said, not recomputed
+    (store / next(p for p in before if "results/logit_lens/" in p)).unlink()
+    with pytest.raises(StoreError, match="a result file of logit_lens is gone"):
+        lens.run(run=run_id)
+
+
+def test_run_with_other_params_returns_that_calls_tables(own_store, demo, monkeypatch):
+    """Other params run the tool (replacing the record, as documented) and return its
+    tables; a concurrent call that replaces the record before this call reads it (and
+    deletes this call's files) makes it compute again, never return the other's rows."""
+    from arrakis_ray.store.manifest import read_tool_records
+    from arrakis_ray.store.writer import RunWriter
+    from arrakis_ray.tools import runner
+
+    store, run_id = own_store
+    reader = RunReader.open(run_id, store)
+    want = pl.from_arrow(reader.result("logit_lens"))
+    lens = builtin_tools(demo, store)["logit_lens"]
+    with_embed = lens.run(run=run_id, include_embed=True)
+    # layer -1 (the embeddings) is new; every other row is the default call's
+    assert with_embed.filter(pl.col("layer") == -1).height == want.height // demo.n_layers
+    assert_frame_equal(with_embed.filter(pl.col("layer") >= 0), want, check_row_order=False)
+    embed_record = read_tool_records(reader.layout)["logit_lens"]
+    assert embed_record.params == {"include_embed": True}  # replaced, as analyze does
+
+    real, calls = runner.analyze, []
+
+    def raced(run, tool, params, store):
+        """The real analyze, then (once) a concurrent call's record put back over it,
+        this call's files deleted, as a concurrent analyze finishing later does."""
+        result = real(run, tool, params, store=store)
+        calls.append(params)
+        if len(calls) == 1:
+            ours = read_tool_records(reader.layout)["logit_lens"]
+            writer = RunWriter.for_layout(reader.layout)
+            writer.record_tool("logit_lens", embed_record)
+            writer.remove_results(ours.files)
+        return result
+
+    monkeypatch.setattr(runner, "analyze", raced)
+    again = lens.run(run=run_id, include_embed=False)
+    assert calls == [{"include_embed": False}] * 2  # raced once, then computed again
+    assert_frame_equal(again, want, check_row_order=False)
+    assert read_tool_records(reader.layout)["logit_lens"].params == {"include_embed": False}
+
+
+# ---------------------------------------------------------------------- pickling
+
+
+def test_the_tools_pickle_after_a_live_tool_ran(tiny):
+    """A live tool caches the bench's LiveModel (its holder has a lock): the tools still
+    pickle (``exp.map`` sends the bench to Ray), one shared model, rebuilt on use."""
+    tools = builtin_tools(tiny, None)
+    profile = {"seq_len": 4, "batch_size": 1, "repeats": 1, "warmup": 0}
+    first = tools["profile_model"].run(**profile)
+    here = tools["logit_lens"].here
+    assert "live" in vars(here) and len(here.vocab) == 64  # both cached now
+    with pytest.raises(TypeError, match="lock"):
+        pickle.dumps(here.live)  # why ModelHere drops it
+    back = pickle.loads(pickle.dumps(tools))
+    again = back["profile_model"]
+    assert again.here is back["write_read"].here and "live" not in vars(again.here)
+    assert back["knowledge"] is back["k_prober"]
+    fixed = ["module", "kind", "layer", "params", "flops_per_token", "activation_bytes_per_token"]
+    assert_frame_equal(again.run(**profile).select(fixed), first.select(fixed))
+    # the profile's parameters, by construction: every parameter of the model once
+    assert first["params"].sum() == sum(p.numel() for p in tiny.model.parameters())
+    assert again.here.vocab.tolist() == here.vocab.tolist()
 
 
 # ------------------------------------------------------------------- refusals

@@ -10,12 +10,8 @@ import torch
 from scipy import stats
 
 from arrakis_ray.bench import hypothesis
-from arrakis_ray.bench.hypothesis import (
-    compare_samples,
-    samples_from,
-    student_t_cdf,
-    student_t_sf,
-)
+from arrakis_ray.bench.hypothesis import compare_samples, samples_from
+from arrakis_ray.bench.student_t import student_t_cdf, student_t_sf
 from arrakis_ray.errors import ConfigError, DataError
 
 RTOL = 1e-10
