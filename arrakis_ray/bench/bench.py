@@ -46,25 +46,27 @@ class BaseInterpretabilityBench:
         self.tools: dict[str, Any] = builtin_tools(model, self.store)
         self.last_profile = None
         """The module table of the last ``@profile_model`` call (a Polars frame)."""
-        self._fingerprints = versions.Fingerprints()
 
     # -- recording ------------------------------------------------------------------
 
-    def _spec(self, func: Callable, name: str, kind: str, args, kwargs, extra=None):
-        """The call's identity: source, canonical arguments, model, version."""
+    def _spec(self, func, name, kind, source, args, kwargs, extra=None, fingerprint=True):
+        """The call's identity: source, canonical arguments, model, version.
+        ``fingerprint=False``: arguments checked only (``map``, before its tasks)."""
         injected = set(getattr(func, "__bench_injected__", ()))
         tool_ids = {id(t): key for key, t in self.tools.items()}
-        raw = getattr(func, "__bench_source__", None) or versions.source_of(func)
-        bound = versions.bound_arguments(inspect.unwrap(func), args, kwargs, skip=injected)
+        supplied = injected | set(extra or ())
+        bound = versions.bound_arguments(
+            inspect.unwrap(func), args, kwargs, skip=injected, supplied=supplied
+        )
         bound = {k: {"tool": tool_ids[id(v)]} if id(v) in tool_ids else v for k, v in bound.items()}
         if extra:
             bound.update(extra)
         arguments = versions.canonical(bound, f"experiment {name}:")
         model_print = arch = None
-        if _is_hooked(self.model):
-            model_print, arch = self._fingerprints(self.model), self.model.arch
-        version = versions.version_of(name, raw[1], arguments, model_print)
-        return calls.CallSpec(name, kind, raw[0], arguments, version, model_print, arch)
+        if fingerprint and _is_hooked(self.model):
+            model_print, arch = versions.fingerprint(self.model), self.model.arch
+        version = versions.version_of(name, source[1], arguments, model_print)
+        return calls.CallSpec(name, kind, source[0], arguments, version, model_print, arch)
 
     def _runs_read(self) -> list[str]:
         used = []
@@ -75,8 +77,8 @@ class BaseInterpretabilityBench:
                 runs.clear()
         return used
 
-    def _call(self, func, name, kind, args, kwargs, finish=calls.plain_outcome, extra=None):
-        spec = self._spec(func, name, kind, args, kwargs, extra)
+    def _call(self, func, name, kind, source, args, kwargs, finish=calls.plain_outcome, extra=None):
+        spec = self._spec(func, name, kind, source, args, kwargs, extra)
         self._runs_read()  # forget what earlier calls read
         return calls.record_call(
             self.store, spec, lambda: func(*args, **kwargs), finish, self._runs_read
@@ -84,18 +86,17 @@ class BaseInterpretabilityBench:
 
     def _decorate(self, func, kind, finish=calls.plain_outcome, extra=None):
         name = records.check_name(func.__name__)
-        if not getattr(func, "__bench_source__", None):
-            # read here, in the process that defined it: a Ray worker of ``map`` may not
-            # see the file
-            func.__bench_source__ = versions.source_of(func)
+        # read here, in the process that defined it: a Ray worker of ``map`` may not see
+        # the file
+        source = getattr(func, "__bench_source__", None) or versions.source_of(func)
 
         @functools.wraps(func)
         def logged(*args, **kwargs):
-            return self._call(func, name, kind, args, kwargs, finish, extra)
+            return self._call(func, name, kind, source, args, kwargs, finish, extra)
 
         logged.__bench_records__ = True  # a use_tools wrapper around it keeps the mark
         logged.__bench_spec__ = functools.partial(
-            self._spec, func, name, kind, extra=extra
+            self._spec, func, name, kind, source, extra=extra, fingerprint=False
         )  # for map: every grid point's arguments checked before any task starts
         return logged
 
@@ -265,8 +266,8 @@ class BaseInterpretabilityBench:
         def profile_model(input_ids=None, **opts):
             return profile_forward(self.model, input_ids, **opts)
 
-        profile_model.__bench_source__ = versions.source_of(profile_forward)
-        return self._call(profile_model, "profile_model", "profile", (), options)
+        source = versions.source_of(profile_forward)
+        return self._call(profile_model, "profile_model", "profile", source, (), options)
 
     def test_hypothesis(self, func: Callable | None = None, /, **options) -> Callable:
         """The function returns two samples (a pair, or a dict of two conditions); the

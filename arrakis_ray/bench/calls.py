@@ -147,8 +147,18 @@ def record_call(
         row.update(outcome.row)
         try:
             _write_artifacts(files, outcome.artifacts, row)
+            if outcome.hypothesis is not None:  # before the call row, which says "ok"
+                hypothesis = {
+                    "name": spec.name,
+                    "version": spec.version,
+                    "call_id": call_id,
+                    "started_at": row["started_at"],
+                    **outcome.hypothesis,
+                }
+                records.write_row(files.hypothesis, hypothesis, records.hypothesis_schema())
         except Exception as e:  # noqa: BLE001 - the call ran: its record still goes in
             error = StoreError(f"the result of {spec.name} could not be stored: {e}")
+            error.__cause__ = e
             row.update(result_kind="none", result_json=None, result_file=None, chart_file=None)
             row["profile_file"] = None
     if error is not None:
@@ -167,15 +177,6 @@ def record_call(
         # the function's own exception matters more than its record's
         log.exception("could not record the failed call %s of %s", call_id, spec.name)
         raise error from None
-    if error is None and outcome.hypothesis is not None:
-        hypothesis = {
-            "name": spec.name,
-            "version": spec.version,
-            "call_id": call_id,
-            "started_at": row["started_at"],
-            **outcome.hypothesis,
-        }
-        records.write_row(files.hypothesis, hypothesis, records.hypothesis_schema())
     if error is not None:
         raise error
     return outcome.returned

@@ -1,8 +1,9 @@
 """``exp.map``: a bench function over a parameter grid, as Ray tasks.
 
 The decorated function itself goes to the workers (put in Ray's object store once,
-with the bench and its model it closes over), so each call records exactly as a direct
-call does: its hypothesis test, chart or profile included, in the same store.
+with the bench and its model it closes over, its module pickled by value), so each call
+records exactly as a direct call does: its hypothesis test, chart or profile included,
+in the same store.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def run_points(fn: Callable, points: list[dict[str, Any]], num_cpus: float) -> l
     from arrakis_ray.ray_session import ensure_ray, ray_errors
 
     ensure_ray()
+    _by_value(fn)
     shipped = ray.put(fn)  # the function and the bench (its model): once, not per task
     task = ray.remote(num_cpus=num_cpus)(_call_point)
     refs = [task.remote(shipped, point) for point in points]
@@ -61,6 +63,19 @@ def run_points(fn: Callable, points: list[dict[str, Any]], num_cpus: float) -> l
             f"recorded); first, at {point}: {error}"
         )
     return results
+
+
+def _by_value(fn: Callable) -> None:
+    """Pickle the user's module by value: by reference, a worker would import it again,
+    running its top level (a new bench, another model) instead of using this one."""
+    import sys
+
+    from ray import cloudpickle
+
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if module is None or module.__name__ == "__main__" or module.__name__.startswith("arrakis_ray"):
+        return  # __main__ goes by value anyway; the package is installed on the workers
+    cloudpickle.register_pickle_by_value(module)
 
 
 def _call_point(fn: Callable, point: dict[str, Any]):

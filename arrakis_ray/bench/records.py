@@ -51,7 +51,8 @@ EXPERIMENTS_DIR = "experiments"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 
 # a (name, version)'s last call gives its status; its last successful call its result
-# and chart (arg_max skips nulls: without the filter they could come from another call)
+# and chart: arg_max_null, since arg_max skips nulls and would take an older call's JSON
+# when the last one returned a table
 EXPERIMENTS_SQL = """
 SELECT name, version,
        arg_min(kind, started_at) AS kind,
@@ -65,8 +66,8 @@ SELECT name, version,
        count(*) FILTER (WHERE status = 'ok') AS n_ok,
        count(*) FILTER (WHERE status = 'error') AS n_error,
        arg_max(status, started_at) AS last_status,
-       arg_max(result_json, started_at) FILTER (WHERE status = 'ok') AS last_ok_result_json,
-       arg_max(chart_file, started_at) FILTER (WHERE status = 'ok') AS last_ok_chart_file
+       arg_max_null(result_json, started_at) FILTER (WHERE status = 'ok') AS last_ok_result_json,
+       arg_max_null(chart_file, started_at) FILTER (WHERE status = 'ok') AS last_ok_chart_file
 FROM experiment_calls
 GROUP BY name, version
 """
@@ -162,32 +163,34 @@ def read_table(root: StorePath, relative: str) -> pa.Table:
         raise StoreError(f"{root / relative}: cannot read this experiment result ({e})") from None
 
 
-def record_files(root: StorePath, kind: str, schema: pa.Schema) -> list:
-    """The record files of ``kind`` (calls or hypotheses) with ``schema``: complete files
-    only, since a file being written has a hidden temp name. A file that cannot be read
-    or holds another table is left out with a warning: one damaged record must not take
-    the store's other views (its runs) down with it."""
+def record_files(root: StorePath, kind: str, schema: pa.Schema) -> tuple[list, set[str]]:
+    """The record files of ``kind`` (calls or hypotheses) with ``schema``, and the columns
+    they hold: complete files only, since a file being written has a hidden temp name.
+    A file that cannot be read or holds another table is left out with a warning: one
+    damaged record must not take the store's other views (its runs) down with it."""
     import pyarrow.parquet as pq
 
     from arrakis_ray.store.location import arrow_source
 
     base = root / EXPERIMENTS_DIR / kind
     if not base.is_dir():
-        return []
-    found = []
+        return [], set()
+    found, columns = [], set()
     for path in sorted(base.glob("*/*.parquet"), key=str):
         if path.name.startswith("."):
             continue
         try:
             where, filesystem = arrow_source(path)
-            readable = _fits(pq.read_schema(where, filesystem=filesystem), schema)
+            file_schema = pq.read_schema(where, filesystem=filesystem)
+            readable = _fits(file_schema, schema)
         except (OSError, pa.ArrowInvalid):
             readable = False
         if readable:
             found.append(path)
+            columns.update(file_schema.names)
         else:
             log.warning("%s: not a readable %s record; left out of the views", path, kind)
-    return found
+    return found, columns
 
 
 def _fits(found: pa.Schema, schema: pa.Schema) -> bool:
@@ -214,13 +217,19 @@ def create_views(con, root: StorePath, register: Callable[[str, list, pa.Schema]
         ("experiment_calls", "calls", call_schema()),
         ("hypotheses", "hypotheses", hypothesis_schema()),
     ):
-        files = record_files(root, kind, schema)
-        columns = ", ".join(f'"{f.name}"' for f in schema)
+        files, present = record_files(root, kind, schema)
         if not files:
             body = _empty_select(schema)
-        elif is_remote(root):
+        elif is_remote(root):  # the dataset fills a column a file lacks with nulls
+            columns = ", ".join(f'"{f.name}"' for f in schema)
             body = f"SELECT {columns} FROM {register(view, files, schema)}"
-        else:
+        else:  # a column no file has (records older than it) is a typed null
+            columns = ", ".join(
+                f'"{f.name}"'
+                if f.name in present
+                else f'CAST(NULL AS {_SQL_TYPES[f.type]}) AS "{f.name}"'
+                for f in schema
+            )
             listed = ", ".join(_literal(str(f)) for f in files)
             # union_by_name: a record older than a nullable column reads it as null
             body = f"SELECT {columns} FROM read_parquet([{listed}], union_by_name = true)"

@@ -209,14 +209,17 @@ class BenchTool:
 def stored_record(layout: RunLayout, tool: Tool) -> ToolRecord | None:
     """The run's record of ``tool`` if it was computed with ``tool``'s parameters (the
     stored ones built into the tool's Params, defaults filled in, then compared) and its
-    schema version; else None."""
+    schema version, over a complete harvest (an observational tool's record of a run
+    still harvesting may lack shards); else None."""
     from arrakis_ray.config import to_dict
-    from arrakis_ray.store.manifest import read_tool_records
+    from arrakis_ray.store.manifest import read_manifest, read_tool_records
     from arrakis_ray.tools.runner import make_tool
 
     record = read_tool_records(layout).get(tool.name)
     if record is None or record.schema_version != tool.schema_version:
         return None
+    if tool.scope != "live" and read_manifest(layout).status != "complete":
+        return None  # computed while the harvest ran: shards may have come since
     try:
         stored = make_tool(type(tool), record.params, source="the run's tool record")
     except ToolError:  # parameters this version of the tool no longer takes

@@ -7,7 +7,9 @@ any process (the original Arrakis hashed a timestamp in, so every call was a new
 
 - **source**: the function's source as written (``inspect.getsource``). Where Python
   cannot find it (a function typed at ``python -c``), the version hashes its compiled
-  code (``marshal``, stable for one Python version) and the record says so.
+  code (``marshal``, stable for one Python version) and the record says so. A decorated
+  bound method is versioned by its code and arguments: the state of the object it is
+  bound to is not part of its version (pass what matters as arguments).
 - **arguments**: bound to the signature with defaults applied, as canonical JSON (sorted
   keys). Arrays, tensors, Series and tables are hashed by content (dtype, shape, bytes;
   a table without its schema metadata, which holds library versions), and written out
@@ -27,6 +29,7 @@ import json
 import marshal
 import math
 import textwrap
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import PurePath
 from typing import Any
@@ -61,10 +64,17 @@ def version_of(name: str, code: bytes, arguments: str, model: str | None) -> str
     return h.hexdigest()[:16]
 
 
-def bound_arguments(func: Callable, args: tuple, kwargs: dict, skip: set[str]) -> dict[str, Any]:
-    """The call's arguments by parameter name, defaults applied, ``skip`` left out."""
+def bound_arguments(
+    func: Callable, args: tuple, kwargs: dict, skip: set[str], supplied: set[str] = frozenset()
+) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults applied, ``skip`` left out.
+    ``supplied``: parameters the decorator passes (a tool, ``fig``, a plot's keyword
+    arguments), bound here to a placeholder whether or not they have defaults."""
+    signature = inspect.signature(func)
+    given = set(kwargs) | set(list(signature.parameters)[: len(args)])
+    filler = {n: None for n in supplied if n in signature.parameters and n not in given}
     try:
-        bound = inspect.signature(func).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs, **filler)
     except TypeError as e:
         raise TypeError(f"{getattr(func, '__name__', func)}(): {e}") from None
     bound.apply_defaults()
@@ -80,33 +90,40 @@ def canonical(arguments: Mapping[str, Any], where: str) -> str:
     )
 
 
-def _plain(value: Any, where: str) -> Any:
-    """A JSON value with the same content as ``value``, or DataError."""
+def _plain(value: Any, where: str, seen: frozenset[int] = frozenset()) -> Any:
+    """A JSON value with the same content as ``value``, or DataError. ``seen``: the
+    functions being described, so that a recursive closure ends."""
     import numpy as np
+
+    def plain(v: Any) -> Any:
+        return _plain(v, where, seen)
 
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):  # tagged: the string "nan" is another value
         return value if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, np.generic):
-        return _plain(value.item(), where)
+        return plain(value.item())
     if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, list | tuple):
-        return [_plain(v, where) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, set | frozenset):
-        return sorted((_plain(v, where) for v in value), key=json.dumps)
+        return sorted((plain(v) for v in value), key=json.dumps)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v, where) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return {"__dataclass__": type(value).__qualname__, **_plain(fields, where)}
+        return {"__dataclass__": type(value).__qualname__, **plain(fields)}
+    if _library_type(value)[1] == "Series":  # by its values, whatever their type
+        value = value.to_frame()
     array = _as_numpy(value)
     if array is not None:
         if array.dtype.kind not in "biufcSUM":  # objects: no bytes that are their content
             raise DataError(f"{where}: an array of {array.dtype} has no stable content to version")
         if array.size <= SMALL and array.dtype.kind in "biuf":
-            return {"dtype": str(array.dtype), "shape": list(array.shape), "values": array.tolist()}
+            values = plain(array.tolist())  # a NaN tagged, as anywhere else
+            return {"dtype": str(array.dtype), "shape": list(array.shape), "values": values}
         raw = np.ascontiguousarray(array).tobytes()
         return {"dtype": str(array.dtype), "shape": list(array.shape), "sha256": digest(raw)}
     table = as_arrow_table(value)
@@ -115,15 +132,21 @@ def _plain(value: Any, where: str) -> Any:
         schema = table.schema.to_string(show_schema_metadata=False)
         return {"table": schema, "rows": table.num_rows, "sha256": _table_digest(table)}
     if _is_hooked_model(value):
-        return {"model": Fingerprints()(value)}
+        return {"model": fingerprint(value)}
+    if inspect.ismethod(value):  # its function and the object it is bound to
+        return {"method": plain(value.__func__), "self": plain(value.__self__)}
     if inspect.isfunction(value):  # its code, and the values it closes over
         _text, code = source_of(value)
-        cells = [c.cell_contents for c in value.__closure__ or ()]
-        return {
-            "function": value.__qualname__,
-            "sha256": digest(code),
-            "closure": _plain(cells, where),
-        }
+        described = {"function": value.__qualname__, "sha256": digest(code)}
+        if id(value) in seen:  # a function that calls itself closes over itself
+            return described
+        try:
+            cells = [c.cell_contents for c in value.__closure__ or ()]
+        except ValueError:  # a cell not yet bound (a name assigned after the def)
+            raise DataError(
+                f"{where}: {value.__qualname__} closes over a name not yet set"
+            ) from None
+        return {**described, "closure": _plain(cells, where, seen | {id(value)})}
     raise DataError(
         f"{where}: a {type(value).__name__} has no stable content to version; pass plain "
         "values, arrays, tensors or tables (or a tool through use_tools)"
@@ -269,11 +292,22 @@ class Fingerprints:
         for name, tensor in sorted(model.model.state_dict().items()):
             raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(-1)
             quick.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            quick.update(raw.view(torch_uint8()).numpy().tobytes())
+            quick.update(raw.view(torch_uint8()).numpy())  # the buffer itself: no copy
         key = quick.intdigest()
         if self._last is None or self._last[0] != key:
             self._last = (key, model_fingerprint(model))
         return self._last[1]
+
+
+_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fingerprint(model) -> str:
+    """A model's fingerprint, through one ``Fingerprints`` per model (a model passed as an
+    argument of many calls is hashed in full once)."""
+    if model not in _BY_MODEL:
+        _BY_MODEL[model] = Fingerprints()
+    return _BY_MODEL[model](model)
 
 
 def torch_uint8():

@@ -185,6 +185,80 @@ def test_an_argument_without_stable_content_is_refused_by_name(bench):
     assert len(bench.list_versions("takes")) == 7
 
 
+def test_records_older_than_a_column_and_the_last_successful_result(bench):
+    """A record written before ``profile_file`` existed reads it as null; the last
+    successful call's result is its own, even when it is a table (no JSON)."""
+    from arrakis_ray.bench import records
+
+    old = records.call_schema()
+    old = old.remove(old.get_field_index("profile_file"))
+    row = {f.name: None for f in old}
+    row.update(
+        name="legacy", version="0" * 16, call_id="20200101T000000000000Z-00000000",
+        kind="experiment", started_at=__import__("datetime").datetime(2020, 1, 1), wall_s=0.1,
+        status="ok", source="def legacy(): ...", arguments="{}", result_kind="json",
+        result_json="7", stdout="", host="h", pid=1, packages="{}",
+    )  # fmt: skip
+    path = bench.store / "experiments" / "calls" / "legacy" / f"{row['call_id']}.parquet"
+    records.write_row(path, row, old)
+    with Store(bench.store) as db:
+        legacy = db.sql("SELECT profile_file, last_ok_result_json FROM experiment_calls "
+                        "JOIN experiments USING (name, version)")  # fmt: skip
+    assert legacy.row(0) == (None, "7")
+
+    state = {"table": False}
+
+    @bench.log_experiment
+    def flips():  # one version: what it returns depends on state it does not take
+        return pl.DataFrame({"a": [1]}) if state["table"] else 1
+
+    flips()
+    state["table"] = True
+    flips()
+    with Store(bench.store) as db:
+        last = db.sql("SELECT n_calls, last_ok_result_json FROM experiments WHERE name = 'flips'")
+    assert last.row(0) == (2, None)  # the last call's result is a table, not the first's 1
+
+
+def test_methods_recursive_functions_and_required_plot_arguments_are_versioned(bench):
+    from arrakis_ray.bench import PlotSpec
+
+    class Probe:
+        def __init__(self, k):
+            self.k = k
+
+        def scaled(self, x):
+            return x * self.k
+
+    logged = bench.log_experiment(Probe(3).scaled)  # a bound method can be decorated
+    assert logged(2) == 6
+
+    @bench.log_experiment
+    def takes(f):
+        return f(3)
+
+    def countdown(n):
+        return 0 if n == 0 else countdown(n - 1)
+
+    assert takes(countdown) == 0  # a function closing over itself ends
+
+    def late():
+        return later
+
+    with pytest.raises(DataError, match="closes over a name not yet set"):
+        takes(late)
+    later = 1
+    assert late() == later
+
+    ids = torch.tensor([[1, 5, 9]])
+
+    @bench.plot_results(PlotSpec("attention", "blocks.0.attn.hook_pattern"), input_ids=ids, scale=2)
+    def required(fig, scale):  # no defaults: the decorator supplies both
+        return scale
+
+    assert required() == 2
+
+
 def test_plot_results_records_the_decorator_arguments_and_returns_the_function_value(bench):
     from arrakis_ray.bench import PlotSpec
 
