@@ -170,10 +170,7 @@ def test_sql_over_s3_equals_the_local_store(s3_run, s3_env, harvested):
             else:  # stored as float16 there, float32 here: equal after the same rounding
                 key = 3 if view == "act_resid_post" else 4
                 np.testing.assert_array_equal(got[:, :key], want[:, :key])
-                np.testing.assert_array_equal(
-                    got[:, key:].astype(np.float32),
-                    want[:, key:].astype(np.float32).astype(dtype).astype(np.float32),
-                )
+                _assert_same_float16(got[:, key:], want[:, key:])
         # a tool's results, computed by Ray tasks reading from the bucket
         lens = remote.sql("SELECT count(*) AS n FROM results_logit_lens")["n"][0]
         assert (
@@ -198,6 +195,17 @@ def test_rerun_on_s3_is_a_no_op(s3_run, s3_env):
     assert again.status == "already complete" and again.run_id == result.run_id
 
 
+def _assert_same_float16(got, want) -> None:
+    """``got`` (stored as float16) is ``want`` (float32) rounded to float16, to within one
+    float16 step: the two harvests ran in different Ray workers, whose float32 results
+    may differ in their last bits (one full suite run saw 0.4% of values a step apart)."""
+    rounded = np.asarray(want, dtype=np.float32).astype(np.float16)
+    step = np.abs(np.spacing(rounded)).astype(np.float32)
+    diff = np.abs(np.asarray(got, dtype=np.float32) - rounded.astype(np.float32))
+    assert (diff <= step).all(), f"max difference {diff.max()} exceeds one float16 step"
+    assert (diff == 0).mean() > 0.99  # nearly all bit-identical
+
+
 def test_the_run_contract_reads_an_s3_run(s3_run, s3_env, harvested):
     from arrakis_ray.store.reader import RunReader
 
@@ -209,7 +217,7 @@ def test_the_run_contract_reads_an_s3_run(s3_run, s3_env, harvested):
     seq, pos, x = reader.matrix("resid_post", 1, 0)
     lseq, lpos, lx = local.matrix("resid_post", 1, 0)  # float32 locally, float16 on S3
     assert (seq == lseq).all() and (pos == lpos).all()
-    assert abs(x - lx.astype("float16").astype("float32")).max() == 0
+    _assert_same_float16(x, lx)
 
 
 def test_cli_sql_on_an_s3_store(s3_run, s3_env):
