@@ -123,6 +123,10 @@ class HarvestConfig:
     actor and device each, for models too large for one device. 1: whole replicas."""
     layer_ranges: tuple[tuple[int, ...], ...] = ()
     """Explicit stage ranges instead of stages: [[0, 10], [10, 24]] (start, stop)."""
+    spread_stages: bool = False
+    """Place each stage's actors on nodes of their own (a STRICT_SPREAD placement group:
+    every stage actor on a different node), e.g. one stage per GPU node. false: Ray
+    places them where resources are free, several stages may share a node."""
     compact: bool = True
     """Once every shard is harvested, merge each (layer, column block)'s small shard
     files into ~512 MiB parts, so that a query opens few footers (store/compact.py).

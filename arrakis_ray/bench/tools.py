@@ -176,7 +176,7 @@ class BenchTool:
         from arrakis_ray.errors import StoreError
         from arrakis_ray.store.layout import open_store, resolve_run
         from arrakis_ray.store.manifest import read_tool_records
-        from arrakis_ray.tools.runner import analyze
+        from arrakis_ray.tools.runner import analyze, stored_record
 
         if self.store is None:
             raise ToolError(f"tool {self.name}: run={run!r} needs the bench's store; it has none")
@@ -204,27 +204,6 @@ class BenchTool:
             f"{layout.run_id}'s record of it before this call could read its results; make "
             "calls of one tool on one run with different parameters one after another"
         )
-
-
-def stored_record(layout: RunLayout, tool: Tool) -> ToolRecord | None:
-    """The run's record of ``tool`` if it was computed with ``tool``'s parameters (the
-    stored ones built into the tool's Params, defaults filled in, then compared) and its
-    schema version, over a complete harvest (an observational tool's record of a run
-    still harvesting may lack shards); else None."""
-    from arrakis_ray.config import to_dict
-    from arrakis_ray.store.manifest import read_manifest, read_tool_records
-    from arrakis_ray.tools.runner import make_tool
-
-    record = read_tool_records(layout).get(tool.name)
-    if record is None or record.schema_version != tool.schema_version:
-        return None
-    if tool.scope != "live" and read_manifest(layout).status != "complete":
-        return None  # computed while the harvest ran: shards may have come since
-    try:
-        stored = make_tool(type(tool), record.params, source="the run's tool record")
-    except ToolError:  # parameters this version of the tool no longer takes
-        return None
-    return record if to_dict(stored.params) == to_dict(tool.params) else None
 
 
 def record_tables(layout: RunLayout, tool: Tool, record: ToolRecord) -> dict[str, pa.Table] | None:

@@ -45,6 +45,35 @@ class ModelHolder:
         hooked.device = torch.device(self.device)
         self._hold(hooked, stage_model)
 
+    @classmethod
+    def shared(
+        cls,
+        model: ModelConfig,
+        stage: tuple[int, int] | None = None,
+        num_gpus: float = 0.0,
+        sharing: int = 1,
+    ) -> ModelHolder:
+        """The holder of this model stage in this process, loaded on the first call.
+
+        A sweep's warm actors (``sweeps/warm.py``) harvest one run after another in one
+        process: the model is loaded once per actor, not once per run. One holder is
+        kept (the last one asked for), so a process moving on to another model frees the
+        previous one. Runs share it one at a time: it carries its lock.
+        """
+        import json
+
+        from arrakis_ray.config import to_dict
+
+        key = (json.dumps(to_dict(model), sort_keys=True), stage, num_gpus, sharing)
+        held = _SHARED.get(key)
+        if held is None:
+            _SHARED.clear()  # before loading: never two models in memory at once
+            held = _SHARED[key] = cls(model, stage, num_gpus=num_gpus, sharing=sharing)
+            cls.loads += 1
+        return held
+
+    loads = 0  # models this process loaded through ``shared`` (warm-actor statistics)
+
     def _hold(self, hooked, stage_model) -> None:
         """What every holder has, however its model came: the one place to add to."""
         self.stage = stage_model
@@ -61,6 +90,9 @@ class ModelHolder:
         holder.device = str(hooked.device)
         holder._hold(hooked, StageModel(hooked, 0, hooked.n_layers))
         return holder
+
+
+_SHARED: dict[tuple, ModelHolder] = {}  # ModelHolder.shared's one holder
 
 
 def weights_digest(module) -> str:

@@ -3,8 +3,11 @@
 Views: ``runs`` (one row per run, from the manifests), ``tokens``, ``vocab``, ``documents``,
 ``act_<family>`` for every stored hook family and ``results_<tool>`` for every tool
 result; each spans all runs and has a ``run_id`` column, and reads exactly the files the
-runs' inventories list (``store/inventory.py``). The bench's records are the views
-``experiments``, ``experiment_calls`` and ``hypotheses`` (``bench/records.py``). The set
+runs' inventories list (``store/inventory.py``). A results view of a tool that a sweep
+ran with several settings has a ``variant`` column too (NULL: the run's own call). The
+bench's records are the views ``experiments``, ``experiment_calls`` and ``hypotheses``
+(``bench/records.py``); the sweeps' and schedules' are ``sweeps``, ``sweep_runs``,
+``schedules``, ``schedule_firings`` and their events (``sweeps/records.py``). The set
 of runs is read when the Store opens; shards and results that running or uncompacted
 runs gain later are seen by later queries.
 Table macros answer the common questions (``Store.macros()``, schemas/README.md):
@@ -97,6 +100,7 @@ class Store:
         # compacted, and each family's widths (the macros build FLOAT[width] from them)
         self._families: dict[str, set[str]] = {}
         self._files: dict[str, dict[str, list]] = {}  # run id -> table -> inventoried files
+        self._variants: dict[str, dict[str, str]] = {}  # run id -> result file -> variant
         self._watched: dict[str, tuple] = {}  # run id -> run_stamp, for runs still changing
         self._widths: dict[str, dict[str, int | None]] = {}
         self._bounds = QueryBounds.of(memory_limit, timeout_s, max_result_bytes)
@@ -109,6 +113,7 @@ class Store:
             self._create_runs()
             self._create_file_views()
             self._create_experiment_views()
+            self._create_sweep_views()
             self._create_macros()
             self._lock_down()
         except duckdb.Error as e:
@@ -157,32 +162,41 @@ class Store:
         for entry in contents.files:
             tables.setdefault(table_of(entry.path), []).append(entry)
         self._files[run_id] = tables
+        self._variants[run_id] = contents.variants
         if contents.manifest is not None:
             self._families[run_id] = {hook_family(h) for h in contents.manifest.hooks}
 
-    def _checked_files(self, table: str, schema_name: str) -> list[tuple[str, list]]:
-        """(run id, files) of one table over the runs, each file's recorded schema
-        checked (its footer is ``verify``'s to read: a stat already matched its size)."""
+    def _checked_files(self, table: str, schema_name: str) -> list[tuple[str, list, str | None]]:
+        """(run id, files, variant) of one table over the runs, each file's recorded
+        schema checked (its footer is ``verify``'s to read: a stat already matched its
+        size); a run's results written by tool variants (a sweep's settings) are a part
+        of their own per variant, after the run's own (variant None)."""
         try:
             max_version = load_schema(schema_name).version
         except SchemaError:
             max_version = None  # a tool whose schema file this install lacks
-        found = []
+        found, remote = [], is_remote(self.root)
         for run_id in self._run_ids:
             entries = self._files.get(run_id, {}).get(table)
             if not entries:
                 continue
             layout = RunLayout(self.root, run_id)
+            variants = self._variants.get(run_id, {})
+            groups: dict[str | None, list] = {}
             for entry in entries:
                 _check_entry(layout, entry, schema_name, max_version)
-            if is_remote(self.root):  # pyarrow opens them: paths with their filesystem
-                files = [entry.location(layout) for entry in entries]
-            else:  # strings: building thousands of Paths was a third of an open
-                files = [f"{layout.root}/{entry.path}" for entry in entries]
-            found.append((run_id, files))
+                groups.setdefault(variants.get(entry.path), []).append(entry)
+            for variant in sorted(groups, key=lambda v: (v is not None, v)):
+                # remote: pyarrow opens them, as paths with their filesystem; local:
+                # strings (building thousands of Paths was a third of an open)
+                files = [
+                    e.location(layout) if remote else f"{layout.root}/{e.path}"
+                    for e in groups[variant]
+                ]
+                found.append((run_id, files, variant))
         return found
 
-    def _view(self, name: str, parts: list[tuple[str, list]], blocked: bool = False) -> None:
+    def _view(self, name: str, parts: list[tuple], blocked: bool = False) -> None:
         """View ``name`` over the runs' files, with run_id added where a table lacks it.
 
         Runs whose files share one schema are read by one read_parquet; otherwise (runs of
@@ -190,30 +204,37 @@ class Store:
         of a run share a schema, so binding reads one footer per run rather than all.
         ``blocked``: activation files under ``layer=L/block=B/``, whose path values become
         the columns layer and block, so that a filter on them skips the other files
-        unopened.
+        unopened. Parts of a tool variant (a run's results of a sweep's setting) add the
+        column ``variant``: NULL for the run's own call, else the variant.
         """
         if not parts:
             return
-        schemas = [read_schema(files[0]) for _r, files in parts]
+        schemas = [read_schema(files[0]) for _r, files, _v in parts]
         remote = is_remote(self.root)
+        variants = any(variant is not None for _r, _f, variant in parts)
         hive = ", hive_partitioning = true, hive_types = {'layer': SMALLINT, 'block': SMALLINT}"
         options = hive if blocked else ""
         if (
             not remote
+            and not variants
             and all(s.equals(schemas[0]) for s in schemas)
             and "run_id" in schemas[0].names
         ):
-            files = ", ".join(_path_lit(f) for _r, run_files in parts for f in run_files)
+            files = ", ".join(_path_lit(f) for _r, run_files, _v in parts for f in run_files)
             body = f"SELECT * FROM read_parquet([{files}]{options})"
         else:
             selects = []
-            for i, ((run_id, files), schema) in enumerate(zip(parts, schemas, strict=True)):
+            for i, ((run_id, files, variant), schema) in enumerate(
+                zip(parts, schemas, strict=True)
+            ):
                 if remote:
                     source = self._register_dataset(f"{name}_{i}", files, schema, blocked)
                 else:
                     listed = ", ".join(_path_lit(f) for f in files)
                     source = f"read_parquet([{listed}]{options})"
                 select = "*" if "run_id" in schema.names else f"{_lit(run_id)} AS run_id, *"
+                tag = "NULL" if variant is None else _lit(variant)
+                select += f", {tag}::VARCHAR AS variant" if variants else ""
                 selects.append(f"SELECT {select} FROM {source}")
             body = "\nUNION ALL BY NAME\n".join(selects)
         if blocked:  # the key columns first, as in the files
@@ -252,6 +273,14 @@ class Store:
 
         create_views(self._con, self.root, self._register_dataset)
         self._views.extend(["experiment_calls", "experiments", "hypotheses"])
+
+    def _create_sweep_views(self) -> None:
+        """``sweeps``, ``sweep_runs``, ``schedules``, ``schedule_firings`` and their
+        events: the sweeps' and schedules' records (``sweeps/records.py``), present
+        (maybe empty) in every store."""
+        from arrakis_ray.sweeps.records import create_views
+
+        self._views.extend(create_views(self._con, self.root))
 
     def _create_activation_views(self) -> None:
         for family in sorted({f for families in self._families.values() for f in families}):

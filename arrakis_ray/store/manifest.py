@@ -285,7 +285,8 @@ def read_manifest(layout: RunLayout) -> RunManifest:
 
 
 def read_tool_records(layout: RunLayout) -> dict[str, ToolRecord]:
-    """Every tool's record on the run (``tools/*.json``), by tool name."""
+    """Every tool's record on the run (``tools/*.json``), by record key (``record_key``:
+    the tool's name, or ``<tool>.<variant>``)."""
     results = {}
     if layout.tool_records_dir.is_dir():
         for record_path in sorted(layout.tool_records_dir.glob("*.json")):
@@ -297,8 +298,22 @@ def read_tool_records(layout: RunLayout) -> dict[str, ToolRecord]:
     return results
 
 
+def record_key(tool: str, variant: str | None = None) -> str:
+    """The name of a tool's record on a run: ``<tool>`` for the run's own call of it,
+    ``<tool>.<variant>`` for one parameter setting among several (a sweep's, which shares
+    the harvest between settings: ``tools/runner.tool_variant``)."""
+    return tool if variant is None else f"{tool}.{variant}"
+
+
+def split_record_key(key: str) -> tuple[str, str | None]:
+    """(tool, variant or None) of a record's name (tool names hold no dot)."""
+    tool, dot, variant = key.partition(".")
+    return tool, (variant if dot else None)
+
+
 def write_tool_record(layout: RunLayout, tool: str, record: ToolRecord) -> None:
-    """Record one tool call (atomically, in its own file: no lock needed)."""
+    """Record one tool call under its record key (atomically, in its own file: no lock
+    needed)."""
     path = layout.tool_record_path(tool)
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(to_dict(record), sort_keys=True, indent=2) + "\n")

@@ -30,6 +30,7 @@ from arrakis_ray.store.manifest import (
     family_width,
     read_manifest,
     read_tool_records,
+    split_record_key,
 )
 from arrakis_ray.store.parquet import check_file_schema, read_files
 
@@ -174,7 +175,9 @@ class RunReader:
         copy beside them is not read)."""
         prefix = f"results/{output}/"
         records = read_tool_records(self.layout)  # afresh: a tool may have run since
-        entries = [e for r in records.values() for e in r.files if e.path.startswith(prefix)]
+        # the run's own calls, not a sweep's settings of them (``tools/<tool>.<variant>``)
+        own = [r for key, r in records.items() if split_record_key(key)[1] is None]
+        entries = [e for r in own for e in r.files if e.path.startswith(prefix)]
         return [e.location(self.layout) for e in sorted(entries, key=lambda e: e.path)]
 
     # ---------------------------------------------------------------------- helpers

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from arrakis_ray.config import to_dict
@@ -30,7 +30,7 @@ from arrakis_ray.store.inventory import (
 )
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.location import is_remote
-from arrakis_ray.store.manifest import RunManifest, read_manifest
+from arrakis_ray.store.manifest import RunManifest, read_manifest, split_record_key
 from arrakis_ray.store.verify import damaged_run
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class RunContents:
     """Every file queries may read: the harvest's and the tools' results."""
     listed_at: dict[str, int] | None = None
     """Path -> mtime (ns) of the inventory listing it (None on an object store)."""
+    variants: dict[str, str] = field(default_factory=dict)
+    """Path -> variant of the result files a tool variant's record lists
+    (``tools/<tool>.<variant>.json``: one setting of a tool among a sweep's)."""
 
 
 def manifest_stamp(path: Path) -> tuple:
@@ -121,6 +124,12 @@ def _read_run(layout: RunLayout) -> RunContents:
     listed += [(parts_inventory_path(layout), parts.files)] if parts is not None else []
     listed += [(layout.tool_record_path(t), r.files) for t, r in manifest.results.items()]
     listed_at = None if is_remote(layout.root) else _listed_at(listed)
+    variants = {
+        entry.path: variant
+        for key, record in manifest.results.items()
+        if (variant := split_record_key(key)[1]) is not None
+        for entry in record.files
+    }
     calls = harvest_calls(shards, manifest.harvest.calls)
     n_tokens = sum(i.tokens for i in shards.values())
     seconds = sum(c.seconds for c in calls)
@@ -143,7 +152,7 @@ def _read_run(layout: RunLayout) -> RunContents:
         for name, r in manifest.results.items()
     }
     row["manifest"] = json.dumps(data, sort_keys=True)
-    return RunContents(row, manifest, tuple(files), listed_at)
+    return RunContents(row, manifest, tuple(files), listed_at, variants)
 
 
 def _listed_at(listed: list[tuple[Path, tuple[FileEntry, ...]]]) -> dict[str, int]:

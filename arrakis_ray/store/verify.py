@@ -31,7 +31,7 @@ from arrakis_ray.store.inventory import (
     vocab_inventory_path,
 )
 from arrakis_ray.store.layout import RunLayout
-from arrakis_ray.store.manifest import RunManifest, read_manifest
+from arrakis_ray.store.manifest import RunManifest, read_manifest, split_record_key
 from arrakis_ray.store.parquet import file_schema, num_rows
 
 log = logging.getLogger(__name__)
@@ -249,13 +249,16 @@ def check_run(layout: RunLayout) -> RunCheck:
 
 def _result_damage(layout: RunLayout, manifest: RunManifest) -> list[str]:
     problems = []
-    for tool, record in sorted(manifest.results.items()):
+    for key, record in sorted(manifest.results.items()):
+        tool, variant = split_record_key(key)
+        again = f"arrakis-ray analyze {layout.root} --tool {tool}"
+        if variant is not None:  # a sweep's setting: its sweep reruns it with those params
+            again = f"{again} with that sweep's parameters (rerun the sweep)"
         for entry in record.files:
             problem = _table_problem(entry) or _file_problem(layout, entry, True)
             if problem:
                 problems.append(
-                    f"{entry.location(layout)}: {problem} (write it again with: "
-                    f"arrakis-ray analyze {layout.root} --tool {tool})"
+                    f"{entry.location(layout)}: {problem} (write it again with: {again})"
                 )
     return problems
 

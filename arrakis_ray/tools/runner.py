@@ -31,7 +31,7 @@ from arrakis_ray.hooks import harvest_glob, hook_family
 from arrakis_ray.store.inventory import FileEntry
 from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.location import StorePath
-from arrakis_ray.store.manifest import ToolRecord, read_tool_records
+from arrakis_ray.store.manifest import ToolRecord, read_tool_records, record_key
 from arrakis_ray.store.reader import RunReader
 from arrakis_ray.store.writer import RunWriter
 from arrakis_ray.tools.base import ShardInputs, Tool
@@ -85,13 +85,47 @@ def make_tool(
     return cls(parsed)
 
 
+def tool_variant(tool: Tool) -> str:
+    """12 hex naming one setting of a tool: a hash of its name and validated parameters
+    (defaults filled in), so equal settings written differently are one variant."""
+    import hashlib
+
+    text = json.dumps({"tool": tool.name, "params": to_dict(tool.params)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def stored_record(layout: RunLayout, tool: Tool, variant: str | None = None) -> ToolRecord | None:
+    """The run's record of ``tool`` (under ``variant``, if given) if it was computed with
+    ``tool``'s parameters (the stored ones built into the tool's Params, defaults filled
+    in, then compared) and its schema version, over a complete harvest (an observational
+    tool's record of a run still harvesting may lack shards); else None."""
+    from arrakis_ray.store.manifest import read_manifest
+
+    record = read_tool_records(layout).get(record_key(tool.name, variant))
+    if record is None or record.schema_version != tool.schema_version:
+        return None
+    if tool.scope != "live" and read_manifest(layout).status != "complete":
+        return None  # computed while the harvest ran: shards may have come since
+    try:
+        stored = make_tool(type(tool), record.params, source="the run's tool record")
+    except ToolError:  # parameters this version of the tool no longer takes
+        return None
+    return record if to_dict(stored.params) == to_dict(tool.params) else None
+
+
 def analyze(
     run: str | Path,
     tool_name: str,
     params: dict[str, Any] | None = None,
     store: str | Path | None = None,
+    variant: str | None = None,
 ) -> AnalyzeResult:
-    """Run a tool (a name, or ``module:Class``) over every completed shard of ``run``."""
+    """Run a tool (a name, or ``module:Class``) over every completed shard of ``run``.
+
+    ``variant`` (``tool_variant``): record the call as one setting of the tool beside the
+    others, ``tools/<tool>.<variant>.json``, rather than as the run's own call of it,
+    which the next call with other parameters replaces.
+    """
     from arrakis_ray.ray_session import ensure_ray
 
     started = time.perf_counter()
@@ -147,9 +181,10 @@ def analyze(
         files=tuple(files),
     )
     # (an unreadable previous record is skipped here: its files are left for verify)
-    previous = read_tool_records(layout).get(tool.name)
+    key = record_key(tool.name, variant)
+    previous = read_tool_records(layout).get(key)
     try:
-        writer.record_tool(tool.name, record)
+        writer.record_tool(key, record)
     except BaseException:
         writer.remove_call(own_dirs, call)
         raise

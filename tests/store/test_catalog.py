@@ -38,6 +38,12 @@ def test_views_and_runs(two_runs: tuple[Path, dict[str, RunData]]) -> None:
             "hypotheses",
             "results_toy",
             "runs",
+            "schedule_firing_events",  # the sweeps' and schedules' records: likewise
+            "schedule_firings",
+            "schedules",
+            "sweep_run_events",
+            "sweep_runs",
+            "sweeps",
             "tokens",
             "vocab",
         ]
@@ -221,7 +227,18 @@ def test_not_a_store_and_empty_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         Store(tmp_path / "missing")
     with Store(init_store(tmp_path / "empty")) as s:
-        assert s.views() == ["experiment_calls", "experiments", "hypotheses", "runs"]
+        assert s.views() == [
+            "experiment_calls",
+            "experiments",
+            "hypotheses",
+            "runs",
+            "schedule_firing_events",
+            "schedule_firings",
+            "schedules",
+            "sweep_run_events",
+            "sweep_runs",
+            "sweeps",
+        ]
         assert s.run_ids() == []
         assert s.sql("SELECT count(*) AS n FROM runs")["n"][0] == 0
         assert s.sql("SELECT count(*) AS n FROM experiments")["n"][0] == 0
