@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from arrakis_ray.cli_sql import add_sql_command
+from arrakis_ray.cli_sweeps import add_sweep_commands
 from arrakis_ray.errors import ArrakisError
 from arrakis_ray.resources import demo_pipeline
 from arrakis_ray.store.location import os_reason, store_path
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     file descriptors may be redirected; a caller embedding ``main`` keeps its own.
     """
     args = _parser().parse_args(argv)
-    if getattr(args, "uses_ray", False) or getattr(args, "repair", False):
+    uses_ray = getattr(args, "uses_ray", False)
+    if callable(uses_ray):  # decided by the arguments (sweep: not with --dry-run)
+        uses_ray = uses_ray(args)
+    if uses_ray or getattr(args, "repair", False):
         from arrakis_ray.ray_session import LOG_DIR_ENV, log_file, native_stderr_to_log
 
         try:
@@ -137,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_analyze, uses_ray=True)
 
     add_sql_command(sub)
+    add_sweep_commands(sub)
 
     m = sub.add_parser(
         "migrate", help="convert a store written by an older arrakis-ray to this layout"

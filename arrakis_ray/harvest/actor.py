@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 # Row keys a stage hands on to the next one, beside the shard descriptor and the residual.
 PASSED_ON = ("lengths", "seq_ids", "token_ids", "doc_ids", "doc_pos", "documents")
 # ... and "files": the JSON list of the files earlier stages wrote for the shard, which
-# the last stage's inventory lists (store/inventory.py).
+# the last stage's inventory lists (store/inventory.py); "nodes": the JSON list of the
+# nodes the earlier stages ran on, likewise.
 # Threads encoding a shard's Parquet files (one file per hook family, plus tokens).
 WRITE_THREADS = 4
 # Shards a harvest actor works on at once: one in the model, one being written.
@@ -82,8 +83,11 @@ class HarvestStage:
         self.config = config
         self.run_id = run_id
         self.call = call  # the harvest call's start time, recorded in each inventory
+        self.node = _node_id()  # recorded in each inventory: where each stage ran
         self.writer = RunWriter(store_root, run_id, create=False)
-        holder = ModelHolder(
+        # shared: a warm actor harvesting run after run loads its model once; in a Ray
+        # Data actor pool each actor is a process of its own, so nothing is shared there
+        holder = ModelHolder.shared(
             config.model,
             tuple(stages[stage]),
             num_gpus=config.harvest.num_gpus_per_actor,
@@ -136,6 +140,7 @@ class HarvestStage:
                         out[key].append(row[key])
                 written = [to_dict(e) for e in self.writer.take_files(int(row["shard"]))]
                 out["files"].append(json.dumps(_earlier_files(row) + written))
+                out["nodes"].append(json.dumps(_earlier_nodes(row) + [self.node]))
                 out["resid"].append(resid)
                 out["bytes"].append(n_bytes)
                 out["seconds"].append(seconds)
@@ -187,12 +192,14 @@ class HarvestStage:
         if self.stage.last:
             # the marker goes last: a shard without it is redone from scratch on resume
             earlier = file_entries(_earlier_files(row), f"shard {shard} from earlier stages")
+            nodes = _earlier_nodes(row) + [self.node]
             self.writer.mark_complete(
                 shard,
                 files=list(earlier),
                 sequences=len(row["lengths"]),
                 seconds=float(row.get("seconds", 0.0)) + time.perf_counter() - started,
                 call=self.call,
+                nodes=() if None in nodes else tuple(nodes),  # outside Ray: not known
             )
         return int(np.sum(row["lengths"])), n_bytes, resid_out
 
@@ -294,6 +301,20 @@ class HarvestStage:
             self.writer.write_activations(family, shard, pa.concat_tables(tables), layer)
             for layer, tables in sorted(by_layer.items())
         )
+
+
+def _earlier_nodes(row: dict) -> list[str | None]:
+    """The node ids earlier pipeline stages ran a row's shard on, in stage order."""
+    raw = row.get("nodes")
+    return json.loads(raw) if raw else []
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray: a unit test calls the step
+    directly)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _earlier_files(row: dict) -> list[dict]:

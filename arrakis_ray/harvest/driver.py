@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +21,7 @@ from arrakis_ray.errors import StoreError
 from arrakis_ray.harvest.actor import CONCURRENT_SHARDS, HarvestStage
 from arrakis_ray.harvest.checks import check_cluster_fits
 from arrakis_ray.harvest.model_source import load_tokenizer, vocab_texts
+from arrakis_ray.harvest.placement import check_spread_fits, check_store_reachable, stage_placement
 from arrakis_ray.harvest.plan import plan_run
 from arrakis_ray.harvest.tokenize import TokenizeShard
 from arrakis_ray.ray_session import ensure_ray, one_line_error, ray_errors
@@ -31,6 +34,7 @@ from arrakis_ray.store.inventory import (
     read_vocab_inventory,
     write_parts_inventory,
 )
+from arrakis_ray.store.layout import RunLayout
 from arrakis_ray.store.lease import harvest_lease
 from arrakis_ray.store.manifest import RunManifest, read_manifest
 from arrakis_ray.store.plan import RunPlan
@@ -54,11 +58,21 @@ class HarvestResult:
     seconds: float
 
 
-def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
+ShardRunner = Callable[[RunPlan, RunLayout, list, str], dict]
+"""Runs a run's pending shards: (plan, layout, pending shards, call) -> this call's totals
+(shards, tokens, bytes, sequences). The default streams them through Ray Data actor
+pools made for this call; a sweep passes its warm actors' (``sweeps/warm.py``)."""
+
+
+def harvest(
+    config: PipelineConfig, store: str | Path, run_shards: ShardRunner | None = None
+) -> HarvestResult:
     """Harvest ``config`` into ``store`` (created if needed); resumes a partial run.
 
     One harvest at a time per run: a second call while one runs says so and stops
-    (``store/lease.py``) rather than computing every shard twice.
+    (``store/lease.py``) rather than computing every shard twice. ``run_shards``: what
+    runs the shards (``ShardRunner``); the manifest, resume, compaction and history are
+    this function's whichever it is.
     """
     started = time.perf_counter()
     plan = plan_run(config)  # every input error is raised here, before the store is touched
@@ -72,10 +86,12 @@ def harvest(config: PipelineConfig, store: str | Path) -> HarvestResult:
     )
     writer = RunWriter(store, plan.run_id)
     with harvest_lease(writer.layout):
-        return _harvest(plan, tokenizer, writer, started)
+        return _harvest(plan, tokenizer, writer, started, run_shards or _run_shards)
 
 
-def _harvest(plan: RunPlan, tokenizer, writer: RunWriter, started: float) -> HarvestResult:
+def _harvest(
+    plan: RunPlan, tokenizer, writer: RunWriter, started: float, run_shards: ShardRunner
+) -> HarvestResult:
     layout = writer.layout
     call = _now(precise=True)  # names this call in each shard's inventory
     exists = layout.manifest_path.exists()
@@ -111,6 +127,7 @@ def _harvest(plan: RunPlan, tokenizer, writer: RunWriter, started: float) -> Har
             raise StoreError(damage_hint(layout, damage))
     ensure_ray()  # a cluster that cannot be reached fails here, before the run is touched
     _check_cluster(plan)
+    check_store_reachable(layout.store_root)  # every node writes into the same store
     resumed = manifest.harvest.resumed or bool(done)
     manifest = manifest.with_changes(
         status="running", updated_at=_now(), harvest=replace(manifest.harvest, resumed=resumed)
@@ -120,7 +137,7 @@ def _harvest(plan: RunPlan, tokenizer, writer: RunWriter, started: float) -> Har
         writer.write_vocab(_vocab_table(tokenizer, plan.shape.d_vocab))
 
     try:
-        totals = _run_shards(plan, layout, pending, call)
+        totals = run_shards(plan, layout, pending, call)
         manifest = _compact(writer, manifest, len(plan.shards), plan.config.harvest.compact)
     except Exception as exc:
         # completed shards keep their markers and stay usable; the run says it failed
@@ -165,6 +182,7 @@ def _check_cluster(plan: RunPlan) -> None:
     check_cluster_fits(
         plan.config.harvest, ray.cluster_resources(), plan.config.source, largest or None
     )
+    check_spread_fits(plan.config.harvest, len(plan.stages), plan.config.source)
 
 
 def _history(layout, manifest: RunManifest, call: str, started: float, finished: bool = False):
@@ -175,13 +193,12 @@ def _history(layout, manifest: RunManifest, call: str, started: float, finished:
     return replace(manifest.harvest, calls=calls)
 
 
-def _run_shards(plan: RunPlan, layout, pending: list, call: str) -> dict:
+def _run_shards(plan: RunPlan, layout: RunLayout, pending: list, call: str) -> dict:
     """Stream the pending shards through the tokenize step and the stages' actor pools;
     returns this call's totals (shards, tokens, bytes, sequences)."""
     import ray.data
 
-    config, stages, total = plan.config, plan.stages, len(plan.shards)
-
+    config = plan.config
     ensure_ray()
     items = [s.to_dict() for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -194,29 +211,20 @@ def _run_shards(plan: RunPlan, layout, pending: list, call: str) -> dict:
         num_cpus=0.25,
         compute=ray.data.TaskPoolStrategy(size=1),
     )
-    for stage in range(len(stages)):  # one actor pool per pipeline stage
-        ds = ds.map_batches(
-            HarvestStage,
-            fn_constructor_kwargs={
-                "config": config,
-                "run_id": layout.run_id,
-                "store_root": layout.store_root,  # a path object: it carries its fs options
-                "hooks": list(plan.hooks),
-                "stages": [list(s) for s in stages],
-                "stage": stage,
-                "call": call,
-            },
-            batch_size=1,
-            # two calls at once per actor: one shard's files are written while the next
-            # shard runs through the model (HarvestStage holds a lock around the model)
-            compute=ray.data.ActorPoolStrategy(
-                size=config.harvest.actors,
-                max_concurrent_calls_per_actor=CONCURRENT_SHARDS,
-                enable_true_multi_threading=True,
-            ),
-            num_cpus=config.harvest.num_cpus_per_actor,
-            num_gpus=config.harvest.num_gpus_per_actor,
-        )
+    with stage_placement(config.harvest, len(plan.stages), config.source) as placement:
+        return _stream(ds, plan, layout, pending, call, placement)
+
+
+def _stream(ds, plan: RunPlan, layout: RunLayout, pending: list, call: str, placement: dict):
+    """Chain the stages' actor pools after the tokenize step and run the dataset;
+    ``placement``: Ray remote args that place the stage actors (``stage_placement``)."""
+    total = len(plan.shards)
+    for stage in range(len(plan.stages)):  # one actor pool per pipeline stage
+        with warnings.catch_warnings():
+            # Ray 2.60 takes a scheduling strategy only through **ray_remote_args, which
+            # it deprecates for 2.64 before its named placement parameters exist
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            ds = _stage_pool(ds, plan, layout, call, stage, placement)
     done = {"tokens": 0, "bytes": 0, "sequences": 0, "shards": 0}
     t0 = time.perf_counter()
     for row in ds.iter_rows():
@@ -242,6 +250,36 @@ def _run_shards(plan: RunPlan, layout, pending: list, call: str) -> dict:
     return done
 
 
+def _stage_pool(ds, plan: RunPlan, layout: RunLayout, call: str, stage: int, placement: dict):
+    """``ds`` followed by stage ``stage``'s actor pool (``HarvestStage``)."""
+    import ray.data
+
+    config = plan.config
+    return ds.map_batches(
+        HarvestStage,
+        fn_constructor_kwargs={
+            "config": config,
+            "run_id": layout.run_id,
+            "store_root": layout.store_root,  # a path object: it carries its fs options
+            "hooks": list(plan.hooks),
+            "stages": [list(s) for s in plan.stages],
+            "stage": stage,
+            "call": call,
+        },
+        batch_size=1,
+        # two calls at once per actor: one shard's files are written while the next
+        # shard runs through the model (HarvestStage holds a lock around the model)
+        compute=ray.data.ActorPoolStrategy(
+            size=config.harvest.actors,
+            max_concurrent_calls_per_actor=CONCURRENT_SHARDS,
+            enable_true_multi_threading=True,
+        ),
+        num_cpus=config.harvest.num_cpus_per_actor,
+        num_gpus=config.harvest.num_gpus_per_actor,
+        **placement,
+    )
+
+
 def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: bool) -> RunManifest:
     """Merge the finished run's small shard files into parts, as Ray tasks over groups
     of directories (``store/compact.py``); returns the manifest, updated once they exist.
@@ -264,6 +302,7 @@ def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: b
     if listed is None or any(not e.location(layout).exists() for e in inventoried.values()):
         started = time.perf_counter()
         ensure_ray()
+        check_store_reachable(layout.store_root)  # a rerun may finish an interrupted one
         task = ray.remote(_compact_group).options(num_cpus=1)
         groups = _groups(directories)
         pending = [task.remote(layout, g, n_shards, per_part, inventoried) for g in groups]

@@ -10,6 +10,8 @@ An offline multi-page HTML site, every number drawn from SQL over the store:
 - ``runs/<run>/features/``: feature pages of the run's top neurons (``feature_pages``);
 - ``compare.html``: the runs' shared results side by side (``comparison``);
 - ``experiments/<name>.html``: what the bench recorded (``experiment_pages``).
+- ``sweeps/<sweep_id>.html``: a sweep's points, parameters, timings and schedules
+  (``sweep_pages``).
 
 The Vega JavaScript is written once, ``assets/vega-bundle.js``, and every page loads it
 by a relative URL: the site can be copied anywhere and opened without a network. Which
@@ -46,6 +48,7 @@ from arrakis_ray.reports.site_pages import (
     sql_text,
     table_html,
 )
+from arrakis_ray.reports.sweep_pages import sweep_pages, sweeps_section
 from arrakis_ray.store.location import is_remote, os_reason
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,6 @@ RUNS = """
 SELECT run_id, name, status, model, arch, n_sequences, n_tokens, created_at, manifest
 FROM runs ORDER BY created_at, run_id
 """
-
-SWEEPS = "SELECT * FROM sweeps LIMIT 200"
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,17 @@ def build_site(
             pages.append(compared)
         run_pages = {r.run_id: r.page for r in site_runs}
         pages += experiment_pages(db, store=store_text, run_pages=run_pages)
+        pages += sweep_pages(db, store=store_text, run_pages=run_pages)
         index = _index_page(db, site_runs, pages, compared is not None, store_text)
     return _write(out, [index, *pages])
 
 
-STORE_DATA_DIRS = ("runs", "experiments")  # what `verify` checks, and pages must not join
+STORE_DATA_DIRS = (
+    "runs",
+    "experiments",
+    "sweeps",
+    "schedules",
+)  # what `verify` checks, and pages must not join
 
 
 def check_outside_store_data(out: Path, store_root) -> None:
@@ -360,19 +367,9 @@ def _index_page(db, runs: list[_Run], pages: list[Page], compared: bool, store: 
     experiments, queries = experiments_table(db, "index.html", store)
     page.blocks.append(experiments)
     q.queries += queries
-    if "sweeps" in db.views():  # another issue adds the view; shown as it comes
-        sweeps = q.sql(SWEEPS)
-        pages_of = {r.run_id: r.page for r in runs}
-        links = {}
-        if "run_id" in sweeps.columns:
-            links["run_id"] = lambda row: (
-                link("index.html", pages_of[row["run_id"]]) if row["run_id"] in pages_of else None
-            )
-        page.blocks += [
-            "<h2>Sweeps</h2>",
-            table_html(sweeps, links=links),
-            sql_block(SWEEPS, store),
-        ]
+    sweeps, queries = sweeps_section(db, "index.html", store)  # "" without sweeps
+    page.blocks.append(sweeps)
+    q.queries += queries
     listing = "".join(f"<li>{anchor('index.html', p.path, p.title)}</li>" for p in pages)
     page.blocks.append(
         f"<details><summary>Every page of this site ({len(pages) + 1})</summary>"

@@ -6,7 +6,8 @@ wrote, and readers read only what is recorded:
 
 - ``completions/shard-NNNNN.json``: a shard's inventory, and its completion marker. It
   is written last (atomically), by whoever wrote the shard's last file, and lists every
-  file of the shard: path, size, rows, schema name and version, and a checksum.
+  file of the shard: path, size, rows, schema name and version, and a checksum; and
+  the nodes that harvested it (``harvest/placement.py`` decides where they run).
 - ``completions/parts.json``: a compacted run's part files (``store/compact.py``).
 - ``completions/vocab.json``: the vocabulary file.
 - a tool's record ``tools/<tool>.json`` lists its result files (``manifest.ToolRecord``).
@@ -77,6 +78,10 @@ class ShardInventory:
     """Start time of the harvest call that wrote it: groups shards into calls (None:
     inventoried by ``migrate``, or written outside a harvest)."""
     finished_at: str
+    nodes: tuple[str, ...] = ()
+    """The Ray node id of the actor that ran each pipeline stage on the shard, in stage
+    order (one for a replica harvest). Empty: harvested outside Ray, or by an
+    arrakis-ray that did not record it."""
     version: int = INVENTORY_VERSION
 
     @property

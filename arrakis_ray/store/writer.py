@@ -141,12 +141,14 @@ class RunWriter:
         sequences: int = 0,
         seconds: float = 0.0,
         call: str | None = None,
+        nodes: tuple[str, ...] = (),
     ) -> ShardInventory:
         """Say shard ``shard`` is whole: write its inventory, after every file of it.
 
         The inventory lists the files this writer wrote for the shard plus ``files``
         (those other writers wrote: earlier pipeline stages). Its token count is the
-        rows of the shard's tokens file. ``call``: the harvest call (its start time).
+        rows of the shard's tokens file. ``call``: the harvest call (its start time);
+        ``nodes``: the Ray node each pipeline stage ran on, in stage order.
         """
         entries = {e.path: e for e in files}
         entries.update({e.path: e for e in self.take_files(shard)})
@@ -159,6 +161,7 @@ class RunWriter:
             sequences=int(sequences),
             seconds=round(float(seconds), 3),
             call=call,
+            nodes=tuple(nodes),
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         write_shard_inventory(self.layout, inventory)

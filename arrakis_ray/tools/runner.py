@@ -126,6 +126,7 @@ def analyze(
     others, ``tools/<tool>.<variant>.json``, rather than as the run's own call of it,
     which the next call with other parameters replaces.
     """
+    from arrakis_ray.harvest.placement import check_store_reachable
     from arrakis_ray.ray_session import ensure_ray
 
     started = time.perf_counter()
@@ -149,6 +150,8 @@ def analyze(
     from ray import cloudpickle
 
     ensure_ray()
+    # results are written by tasks on any node: a local store they cannot see is refused
+    check_store_reachable(layout.store_root)
     if not type(tool).__module__.startswith("arrakis_ray."):
         # a user's tool travels to the workers by value: its module need not be
         # importable there (a notebook, a script, a file outside any package)
