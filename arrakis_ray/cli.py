@@ -14,23 +14,15 @@ import logging
 import os
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from arrakis_ray.cli_sql import add_sql_command
 from arrakis_ray.cli_sweeps import add_sweep_commands
 from arrakis_ray.errors import ArrakisError
 from arrakis_ray.resources import demo_pipeline
-from arrakis_ray.store.location import os_reason, store_path
+from arrakis_ray.store.location import os_reason
 
 DEMO_PIPELINE = demo_pipeline()
-
-DEMO_QUERY = """SELECT layer,
-       round(avg(target_prob), 3) AS mean_p_next,
-       round(avg(CASE WHEN target_rank = 1 THEN 1 ELSE 0 END), 3) AS top1_acc
-FROM results_logit_lens
-WHERE target_rank IS NOT NULL
-GROUP BY layer ORDER BY layer"""
 
 
 def console() -> None:
@@ -324,51 +316,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _cmd_demo(args) -> None:
-    started = time.perf_counter()
-    run_dir, report = _run_pipeline(DEMO_PIPELINE, args.store)
-    from arrakis_ray.store.catalog import Store
-    from arrakis_ray.store.formatting import format_frame
+    from arrakis_ray.cli_demo import run_demo
 
-    with Store(args.store) as db:
-        frame = db.sql(DEMO_QUERY)
-        views = db.views()
-    print("\nExample SQL (how well each layer already predicts the next token):")
-    print(f'  arrakis-ray sql {args.store} "{" ".join(DEMO_QUERY.split())}"\n')
-    print(format_frame(frame, "table"))
-    print(f"\nviews: {', '.join(views)}")
-    print(f"store:  {store_path(args.store)}")
-    print(f"run:    {run_dir}")
-    print(f"report: {report.html}")
-    _demo_bench(args.store)
-    from arrakis_ray.reports.site import build_site
-    from arrakis_ray.store.location import is_remote
-
-    # the site is opened in a browser: beside the store, or here for an object store
-    root = store_path(args.store)
-    site = build_site(args.store, Path("site") if is_remote(root) else root / "site")
-    print(f"site:   {site.index}")
-    print(f"demo finished in {time.perf_counter() - started:.0f} s")
-
-
-def _demo_bench(store: str) -> None:
-    """The Arrakis walkthrough (pipelines/coming_from_arrakis.py) into the demo's store,
-    so the site and SQL show experiments; its own printing is kept out of the console."""
-    import contextlib
-    import io
-    import runpy
-
-    from arrakis_ray.resources import data_dir
-
-    script = data_dir("pipelines") / "coming_from_arrakis.py"
-    argv = sys.argv
-    sys.argv = [str(script), str(store)]
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
-    print(f"bench:  the Arrakis walkthrough ({script.name}) recorded its experiments:")
-    print(f'  arrakis-ray sql {store} "SELECT name, version, kind, n_calls FROM experiments"')
+    run_demo(args.store)
 
 
 def _run_pipeline(pipeline: Path, store: str):
