@@ -1,67 +1,93 @@
-"""Dry-run speed: load, expand and plan a 1,000-point sweep, as ``sweep --dry-run`` does.
+"""Dry-run speed: ``arrakis-ray sweep SWEEP --store S --dry-run`` as whole processes.
 
     .venv/bin/python benchmarks/sweep_plan.py
-    .venv/bin/python benchmarks/sweep_plan.py --sweep pipelines/sweeps/bench.yaml
+    .venv/bin/python benchmarks/sweep_plan.py --sweep pipelines/sweeps/bench.yaml --repeats 5
 
 ``pipelines/sweeps/grid1000.yaml`` is 10 data sizes x 5 hook sets x 4 values of k x 5
 dictionary sizes of the demo model's sparse autoencoder: 1,000 points, 50 distinct
 harvests. The store is a new empty directory (nothing complete), so every point is
-planned and none is read back. Timed from a fresh process: the total includes importing
-arrakis-ray, torch and transformers (the first ``plan_run`` builds the model on the meta
-device), which is what a user waits for. Target (issue 14): under 5 s, without Ray. The
-last line printed is one JSON object with every figure.
+planned and none is read back. Each figure is the wall time of a fresh process, what a
+user waits for, median of ``--repeats``:
+
+- ``cold_s``: an empty facts cache (``ARRAKIS_RAY_CACHE_DIR``, a new directory each
+  time): the first ``plan_run`` imports torch and transformers and builds the model on
+  the meta device (``harvest/facts_cache.py``).
+- ``cached_s``: a second process on that cache: it imports neither.
+
+Target (issue 14): under 5 s, without Ray. The two processes must print the same plan.
+The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-GRID = Path(__file__).resolve().parents[1] / "pipelines" / "sweeps" / "grid1000.yaml"
+REPO = Path(__file__).resolve().parents[1]
+GRID = REPO / "pipelines" / "sweeps" / "grid1000.yaml"
+# the CLI run with a note of what it imported, printed last on stderr
+PROBE = """
+import atexit, json, runpy, sys
+atexit.register(lambda: print(json.dumps(
+    {m: m in sys.modules for m in ("torch", "transformers", "ray")}), file=sys.stderr))
+sys.argv = ["arrakis-ray", *sys.argv[1:]]
+runpy.run_module("arrakis_ray.cli", run_name="__main__")
+"""
+
+
+def dry_run(sweep: Path, store: Path, cache: Path, probe: bool = False):
+    """(wall seconds, stdout, stderr) of one ``sweep --dry-run`` process."""
+    env = {**os.environ, "ARRAKIS_RAY_CACHE_DIR": str(cache)}
+    head = [sys.executable, "-c", PROBE] if probe else [sys.executable, "-m", "arrakis_ray.cli"]
+    command = [*head, "sweep", str(sweep), "--store", str(store), "--dry-run"]
+    t0 = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr}")
+    return seconds, done.stdout, done.stderr
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, default=GRID)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    t0 = time.perf_counter()
-    from arrakis_ray.sweeps.plan import plan_sweep
-    from arrakis_ray.sweeps.spec import expand, load_sweep
-
-    t1 = time.perf_counter()
-    sweep = load_sweep(args.sweep)
-    t2 = time.perf_counter()
-    points = expand(sweep)  # timed alone here; plan_sweep expands again (not counted twice)
-    t3 = time.perf_counter()
-    from arrakis_ray.harvest.plan import plan_run
-
-    plan_run(points[0].config)  # the baseline: torch, transformers, the meta model, hashes
-    t4 = time.perf_counter()
+    cold, cached, plans = [], [], set()
     with tempfile.TemporaryDirectory() as tmp:
-        plan = plan_sweep(sweep, Path(tmp) / "store")
-        t5 = time.perf_counter()
-        text = plan.describe()
-        t6 = time.perf_counter()
+        store = Path(tmp) / "store"
+        for i in range(args.repeats):
+            cache = Path(tmp) / f"cache-{i}"  # empty: every fact is learned
+            seconds, first, _ = dry_run(args.sweep, store, cache)
+            cold.append(seconds)
+            seconds, second, _ = dry_run(args.sweep, store, cache)
+            cached.append(seconds)
+            plans.update([first, second])
+        # not timed: what a process on a filled cache imports
+        _, text, stderr = dry_run(args.sweep, store, cache, probe=True)
+        plans.add(text)
+    imported = json.loads(stderr.strip().splitlines()[-1])
+    summary = text.strip().splitlines()[-1]  # "1000 points: ... predicted ... bytes"
     figures = {
-        "sweep": str(args.sweep.name),
-        "points": len(plan.points),
-        "distinct_points": len(plan.points) - len(plan.with_status("duplicate")),
-        "distinct_harvests": len(plan.harvests_to_run),
-        "import_s": round(t1 - t0, 3),
-        "load_s": round(t2 - t1, 3),
-        "expand_s": round(t3 - t2, 3),
-        "first_plan_run_s": round(t4 - t3, 3),
-        "plan_sweep_s": round(t5 - t4, 3),
-        "describe_s": round(t6 - t5, 3),
-        "describe_lines": len(text.splitlines()),
-        # load + plan_sweep (which expands) + describe, from a fresh process
-        "total_s": round((t6 - t0) - (t3 - t2), 3),
-        "ray_imported": "ray" in sys.modules,
+        "sweep": args.sweep.name,
+        "points": int(summary.split()[0]),
+        "summary": summary,
+        "repeats": args.repeats,
+        "cold_s": round(statistics.median(cold), 2),
+        "cached_s": round(statistics.median(cached), 2),
+        "cold_runs_s": [round(s, 2) for s in cold],
+        "cached_runs_s": [round(s, 2) for s in cached],
+        "same_plan": len(plans) == 1,
+        "cached_imports": sorted(m for m, present in imported.items() if present),
+        "cpus": os.cpu_count(),
     }
     print(json.dumps(figures))
 

@@ -189,22 +189,28 @@ def _tokenizer_from(path: str):
 
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer for the pipeline's texts (cached per process)."""
+    return _tokenizer_from(str(tokenizer_dir(cfg)))
+
+
+def tokenizer_dir(cfg: ModelConfig) -> Path:
+    """The directory the pipeline's tokenizer is read from (no transformers import):
+    ``model.tokenizer``, else the zoo/path model's own checkpoint."""
     if cfg.tokenizer:
         if cfg.tokenizer.startswith("zoo:"):
             from arrakis_ray.zoo import zoo_path
 
-            return _tokenizer_from(str(zoo_path(cfg.tokenizer.removeprefix("zoo:"))))
+            return zoo_path(cfg.tokenizer.removeprefix("zoo:"))
         path = Path(cfg.tokenizer).expanduser()
         if not path.is_dir():
             raise ModelLoadError(f"model.tokenizer: {path} is not a directory")
-        return _tokenizer_from(str(path))
+        return path
     path = checkpoint_dir(cfg)
     if path is None:
         raise ConfigError(
             "model.tokenizer: a random-init 'arch' model needs a tokenizer for its texts "
             "(a local tokenizer directory or zoo:NAME)"
         )
-    return _tokenizer_from(str(path))
+    return path
 
 
 def vocab_texts(tokenizer, vocab_size: int) -> list[str]:

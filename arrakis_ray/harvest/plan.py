@@ -1,10 +1,12 @@
 """Plan a harvest without running it: run id, shard plan, stages, size, model shape.
 
 ``plan_run`` is pure: it starts no Ray and runs no forward pass. The model's shape comes
-from the model built on torch's ``meta`` device (no memory, no weights), and everything
-that reads files (the model and data fingerprints, the shard plan) is cached per process
-by the files' size and modification time, so a sweep plans a thousand variants of one
-pipeline in seconds (benchmarks/plan.py).
+from the model built on torch's ``meta`` device (no memory, no weights), kept on disk
+with the tokenizer's facts and the model's fingerprint (``facts_cache``: a new process
+planning a known model imports neither torch nor transformers), and everything that
+reads the data (its fingerprint, the shard plan) is cached per process by the files'
+stamps, so a sweep plans a thousand variants of one pipeline in seconds
+(benchmarks/plan.py, benchmarks/sweep_plan.py).
 """
 
 from __future__ import annotations
@@ -12,28 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from arrakis_ray.config import DataConfig, ModelConfig, PipelineConfig
 from arrakis_ray.errors import ConfigError
-from arrakis_ray.harvest import inputs
+from arrakis_ray.harvest import facts_cache, inputs
 from arrakis_ray.harvest.checks import (
     check_position_limit,
     check_tokenizer_fits,
     named_in,
 )
-from arrakis_ray.harvest.model_source import (
-    check_config_overrides,
-    checkpoint_dir,
-    describe_model,
-    load_tokenizer,
-    model_source_fingerprint,
-)
+from arrakis_ray.harvest.facts_cache import HookShape, file_stamp, tokenizer_facts
+from arrakis_ray.harvest.model_source import tokenizer_dir
 from arrakis_ray.store.manifest import ModelShape, Shard
 from arrakis_ray.store.plan import RunPlan
 
@@ -59,11 +56,12 @@ def plan_run(config: PipelineConfig) -> RunPlan:
 
 
 def _plan_run(config: PipelineConfig) -> RunPlan:
-    check_config_overrides(config.model, config.source)  # before a model is built of them
-    shape_key = _shape_key(config.model)
-    shape, hook_names, hook_shapes = _model_facts(shape_key, tuple(config.harvest.hooks))
-    check_position_limit(config, _described(shape_key).model.config)
-    check_tokenizer_fits(config, load_tokenizer(config.model), shape.d_vocab)
+    facts = facts_cache.model_facts(config.model, config.source)
+    shape = facts.shape
+    hook_names, hook_shapes = facts.resolve(config.harvest.hooks)
+    # the check reads the limit off an HF config; the facts keep only the limit
+    check_position_limit(config, SimpleNamespace(max_position_embeddings=facts.position_limit))
+    check_tokenizer_fits(config, tokenizer_facts(config.model), shape.d_vocab)
     if config.harvest.shard_size is None:  # resolved before the run id is hashed
         size = auto_shard_size(config, hook_shapes)
         config = replace(config, harvest=replace(config.harvest, shard_size=size))
@@ -71,7 +69,7 @@ def _plan_run(config: PipelineConfig) -> RunPlan:
     inputs.check_columns(list(shards), config.data)
     stages = stage_ranges(config, shape.n_layers)
     identity = {
-        "model": _model_fingerprint(config.model),
+        "model": facts_cache.model_fingerprint(config.model),
         "data": _data_fingerprint(shards, config.data),
         "hooks": list(hook_names),
         "context_length": config.data.context_length,
@@ -107,13 +105,9 @@ def _plan_run(config: PipelineConfig) -> RunPlan:
     )
 
 
-HookShape = tuple[str, str, int, int]
-"""(hook, kind, width, heads): what a hook stores per token."""
-
-
 def hook_shapes(config: PipelineConfig) -> tuple[HookShape, ...]:
     """What each of the config's hooks stores per token."""
-    return _facts(config)[2]
+    return facts_cache.model_facts(config.model, config.source).resolve(config.harvest.hooks)[1]
 
 
 def model_shape(model) -> ModelShape:
@@ -134,70 +128,11 @@ def model_shape(model) -> ModelShape:
     )
 
 
-def _facts(config: PipelineConfig):
-    # a config built in Python may hold lists: the cache keys must be hashable
-    return _model_facts(_shape_key(config.model), tuple(config.harvest.hooks))
-
-
-@lru_cache(maxsize=64)
-def _model_facts(
-    shape_key: str, patterns: tuple[str, ...]
-) -> tuple[ModelShape, tuple[str, ...], tuple[HookShape, ...]]:
-    """The model's shape, its resolved hooks and what each stores, from a meta model."""
-    model = _described(shape_key)
-    hooks = tuple(model.resolve_hooks(patterns))
-    shapes = []
-    for hook in hooks:
-        kind, width = model.hook_shape(hook)
-        heads = model.n_heads_of(hook) if kind != "dense" else 1
-        shapes.append((hook, kind, width or 0, heads))
-    return model_shape(model), hooks, tuple(shapes)
-
-
-@lru_cache(maxsize=16)
-def _described(shape_key: str):
-    return describe_model(ModelConfig(**_model_from_key(shape_key)))
-
-
-def _shape_key(cfg: ModelConfig) -> str:
-    """What determines the model's shape (not its seed or dtype), plus the checkpoint's
-    file stamp so a changed checkpoint is described again."""
-    key = {"zoo": cfg.zoo, "path": cfg.path, "arch": cfg.arch, "config": cfg.config}
-    path = checkpoint_dir(cfg)
-    if path is not None:
-        key["stamp"] = _stamp(path / "config.json")
-    return json.dumps(key, sort_keys=True)
-
-
-def _model_from_key(shape_key: str) -> dict:
-    return {k: v for k, v in json.loads(shape_key).items() if k != "stamp"}
-
-
-def _stamp(path: Path) -> list:
-    """What tells a changed file: its inode, size, mtime and ctime (a copy that restores
-    the mtime, ``cp -p`` or ``rsync -t``, still gets a new ctime)."""
-    st = os.stat(path)
-    return [str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def _model_fingerprint(cfg: ModelConfig) -> str:
-    path = checkpoint_dir(cfg)
-    if path is None:  # cheap: a hash of the config
-        return model_source_fingerprint(cfg)
-    # a checkpoint's fingerprint depends on its files, dtype and tokenizer, not the seed
-    key = {"zoo": cfg.zoo, "path": cfg.path, "dtype": cfg.dtype, "tokenizer": cfg.tokenizer}
-    stamps = json.dumps([_stamp(p) for p in sorted(path.rglob("*")) if p.is_file()])
-    return _cached_model_fingerprint(json.dumps(key), stamps)
-
-
-@lru_cache(maxsize=64)
-def _cached_model_fingerprint(key: str, _stamps: str) -> str:
-    return model_source_fingerprint(ModelConfig(**json.loads(key)))
-
-
 def _plan_shards(path: str, shard_size: int, max_documents: int | None) -> tuple[Shard, ...]:
     files = inputs.input_files(path)
-    return _cached_shards(path, shard_size, max_documents, json.dumps([_stamp(f) for f in files]))
+    return _cached_shards(
+        path, shard_size, max_documents, json.dumps([file_stamp(f) for f in files])
+    )
 
 
 @lru_cache(maxsize=256)
@@ -207,7 +142,7 @@ def _cached_shards(path: str, shard_size: int, max_documents, _stamps: str) -> t
 
 def _data_fingerprint(shards: tuple[Shard, ...], data: DataConfig) -> str:
     files = dict.fromkeys(s.file for s in shards)
-    stamps = json.dumps([_stamp(Path(f)) for f in files])
+    stamps = json.dumps([file_stamp(Path(f)) for f in files])
     columns = (data.text_column, data.token_column, tuple(data.keep_columns))
     return _cached_data_fingerprint(shards, columns, stamps)
 
@@ -288,24 +223,26 @@ def packed_tokens_per_document(config: PipelineConfig) -> float:
     SAMPLE_DOCS documents spread over them, tokenized as the harvest does. An estimate,
     not an upper bound: a JSONL line of English text takes ~4 to 6 bytes per token (its
     field names and other columns add bytes, not tokens), so one byte per token would
-    make shards several times too small. Cached per process by the files' stamps.
+    make shards several times too small. Kept by the files' stamps (``facts_cache``).
     """
     data, model = config.data, config.model
     files = inputs.input_files(data.path)
-    key = json.dumps(
-        [
-            _shape_key(model),
-            model.tokenizer,
-            [data.path, data.text_column, data.token_column, data.max_documents],
-            [_stamp(f) for f in files],
-        ]
+    key = {
+        "model": facts_cache.shape_key(model),
+        "tokenizer": facts_cache.dir_stamps(tokenizer_dir(model)),
+        "data": [data.path, data.text_column, data.token_column, data.max_documents],
+        "files": [file_stamp(f) for f in files],
+    }
+    return facts_cache.cached(
+        "tokens_per_document", key, lambda: _measure_tokens_per_document(config), _tokens_value
     )
-    if key not in _TOKENS_PER_DOCUMENT:
-        _TOKENS_PER_DOCUMENT[key] = _measure_tokens_per_document(config)
-    return _TOKENS_PER_DOCUMENT[key]
 
 
-_TOKENS_PER_DOCUMENT: dict[str, float] = {}
+def _tokens_value(value) -> float:
+    """A cached mean (a corrupt entry raises, and is measured again)."""
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"tokens per document {value!r}")
+    return float(value)
 
 
 def _measure_tokens_per_document(config: PipelineConfig) -> float:
@@ -319,7 +256,7 @@ def _measure_tokens_per_document(config: PipelineConfig) -> float:
     k = min(SAMPLE_PIECES, len(pieces))
     sample = [pieces[i * len(pieces) // k] for i in range(k)]
     sample = [replace(s, count=min(s.count, SAMPLE_DOCS)) for s in sample]
-    step = TokenizeShard(config, _facts(config)[0].d_vocab)
+    step = TokenizeShard(config, facts_cache.model_facts(config.model, config.source).shape.d_vocab)
     out = step({f: np.array([getattr(s, f) for s in sample]) for f in SHARD_FIELDS})
     tokens = sum(int(lengths.sum()) for lengths in out["lengths"])
     sample_bytes = sum(inputs.shard_bytes(s) for s in sample)
@@ -350,8 +287,6 @@ def predict_bytes(
 
 def stage_ranges(config: PipelineConfig, n_layers: int) -> tuple[tuple[int, int], ...]:
     """The pipeline stages' block ranges: ((0, n_layers),) unless the model is staged."""
-    from arrakis_ray.models.stage import even_ranges
-
     where = f"{config.source}: harvest"
     if config.harvest.layer_ranges:
         ranges = [tuple(r) for r in config.harvest.layer_ranges]
@@ -371,6 +306,10 @@ def stage_ranges(config: PipelineConfig, n_layers: int) -> tuple[tuple[int, int]
         return tuple(ranges)
     if config.harvest.stages > n_layers:
         raise ConfigError(f"{where}.stages: {config.harvest.stages} stages for {n_layers} layers")
+    if config.harvest.stages == 1:  # even_ranges' answer, without importing torch (models/)
+        return ((0, n_layers),)
+    from arrakis_ray.models.stage import even_ranges
+
     return tuple(tuple(r) for r in even_ranges(n_layers, config.harvest.stages))
 
 

@@ -64,7 +64,15 @@ class ModelHolder:
 
         from arrakis_ray.config import to_dict
 
-        key = (json.dumps(to_dict(model), sort_keys=True), stage, num_gpus, sharing)
+        # the checkpoint's file stamps too: a checkpoint rewritten in place (a nightly
+        # "latest/") is loaded again, never served stale from the last load
+        key = (
+            json.dumps(to_dict(model), sort_keys=True),
+            _checkpoint_stamps(model),
+            stage,
+            num_gpus,
+            sharing,
+        )
         held = _SHARED.get(key)
         if held is None:
             _SHARED.clear()  # before loading: never two models in memory at once
@@ -93,6 +101,20 @@ class ModelHolder:
 
 
 _SHARED: dict[tuple, ModelHolder] = {}  # ModelHolder.shared's one holder
+
+
+def _checkpoint_stamps(model: ModelConfig) -> tuple:
+    """(name, size, mtime_ns) of the files of the model's checkpoint directory, if any."""
+    from arrakis_ray.harvest.model_source import checkpoint_dir
+
+    directory = checkpoint_dir(model)
+    if directory is None:
+        return ()
+    return tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+    )
 
 
 def weights_digest(module) -> str:

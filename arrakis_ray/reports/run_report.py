@@ -253,7 +253,9 @@ def build_report(
         out_dir = Path(f"report-{run_id}") if remote else layout.root / "report"
     out_dir = Path(out_dir).expanduser().absolute()
     check_out_dir(out_dir)
-    with Store(layout.store_root) as db:
+    # only the runs' own calls: a sweep's other settings of a tool would be drawn
+    # overlaid in every chart (and multiply the rows of joins on run_id)
+    with Store(layout.store_root, variants=False) as db:
         if seq_id is None:
             seq_id = first_sequence(db, run_id)
         if seq_id is None:

@@ -4,7 +4,11 @@ Views: ``runs`` (one row per run, from the manifests), ``tokens``, ``vocab``, ``
 ``act_<family>`` for every stored hook family and ``results_<tool>`` for every tool
 result; each spans all runs and has a ``run_id`` column, and reads exactly the files the
 runs' inventories list (``store/inventory.py``). A results view of a tool that a sweep
-ran with several settings has a ``variant`` column too (NULL: the run's own call). The
+ran with several settings has a ``variant`` column too (NULL: the run's own call);
+``Store(root, variants=False)`` leaves the variants' files out instead, so the results
+views hold only the runs' own calls, with no ``variant`` column, as before sweeps (a
+tool only a variant ran then has no view, like a tool never run): the reports open it so,
+as ``RunReader`` reads only a run's own calls. The
 bench's records are the views ``experiments``, ``experiment_calls`` and ``hypotheses``
 (``bench/records.py``); the sweeps' and schedules' are ``sweeps``, ``sweep_runs``,
 ``schedules``, ``schedule_firings`` and their events (``sweeps/records.py``). The set
@@ -86,10 +90,17 @@ class Store:
         memory_limit: int | str | None = None,
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         max_result_bytes: int | str | None = DEFAULT_MAX_RESULT_BYTES,
+        variants: bool = True,
     ) -> None:
         """Open ``root``. Every query runs within ``memory_limit`` (bytes or ``"4GB"``;
         default a quarter of the machine's memory), ``timeout_s`` seconds and a result of
-        ``max_result_bytes``; ``None`` lifts the time or result bound (store/bounds.py)."""
+        ``max_result_bytes``; ``None`` lifts the time or result bound (store/bounds.py).
+
+        ``variants``: whether the results views include the results of tool variants (a
+        sweep's settings of a tool, ``tools/<tool>.<variant>.json``), told apart by the
+        column ``variant`` (NULL: the run's own call). ``False``: only the runs' own calls,
+        no ``variant`` column, and no view for a tool that only variants ran (what
+        ``RunReader`` reads, and what the reports show)."""
         root = open_store(root)
         # Real path: DuckDB checks file access against it textually.
         self.root = root if is_remote(root) else root.resolve()
@@ -101,6 +112,7 @@ class Store:
         self._families: dict[str, set[str]] = {}
         self._files: dict[str, dict[str, list]] = {}  # run id -> table -> inventoried files
         self._variants: dict[str, dict[str, str]] = {}  # run id -> result file -> variant
+        self._with_variants = variants
         self._watched: dict[str, tuple] = {}  # run id -> run_stamp, for runs still changing
         self._widths: dict[str, dict[str, int | None]] = {}
         self._bounds = QueryBounds.of(memory_limit, timeout_s, max_result_bytes)
@@ -159,10 +171,13 @@ class Store:
     def _take_files(self, run_id: str, contents: RunContents) -> None:
         """Sort a run's inventoried files into the tables they belong to."""
         tables: dict[str, list] = {}
+        variants = contents.variants
         for entry in contents.files:
+            if not self._with_variants and entry.path in variants:
+                continue  # a sweep's setting of a tool: left out of every view
             tables.setdefault(table_of(entry.path), []).append(entry)
         self._files[run_id] = tables
-        self._variants[run_id] = contents.variants
+        self._variants[run_id] = variants if self._with_variants else {}
         if contents.manifest is not None:
             self._families[run_id] = {hook_family(h) for h in contents.manifest.hooks}
 

@@ -3,32 +3,49 @@
 ``plan_sweep`` (``sweeps/plan.py``) has already said, without Ray, which points are
 complete in the store and which repeat an earlier point. What is left is grouped by
 harvest: the points of one group differ only in their tools' parameters, so they share
-one run; the group harvests it (resuming whatever an earlier call left), then runs each
-point's tools, each setting recorded as a variant of its tool on that run
-(``tools/runner.tool_variant``), so the settings live side by side. ``max_concurrent``
-groups run at once. Every harvest of the sweep goes through one ``WarmPool``: runs that
-share a model share the actors holding it.
+one run. Then two phases, each ``max_concurrent`` wide:
 
-A failure is retried up to ``retries`` times (the harvest resumes from its finished
-shards; a tool call starts again), then recorded and reported at the end; it never stops
-the other groups. Each point's state goes to the store as events (``sweeps/records.py``),
-which the ``sweep_runs`` view reads: rerunning the sweep finishes only what is missing.
+1. every group's harvest (resuming whatever an earlier call left), through one
+   ``WarmPool``: runs that share a model share the actors holding it, and a model's
+   pool is ended once its last harvest is done, so the next model's actors (or a live
+   tool's) get its GPUs;
+2. every point's tools, each setting recorded as a variant of its tool on the run
+   (``tools/runner.tool_variant``), so the settings live side by side.
+
+A failure is retried up to ``retries`` times, a little later each time (the harvest
+resumes from its finished shards; a tool call starts again; bad input is not retried),
+then recorded and reported at the end; it never stops the other points. Each point's
+state goes to the store as events (``sweeps/records.py``), which the ``sweep_runs`` view
+reads: rerunning the sweep finishes only what is missing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
-from arrakis_ray.errors import ArrakisError
+from arrakis_ray.errors import (
+    ArrakisError,
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    StoreError,
+    UnknownHookError,
+)
+from arrakis_ray.sweeps.records import utc_now
 
 log = logging.getLogger(__name__)
+
+# bad input fails alike on every try
+NOT_RETRIED = (ConfigError, DataError, ModelLoadError, UnknownHookError)
 
 
 @dataclass
@@ -56,8 +73,13 @@ class SweepOutcome:
         return "\n".join(lines)
 
 
-def run_sweep(plan, store, echo: Callable[[str], None] = print) -> SweepOutcome:
-    """Run every point of ``plan`` (a ``SweepPlan``) that is not complete into ``store``."""
+def run_sweep(plan, store, echo: Callable[[str], None] = log.info) -> SweepOutcome:
+    """Run every point of ``plan`` (a ``SweepPlan``) that is not complete into ``store``.
+
+    Two phases: every missing harvest first, on the warm actors (a pool is ended when
+    its model's last harvest is done, so that the next model's pool, or a live tool's
+    actors, get its GPUs); then every point's tools. ``echo`` gets one line per step.
+    """
     from arrakis_ray.ray_session import ensure_ray
     from arrakis_ray.sweeps.records import SweepRecord, latest_run_events, write_sweep
     from arrakis_ray.sweeps.warm import WarmPool
@@ -69,7 +91,7 @@ def run_sweep(plan, store, echo: Callable[[str], None] = print) -> SweepOutcome:
         store,
         SweepRecord(
             sweep.sweep_id, sweep.name, sweep.source, sweep.method, _spec_json(sweep),
-            len(plan.points), _now(),
+            len(plan.points), utc_now(),
         ),
     )  # fmt: skip
     # a rerun adds no event to a point whose state it does not change
@@ -90,71 +112,107 @@ def run_sweep(plan, store, echo: Callable[[str], None] = print) -> SweepOutcome:
             groups.setdefault(point.run_id, []).append(point)
     if groups:
         ensure_ray()
-        with WarmPool() as pool:
-            workers = max(1, min(sweep.max_concurrent, len(groups)))
-            with ThreadPoolExecutor(workers, thread_name_prefix="arrakis-sweep") as threads:
-                futures = [
-                    threads.submit(_run_group, group, store, sweep, pool, echo)
-                    for group in groups.values()
-                ]
-                for future in as_completed(futures):
-                    ran, failed, harvested = future.result()
-                    outcome.ran += ran
-                    outcome.failed += failed
-                    outcome.harvests += harvested
+        workers = max(1, min(sweep.max_concurrent, len(groups)))
+        # groups of one model one after another: a pool is ended before the next starts
+        ordered = sorted(groups.values(), key=lambda g: _pool_key(g[0]))
+        harvested: list[tuple[list, object]] = []
+        with WarmPool() as pool, ThreadPoolExecutor(workers, "arrakis-sweep") as threads:
+            left = Counter(_pool_key(g[0]) for g in ordered)
+            lock = threading.Lock()
+
+            def harvest_group(points: list):
+                try:
+                    return _harvest_group(points, store, sweep, pool, echo)
+                finally:
+                    key = _pool_key(points[0])
+                    with lock:
+                        left[key] -= 1
+                        last = left[key] == 0
+                    if last:
+                        pool.release(key)
+
+            for points, result in zip(ordered, threads.map(harvest_group, ordered), strict=True):
+                if isinstance(result, str):  # the group's error
+                    outcome.failed += [(p.index, result) for p in points]
+                else:
+                    outcome.harvests += result.status != "already complete"
+                    harvested.append((points, result))
             outcome.model_loads = pool.loads()
+            tool_work = [(p, result) for points, result in harvested for p in points]
+            for done in threads.map(lambda work: _run_point(*work, store, sweep, echo), tool_work):
+                (outcome.ran if done[1] is None else outcome.failed).append(
+                    done[0] if done[1] is None else done
+                )
     outcome.ran.sort()
     outcome.failed.sort()
     outcome.seconds = time.perf_counter() - started
     return outcome
 
 
-def _run_group(points: list, store, sweep, pool, echo) -> tuple[list, list, int]:
-    """Harvest the group's run, then each point's tools; (ran, failed, harvests)."""
+def _pool_key(point) -> str:
+    from arrakis_ray.sweeps.warm import WarmPool
+
+    return WarmPool.key(point.config, point.run_plan.identity["model"])
+
+
+def _harvest_group(points: list, store, sweep, pool, echo):
+    """Harvest the run the group's points share: its HarvestResult, or the error line
+    (recorded as each point's failure)."""
     from arrakis_ray.harvest.driver import harvest
 
     first = points[0]
     config = first.config
     staged = config.harvest.stages > 1 or len(config.harvest.layer_ranges) > 1
     runner = None if staged else pool.run_shards  # stages chain through Ray Data
-    for point in points:
-        _event(store, sweep, point, "running", attempt=1)
     try:
+        for point in points:
+            _event(store, sweep, point, "running", attempt=1)
         result = _retried(
             sweep.retries,
             lambda: harvest(config, store, run_shards=runner),
             f"harvest of run {first.run_id}",
         )
+        if result.run_id != first.run_id:  # a data or model file changed since the plan
+            raise StoreError(
+                f"the inputs of run {first.run_id} changed since the sweep was planned "
+                f"(they now make run {result.run_id}); run the sweep again"
+            )
     except Exception as exc:
         error = _message(exc)
         for point in points:
-            _event(store, sweep, point, "failed", attempt=sweep.retries + 1, error=error)
-            echo(f"point {point.index}: FAILED: {error}")
-        return [], [(p.index, error) for p in points], 0
+            _record_failure(store, sweep, point, error, echo)
+        return error
     echo(
         f"run {result.run_id}: {result.status}"
         + (f", {result.tokens} tokens in {result.seconds:.1f} s" if result.tokens else "")
     )
-    ran, failed = [], []
-    for point in points:
-        point_started = time.perf_counter()
-        try:
-            attempts = 1
-            for name, variant, params in point.tools:
-                attempts = max(
-                    attempts, _run_tool(store, sweep, result.run_dir, name, variant, params)
-                )
-        except Exception as exc:
-            error = _message(exc)
-            failed.append((point.index, error))
-            _event(store, sweep, point, "failed", attempt=sweep.retries + 1, error=error)
-            echo(f"point {point.index}: FAILED: {error}")
-            continue
-        seconds = time.perf_counter() - point_started
-        ran.append(point.index)
+    return result
+
+
+def _run_point(point, result, store, sweep, echo) -> tuple[int, str | None]:
+    """The point's tools on its harvested run: (point, None) or (point, error line)."""
+    started = time.perf_counter()
+    try:
+        attempts = 1
+        for name, variant, params in point.tools:
+            tries = _run_tool(store, sweep, result.run_dir, name, variant, params)
+            attempts = max(attempts, tries)
+        seconds = time.perf_counter() - started
         _event(store, sweep, point, "complete", attempt=attempts, seconds=seconds)
-        echo(f"point {point.index} complete ({_params_text(point.params)}) in {seconds:.1f} s")
-    return ran, failed, 1
+    except Exception as exc:
+        error = _message(exc)
+        _record_failure(store, sweep, point, error, echo)
+        return point.index, error
+    echo(f"point {point.index} complete ({_params_text(point.params)}) in {seconds:.1f} s")
+    return point.index, None
+
+
+def _record_failure(store, sweep, point, error: str, echo) -> None:
+    echo(f"point {point.index}: FAILED: {error}")
+    try:
+        _event(store, sweep, point, "failed", attempt=sweep.retries + 1, error=error)
+    except Exception as exc:  # the outcome still says so: never lose the summary
+        log.warning("point %d: could not record its failure: %s", point.index, exc)
 
 
 def _run_tool(store, sweep, run_dir, name: str, variant: str, params: dict) -> int:
@@ -176,14 +234,23 @@ def _run_tool(store, sweep, run_dir, name: str, variant: str, params: dict) -> i
 
 
 def _retried(retries: int, work: Callable, what: str):
-    """``work()``, tried up to ``retries`` more times when it raises."""
+    """``work()``, tried up to ``retries`` more times when it raises, waiting 2, 4, 8 ...
+    (at most 30) seconds in between: a harvest another process holds (its lease), a
+    node lost. Input errors are the same on every try and are not retried."""
     for attempt in range(retries + 1):
         try:
             return work()
+        except NOT_RETRIED:
+            raise
         except Exception as exc:
             if attempt == retries:
                 raise
-            log.warning("%s failed (attempt %d of %d): %s", what, attempt + 1, retries + 1, exc)
+            wait = min(30, 2 ** (attempt + 1))
+            log.warning(
+                "%s failed (try %d of %d), again in %d s: %s",
+                what, attempt + 1, retries + 1, wait, exc,
+            )  # fmt: skip
+            time.sleep(wait)
     raise AssertionError("unreachable")
 
 
@@ -204,7 +271,7 @@ def _event(store, sweep, point, status: str, attempt: int = 0, error=None, secon
             attempt=attempt,
             error=error,
             seconds=None if seconds is None else round(seconds, 3),
-            at=_now(),
+            at=utc_now(),
             host=socket.gethostname(),
             pid=os.getpid(),
         ),
@@ -213,8 +280,6 @@ def _event(store, sweep, point, status: str, attempt: int = 0, error=None, secon
 
 def _spec_json(sweep) -> str:
     """The parsed spec as JSON: what the ``sweeps`` view shows of it."""
-    import json
-
     spec = {
         "base": str(sweep.base),
         "method": sweep.method,
@@ -236,7 +301,3 @@ def _message(exc: BaseException) -> str:
 
 def _params_text(params: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
