@@ -50,6 +50,7 @@ from arrakis_ray.reports.site_pages import (
 )
 from arrakis_ray.reports.sweep_pages import sweep_pages, sweeps_section
 from arrakis_ray.store.location import is_remote, os_reason
+from arrakis_ray.store.manifest import split_record_key
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,9 @@ def build_site(
         raise ConfigError(f"top_features must be an integer >= 0, got {top_features!r}")
     out = Path(out_dir).expanduser().absolute()
     check_out_dir(out, what="site")
-    with Store(store) as db:
+    # the runs' own calls, as in the run report: a sweep's settings of a tool would be
+    # overlaid in every chart (the sweep pages read only the sweeps' own records)
+    with Store(store, variants=False) as db:
         check_outside_store_data(out, db.root)
         store_text = str(db.root)
         listed = db.sql(RUNS)
@@ -198,7 +201,10 @@ def _run_of(row: dict) -> _Run:
         results = json.loads(row["manifest"])["results"] if row["manifest"] else {}
     except (ValueError, KeyError, TypeError):
         results = {}  # the catalog already warned of an unreadable manifest
-    return _Run({k: v for k, v in row.items() if k != "manifest"}, dict(sorted(results.items())))
+    # a tool variant's record (``<tool>.<variant>``, a sweep's setting) has no rows in a
+    # Store opened with variants=False: the run's pages show its own calls only
+    own = {k: v for k, v in results.items() if split_record_key(k)[1] is None}
+    return _Run({k: v for k, v in row.items() if k != "manifest"}, dict(sorted(own.items())))
 
 
 def _select(runs: list[_Run], wanted: Sequence[str] | None, store: str) -> list[_Run]:
