@@ -196,7 +196,7 @@ def _cmd_harvest(args) -> None:
 
 
 def _cmd_run(args) -> None:
-    _run_pipeline(Path(args.pipeline), args.store)
+    run_pipeline(Path(args.pipeline), args.store)
 
 
 def _cmd_analyze(args) -> None:
@@ -321,7 +321,9 @@ def _cmd_demo(args) -> None:
     run_demo(args.store)
 
 
-def _run_pipeline(pipeline: Path, store: str):
+def run_pipeline(pipeline: Path, store: str):
+    """``arrakis-ray run``: the harvest, the pipeline's tools, then the report (when the
+    logit lens ran); (run directory, report or None)."""
     from arrakis_ray.config import load_pipeline
     from arrakis_ray.harvest.driver import harvest
     from arrakis_ray.reports.run_report import build_report

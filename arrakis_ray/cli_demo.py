@@ -24,10 +24,10 @@ GROUP BY layer ORDER BY layer"""
 
 def run_demo(store: str) -> None:
     """The demo: the demo pipeline, its SQL, the bench walkthrough, the demo sweep, the site."""
-    from arrakis_ray.cli import _run_pipeline
+    from arrakis_ray.cli import run_pipeline
 
     started = time.perf_counter()
-    run_dir, report = _run_pipeline(demo_pipeline(), store)
+    run_dir, report = run_pipeline(demo_pipeline(), store)
     from arrakis_ray.store.catalog import Store
     from arrakis_ray.store.formatting import format_frame
 

@@ -194,11 +194,13 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
             raw["data"] = {**data, "path": str((path.parent / data_path).resolve())}
     steps = raw.get("analyze")
     if isinstance(steps, list):  # a live tool's prompts file, like data.path
-        raw["analyze"] = [_resolve_prompts(step, path.parent) for step in steps]
+        raw["analyze"] = [resolve_prompts(step, path.parent) for step in steps]
     return pipeline_from_dict(raw, source=str(path))
 
 
-def _resolve_prompts(step: Any, base: Path) -> Any:
+def resolve_prompts(step: Any, base: Path) -> Any:
+    """An analyze step (a dict) with its relative ``params.prompts`` path resolved
+    against ``base``, the pipeline's (or sweep's) directory."""
     params = step.get("params") if isinstance(step, dict) else None
     if not isinstance(params, dict) or not isinstance(params.get("prompts"), str):
         return step
@@ -232,8 +234,8 @@ def build_dataclass(cls: type, raw: Any, source: str, where: str) -> Any:
     """
     label = where or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {label}: expected a mapping, got {_show(raw)}")
-    hints, fields = _field_types(cls)
+        raise ConfigError(f"{source}: {label}: expected a mapping, got {show_value(raw)}")
+    hints, fields = field_types(cls)
     for key in raw:
         renamed = RENAMED_FIELDS.get((cls, key))
         if renamed is not None:
@@ -259,7 +261,7 @@ def build_dataclass(cls: type, raw: Any, source: str, where: str) -> Any:
 
 
 @functools.cache
-def _field_types(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+def field_types(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
     """A dataclass's resolved type hints and fields, once per class: resolving the string
     annotations dominated parsing a store's thousands of inventory entries."""
     return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
@@ -279,7 +281,7 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_text = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(
-                f"{source}: {where}: {_show(value)} is not one of "
+                f"{source}: {where}: {show_value(value)} is not one of "
                 f"{', '.join(map(str, args))}{hint_text}"
             )
         return value
@@ -288,29 +290,31 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
     if origin is tuple:
         items = [value] if isinstance(value, str | dict) else value
         if not isinstance(items, list | tuple):
-            raise ConfigError(f"{source}: {where}: expected a list, got {_show(value)}")
+            raise ConfigError(f"{source}: {where}: expected a list, got {show_value(value)}")
         return tuple(_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(items))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {where}: expected a mapping, got {_show(value)}")
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {show_value(value)}")
         _check_plain(value, source, where)
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {where}: expected true or false, got {_show(value)}")
+            raise ConfigError(f"{source}: {where}: expected true or false, got {show_value(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {where}: expected an integer, got {_show(value)}")
+            raise ConfigError(f"{source}: {where}: expected an integer, got {show_value(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{source}: {where}: expected a number, got {_show(value)}")
+            raise ConfigError(f"{source}: {where}: expected a number, got {show_value(value)}")
         _check_plain(value, source, where)
         return float(value)
     if hint is str:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{source}: {where}: expected a non-empty string, got {_show(value)}")
+            raise ConfigError(
+                f"{source}: {where}: expected a non-empty string, got {show_value(value)}"
+            )
         return value
     if hint is Any:
         _check_plain(value, source, where)
@@ -339,6 +343,7 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A value as a config error message shows it: its repr, cut at 60 characters."""
     text = repr(value)
     return text if len(text) < 60 else text[:57] + "..."

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from arrakis_ray.config import PipelineConfig, ToolRun, _field_types, _resolve_prompts
+from arrakis_ray.config import PipelineConfig, ToolRun, field_types, resolve_prompts
 from arrakis_ray.errors import ConfigError
 
 Key = tuple[str | int, ...]
@@ -46,7 +46,7 @@ def resolve_path(path: Any, base_raw: dict, source: str, label: str) -> Key:
     i = 0
     while i < len(parts):
         part, here = parts[i], ".".join(parts[: i + 1])
-        hints, fields = _field_types(cls)
+        hints, fields = field_types(cls)
         names = [n for n in fields if not (cls is PipelineConfig and n == "source")]
         if part not in names:
             close = difflib.get_close_matches(part, names, n=2)
@@ -149,4 +149,4 @@ def resolve_relative(raw: dict, keys: list[Key], base: Path) -> None:
         sets_prompts = key[2:] in ((), ("params",), ("params", "prompts"))
         if key[0] == "analyze" and isinstance(steps, list) and sets_prompts:
             for i in range(len(steps)) if len(key) == 1 else [key[1]]:
-                steps[i] = _resolve_prompts(steps[i], base)
+                steps[i] = resolve_prompts(steps[i], base)

@@ -43,8 +43,8 @@ import numpy as np
 from arrakis_ray.config import (
     PipelineConfig,
     ToolRun,
-    _show,
     pipeline_from_dict,
+    show_value,
 )
 from arrakis_ray.errors import ConfigError, ToolError
 from arrakis_ray.strict_yaml import read_strict_yaml
@@ -153,7 +153,7 @@ def load_sweep(path: str | Path) -> Sweep:
     base, written_base, base_raw = _read_base(path, raw.get("base"))
     method = raw.get("method", "grid")
     if method not in ("grid", "random"):
-        raise ConfigError(f"{source}: method: {_show(method)} is not one of grid, random")
+        raise ConfigError(f"{source}: method: {show_value(method)} is not one of grid, random")
     count, seed = raw.get("count"), raw.get("seed", 0)
     if method == "grid":
         for key in ("count", "seed"):
@@ -173,7 +173,7 @@ def load_sweep(path: str | Path) -> Sweep:
     check_overlaps([kl for a in axes for kl in zip(a.keys, a.labels, strict=True)], source)
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"{source}: name: expected a non-empty string, got {_show(name)}")
+        raise ConfigError(f"{source}: name: expected a non-empty string, got {show_value(name)}")
     sweep = Sweep(
         name=name,
         source=source,
@@ -228,7 +228,9 @@ def _read_base(path: Path, base: Any) -> tuple[Path, dict, dict]:
 
 def _check_int(value: Any, low: int, source: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{source}: {where}: expected an integer >= {low}, got {_show(value)}")
+        raise ConfigError(
+            f"{source}: {where}: expected an integer >= {low}, got {show_value(value)}"
+        )
     return value
 
 
@@ -236,7 +238,7 @@ def _parameter_axes(params: Any, source: str, base_raw: dict) -> list[Axis]:
     if not isinstance(params, dict):
         raise ConfigError(
             f"{source}: parameters: expected a mapping of dotted paths to {{values: [...]}} "
-            f"or {{value: x}}, got {_show(params)}"
+            f"or {{value: x}}, got {show_value(params)}"
         )
     axes = []
     for path, spec in params.items():
@@ -244,7 +246,7 @@ def _parameter_axes(params: Any, source: str, base_raw: dict) -> list[Axis]:
         if not isinstance(spec, dict) or len(spec) != 1 or not {"values", "value"} >= set(spec):
             raise ConfigError(
                 f"{source}: {label}: expected {{values: [...]}} or {{value: x}}, got "
-                f"{_show(spec)} (distributions are not supported: list the values)"
+                f"{show_value(spec)} (distributions are not supported: list the values)"
             )
         values = [spec["value"]] if "value" in spec else spec["values"]
         if not isinstance(values, list) or not values:
@@ -392,10 +394,10 @@ def _blame(where: str, reason: str, swept: list) -> str:
         hits = named if len(named) == 1 else hits
     if len(hits) == 1:
         label, _path, value = hits[0]
-        reason = reason.removesuffix(f", got {_show(value)}")
-        return f"{label}: value {_show(value)} ({{points}}): {reason}"
+        reason = reason.removesuffix(f", got {show_value(value)}")
+        return f"{label}: value {show_value(value)} ({{points}}): {reason}"
     if hits:
-        shown = ", ".join(f"{path}={_show(value)}" for _label, path, value in hits)
+        shown = ", ".join(f"{path}={show_value(value)}" for _label, path, value in hits)
         return f"parameters {shown} ({{points}}): {where}: {reason}"
     return f"{where or 'pipeline'} ({{points}}): {reason}"
 
