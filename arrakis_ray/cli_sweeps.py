@@ -35,13 +35,14 @@ def add_sweep_commands(sub) -> None:
     s.add_argument(
         "--working-dir",
         help="with --address: the directory uploaded with the job; it must hold the sweep, "
-        "its base pipeline and their data (default: the smallest such directory)",
+        "its base pipeline and the files they name by relative paths (default: the "
+        "smallest such directory); files named by absolute paths are read where they are",
     )
     s.add_argument(
         "--resubmit",
         action="store_true",
-        help="with --address: submit again although a job of this sweep ended (failed or "
-        "stopped); the new job finishes only what is missing",
+        help="with --address: submit again although a job of this sweep ended (succeeded, "
+        "failed or stopped); the new job finishes only what is missing",
     )
     s.set_defaults(func=cmd_sweep, uses_ray=lambda a: not a.dry_run and not a.address)
 
@@ -65,10 +66,12 @@ def add_sweep_commands(sub) -> None:
     c = sub.add_parser("schedule", help="add, list or remove cron schedules of sweeps")
     csub = c.add_subparsers(required=True, metavar="ACTION", dest="action")
     a = csub.add_parser("add", help="record a schedule in the store")
-    a.add_argument("sweep", help="sweep YAML file (it must stay there: the scheduler reads it)")
     a.add_argument(
-        "--cron", required=True, help="when, as a cron expression in UTC, e.g. '0 3 * * *'"
+        "sweep",
+        help="sweep YAML file; it, its base pipeline and the files they name by relative "
+        "paths are copied into the store (at most 64 MiB): later changes need --replace",
     )
+    a.add_argument("--cron", required=True, help="when: cron in UTC (5 fields), e.g. '0 3 * * *'")
     a.add_argument("--store", required=True, help=STORE_HELP + "; the sweep writes there too")
     a.add_argument("--name", help="the schedule's name (default: the sweep file's name)")
     a.add_argument(
@@ -138,13 +141,14 @@ def _submit(args, sweep) -> int:
     from arrakis_ray.sweeps import jobs
 
     address = args.address
-    store = jobs.canonical_store(args.store)
-    submission_id = jobs.submission_id_for_sweep(sweep, store)
-    if args.dry_run:
-        from arrakis_ray.sweeps.plan import plan_sweep
+    from arrakis_ray.sweeps.plan import plan_sweep
 
+    store = jobs.canonical_store(args.store)
+    plan = plan_sweep(sweep, store)  # its run ids are part of the submission id
+    submission_id = jobs.submission_id_for_sweep(sweep, store, plan)
+    if args.dry_run:
         root = jobs.check_working_dir(sweep, args.working_dir or jobs.default_working_dir(sweep))
-        print(plan_sweep(sweep, store).describe())
+        print(plan.describe())
         entrypoint = jobs.sweep_entrypoint(sweep, store, root)
         print(f"would submit {submission_id} to {address}: {entrypoint}")
         print(f"working dir: {root}")
@@ -158,7 +162,7 @@ def _submit(args, sweep) -> int:
         print(f"  working dir: {done.working_dir}")
     else:
         print(f"already submitted: {done.submission_id} is {done.job_status} on {address}")
-        if done.job_status in ("FAILED", "STOPPED"):
+        if done.job_status in ("SUCCEEDED", "FAILED", "STOPPED"):
             print("  to run it again (only what is missing): add --resubmit")
     print(f"follow: arrakis-ray jobs logs {done.submission_id} --address {address} --follow")
     print(f"status: arrakis-ray jobs status {done.submission_id} --address {address}")
@@ -212,7 +216,8 @@ def cmd_schedule(args) -> int:
             catch_up=args.catch_up, replace=args.replace,
         )  # fmt: skip
         now = datetime.now(UTC)
-        print(f"schedule {record.name}: {record.cron!r} ({record.timezone}) -> {record.sweep}")
+        print(f"schedule {record.name}: {record.cron!r} (UTC) -> {record.sweep}")
+        print(f"  sweep {record.sweep_id}; its files are copied into the store")
         print(f"  store {record.store}; catch-up {record.catch_up}")
         print(f"  next firing: {schedules.next_firing(record, now).isoformat()}")
         where = f" --address {record.address}" if record.address else " --address http://HEAD:8265"
@@ -232,7 +237,7 @@ def cmd_schedule(args) -> int:
         events = read_firings(args.store, record.name)
         last = f"{events[-1].fire_time} {events[-1].status}" if events else "never"
         print(
-            f"{record.name}: {record.cron!r} ({record.timezone}), catch-up {record.catch_up}, "
+            f"{record.name}: {record.cron!r} (UTC), catch-up {record.catch_up}, "
             f"next {schedules.next_firing(record, now).isoformat()}, last {last}"
         )
         print(f"  sweep {record.sweep}" + (f", address {record.address}" if record.address else ""))

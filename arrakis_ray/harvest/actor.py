@@ -77,9 +77,14 @@ class HarvestStage:
         stages: list[tuple[int, int]],
         stage: int,
         call: str | None = None,
+        probe=None,
     ):
+        """``probe``: the driver's store probe (``placement.store_probe``), checked before
+        anything is written: a node that cannot see a local store refuses the work."""
+        from arrakis_ray.harvest.placement import check_probe
         from arrakis_ray.live.holder import ModelHolder
 
+        check_probe(store_root, probe)  # before the model loads: the refusal is instant
         self.config = config
         self.run_id = run_id
         self.call = call  # the harvest call's start time, recorded in each inventory

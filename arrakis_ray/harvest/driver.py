@@ -12,6 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,14 @@ from arrakis_ray.errors import StoreError
 from arrakis_ray.harvest.actor import CONCURRENT_SHARDS, HarvestStage
 from arrakis_ray.harvest.checks import check_cluster_fits
 from arrakis_ray.harvest.model_source import load_tokenizer, vocab_texts
-from arrakis_ray.harvest.placement import check_spread_fits, check_store_reachable, stage_placement
+from arrakis_ray.harvest.placement import (
+    StoreProbe,
+    check_probe,
+    check_spread_fits,
+    check_store_reachable,
+    stage_placement,
+    store_probe,
+)
 from arrakis_ray.harvest.plan import plan_run
 from arrakis_ray.harvest.tokenize import TokenizeShard
 from arrakis_ray.ray_session import ensure_ray, one_line_error, ray_errors
@@ -58,10 +66,12 @@ class HarvestResult:
     seconds: float
 
 
-ShardRunner = Callable[[RunPlan, RunLayout, list, str], dict]
-"""Runs a run's pending shards: (plan, layout, pending shards, call) -> this call's totals
-(shards, tokens, bytes, sequences). The default streams them through Ray Data actor
-pools made for this call; a sweep passes its warm actors' (``sweeps/warm.py``)."""
+ShardRunner = Callable[..., dict]
+"""Runs a run's pending shards: (plan, layout, pending shards, call, probe=...) -> this
+call's totals (shards, tokens, bytes, sequences); ``probe`` (a ``StoreProbe`` or None)
+goes to every ``HarvestStage``, which checks it before writing. The default streams them
+through Ray Data actor pools made for this call; a sweep passes its warm actors'
+(``sweeps/warm.py``)."""
 
 
 def harvest(
@@ -127,8 +137,28 @@ def _harvest(
             raise StoreError(damage_hint(layout, damage))
     ensure_ray()  # a cluster that cannot be reached fails here, before the run is touched
     _check_cluster(plan)
-    check_store_reachable(layout.store_root)  # every node writes into the same store
-    resumed = manifest.harvest.resumed or bool(done)
+    # kept for the whole call: a node that joins later (an autoscaler's) checks it too
+    with store_probe(layout.store_root) as probe:
+        check_store_reachable(layout.store_root, probe)  # every node writes into one store
+        return _harvest_pending(plan, tokenizer, writer, manifest, started, call, pending,
+                                bool(done), run_shards, probe)  # fmt: skip
+
+
+def _harvest_pending(
+    plan: RunPlan,
+    tokenizer,
+    writer: RunWriter,
+    manifest: RunManifest,
+    started: float,
+    call: str,
+    pending: list,
+    resuming: bool,
+    run_shards: ShardRunner,
+    probe: StoreProbe | None,
+) -> HarvestResult:
+    """Harvest the pending shards, compact, and record the call in the manifest."""
+    layout = writer.layout
+    resumed = manifest.harvest.resumed or resuming
     manifest = manifest.with_changes(
         status="running", updated_at=_now(), harvest=replace(manifest.harvest, resumed=resumed)
     )
@@ -137,8 +167,8 @@ def _harvest(
         writer.write_vocab(_vocab_table(tokenizer, plan.shape.d_vocab))
 
     try:
-        totals = run_shards(plan, layout, pending, call)
-        manifest = _compact(writer, manifest, len(plan.shards), plan.config.harvest.compact)
+        totals = run_shards(plan, layout, pending, call, probe=probe)
+        manifest = _compact(writer, manifest, len(plan.shards), plan.config.harvest.compact, probe)
     except Exception as exc:
         # completed shards keep their markers and stay usable; the run says it failed
         error = one_line_error(exc, f"harvest of run {plan.run_id}")  # None: not from Ray
@@ -193,7 +223,9 @@ def _history(layout, manifest: RunManifest, call: str, started: float, finished:
     return replace(manifest.harvest, calls=calls)
 
 
-def _run_shards(plan: RunPlan, layout: RunLayout, pending: list, call: str) -> dict:
+def _run_shards(
+    plan: RunPlan, layout: RunLayout, pending: list, call: str, probe: StoreProbe | None = None
+) -> dict:
     """Stream the pending shards through the tokenize step and the stages' actor pools;
     returns this call's totals (shards, tokens, bytes, sequences)."""
     import ray.data
@@ -212,19 +244,21 @@ def _run_shards(plan: RunPlan, layout: RunLayout, pending: list, call: str) -> d
         compute=ray.data.TaskPoolStrategy(size=1),
     )
     with stage_placement(config.harvest, len(plan.stages), config.source) as placement:
-        return _stream(ds, plan, layout, pending, call, placement)
+        return _stream(ds, plan, layout, pending, call, placement, probe)
 
 
-def _stream(ds, plan: RunPlan, layout: RunLayout, pending: list, call: str, placement: dict):
+def _stream(ds, plan: RunPlan, layout: RunLayout, pending: list, call: str, placement: dict,
+            probe: StoreProbe | None = None):  # fmt: skip
     """Chain the stages' actor pools after the tokenize step and run the dataset;
-    ``placement``: Ray remote args that place the stage actors (``stage_placement``)."""
+    ``placement``: Ray remote args that place the stage actors (``stage_placement``);
+    ``probe``: the driver's store probe, checked by every stage actor."""
     total = len(plan.shards)
     for stage in range(len(plan.stages)):  # one actor pool per pipeline stage
         with warnings.catch_warnings():
             # Ray 2.60 takes a scheduling strategy only through **ray_remote_args, which
             # it deprecates for 2.64 before its named placement parameters exist
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-            ds = _stage_pool(ds, plan, layout, call, stage, placement)
+            ds = _stage_pool(ds, plan, layout, call, stage, placement, probe)
     done = {"tokens": 0, "bytes": 0, "sequences": 0, "shards": 0}
     t0 = time.perf_counter()
     for row in ds.iter_rows():
@@ -250,7 +284,8 @@ def _stream(ds, plan: RunPlan, layout: RunLayout, pending: list, call: str, plac
     return done
 
 
-def _stage_pool(ds, plan: RunPlan, layout: RunLayout, call: str, stage: int, placement: dict):
+def _stage_pool(ds, plan: RunPlan, layout: RunLayout, call: str, stage: int, placement: dict,
+                probe: StoreProbe | None = None):  # fmt: skip
     """``ds`` followed by stage ``stage``'s actor pool (``HarvestStage``)."""
     import ray.data
 
@@ -265,6 +300,7 @@ def _stage_pool(ds, plan: RunPlan, layout: RunLayout, call: str, stage: int, pla
             "stages": [list(s) for s in plan.stages],
             "stage": stage,
             "call": call,
+            "probe": probe,
         },
         batch_size=1,
         # two calls at once per actor: one shard's files are written while the next
@@ -280,10 +316,17 @@ def _stage_pool(ds, plan: RunPlan, layout: RunLayout, call: str, stage: int, pla
     )
 
 
-def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: bool) -> RunManifest:
+def _compact(
+    writer: RunWriter,
+    manifest: RunManifest,
+    n_shards: int,
+    enabled: bool,
+    probe: StoreProbe | None = None,
+) -> RunManifest:
     """Merge the finished run's small shard files into parts, as Ray tasks over groups
     of directories (``store/compact.py``); returns the manifest, updated once they exist.
-    A compacted run whose part ``verify --repair`` removed gets that part written again."""
+    A compacted run whose part ``verify --repair`` removed gets that part written again.
+    ``probe``: the harvest call's store probe (else one is written for the tasks)."""
     import ray
 
     layout = writer.layout
@@ -302,11 +345,15 @@ def _compact(writer: RunWriter, manifest: RunManifest, n_shards: int, enabled: b
     if listed is None or any(not e.location(layout).exists() for e in inventoried.values()):
         started = time.perf_counter()
         ensure_ray()
-        check_store_reachable(layout.store_root)  # a rerun may finish an interrupted one
-        task = ray.remote(_compact_group).options(num_cpus=1)
-        groups = _groups(directories)
-        pending = [task.remote(layout, g, n_shards, per_part, inventoried) for g in groups]
-        entries = sorted((e for group in ray.get(pending) for e in group), key=lambda e: e.path)
+        with nullcontext(probe) if probe else store_probe(layout.store_root) as probe:
+            # a rerun may finish an interrupted one: its nodes were not checked yet
+            check_store_reachable(layout.store_root, probe)
+            task = ray.remote(_compact_group).options(num_cpus=1)
+            groups = _groups(directories)
+            pending = [
+                task.remote(layout, g, n_shards, per_part, inventoried, probe) for g in groups
+            ]
+            entries = sorted((e for group in ray.get(pending) for e in group), key=lambda e: e.path)
         write_parts_inventory(layout, PartsInventory(per_part, tuple(entries)))
         log.info(
             "run %s: compacted %d directories, %d shards per part (%.0f MB) in %.1f s",
@@ -334,7 +381,10 @@ def _groups(directories: list) -> list[list]:
     return [directories[i::n] for i in range(n)]
 
 
-def _compact_group(layout, directories: list, n_shards: int, per_part: int, inventoried) -> list:
+def _compact_group(
+    layout, directories: list, n_shards: int, per_part: int, inventoried, probe=None
+) -> list:
+    check_probe(layout.store_root, probe)  # a node that joined since the driver's check
     return [
         entry
         for d in directories

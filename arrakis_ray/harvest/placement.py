@@ -9,6 +9,12 @@ the other nodes' shards. ``check_store_reachable`` finds that out before any wor
 starts, by asking each node to read a file the driver has just written; it is not
 inferred from addresses or mount tables.
 
+Nodes can also join after that check: an autoscaling cluster (``min_workers: 0``)
+starts a harvest with its head alone and adds GPU nodes once actors ask for them. So
+the driver keeps its probe file for the whole harvest or tool call (``store_probe``)
+and hands its name and token to the work; every worker checks it (``check_probe``, a
+read of a few bytes) before it writes anything, and refuses with the same line.
+
 ``stage_placement`` puts a staged harvest's stage actors on nodes of their own
 (``harvest.spread_stages``): a STRICT_SPREAD placement group with one bundle per
 stage actor; ``check_spread_fits`` refuses, before the run is touched, a cluster with
@@ -21,6 +27,7 @@ import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from arrakis_ray.config import HarvestConfig
@@ -39,15 +46,67 @@ PROBE_PREFIX = ".arrakis-probe-"
 _verified: set[tuple[str, frozenset[str]]] = set()
 
 
-def check_store_reachable(store_root) -> None:
+@dataclass(frozen=True)
+class StoreProbe:
+    """The driver's probe file in a local store: ``<store>/<name>`` holds ``token``."""
+
+    name: str
+    token: str
+
+
+@contextmanager
+def store_probe(store_root) -> Iterator[StoreProbe | None]:
+    """Write a probe file into a local-path store for the block's duration (removed
+    when it ends, however it ends); None for an object store, where every node reaches
+    the same objects (``check_store_reachable``)."""
+    if is_remote(store_root):
+        yield None
+        return
+    token = secrets.token_hex(16)
+    probe = StoreProbe(f"{PROBE_PREFIX}{token[:16]}", token)
+    path = Path(store_root) / probe.name
+    path.write_text(token, encoding="utf-8")
+    try:
+        yield probe
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def check_probe(store_root, probe: StoreProbe | None) -> None:
+    """On a worker, before it writes into the store: refuse (ClusterError) a node that
+    does not see the driver's probe file, so it never writes rows to a disk of its own
+    (a node that joined after ``check_store_reachable``). ``probe`` None: nothing to
+    check (an object store, or a caller outside a harvest or tool call)."""
+    if probe is None:
+        return
+    problem, text = _read_probe(str(Path(store_root) / probe.name))
+    if problem or text != probe.token:
+        import ray
+        from ray.util import get_node_ip_address
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        reason = text if problem else "another directory is at that path"
+        raise ClusterError(_blind(store_root, get_node_ip_address(), node or "?", reason))
+
+
+def _blind(store_root, address: str, node_id: str, reason: str, more: str = "") -> str:
+    """The one line naming a node that cannot see the store."""
+    return (
+        f"store {store_root} is a local path that node {address} (node id {node_id[:12]}…)"
+        f"{more} cannot see ({reason}): rows would be written to that node's own disk; use "
+        "a shared filesystem mounted at the same path on every node, or an s3:// store"
+    )
+
+
+def check_store_reachable(store_root, probe: StoreProbe | None = None) -> None:
     """Refuse a local-path store that a node of the cluster cannot see (ClusterError).
 
-    The driver writes ``<store>/.arrakis-probe-<hex>`` holding a random token, and a
-    zero-CPU task pinned to each alive node that can run harvest work (any CPU or GPU)
-    reads it back; a node where the file is missing, unreadable or holds another token
-    would write its rows to a disk of its own. The probe file is removed afterwards.
-    Costs nothing on a single-node cluster whose node is the driver's own (the local
-    default): no task runs.
+    A zero-CPU task pinned to each alive node that can run harvest work (any CPU or
+    GPU) reads back a probe file the driver has written (``probe``, from
+    ``store_probe``; else one written and removed here); a node where the file is
+    missing, unreadable or holds another token would write its rows to a disk of its
+    own. Costs nothing on a single-node cluster whose node is the driver's own (the
+    local default): no task runs. Nodes that join later are caught by ``check_probe``.
     """
     if is_remote(store_root):
         # an object store (s3://...) is reached over the network by its URL, with the
@@ -64,22 +123,17 @@ def check_store_reachable(store_root) -> None:
     key = (str(store_root), frozenset(n["NodeID"] for n in nodes))
     if key in _verified:
         return
-    token = secrets.token_hex(16)
-    probe = Path(store_root) / f"{PROBE_PREFIX}{token[:16]}"
-    probe.write_text(token, encoding="utf-8")
-    try:
-        blind = _probe(nodes, str(probe), token)
-    finally:
-        probe.unlink(missing_ok=True)
+    if probe is None:
+        with store_probe(store_root) as own:
+            blind = _probe(nodes, str(Path(store_root) / own.name), own.token)
+    else:
+        blind = _probe(nodes, str(Path(store_root) / probe.name), probe.token)
     if blind:
         node, reason = blind[0]
         others = len(blind) - 1
         more = f" (and {others} other node{'s' if others > 1 else ''})" if others else ""
         raise ClusterError(
-            f"store {store_root} is a local path that node {node['NodeManagerAddress']} "
-            f"(node id {node['NodeID'][:12]}…){more} cannot see ({reason}): rows would be "
-            "written to that node's own disk; use a shared filesystem mounted at the same "
-            "path on every node, or an s3:// store"
+            _blind(store_root, node["NodeManagerAddress"], node["NodeID"], reason, more)
         )
     _verified.add(key)
     log.info("store %s: seen by all %d nodes of the cluster", store_root, len(nodes))

@@ -51,11 +51,14 @@ def slices(items: pa.Table, size: int) -> list[pa.Table]:
     return [items.slice(start, size) for start in range(0, items.num_rows, max(1, size))]
 
 
-def run_live(tool: Tool, reader: RunReader, payload: tuple) -> tuple[list[FileEntry], int]:
+def run_live(
+    tool: Tool, reader: RunReader, payload: tuple, probe=None
+) -> tuple[list[FileEntry], int]:
     """Run a live tool over its prompts on the run's actor layout; (files, slices).
 
     ``payload``: (tool class, parameters, store root, run id, call), as the runner
-    hands it to every task."""
+    hands it to every task; ``probe``: the driver's store probe
+    (``placement.store_probe``), checked by an actor before it writes a slice."""
     import ray
     from ray.util import ActorPool
 
@@ -85,7 +88,9 @@ def run_live(tool: Tool, reader: RunReader, payload: tuple) -> tuple[list[FileEn
         pool = ActorPool(actors)
         files: list[FileEntry] = []
         for entries in pool.map_unordered(
-            lambda actor, job: actor.compute.remote(*payload, job[0], job[1], prepared_ref),
+            lambda actor, job: actor.compute.remote(
+                *payload, job[0], job[1], prepared_ref, probe=probe
+            ),
             list(enumerate(work)),
         ):
             files += entries
@@ -200,11 +205,14 @@ class LiveActor:
         index: int,
         items,
         prepared,
+        probe=None,
     ):
         """One slice of the prompts: compute its rows, write them; returns the files."""
+        from arrakis_ray.harvest.placement import check_probe
         from arrakis_ray.store.layout import RunLayout
         from arrakis_ray.tools.runner import make_tool, write_outputs
 
+        check_probe(store_root, probe)  # a node that joined since the driver's check
         tool = make_tool(tool_cls, params)
         result = tool.compute_live(items, self.model, prepared)
         return write_outputs(tool, RunLayout(store_root, run_id), result, index, call)

@@ -9,8 +9,10 @@ sweep sets as its own column (the struct's fields that are not null for this swe
 the others belong to other sweeps of the store), the seconds of each point, and the
 schedules that run it with their recent firings. Every table's SQL is on the page.
 
-A schedule runs a sweep when one of its firings submitted that sweep id, or when its
-sweep file is the sweep's source (a schedule that has not fired yet).
+A schedule runs a sweep when one of its firings submitted that sweep id, or when it
+was added with that sweep id (``schedules.sweep_id``: a schedule that has not fired
+yet). File paths are not compared: a schedule added on a laptop names the laptop's
+path, the sweep's record the path its job read.
 """
 
 from __future__ import annotations
@@ -52,18 +54,17 @@ SELECT sweep_id, name, method, n_points, n_complete, n_skipped, n_duplicate, n_r
 FROM sweeps ORDER BY created_at DESC NULLS LAST, sweep_id
 """
 
-# the sweep a schedule runs: the one its latest firing submitted, else the latest sweep
-# recorded from its sweep file
+# the sweep a schedule runs: the one its latest firing submitted, else the one it was
+# added with
 SCHEDULE_LIST = """
 SELECT s.name AS schedule, s.cron, s.catch_up, s.sweep AS sweep_file,
        coalesce(arg_max(f.sweep_id, f.fire_time) FILTER (WHERE f.sweep_id IS NOT NULL),
-                arg_max(w.sweep_id, w.created_at)) AS sweep_id,
+                s.sweep_id) AS sweep_id,
        count(DISTINCT f.fire_time) AS firings, max(f.fire_time) AS last_fire_time,
        arg_max(f.status, f.fire_time) AS last_status
 FROM schedules s
 LEFT JOIN schedule_firings f ON f.schedule = s.name
-LEFT JOIN sweeps w ON w.source = s.sweep
-GROUP BY s.name, s.cron, s.catch_up, s.sweep ORDER BY s.name
+GROUP BY s.name, s.cron, s.catch_up, s.sweep, s.sweep_id ORDER BY s.name
 """
 
 SWEEP = """
@@ -88,7 +89,7 @@ LIMIT {limit}
 
 MINE = """
 WITH mine AS (
-    SELECT name FROM schedules WHERE sweep = {source}
+    SELECT name FROM schedules WHERE sweep_id = {sweep_id}
     UNION SELECT schedule FROM schedule_firings WHERE sweep_id = {sweep_id}
 )"""
 
@@ -209,7 +210,7 @@ def _sweep_page(db, sweep_id: str, fields: list[str], store: str, run_pages) -> 
         sql_block(points_sql, store),
     ]
     page.blocks.append(_seconds_chart(points, own))
-    page.blocks += _schedules(q, about, key, store)
+    page.blocks += _schedules(q, key, store)
     return page
 
 
@@ -307,12 +308,11 @@ def _as_text(column, dtype):
     return column.cast(pl.String)
 
 
-def _schedules(q: QueryLog, about: dict, key: str, store: str) -> list[str]:
+def _schedules(q: QueryLog, key: str, store: str) -> list[str]:
     """The schedules that run this sweep and their recent firings ([] without any)."""
-    source = "NULL" if about["source"] is None else sql_text(about["source"])
-    schedules_sql = SCHEDULES.format(source=source, sweep_id=key)
+    schedules_sql = SCHEDULES.format(sweep_id=key)
     schedules = q.sql(schedules_sql)
-    firings_sql = FIRINGS.format(source=source, sweep_id=key, limit=MAX_FIRINGS)
+    firings_sql = FIRINGS.format(sweep_id=key, limit=MAX_FIRINGS)
     firings = q.sql(firings_sql)
     if schedules.is_empty() and firings.is_empty():
         return []

@@ -112,6 +112,10 @@ def run_sweep(plan, store, echo: Callable[[str], None] = log.info) -> SweepOutco
             groups.setdefault(point.run_id, []).append(point)
     if groups:
         ensure_ray()
+        # transformers resolves its names lazily, and not thread-safely: two harvests
+        # starting at once failed with "cannot import name 'AutoTokenizer'"
+        from transformers import AutoTokenizer  # noqa: F401
+
         workers = max(1, min(sweep.max_concurrent, len(groups)))
         # groups of one model one after another: a pool is ended before the next starts
         ordered = sorted(groups.values(), key=lambda g: _pool_key(g[0]))

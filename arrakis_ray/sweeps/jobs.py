@@ -2,15 +2,16 @@
 
 A submitted sweep is one Ray Job whose entrypoint is ``arrakis-ray sweep`` itself, run
 on the cluster against the same store: the job plans the sweep there and runs only what
-is missing. The job's submission id derives from the sweep's content and the store, so
-submitting the same sweep twice is a no-op: the Jobs API refuses a second job with an id
-it knows (atomically, in the head's key-value store), and that refusal is reported as
-"already submitted" with the first job's status. Two schedulers firing the same
-schedule at once rely on the same refusal (``schedules.py``).
+is missing. The job's submission id derives from the sweep's content, the store and
+its planned runs (new data at the same path is a new run id, so a new job), so
+submitting the same sweep twice is a no-op: an id the cluster knows is answered
+"already submitted" with that job's status, and the Jobs API refuses a second job with
+an id it knows (atomically, in the head's key-value store) when two submit at once.
+Two schedulers firing the same schedule at once rely on the same refusal
+(``schedules.py``).
 
-The job's working directory is uploaded by Ray: it must hold the sweep file, its base
-pipeline and every data and prompts file they read (checked here, before anything is
-sent). The store is not uploaded: it must be a place every node can reach, an absolute
+The job's working directory is uploaded by Ray (``job_inputs.py`` says what it must
+hold). The store is not uploaded: it must be a place every node can reach, an absolute
 path on a shared file system or an object-store URI.
 
 Only the HTTP client of Ray's Jobs API is used (``ray.job_submission``): no Ray session
@@ -19,7 +20,6 @@ is started here.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import logging
 import os
@@ -27,31 +27,26 @@ import re
 import shlex
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from arrakis_ray.errors import ClusterError
 from arrakis_ray.store.location import is_uri, store_path
+from arrakis_ray.sweeps.job_inputs import (  # noqa: F401 - re-exported
+    EXCLUDES,
+    MAX_CHECKPOINT_BYTES,
+    JobInput,
+    check_working_dir,
+    default_working_dir,
+    job_files,
+    job_inputs,
+    tree_bytes,
+)
 
 log = logging.getLogger(__name__)
 
 ID_PREFIX = "arrakis-"  # every job this package submits; `jobs list` shows these
 SWEEP_PREFIX = ID_PREFIX + "sweep-"
-# never uploaded with a working dir: environments, caches, stores and built sites
-EXCLUDES = (
-    ".venv",
-    "venv",
-    ".git",
-    "__pycache__",
-    "*.pyc",
-    ".pytest_cache",
-    ".ruff_cache",
-    "*.egg-info",
-    "node_modules",
-    "demo_store",
-    "site",
-    "*.parquet",
-)
 # settings of the submitting shell that the job needs to open the same s3:// store;
 # credentials are not sent: job settings are readable by anyone with the dashboard
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
@@ -109,61 +104,17 @@ def canonical_store(store: str | os.PathLike) -> str:
     return os.path.normpath(local)
 
 
-def submission_id_for_sweep(sweep, store: str | os.PathLike) -> str:
-    """``arrakis-sweep-`` and 16 hex of (sweep id, canonical store): the same sweep
-    content into the same store is the same job."""
-    text = f"{sweep.sweep_id}\n{canonical_store(store)}"
-    return SWEEP_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
+def submission_id_for_sweep(sweep, store: str | os.PathLike, plan=None) -> str:
+    """``arrakis-sweep-`` and 16 hex of (sweep id, canonical store, each planned point's
+    run id and point key): the same sweep over the same inputs into the same store is the
+    same job, and new data at the same path (a new run id) a new one. ``plan``: the
+    sweep's ``SweepPlan`` (planned here, without Ray, if not given)."""
+    from arrakis_ray.sweeps.plan import plan_sweep
 
-
-def job_files(sweep) -> list[Path]:
-    """Every file a job of ``sweep`` reads besides the store (absolute): the sweep
-    file, its base pipeline, and the data and prompts files of its points."""
-    from arrakis_ray.sweeps.spec import expand
-
-    files = [Path(sweep.source), Path(sweep.base)]
-    for point in expand(sweep):
-        files.append(Path(point.config.data.path))
-        for step in point.config.analyze:
-            prompts = step.params.get("prompts") if isinstance(step.params, dict) else None
-            if isinstance(prompts, str):
-                files.append(Path(prompts))
-    return list(dict.fromkeys(f.resolve() for f in files))
-
-
-def default_working_dir(sweep) -> Path:
-    """The smallest directory holding every file of ``job_files``: the least to upload."""
-    return Path(os.path.commonpath([f.parent for f in job_files(sweep)]))
-
-
-def check_working_dir(sweep, working_dir: str | os.PathLike) -> Path:
-    """``working_dir`` resolved; ClusterError naming the first file the job needs that
-    it does not hold (or that the upload would leave out)."""
-    root = Path(working_dir).expanduser().resolve()
-    if not root.is_dir():
-        raise ClusterError(f"--working-dir {working_dir}: not a directory")
-    for path in job_files(sweep):
-        if not path.is_relative_to(root):
-            raise ClusterError(
-                f"--working-dir {root} does not hold {path}, which the sweep {sweep.source} "
-                "reads: give a directory that holds the sweep, its base pipeline and their "
-                "data files (default: the smallest such directory)"
-            )
-        rel = PurePosixPath(path.relative_to(root).as_posix())
-        pattern = _excluded(rel)
-        if pattern:
-            raise ClusterError(
-                f"{path}: the sweep reads it, but files matching {pattern!r} are not "
-                f"uploaded with a working dir; move it out of {rel.parts[0]}"
-            )
-    return root
-
-
-def _excluded(rel: PurePosixPath) -> str | None:
-    for pattern in EXCLUDES:
-        if any(fnmatch.fnmatchcase(part, pattern) for part in rel.parts):
-            return pattern
-    return None
+    store_text = canonical_store(store)
+    plan = plan or plan_sweep(sweep, store_text)
+    lines = [sweep.sweep_id, store_text, *(f"{p.run_id} {p.point_key}" for p in plan.points)]
+    return SWEEP_PREFIX + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def sweep_entrypoint(sweep, store: str, working_dir: Path) -> str:
@@ -197,8 +148,8 @@ def submit_sweep(
     """Submit ``sweep`` (a loaded ``Sweep``) as a Ray Job into ``store``.
 
     ``submission_id`` defaults to ``submission_id_for_sweep``; an id the cluster already
-    knows is not an error: the answer is "already submitted" with that job's status.
-    Everything is checked before anything is sent.
+    knows (asked first, ``get_job_info``) is not an error: the answer is "already
+    submitted" with that job's status. Everything is checked before anything is sent.
     """
     store_text = canonical_store(store)
     root = check_working_dir(sweep, working_dir or default_working_dir(sweep))
@@ -211,6 +162,12 @@ def submit_sweep(
         **(metadata or {}),
     }
     client = _client(address)
+    known = _known_job(client, submission_id, address)
+    if known is not None:
+        log.info("%s: already submitted (%s)", submission_id, known.status)
+        return Submission(
+            submission_id, "already submitted", known.status, entrypoint, str(root)
+        )  # fmt: skip
     try:
         client.submit_job(
             entrypoint=entrypoint,
@@ -219,6 +176,9 @@ def submit_sweep(
             metadata=meta,
         )
     except Exception as exc:
+        # the race fallback: another submitter took the id between the check above and
+        # this call; the head refuses the second job atomically, and Ray says so only in
+        # its error text
         if "already exists" not in str(exc):
             raise _cluster_error(exc, address, f"submitting {submission_id}") from None
         state = job_state(submission_id, address, client=client)
@@ -228,6 +188,17 @@ def submit_sweep(
         )  # fmt: skip
     log.info("%s: submitted to %s: %s", submission_id, address, entrypoint)
     return Submission(submission_id, "submitted", "PENDING", entrypoint, str(root))
+
+
+def _known_job(client, submission_id: str, address: str) -> JobState | None:
+    """The cluster's job of that id, or None if it has none."""
+    try:
+        return _state(client.get_job_info(submission_id))
+    except Exception as exc:
+        error = _cluster_error(exc, address, submission_id)
+        if str(error).startswith(f"no job {submission_id} "):
+            return None
+        raise error from None
 
 
 def resubmission_id(submission_id: str, address: str) -> str:

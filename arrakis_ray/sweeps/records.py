@@ -5,6 +5,7 @@ Layout (under the store root, beside ``runs/`` and ``experiments/``)::
     sweeps/<sweep_id>/sweep.json                                 schemas/sweep.v1.json
     sweeps/<sweep_id>/runs/<point_key>/<time>-<hex>.json         schemas/sweep_run.v1.json
     schedules/<name>/schedule.json                               schemas/schedule.v1.json
+    schedules/<name>/files/...                                   the files a firing submits
     schedules/<name>/firings/<fire time>/<time>-<hex>.json       schemas/schedule_firing.v1.json
 
 A sweep is written once (its id is a hash of its content). What happens to a point of
@@ -12,8 +13,14 @@ a sweep, or to a firing of a schedule, is a new event file whose name (its UTC t
 random hex) no other writer uses: two processes recording at once never write the same
 file, and nothing is read, changed and written back. Each file appears whole
 (``store/atomic.py``: rename on a disk, one upload on an object store). The latest event
-of a point (or a firing) is its state. A file that cannot be read is left out with a
-warning naming it; the others are read.
+of a point is its state (a firing's state ranks its events: ``sweep_views.py``). A file
+that cannot be read is left out with a warning naming it; the others are read.
+
+A sweep's record and a schedule create the store if there is none yet; an event (a
+point's, a firing's) is only written into an existing store: a mistyped store is an
+error, not a new empty store.
+
+The record types and their checks are in ``record_types.py`` (re-exported here).
 
 Views, built by :func:`create_views` (``sweep_views.py`` holds their SQL) on the store's
 catalog: ``sweeps``, ``sweep_runs``, ``sweep_run_events``, ``schedules``,
@@ -26,202 +33,38 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import secrets
-import socket
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, ClassVar
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Any
 
 from arrakis_ray.errors import StoreError
 from arrakis_ray.store.atomic import atomic_open
 from arrakis_ray.store.layout import STORE_MARKER, init_store
 from arrakis_ray.store.location import StorePath, is_remote, store_path
+from arrakis_ray.sweeps.record_types import (  # noqa: F401 - re-exported
+    CATCH_UP,
+    CRON_ALIASES,
+    FIRING_STATUSES,
+    METHODS,
+    RUN_STATUSES,
+    FiringEvent,
+    RunEvent,
+    ScheduleRecord,
+    SweepRecord,
+    _dumps,
+    check_name,
+    compact_time,
+    cron_problem,
+    utc_now,
+    utc_time,
+)
 
 log = logging.getLogger(__name__)
 
 SWEEPS_DIR = "sweeps"
 SCHEDULES_DIR = "schedules"
-METHODS = ("grid", "random")
-RUN_STATUSES = ("pending", "running", "complete", "skipped", "duplicate", "failed")
-FIRING_STATUSES = ("submitted", "already submitted", "skipped", "failed")
-CATCH_UP = ("latest", "all", "none")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-def utc_now() -> str:
-    """Now, UTC, as the records write it: ``2025-01-02T03:04:05.123456Z``."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def utc_time(value: str | datetime, what: str = "time") -> str:
-    """A time (ISO text or datetime; without a zone: UTC) in the records' UTC form."""
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            raise StoreError(f"{what} {value!r} is not an ISO 8601 time") from None
-    if not isinstance(value, datetime):
-        raise StoreError(f"{what} {value!r} is not a time")
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def compact_time(value: str | datetime) -> str:
-    """A time as a directory name: ``20250102T030405Z`` (whole seconds: a fire time)."""
-    return datetime.fromisoformat(utc_time(value)).strftime("%Y%m%dT%H%M%SZ")
-
-
-def check_name(name: str, what: str) -> str:
-    """``name`` if it is safe as one path segment (letters, digits, ``._-``), else StoreError."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise StoreError(
-            f"{what} {name!r}: use letters, digits, '_', '.' or '-' (at most 128), "
-            "not starting with '.' or '-'"
-        )
-    return name
-
-
-@dataclass(frozen=True)
-class SweepRecord:
-    """One sweep as it was run (``sweeps/<sweep_id>/sweep.json``), written once."""
-
-    what: ClassVar[str] = "sweep record"
-    sweep_id: str
-    name: str
-    source: str
-    method: str
-    spec: str
-    """The parsed spec, as JSON text."""
-    n_points: int
-    created_at: str = field(default_factory=utc_now)
-
-    def checked(self) -> SweepRecord:
-        """This record with its times in UTC form; StoreError naming a field that is wrong."""
-        check_name(self.sweep_id, "sweep id")
-        _text(self, "name", "source", "spec")
-        _one_of(self.method, METHODS, "sweep method")
-        try:
-            json.loads(self.spec)
-        except ValueError as exc:
-            raise StoreError(f"sweep spec is not JSON text ({exc})") from None
-        _count(self.n_points, "n_points")
-        return dataclasses.replace(self, created_at=utc_time(self.created_at, "created_at"))
-
-
-@dataclass(frozen=True)
-class RunEvent:
-    """What happened to one point of a sweep (append-only, the latest wins)."""
-
-    what: ClassVar[str] = "sweep run event"
-    sweep_id: str
-    sweep_name: str
-    point: int
-    point_key: str
-    run_id: str
-    """The harvest run the point reads (``plan_run``): joins ``runs`` and ``results_*``."""
-    params: dict[str, Any]
-    """Dotted config path -> value, as the sweep set it."""
-    variants: dict[str, str]
-    """Tool name -> the variant its record is stored under (``tools.runner.tool_variant``)."""
-    status: str
-    attempt: int = 0
-    """The try this event is about (1: the first); 0 before any try."""
-    error: str | None = None
-    seconds: float | None = None
-    at: str = field(default_factory=utc_now)
-    host: str = field(default_factory=socket.gethostname)
-    pid: int = field(default_factory=os.getpid)
-
-    def checked(self) -> RunEvent:
-        """This record with its times in UTC form; StoreError naming a field that is wrong."""
-        check_name(self.sweep_id, "sweep id")
-        check_name(self.point_key, "point key")
-        check_name(self.run_id, "run id")
-        _text(self, "sweep_name", "host")
-        _count(self.point, "point")
-        _count(self.attempt, "attempt")
-        _count(self.pid, "pid")
-        _one_of(self.status, RUN_STATUSES, "sweep run status")
-        _optional_text(self, "error")
-        if not isinstance(self.params, dict) or not all(isinstance(k, str) for k in self.params):
-            raise StoreError(f"params {self.params!r}: an object keyed by dotted paths expected")
-        _dumps(self.params, "params")
-        if not isinstance(self.variants, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.variants.items()
-        ):
-            raise StoreError(f"variants {self.variants!r}: an object tool -> variant expected")
-        seconds = self.seconds
-        if seconds is not None:
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-                raise StoreError(f"seconds {seconds!r} is not a number")
-            seconds = float(seconds)
-        return dataclasses.replace(self, seconds=seconds, at=utc_time(self.at, "at"))
-
-
-@dataclass(frozen=True)
-class ScheduleRecord:
-    """A sweep to submit on a cron schedule (``schedules/<name>/schedule.json``)."""
-
-    what: ClassVar[str] = "schedule"
-    name: str
-    sweep: str
-    """The sweep file's path as given to ``schedule add``."""
-    sweep_text: str
-    """The sweep file's content when the schedule was added (what is submitted)."""
-    cron: str
-    store: str
-    address: str | None = None
-    """The Ray Jobs address (``http://HEAD:8265``); None: the scheduler's own."""
-    catch_up: str = "latest"
-    """After downtime: submit the latest missed firing, all of them, or none."""
-    timezone: str = "UTC"
-    created_at: str = field(default_factory=utc_now)
-
-    def checked(self) -> ScheduleRecord:
-        """This record with its times in UTC form; StoreError naming a field that is wrong."""
-        from croniter import croniter
-
-        check_name(self.name, "schedule name")
-        _text(self, "sweep", "sweep_text", "cron", "store")
-        _optional_text(self, "address")
-        _one_of(self.catch_up, CATCH_UP, "catch_up policy")
-        _one_of(self.timezone, ("UTC",), "schedule timezone")
-        if not croniter.is_valid(self.cron):
-            raise StoreError(f"schedule {self.name}: {self.cron!r} is not a cron expression")
-        return dataclasses.replace(self, created_at=utc_time(self.created_at, "created_at"))
-
-
-@dataclass(frozen=True)
-class FiringEvent:
-    """What happened to one firing of a schedule (append-only, the latest wins)."""
-
-    what: ClassVar[str] = "schedule firing event"
-    schedule: str
-    fire_time: str
-    """The cron time this firing is for, UTC (the submission id derives from it)."""
-    submission_id: str | None
-    status: str
-    error: str | None = None
-    at: str = field(default_factory=utc_now)
-    host: str = field(default_factory=socket.gethostname)
-    pid: int = field(default_factory=os.getpid)
-    sweep_id: str | None = None
-
-    def checked(self) -> FiringEvent:
-        """This record with its times in UTC form; StoreError naming a field that is wrong."""
-        check_name(self.schedule, "schedule name")
-        _one_of(self.status, FIRING_STATUSES, "firing status")
-        _optional_text(self, "submission_id", "error", "sweep_id")
-        _text(self, "host")
-        _count(self.pid, "pid")
-        return dataclasses.replace(
-            self,
-            fire_time=utc_time(self.fire_time, "fire_time"),
-            at=utc_time(self.at, "at"),
-        )
-
+FILES_DIR = "files"  # schedules/<name>/files/: the snapshot a firing submits
 
 # -- writing ----------------------------------------------------------------------
 
@@ -230,7 +73,7 @@ def write_sweep(store: str | StorePath, record: SweepRecord) -> StorePath:
     """Write the sweep's record, once: a readable record of the same sweep id is left as
     it is (its id is a hash of its content). Its path."""
     record = record.checked()
-    path = _writable(store) / SWEEPS_DIR / record.sweep_id / "sweep.json"
+    path = _writable(store, create=True) / SWEEPS_DIR / record.sweep_id / "sweep.json"
     if path.exists():
         try:
             if _parse(SweepRecord, path.read_bytes()).sweep_id == record.sweep_id:
@@ -251,7 +94,7 @@ def append_run_event(store: str | StorePath, event: RunEvent) -> StorePath:
 def write_schedule(store: str | StorePath, record: ScheduleRecord) -> StorePath:
     """Write (or replace) a schedule's record; its firings stay. Its path."""
     record = record.checked()
-    path = _writable(store) / SCHEDULES_DIR / record.name / "schedule.json"
+    path = _writable(store, create=True) / SCHEDULES_DIR / record.name / "schedule.json"
     return _write(path, record)
 
 
@@ -265,6 +108,40 @@ def remove_schedule(store: str | StorePath, name: str) -> None:
     path.unlink()
 
 
+def write_schedule_files(store: str | StorePath, name: str, files: dict[str, bytes]) -> None:
+    """Replace the schedule's snapshot (``schedules/<name>/files/``) by ``files``
+    (relative '/'-separated path -> content). Written before its record: a record never
+    names files that are not there yet."""
+    root = _writable(store, create=True) / SCHEDULES_DIR / check_name(name, "schedule name")
+    base = root / FILES_DIR
+    for rel in _listing(base):  # an earlier snapshot (schedule add --replace)
+        (base / rel).unlink()
+    for rel, data in sorted(files.items()):
+        with atomic_open(base / _safe_relative(rel), "wb") as f:
+            f.write(data)
+
+
+def read_schedule_files(store: str | StorePath, name: str) -> dict[str, bytes]:
+    """The schedule's snapshot: relative path -> content ({} without one); StoreError
+    naming a file that cannot be read."""
+    base = store_path(store) / SCHEDULES_DIR / check_name(name, "schedule name") / FILES_DIR
+    names = [n for n in _listing(base) if not any(p.startswith(".") for p in n.split("/"))]
+    found = {}
+    for rel, data in zip(names, _contents(base, names), strict=True):
+        if isinstance(data, BaseException):
+            raise StoreError(f"{base / rel}: cannot read the schedule's file ({data})")
+        found[rel] = data
+    return found
+
+
+def _safe_relative(rel: str) -> str:
+    """``rel`` if it is a relative path that stays below its root, else StoreError."""
+    path = PurePosixPath(rel)
+    if path.is_absolute() or not path.parts or ".." in path.parts:
+        raise StoreError(f"{rel!r}: not a relative path inside a schedule's files")
+    return path.as_posix()
+
+
 def append_firing(store: str | StorePath, event: FiringEvent) -> StorePath:
     """Record one event of a schedule's firing, in a new file. Its path."""
     event = event.checked()
@@ -272,10 +149,15 @@ def append_firing(store: str | StorePath, event: FiringEvent) -> StorePath:
     return _write(directory / compact_time(event.fire_time) / _event_name(event.at), event)
 
 
-def _writable(store: str | StorePath) -> StorePath:
+def _writable(store: str | StorePath, create: bool = False) -> StorePath:
+    """The store's root; one not made yet is made with ``create`` (a sweep's first run,
+    a schedule added first), else StoreError (an event goes into an existing store)."""
     root = store_path(store)
-    # one stat per record; a store not made yet (a schedule added first) is made here
-    return root if (root / STORE_MARKER).exists() else init_store(root)
+    if (root / STORE_MARKER).exists():  # one stat per record
+        return root
+    if create:
+        return init_store(root)
+    raise StoreError(f"{root}: not a store (no {STORE_MARKER}); nothing recorded there")
 
 
 def _event_name(at: str) -> str:
@@ -426,39 +308,6 @@ def _parse(cls: type, data: bytes) -> Any:
         return cls(**raw).checked()
     except TypeError as exc:  # a required field missing
         raise StoreError(str(exc)) from None
-
-
-# -- checks -----------------------------------------------------------------------
-
-
-def _text(record: Any, *names: str) -> None:
-    for name in names:
-        if not isinstance(getattr(record, name), str):
-            raise StoreError(f"{name} {getattr(record, name)!r} is not text")
-
-
-def _optional_text(record: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(record, name)
-        if value is not None and not isinstance(value, str):
-            raise StoreError(f"{name} {value!r} is not text")
-
-
-def _count(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise StoreError(f"{what} {value!r} is not a count (an integer >= 0)")
-
-
-def _one_of(value: Any, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise StoreError(f"{what} {value!r} is not one of {', '.join(allowed)}")
-
-
-def _dumps(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"{what} is not JSON ({exc})") from None
 
 
 def create_views(con, root: StorePath) -> list[str]:

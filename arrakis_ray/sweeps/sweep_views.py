@@ -7,7 +7,17 @@
   (tool -> variant: ``r.variant = s.variants['sae_features']`` joins its results);
 - ``sweeps``: one row per sweep id, with the count of its points in each state;
 - ``schedules``, ``schedule_firing_events``, ``schedule_firings`` (one row per
-  (schedule, fire_time): its latest event, and how many were recorded).
+  (schedule, fire_time): its state, and how many events were recorded). A firing's
+  state ranks its events, not their times: one submitted (or "already submitted") is
+  submitted, else one that failed is failed, else it is skipped; the latest event of
+  that rank is shown. A skip recorded late by a slower scheduler never hides a job.
+
+The type of each ``params`` field is read from that field's values over every sweep
+of the store (``param_types``): BOOLEAN, BIGINT, DOUBLE (integers and floats mixed),
+VARCHAR, or a list of one of those; a field whose values mix kinds (``k: 32`` in one
+sweep, ``k: auto`` in another) is JSON for every sweep, and only that field: the other
+fields keep their types, and a JSON number still compares as one once cast
+(``params.k::DOUBLE``, NULL-safe with ``TRY_CAST``).
 
 The records are small JSON files, read in Python and handed to DuckDB as one JSON text
 per table (``from_json``): inserting them row by row took a millisecond a row, and an
@@ -44,6 +54,8 @@ SCHEDULE_COLUMNS = (
     ("catch_up", "VARCHAR"),
     ("timezone", "VARCHAR"),
     ("created_at", "TIMESTAMP"),
+    ("sweep_id", "VARCHAR"),
+    ("snapshot", "VARCHAR"),
 )
 FIRING_EVENT_COLUMNS = (
     ("schedule", "VARCHAR"),
@@ -127,13 +139,18 @@ SELECT coalesce(r.sweep_id, c.sweep_id) AS sweep_id, coalesce(r.name, c.sweep) A
 FROM "_sweep_records" r FULL OUTER JOIN counts c ON r.sweep_id = c.sweep_id
 """
 
+# a firing's state ranks its events: a submission beats a failure beats a skip (two
+# schedulers: the slower one's late skip must not hide the other's job); then the latest
 SCHEDULE_FIRINGS_SQL = f"""
 SELECT schedule, fire_time, status, submission_id, sweep_id, error,
        recorded_at AS updated_at, host, pid, n_attempts
 FROM (
     SELECT *,
            row_number() OVER (PARTITION BY schedule, fire_time
-                              ORDER BY recorded_at DESC, event_file DESC) AS rank,
+                              ORDER BY CASE status WHEN 'submitted' THEN 0
+                                                   WHEN 'already submitted' THEN 0
+                                                   WHEN 'failed' THEN 1 ELSE 2 END,
+                                       recorded_at DESC, event_file DESC) AS rank,
            count(*) OVER (PARTITION BY schedule, fire_time) AS n_attempts
     FROM {_FIRING_EVENTS}
 )
@@ -172,9 +189,10 @@ def load_views(con, root: StorePath) -> list[str]:
 def param_types(all_params: list[dict[str, Any]]) -> dict[str, str]:
     """Dotted parameter name -> the SQL type of its values, over every sweep's events.
 
-    BOOLEAN, BIGINT, DOUBLE (integers and floats mixed), VARCHAR, or a list of one of
-    those; anything else (objects, mixed kinds) is JSON text. Names differing only in
-    case are one field (DuckDB's names are case-insensitive), spelt as first seen.
+    Each field is typed on its own values: BOOLEAN, BIGINT, DOUBLE (integers and floats
+    mixed), VARCHAR, or a list of one of those; anything else (objects, mixed kinds such
+    as 32 and "auto") is JSON text, for that field only. Names differing only in case
+    are one field (DuckDB's names are case-insensitive), spelt as first seen.
     """
     values: dict[str, list] = {}
     spelling: dict[str, str] = {}

@@ -41,30 +41,42 @@ class WarmHarvester:
         self._steps: dict[tuple, tuple] = {}  # (run id, call) -> (tokenize, harvest)
         self._lock = threading.Lock()
 
-    def harvest(self, config, run_id, store_root, hooks, stage, vocab_size, shard, call) -> dict:
+    def harvest(
+        self, config, run_id, store_root, hooks, stage, vocab_size, shard, call, probe=None
+    ) -> dict:
         """Tokenize and harvest one shard of run ``run_id``; its statistics row."""
         import numpy as np
 
         from arrakis_ray.harvest.batch import batch_column, batch_rows
 
-        tokenize, step = self._steps_for(config, run_id, store_root, hooks, stage, vocab_size, call)
+        tokenize, step = self._steps_for(
+            config, run_id, store_root, hooks, stage, vocab_size, call, probe
+        )
         batch = {key: batch_column([value]) for key, value in shard.items()}
         out = step(tokenize(batch))
         (row,) = batch_rows(out)
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
 
-    def _steps_for(self, config, run_id, store_root, hooks, stage, vocab_size, call) -> tuple:
+    def _steps_for(
+        self, config, run_id, store_root, hooks, stage, vocab_size, call, probe=None
+    ) -> tuple:
         from arrakis_ray.harvest.actor import HarvestStage
         from arrakis_ray.harvest.tokenize import TokenizeShard
 
         key = (run_id, call)
         with self._lock:  # two concurrent shards of a new run build its steps once
-            if key not in self._steps:
-                self._steps.clear()  # the previous run's writers and threads go
+            if key not in self._steps:  # kept until the run's call is done (``forget``)
                 tokenize = TokenizeShard(config, vocab_size=vocab_size)
-                step = HarvestStage(config, run_id, store_root, list(hooks), [stage], 0, call)
+                step = HarvestStage(
+                    config, run_id, store_root, list(hooks), [stage], 0, call, probe=probe
+                )
                 self._steps[key] = (tokenize, step)
             return self._steps[key]
+
+    def forget(self, run_id: str, call: str) -> None:
+        """Drop a finished harvest call's steps (its writer and threads)."""
+        with self._lock:
+            self._steps.pop((run_id, call), None)
 
     def loads(self) -> int:
         """Models this actor's process has loaded (1 for a warm actor, whatever the runs)."""
@@ -83,6 +95,18 @@ class WarmPool:
     def __init__(self) -> None:
         self._pools: dict[str, list] = {}
         self._lock = threading.Lock()  # sweeps harvest several runs at once
+        self._released_loads = 0  # models loaded by pools already released
+
+    @staticmethod
+    def key(config: PipelineConfig, model_fingerprint: str) -> str:
+        """The pool a run's harvest uses: its model (config and weights' fingerprint, so a
+        checkpoint rewritten in place gets new actors) and its actors' resources."""
+        h = config.harvest
+        return json.dumps(
+            [to_dict(config.model), model_fingerprint, h.actors, h.num_gpus_per_actor,
+             h.num_cpus_per_actor],
+            sort_keys=True,
+        )  # fmt: skip
 
     def __enter__(self) -> WarmPool:
         return self
@@ -90,14 +114,16 @@ class WarmPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run_shards(self, plan: RunPlan, layout: RunLayout, pending: list, call: str) -> dict:
+    def run_shards(
+        self, plan: RunPlan, layout: RunLayout, pending: list, call: str, probe=None
+    ) -> dict:
         """Harvest ``pending`` shards of ``plan``'s run on the warm actors of its model."""
         import ray
 
         if len(plan.stages) != 1:  # the stages' residual hand-over is Ray Data's (above)
             raise ValueError(f"run {plan.run_id} is staged: harvest it without a warm pool")
         config = plan.config
-        actors = self._actors(config)
+        actors = self._actors(self.key(config, plan.identity["model"]), config)
         stage = list(plan.stages[0])
         args = (
             config,
@@ -116,7 +142,7 @@ class WarmPool:
             while queue or in_flight:
                 while queue and min(load.values()) < CONCURRENT_SHARDS:
                     i = min(load, key=load.get)  # the least busy actor
-                    ref = actors[i].harvest.remote(*args, queue.pop(0), call)
+                    ref = actors[i].harvest.remote(*args, queue.pop(0), call, probe=probe)
                     in_flight[ref] = i
                     load[i] += 1
                 (ready,), _ = ray.wait(list(in_flight), num_returns=1)
@@ -138,36 +164,39 @@ class WarmPool:
             for ref in in_flight:  # the driver records the failure; stop the rest
                 ray.cancel(ref)
             raise
+        finally:
+            ray.get([a.forget.remote(layout.run_id, call) for a in actors])
         return done
 
     def loads(self) -> int:
-        """Models loaded over every warm actor so far (one per actor if all went well)."""
+        """Models loaded by every warm actor so far (one per actor if all went well)."""
         import ray
 
         actors = [a for pool in self._pools.values() for a in pool]
-        return sum(ray.get([a.loads.remote() for a in actors])) if actors else 0
+        live = sum(ray.get([a.loads.remote() for a in actors])) if actors else 0
+        return self._released_loads + live
 
-    def actors(self) -> int:
-        return sum(len(pool) for pool in self._pools.values())
-
-    def close(self) -> None:
-        """End every warm actor (their models go with them)."""
+    def release(self, key: str) -> None:
+        """End one pool's actors (its model's last harvest is done): their GPUs go to
+        the next pool or to the live tools' actors."""
         import ray
 
         with self._lock:
-            for pool in self._pools.values():
-                for actor in pool:
-                    ray.kill(actor)
-            self._pools.clear()
+            pool = self._pools.pop(key, [])
+        if pool:
+            self._released_loads += sum(ray.get([a.loads.remote() for a in pool]))
+            for actor in pool:
+                ray.kill(actor)
 
-    def _actors(self, config: PipelineConfig) -> list:
+    def close(self) -> None:
+        """End every warm actor (their models go with them)."""
+        for key in list(self._pools):
+            self.release(key)
+
+    def _actors(self, key: str, config: PipelineConfig) -> list:
         import ray
 
         h = config.harvest
-        key = json.dumps(
-            [to_dict(config.model), h.actors, h.num_gpus_per_actor, h.num_cpus_per_actor],
-            sort_keys=True,
-        )
         with self._lock:
             if key not in self._pools:
                 remote = ray.remote(WarmHarvester).options(
@@ -181,4 +210,26 @@ class WarmPool:
                 )
                 self._pools[key] = [remote.remote() for _ in range(h.actors)]
                 log.info("warm pool: %d actors for model %s", h.actors, config.model)
-            return self._pools[key]
+            actors = self._pools[key]
+        _wait_started(actors, config)
+        return actors
+
+
+def _wait_started(actors: list, config: PipelineConfig) -> None:
+    """Wait for the actors to be placed, saying every minute what they wait for (an
+    autoscaler may be starting nodes; another pool or live tool may hold the GPUs)."""
+    import ray
+
+    pending = [a.loads.remote() for a in actors]
+    waited = 0
+    while pending:
+        _ready, pending = ray.wait(pending, num_returns=len(pending), timeout=60)
+        if pending:
+            waited += 60
+            h = config.harvest
+            log.warning(
+                "%d warm actors of model %s still wait to start after %d s: each needs "
+                "%s CPU and %s GPU (cluster free: %s)",
+                len(pending), config.model, waited, h.num_cpus_per_actor,
+                h.num_gpus_per_actor, ray.available_resources(),
+            )  # fmt: skip

@@ -5,6 +5,9 @@ An explicit dict, not a metaclass registry: reading this file tells you every to
 
 from __future__ import annotations
 
+import re
+
+from arrakis_ray.errors import ToolError
 from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.ablation import Ablation
 from arrakis_ray.tools.activation_patching import ActivationPatching
@@ -52,8 +55,21 @@ TOOLS: dict[str, type[Tool]] = {
 }
 
 
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
 def register_tool(cls: type[Tool]) -> type[Tool]:
-    """Make a user-defined tool available by name (usable as a class decorator)."""
+    """Make a user-defined tool available by name (usable as a class decorator).
+
+    The name must be letters, digits and underscores (ToolError otherwise): a variant's
+    record key is ``<tool>.<variant>`` (``store.manifest.record_key``), split at the
+    first dot, so a dot in the name would read back as another tool's variant."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        raise ToolError(
+            f"tool class {cls.__module__}.{cls.__qualname__}: name {name!r} must be letters, "
+            "digits and underscores only (it names the tool's records and results)"
+        )
     TOOLS[cls.name] = cls
     return cls
 

@@ -126,7 +126,7 @@ def analyze(
     others, ``tools/<tool>.<variant>.json``, rather than as the run's own call of it,
     which the next call with other parameters replaces.
     """
-    from arrakis_ray.harvest.placement import check_store_reachable
+    from arrakis_ray.harvest.placement import check_store_reachable, store_probe
     from arrakis_ray.ray_session import ensure_ray
 
     started = time.perf_counter()
@@ -147,11 +147,18 @@ def analyze(
     if not shards and tool.scope != "live":
         raise ToolError(f"run {layout.run_id} has no completed shard to analyze")
 
+    ensure_ray()
+    with store_probe(layout.store_root) as probe:  # every task checks it before writing
+        # results are written by tasks on any node: a local store they cannot see is refused
+        check_store_reachable(layout.store_root, probe)
+        return _analyze(tool, reader, shards, variant, started, probe)
+
+
+def _analyze(tool: Tool, reader: RunReader, shards: list[int], variant, started, probe):
+    """Run the checked call's tasks and record it (``analyze``, past its checks)."""
     from ray import cloudpickle
 
-    ensure_ray()
-    # results are written by tasks on any node: a local store they cannot see is refused
-    check_store_reachable(layout.store_root)
+    layout = reader.layout
     if not type(tool).__module__.startswith("arrakis_ray."):
         # a user's tool travels to the workers by value: its module need not be
         # importable there (a notebook, a script, a file outside any package)
@@ -165,7 +172,7 @@ def analyze(
     payload = (type(tool), to_dict(tool.params), layout.store_root, layout.run_id, call)
     own_dirs = (*tool.output_names(), tool.name)  # its tables', and its artifacts'
     try:
-        files, units = _run_tasks(tool, reader, payload, shards)
+        files, units = _run_tasks(tool, reader, payload, shards, probe)
     except BaseException:
         writer.remove_call(own_dirs, call)
         raise
@@ -211,8 +218,9 @@ def _calls_of(record: ToolRecord) -> set[str]:
     return {parts[2] for e in record.files if len(parts := e.path.split("/")) == 4}
 
 
-def _run_tasks(tool: Tool, reader: RunReader, payload: tuple, shards: list[int]):
-    """Run the tool's Ray tasks (or live actors); (their files, units of work)."""
+def _run_tasks(tool: Tool, reader: RunReader, payload: tuple, shards: list[int], probe=None):
+    """Run the tool's Ray tasks (or live actors); (their files, units of work).
+    ``probe``: the driver's store probe, checked by each task before it writes."""
     import ray
 
     from arrakis_ray.ray_session import ray_errors
@@ -221,18 +229,19 @@ def _run_tasks(tool: Tool, reader: RunReader, payload: tuple, shards: list[int])
         if tool.scope == "live":
             from arrakis_ray.live.runner import run_live
 
-            return run_live(tool, reader, payload)
+            return run_live(tool, reader, payload, probe)
         if tool.scope == "run":
-            whole = ray.remote(_run_whole).options(num_cpus=1).remote(*payload)
+            whole = ray.remote(_run_whole).options(num_cpus=1).remote(*payload, probe=probe)
             return ray.get(whole), len(shards)  # it reads every shard
         refs: list = []
         try:
             if tool.reduce is not None:
                 partial = ray.remote(_partial_shard).options(num_cpus=0.5)
-                refs += _map(partial, payload, shards)
-                refs.append(ray.remote(_reduce).options(num_cpus=1).remote(*payload, *refs))
+                refs += _map(partial, payload, shards, probe)
+                reduce = ray.remote(_reduce).options(num_cpus=1)
+                refs.append(reduce.remote(*payload, *refs, probe=probe))
                 return ray.get(refs[-1]), len(shards)
-            refs += _map(ray.remote(_run_shard).options(num_cpus=0.5), payload, shards)
+            refs += _map(ray.remote(_run_shard).options(num_cpus=0.5), payload, shards, probe)
             return [e for entries in ray.get(refs) for e in entries], len(shards)
         except BaseException:
             _stop(refs)
@@ -257,8 +266,9 @@ def harvest_hint(missing: list[str]) -> list[str]:
     return [harvest_glob(f) for f in sorted({hook_family(h) for h in missing})]
 
 
-def _map(task, payload: tuple, shards: list[int]) -> list:
-    """Submit ``task(*payload, shard)`` for every shard, at most MAX_IN_FLIGHT running.
+def _map(task, payload: tuple, shards: list[int], probe=None) -> list:
+    """Submit ``task(*payload, shard, probe=probe)`` for every shard, at most
+    MAX_IN_FLIGHT running.
 
     Returns the object refs in shard order; results stay in Ray's object store.
     """
@@ -268,7 +278,7 @@ def _map(task, payload: tuple, shards: list[int]) -> list:
     for shard in shards:
         if len(running) >= MAX_IN_FLIGHT:
             _, running = ray.wait(running, num_returns=1)
-        ref = task.remote(*payload, shard)
+        ref = task.remote(*payload, shard, probe=probe)
         refs.append(ref)
         running.append(ref)
     return refs
@@ -281,8 +291,14 @@ def _context(
     run_id: str,
     call: str,
     reducing=False,
+    probe=None,
 ):
-    """(tool, reader, model-or-None) inside a worker."""
+    """(tool, reader, model-or-None) inside a worker, once it has checked the driver's
+    store probe (``placement.check_probe``): nothing is read or written on a node that
+    cannot see the store."""
+    from arrakis_ray.harvest.placement import check_probe
+
+    check_probe(store_root, probe)
     reader = RunReader(RunLayout(store_root, run_id))
     reader.call = call
     tool = make_tool(tool_cls, params)
@@ -305,20 +321,32 @@ def shard_inputs(tool, reader: RunReader, shard: int) -> ShardInputs:
 
 
 def _run_shard(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str, shard: int
+    tool_cls: type[Tool],
+    params: dict,
+    store_root: StorePath,
+    run_id: str,
+    call: str,
+    shard: int,
+    probe=None,
 ) -> list[FileEntry]:
     """A Ray task: compute one shard's result rows and write them; returns the files."""
-    tool, reader, model = _context(tool_cls, params, store_root, run_id, call)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id, call, probe=probe)
     result = tool.compute_shard(shard_inputs(tool, reader, shard), model)
     return write_outputs(tool, reader.layout, result, shard, call)
 
 
 def _partial_shard(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str, shard: int
+    tool_cls: type[Tool],
+    params: dict,
+    store_root: StorePath,
+    run_id: str,
+    call: str,
+    shard: int,
+    probe=None,
 ):
     """A Ray task: write one shard's final outputs; return its partials for ``reduce``
     and the files written."""
-    tool, reader, model = _context(tool_cls, params, store_root, run_id, call)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id, call, probe=probe)
     result = as_outputs(tool, tool.compute_shard(shard_inputs(tool, reader, shard), model))
     reduced = tool.output_names() if tool.reduced_outputs is None else tool.reduced_outputs
     final = {name: table for name, table in result.items() if name not in reduced}
@@ -327,11 +355,19 @@ def _partial_shard(
 
 
 def _reduce(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str, *partials
+    tool_cls: type[Tool],
+    params: dict,
+    store_root: StorePath,
+    run_id: str,
+    call: str,
+    *partials,
+    probe=None,
 ) -> list[FileEntry]:
     """A Ray task: combine every shard's partials into the final tables and write them;
     returns every file of the call (the shards' final outputs too)."""
-    tool, reader, model = _context(tool_cls, params, store_root, run_id, call, reducing=True)
+    tool, reader, model = _context(
+        tool_cls, params, store_root, run_id, call, reducing=True, probe=probe
+    )
     shard_files = [e for _part, files in partials for e in files]
     partials = [part for part, _files in partials]
     names = {name for part in partials for name in part}
@@ -341,10 +377,10 @@ def _reduce(
 
 
 def _run_whole(
-    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str
+    tool_cls: type[Tool], params: dict, store_root: StorePath, run_id: str, call: str, probe=None
 ) -> list[FileEntry]:
     """A Ray task: a run-scope tool's whole computation."""
-    tool, reader, model = _context(tool_cls, params, store_root, run_id, call)
+    tool, reader, model = _context(tool_cls, params, store_root, run_id, call, probe=probe)
     return write_outputs(tool, reader.layout, tool.compute_run(reader, model), 0, call)
 
 

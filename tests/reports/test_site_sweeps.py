@@ -77,6 +77,9 @@ def sweeps(harvested, tmp_path_factory):
     )
     write_schedule(store, ScheduleRecord("nightly", SOURCE, "name: hooks\n", "0 3 * * *", "s"))
     write_schedule(store, ScheduleRecord("weekly", "/elsewhere.yaml", "x", "0 4 * * 0", "s"))
+    # added on a laptop: its file is no sweep's source, its sweep id is the docs sweep's
+    laptop = "/home/me/proj/sweeps/docs.yaml"
+    write_schedule(store, ScheduleRecord("laptop", laptop, "x", "0 5 * * *", "s", sweep_id=DOCS))
     append_firing(store, FiringEvent("nightly", "2025-01-02T03:00", "sub-1", "submitted"))
     append_firing(
         store, FiringEvent("nightly", "2025-01-03T03:00", "sub-2", "submitted", sweep_id=HOOKS)
@@ -178,6 +181,8 @@ def test_the_index_lists_each_sweep_and_schedule_linked_to_its_page(sweeps):
     assert schedules["nightly"]["sweep_id"] == (HOOKS, f"sweeps/{HOOKS}.html")
     assert schedules["nightly"]["firings"][0] == "2"
     assert schedules["weekly"]["sweep_id"] == ("null", None)
+    # never fired: linked by the sweep id it was added with, not by its file
+    assert schedules["laptop"]["sweep_id"] == (DOCS, f"sweeps/{DOCS}.html")
 
 
 def test_a_sweep_page_has_its_points_as_sweep_runs_has_them(sweeps):
@@ -235,7 +240,7 @@ def test_a_sweep_page_shows_its_spec_chart_and_schedules(sweeps):
         (0, "complete", 1.25),
         (1, "failed", 0.75),
     ]
-    # nightly runs it (by its file, and a firing): both firings; weekly does not
+    # nightly runs it (a firing names the sweep): both firings; weekly does not
     _header, schedules = cells.table("name")
     assert [row[0][0] for row in schedules] == ["nightly"]
     _header, firings = cells.table("schedule")
@@ -248,7 +253,8 @@ def test_a_sweep_page_shows_its_spec_chart_and_schedules(sweeps):
     header, rows = other.table("point")
     assert header[:3] == ["point", "data.max_documents", "status"]
     assert [c for c, _h in rows[0]][:3] == ["0", "40", "skipped"]
-    assert not [t for t in other.tables if t[0][0][0] == "schedule"]
+    assert not [t for t in other.tables if t[0][0][0] == "schedule"]  # no firing yet
+    assert [row[0][0] for row in other.table("name")[1]] == ["laptop"]
     assert "No point has run yet" in _page(sweeps, DOCS).read_text(encoding="utf-8")
 
 

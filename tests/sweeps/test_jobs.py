@@ -27,18 +27,69 @@ def _load(path):
     return load_sweep(path)
 
 
-def test_submission_id_is_the_sweeps_content_and_store(tmp_path, tiny_sweep):
+def test_submission_id_is_the_sweeps_content_store_and_planned_runs(tmp_path, tiny_sweep):
     from arrakis_ray.sweeps.jobs import submission_id_for_sweep
+    from arrakis_ray.sweeps.plan import plan_sweep
 
     here, there = _load(tiny_sweep(tmp_path / "a")), _load(tiny_sweep(tmp_path / "b"))
     sid = submission_id_for_sweep(here, "/data/store")
-    expected = hashlib.sha256(f"{here.sweep_id}\n/data/store".encode()).hexdigest()[:16]
-    assert sid == "arrakis-sweep-" + expected
+    points = plan_sweep(here, "/data/store").points
+    lines = [here.sweep_id, "/data/store", *(f"{p.run_id} {p.point_key}" for p in points)]
+    assert sid == "arrakis-sweep-" + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
     assert submission_id_for_sweep(there, "/data/store/") == sid  # same files elsewhere
     assert submission_id_for_sweep(here, "/data/other") != sid
-    assert submission_id_for_sweep(here, "s3://bucket/p/") == submission_id_for_sweep(
-        here, "s3://bucket/p"
-    )
+    # new data at the same path: a new harvest run id, so a new job
+    data = tmp_path / "a" / "data.jsonl"
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:7]))
+    changed = _load(tmp_path / "a" / "sweep.yaml")
+    assert changed.sweep_id == here.sweep_id
+    assert submission_id_for_sweep(changed, "/data/store") != sid
+
+
+def test_absolute_paths_outside_the_working_dir_are_read_where_they_are(
+    tmp_path, tiny_sweep, caplog
+):
+    """The on-premises setup: data on a shared file system, named by an absolute path,
+    is not uploaded (a log line says every node must see it); relative paths travel."""
+    import logging
+
+    from arrakis_ray.sweeps.jobs import check_working_dir, default_working_dir, job_inputs
+
+    work, shared = tmp_path / "work", tmp_path / "shared"
+    path = tiny_sweep(work)
+    shared.mkdir()
+    (work / "data.jsonl").rename(shared / "data.jsonl")
+    base = yaml.safe_load((work / "base.yaml").read_text())
+    base["data"]["path"] = str(shared / "data.jsonl")
+    (work / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = _load(path)
+    inputs = {i.what: (i.path, i.travels) for i in job_inputs(sweep)}
+    assert inputs == {
+        "the sweep file": (path.resolve(), True),
+        "its base pipeline": ((work / "base.yaml").resolve(), True),
+        "data.path": ((shared / "data.jsonl").resolve(), False),
+    }
+    assert default_working_dir(sweep) == work.resolve()  # not their common parent
+    with caplog.at_level(logging.INFO, logger="arrakis_ray.sweeps.job_inputs"):
+        assert check_working_dir(sweep, work) == work.resolve()
+    assert (
+        f"data.path {(shared / 'data.jsonl').resolve()} is read as it is on the cluster, "
+        "not uploaded: every node must see it"
+    ) in caplog.text
+    # a local checkpoint named relatively is read from the current directory here and
+    # from the working dir there: refused unless they are one
+    base["model"] = {"path": "ckpt"}
+    (work / "base.yaml").write_text(yaml.safe_dump(base))
+    (work / "ckpt").mkdir()
+    with pytest.raises(ClusterError, match=r"model.path ckpt: read here as .* submit from "):
+        check_working_dir(_load(path), work)
+    with contextlib.chdir(work):
+        assert check_working_dir(_load(path), work) == work.resolve()
+    # one named absolutely is referenced as it is
+    base["model"] = {"path": str(shared / "ckpt")}
+    (work / "base.yaml").write_text(yaml.safe_dump(base))
+    travels = {i.what: i.travels for i in job_inputs(_load(path))}
+    assert travels["model.path"] is False
 
 
 def test_what_a_cluster_cannot_run_is_refused_before_anything_is_sent(tmp_path, tiny_sweep):
@@ -148,7 +199,10 @@ def test_a_second_submit_is_a_no_op(submitted, ray_head):
     path, store, sid, _out, _status = submitted
     code, out = _cli(["sweep", str(path), "--store", str(store), "--address", ray_head.address])
     assert code == 0
-    assert out.splitlines()[0] == f"already submitted: {sid} is SUCCEEDED on {ray_head.address}"
+    assert out.splitlines()[:2] == [
+        f"already submitted: {sid} is SUCCEEDED on {ray_head.address}",
+        "  to run it again (only what is missing): add --resubmit",
+    ]
     again = submit_sweep(_load(path), store, ray_head.address)
     assert (again.submission_id, again.status, again.job_status) == (
         sid, "already submitted", "SUCCEEDED",

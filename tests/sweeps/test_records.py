@@ -290,6 +290,99 @@ def test_schedules_and_their_firings(tmp_path: Path) -> None:
     ]
 
 
+def test_a_firing_once_submitted_shows_submitted(tmp_path: Path) -> None:
+    """A slower scheduler's late skip (or a late failure) never hides a job."""
+    store = init_store(tmp_path / "store")
+    times = iter(f"2025-01-02T05:00:0{i}Z" for i in range(9))
+
+    def fire(hour: int, *statuses: str) -> None:
+        for status in statuses:  # in this order, one second apart
+            event = FiringEvent(
+                "nightly",
+                f"2025-01-02T0{hour}:00Z",
+                "sub",
+                status,
+                error="why" if status == "failed" else None,
+                at=next(times),
+            )
+            append_firing(store, event)  # fmt: skip
+
+    fire(1, "submitted", "skipped", "failed")
+    fire(2, "failed", "skipped")
+    fire(3, "skipped", "already submitted", "skipped")
+    fire(4, "skipped")
+    with Store(store) as db:
+        rows = db.sql(
+            "SELECT hour(fire_time) AS h, status, n_attempts, updated_at::VARCHAR AS at "
+            "FROM schedule_firings ORDER BY h"
+        ).rows()
+    assert rows == [
+        (1, "submitted", 3, "2025-01-02 05:00:00"),
+        (2, "failed", 2, "2025-01-02 05:00:03"),
+        (3, "already submitted", 3, "2025-01-02 05:00:06"),
+        (4, "skipped", 1, "2025-01-02 05:00:08"),
+    ]
+
+
+def test_events_are_written_only_into_an_existing_store(tmp_path: Path) -> None:
+    missing = tmp_path / "typo-store"
+    with pytest.raises(StoreError, match=f"{missing}: not a store .*nothing recorded"):
+        append_firing(missing, FiringEvent("nightly", "2025-01-02T03:00Z", None, "skipped"))
+    with pytest.raises(StoreError, match="not a store"):
+        append_run_event(missing, _event(0, "pending"))
+    assert not missing.exists()
+    write_sweep(missing, SweepRecord(SWEEP, "demo", "demo.yaml", "grid", "{}", n_points=1))
+    assert append_run_event(missing, _event(0, "pending")).is_file()  # a sweep made it
+
+
+def test_one_mixed_parameter_is_json_and_the_others_keep_their_types(tmp_path: Path) -> None:
+    store = init_store(tmp_path / "store")
+    written = [(SWEEP, 0, {"k": 32, "lr": 0.5}), (SWEEP, 1, {"k": 64, "lr": 1}),
+               (OTHER, 0, {"k": "auto", "lr": 0.25})]  # fmt: skip
+    for sweep_id, point, params in written:
+        append_run_event(store, _event(point, "complete", sweep_id, params=params))
+    with Store(store) as db:
+        types = db.sql("DESCRIBE SELECT params FROM sweep_runs")["column_type"][0]
+        rows = db.sql(
+            "SELECT sweep_id, point, TRY_CAST(params.k AS DOUBLE) AS k, params.lr AS lr "
+            "FROM sweep_runs ORDER BY sweep_id, point"
+        ).rows()
+    assert types == "STRUCT(k JSON, lr DOUBLE)"
+    assert rows == [(SWEEP, 0, 32.0, 0.5), (SWEEP, 1, 64.0, 1.0), (OTHER, 0, None, 0.25)]
+
+
+def test_schedule_records_keep_their_sweep_id_and_snapshot(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    record = ScheduleRecord("nightly", "/laptop/s.yaml", "name: s\n", "0 3 * * *", str(store),
+                            sweep_id=SWEEP, snapshot="sweeps/s.yaml")  # fmt: skip
+    records.write_schedule_files(store, "nightly", {"sweeps/s.yaml": b"a", "data.jsonl": b"b"})
+    write_schedule(store, record)
+    assert records.read_schedule(store, "nightly").sweep_id == SWEEP
+    assert records.read_schedule_files(store, "nightly") == {
+        "data.jsonl": b"b", "sweeps/s.yaml": b"a",
+    }  # fmt: skip
+    # a new snapshot replaces the old one whole
+    records.write_schedule_files(store, "nightly", {"s.yaml": b"c"})
+    assert records.read_schedule_files(store, "nightly") == {"s.yaml": b"c"}
+    with pytest.raises(StoreError, match="not a relative path inside"):
+        records.write_schedule_files(store, "nightly", {"../x": b""})
+    # a record written before sweep_id and snapshot were kept still reads
+    path = store / "schedules" / "old" / "schedule.json"
+    path.parent.mkdir(parents=True)
+    old = dataclasses.asdict(record) | {"name": "old"}
+    path.write_text(json.dumps({k: v for k, v in old.items() if k not in ("sweep_id", "snapshot")}))
+    assert (
+        records.read_schedule(store, "old").sweep_id,
+        records.read_schedule(store, "old").snapshot,
+    ) == (None, None)
+    with Store(store) as db:
+        rows = db.sql("SELECT name, sweep_id, snapshot FROM schedules ORDER BY name").rows()
+    assert rows == [("nightly", SWEEP, "sweeps/s.yaml"), ("old", None, None)]
+    # one check of cron text: six fields are refused in a record as at schedule add
+    with pytest.raises(StoreError, match="6 fields, expected 5"):
+        write_schedule(store, dataclasses.replace(record, cron="0 0 3 * * *"))
+
+
 def test_tool_variants_split_a_results_view_and_join_sweep_runs(ray_session, tmp_path):
     """One harvest, the logit lens computed as the run's own call and with two settings
     as variants: the results view's ``variant`` column holds each record's rows, and a

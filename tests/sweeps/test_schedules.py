@@ -136,8 +136,14 @@ def test_a_bad_cron_expression_is_named(tmp_path, tiny_sweep, capsys):
     assert not store.exists()  # nothing recorded
 
 
+def _load(path):
+    from arrakis_ray.sweeps.spec import load_sweep
+
+    return load_sweep(path)
+
+
 def test_schedule_add_list_remove(tmp_path, tiny_sweep, capsys):
-    from arrakis_ray.sweeps.records import read_schedules
+    from arrakis_ray.sweeps.records import read_schedule_files, read_schedules
 
     path, store = tiny_sweep(tmp_path / "work"), tmp_path / "store"
     code, out = _cli(["schedule", "add", str(path), "--cron", "0 3 * * *", "--store",
@@ -148,6 +154,12 @@ def test_schedule_add_list_remove(tmp_path, tiny_sweep, capsys):
         "nightly", "0 3 * * *", str(path.resolve()), "latest", None,
     )  # fmt: skip
     assert record.sweep_text == path.read_text()
+    # the files its jobs read are copied into the store, as laid out in the working dir
+    assert (record.sweep_id, record.snapshot) == (_load(path).sweep_id, "sweep.yaml")
+    assert read_schedule_files(store, "nightly") == {
+        name: (path.parent / name).read_bytes()
+        for name in ("base.yaml", "data.jsonl", "sweep.yaml")
+    }
     code = main(["schedule", "add", str(path), "--cron", "0 4 * * *", "--store", str(store),
                  "--name", "nightly"])  # fmt: skip
     assert code == 2
@@ -162,22 +174,62 @@ def test_schedule_add_list_remove(tmp_path, tiny_sweep, capsys):
     assert read_schedules(store) == []
 
 
-def test_a_changed_sweep_file_is_a_failed_firing_not_a_submission(tmp_path, tiny_sweep):
+def test_the_snapshot_is_submitted_not_the_files_on_disk(tmp_path, tiny_sweep):
+    """The scheduler runs elsewhere (the head node): the sweep's files there do not exist;
+    it submits from the snapshot taken at schedule add."""
+    import shutil
+
     from arrakis_ray.sweeps.records import read_firings
     from arrakis_ray.sweeps.schedules import add_schedule, run_scheduler
 
     path, store = tiny_sweep(tmp_path / "work"), tmp_path / "store"
     added = add_schedule(path, "0 3 * * *", store, now=T0)
-    path.write_text(path.read_text().replace("0.5", "0.25"))
-    # the address is unreachable: the check comes before any connection
+    shutil.rmtree(tmp_path / "work")
+    # the address is unreachable: the snapshot was loaded and checked, then the connection
+    # failed (a missing file would have failed first)
     [event] = run_scheduler(store, "http://127.0.0.1:9", once=True, now=_hours(3)[0])
     assert event.status == "failed"
     assert event.submission_id == fire_submission_id(added, _hours(3)[0])
-    assert event.error == (
-        f"schedule sweep: {path.resolve()} changed since the schedule was added; to submit "
-        "the new version, add the schedule again (schedule add --replace)"
-    )
+    assert event.error.startswith("cannot reach the Ray Jobs API at http://127.0.0.1:9")
+    assert event.sweep_id == added.sweep_id
     assert [(e.status, e.error) for e in read_firings(store)] == [("failed", event.error)]
+
+
+def test_a_snapshot_over_the_limit_is_refused(tmp_path, tiny_sweep):
+    from arrakis_ray.errors import ConfigError
+    from arrakis_ray.sweeps.schedules import MAX_SNAPSHOT_BYTES, snapshot_files
+
+    sweep = _load(tiny_sweep(tmp_path / "work"))
+    files, rel = snapshot_files(sweep)
+    assert rel == "sweep.yaml" and sorted(files) == ["base.yaml", "data.jsonl", "sweep.yaml"]
+    with open(tmp_path / "work" / "data.jsonl", "ab") as f:
+        f.write(b"\n" * MAX_SNAPSHOT_BYTES)
+    with pytest.raises(ConfigError, match=r"MiB of files .* over the 64 MiB a schedule copies"):
+        snapshot_files(sweep)
+
+
+def test_each_schedule_fires_on_its_own_into_the_schedulers_store(tmp_path, tiny_sweep):
+    """A schedule whose store is not the scheduler's gets a failed firing, recorded in the
+    scheduler's store (no store is made at the schedule's); the others still fire."""
+    from arrakis_ray.sweeps.records import read_firings, write_schedule
+    from arrakis_ray.sweeps.schedules import add_schedule, run_scheduler
+
+    path, store = tiny_sweep(tmp_path / "work"), tmp_path / "store"
+    good = add_schedule(path, "0 3 * * *", store, name="good", now=T0)
+    elsewhere = tmp_path / "elsewhere"
+    write_schedule(store, dataclasses.replace(good, name="astray", store=str(elsewhere)))
+    events = run_scheduler(store, "http://127.0.0.1:9", once=True, now=_hours(3)[0])
+    errors = {e.schedule: e.error for e in events}
+    assert errors["astray"] == (
+        f"schedule astray: its sweep writes to {elsewhere}, not to this scheduler's store "
+        f"{store}: run a scheduler with --store {elsewhere}, or add the schedule again "
+        "into this store"
+    )
+    assert errors["good"].startswith("cannot reach the Ray Jobs API")
+    assert sorted((e.schedule, e.status) for e in read_firings(store)) == [
+        ("astray", "failed"), ("good", "failed"),
+    ]  # fmt: skip
+    assert not elsewhere.exists()
 
 
 def test_the_looping_scheduler_wakes_for_the_next_firing_or_within_a_minute(
