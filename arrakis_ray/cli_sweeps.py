@@ -141,14 +141,20 @@ def _submit(args, sweep) -> int:
     from arrakis_ray.sweeps import jobs
 
     address = args.address
+    from arrakis_ray.errors import DataError, ModelLoadError
     from arrakis_ray.sweeps.plan import plan_sweep
 
     store = jobs.canonical_store(args.store)
-    plan = plan_sweep(sweep, store)  # its run ids are part of the submission id
+    try:
+        plan = plan_sweep(sweep, store)  # its run ids are part of the submission id
+    except (DataError, ModelLoadError, FileNotFoundError) as exc:
+        plan = None  # inputs only the cluster sees: the job plans there
+        print(f"not planned here ({exc}): the job plans the sweep on the cluster")
     submission_id = jobs.submission_id_for_sweep(sweep, store, plan)
     if args.dry_run:
         root = jobs.check_working_dir(sweep, args.working_dir or jobs.default_working_dir(sweep))
-        print(plan.describe())
+        if plan is not None:
+            print(plan.describe())
         entrypoint = jobs.sweep_entrypoint(sweep, store, root)
         print(f"would submit {submission_id} to {address}: {entrypoint}")
         print(f"working dir: {root}")

@@ -25,9 +25,7 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # bad input fails alike on every try
 NOT_RETRIED = (ConfigError, DataError, ModelLoadError, UnknownHookError)
+# (a ToolError is retried: a tool's own failure may be a node's, or a flaky input)
 
 
 @dataclass
@@ -117,74 +116,78 @@ def run_sweep(plan, store, echo: Callable[[str], None] = log.info) -> SweepOutco
         from transformers import AutoTokenizer  # noqa: F401
 
         workers = max(1, min(sweep.max_concurrent, len(groups)))
-        # groups of one model one after another: a pool is ended before the next starts
-        ordered = sorted(groups.values(), key=lambda g: _pool_key(g[0]))
         harvested: list[tuple[list, object]] = []
         with WarmPool() as pool, ThreadPoolExecutor(workers, "arrakis-sweep") as threads:
-            left = Counter(_pool_key(g[0]) for g in ordered)
-            lock = threading.Lock()
-
-            def harvest_group(points: list):
-                try:
-                    return _harvest_group(points, store, sweep, pool, echo)
-                finally:
-                    key = _pool_key(points[0])
-                    with lock:
-                        left[key] -= 1
-                        last = left[key] == 0
-                    if last:
-                        pool.release(key)
-
-            for points, result in zip(ordered, threads.map(harvest_group, ordered), strict=True):
-                if isinstance(result, str):  # the group's error
-                    outcome.failed += [(p.index, result) for p in points]
-                else:
-                    outcome.harvests += result.status != "already complete"
-                    harvested.append((points, result))
-            outcome.model_loads = pool.loads()
-            tool_work = [(p, result) for points, result in harvested for p in points]
-            for done in threads.map(lambda work: _run_point(*work, store, sweep, echo), tool_work):
-                (outcome.ran if done[1] is None else outcome.failed).append(
-                    done[0] if done[1] is None else done
+            # one model's harvests at a time: its pool is ended before the next model's
+            # starts (two pools could each hold half the GPUs and wait for the rest), and
+            # before the staged runs, whose Ray Data actors need the same GPUs
+            for key, model_groups in _by_pool(groups.values()):
+                results = list(
+                    threads.map(lambda g: _harvest_group(g, store, sweep, pool, echo), model_groups)
                 )
+                if key is not None:
+                    pool.release(key)
+                for points, result in zip(model_groups, results, strict=True):
+                    if isinstance(result, str):  # the group's error
+                        outcome.failed += [(p.index, result) for p in points]
+                    else:
+                        outcome.harvests += result.status != "already complete"
+                        harvested.append((points, result))
+            outcome.model_loads = pool.loads()
+            ran, failed = _run_tools(harvested, store, sweep, threads, echo)
+            outcome.ran += ran
+            outcome.failed += failed
     outcome.ran.sort()
     outcome.failed.sort()
     outcome.seconds = time.perf_counter() - started
     return outcome
 
 
-def _pool_key(point) -> str:
+def _by_pool(groups) -> list[tuple[str | None, list]]:
+    """The groups by warm pool, in a stable order; staged runs (no pool: they go through
+    Ray Data's stages) last, under None."""
     from arrakis_ray.sweeps.warm import WarmPool
 
-    return WarmPool.key(point.config, point.run_plan.identity["model"])
+    by_key: dict[str | None, list] = {}
+    for points in groups:
+        point = points[0]
+        h = point.config.harvest
+        staged = h.stages > 1 or len(h.layer_ranges) > 1
+        key = None if staged else WarmPool.key(point.config, point.run_plan.identity["model"])
+        by_key.setdefault(key, []).append(points)
+    return sorted(by_key.items(), key=lambda item: (item[0] is None, item[0] or ""))
 
 
 def _harvest_group(points: list, store, sweep, pool, echo):
     """Harvest the run the group's points share: its HarvestResult, or the error line
     (recorded as each point's failure)."""
     from arrakis_ray.harvest.driver import harvest
+    from arrakis_ray.harvest.plan import plan_run
 
     first = points[0]
     config = first.config
     staged = config.harvest.stages > 1 or len(config.harvest.layer_ranges) > 1
     runner = None if staged else pool.run_shards  # stages chain through Ray Data
+    tries = [0]
     try:
         for point in points:
             _event(store, sweep, point, "running", attempt=1)
+        now = plan_run(config).run_id  # cached: the files' stamps, no model built
+        if now != first.run_id:  # a data or model file changed since the plan
+            raise StoreError(
+                f"the inputs of run {first.run_id} changed since the sweep was planned "
+                f"(they now make run {now}); run the sweep again"
+            )
         result = _retried(
             sweep.retries,
             lambda: harvest(config, store, run_shards=runner),
             f"harvest of run {first.run_id}",
+            tries,
         )
-        if result.run_id != first.run_id:  # a data or model file changed since the plan
-            raise StoreError(
-                f"the inputs of run {first.run_id} changed since the sweep was planned "
-                f"(they now make run {result.run_id}); run the sweep again"
-            )
     except Exception as exc:
         error = _message(exc)
         for point in points:
-            _record_failure(store, sweep, point, error, echo)
+            _record_failure(store, sweep, point, error, echo, max(1, tries[0]))
         return error
     echo(
         f"run {result.run_id}: {result.status}"
@@ -193,55 +196,82 @@ def _harvest_group(points: list, store, sweep, pool, echo):
     return result
 
 
-def _run_point(point, result, store, sweep, echo) -> tuple[int, str | None]:
-    """The point's tools on its harvested run: (point, None) or (point, error line)."""
-    started = time.perf_counter()
-    try:
-        attempts = 1
-        for name, variant, params in point.tools:
-            tries = _run_tool(store, sweep, result.run_dir, name, variant, params)
-            attempts = max(attempts, tries)
-        seconds = time.perf_counter() - started
-        _event(store, sweep, point, "complete", attempt=attempts, seconds=seconds)
-    except Exception as exc:
-        error = _message(exc)
-        _record_failure(store, sweep, point, error, echo)
-        return point.index, error
-    echo(f"point {point.index} complete ({_params_text(point.params)}) in {seconds:.1f} s")
-    return point.index, None
+def _run_tools(harvested: list, store, sweep, threads, echo) -> tuple[list, list]:
+    """Every distinct tool setting of the harvested points once, then each point's
+    outcome from its settings': (points complete, [(point, error)])."""
+    from arrakis_ray.tools.runner import tool_class
+
+    settings: dict[tuple, tuple] = {}  # (run id, tool, variant) -> _run_setting's arguments
+    for points, result in harvested:
+        for point in points:
+            for name, variant, params in point.tools:
+                key = (result.run_id, name, variant)
+                settings.setdefault(key, (result.run_dir, name, variant, params))
+    # live tools size their actors to the whole cluster: one at a time
+    live = [k for k, args in settings.items() if tool_class(args[1]).scope == "live"]
+    other = [k for k in settings if k not in live]
+    outcomes = threads.map(lambda k: _run_setting(store, sweep, *settings[k]), other)
+    done = dict(zip(other, outcomes, strict=True))
+    done.update({k: _run_setting(store, sweep, *settings[k]) for k in live})
+    ran, failed = [], []
+    for points, result in harvested:
+        for point in points:
+            mine = [done[(result.run_id, name, variant)] for name, variant, _ in point.tools]
+            attempts = max((tries for tries, _seconds, _error in mine), default=1)
+            seconds = sum(seconds for _tries, seconds, _error in mine)
+            error = next((error for _tries, _seconds, error in mine if error), None)
+            try:
+                if error is not None:
+                    _record_failure(store, sweep, point, error, echo, attempts)
+                    failed.append((point.index, error))
+                    continue
+                _event(store, sweep, point, "complete", attempt=attempts, seconds=seconds)
+            except Exception as exc:  # the outcome still says so: never lose the summary
+                failed.append((point.index, _message(exc)))
+                continue
+            ran.append(point.index)
+            echo(f"point {point.index} complete ({_params_text(point.params)}) in {seconds:.1f} s")
+    return ran, failed
 
 
-def _record_failure(store, sweep, point, error: str, echo) -> None:
+def _record_failure(store, sweep, point, error: str, echo, attempt: int) -> None:
     echo(f"point {point.index}: FAILED: {error}")
     try:
-        _event(store, sweep, point, "failed", attempt=sweep.retries + 1, error=error)
+        _event(store, sweep, point, "failed", attempt=attempt, error=error)
     except Exception as exc:  # the outcome still says so: never lose the summary
         log.warning("point %d: could not record its failure: %s", point.index, exc)
 
 
-def _run_tool(store, sweep, run_dir, name: str, variant: str, params: dict) -> int:
-    """One tool setting of a point, unless the run holds it already; attempts made."""
+def _run_setting(store, sweep, run_dir, name: str, variant: str, params: dict) -> tuple:
+    """One tool setting on a run, unless the run holds it already: (tries, seconds, error
+    line or None)."""
     from arrakis_ray.store.layout import RunLayout, open_store
     from arrakis_ray.tools.runner import analyze, make_tool, stored_record
 
-    layout = RunLayout(open_store(store), run_dir.name)
-    if stored_record(layout, make_tool(name, params), variant) is not None:
-        return 1  # another point of the sweep (or an earlier call) computed it
-    attempts = [0]
+    started = time.perf_counter()
+    tries = [0]
+    try:
+        layout = RunLayout(open_store(store), run_dir.name)
+        if stored_record(layout, make_tool(name, params), variant) is not None:
+            return 1, 0.0, None  # an earlier call computed it
+        _retried(
+            sweep.retries,
+            lambda: analyze(run_dir, name, params, variant=variant),
+            f"tool {name}",
+            tries,
+        )
+    except Exception as exc:
+        return max(1, tries[0]), time.perf_counter() - started, _message(exc)
+    return tries[0], time.perf_counter() - started, None
 
-    def call():
-        attempts[0] += 1
-        return analyze(run_dir, name, params, variant=variant)
 
-    _retried(sweep.retries, call, f"tool {name}")
-    return attempts[0]
-
-
-def _retried(retries: int, work: Callable, what: str):
+def _retried(retries: int, work: Callable, what: str, tries: list[int]):
     """``work()``, tried up to ``retries`` more times when it raises, waiting 2, 4, 8 ...
     (at most 30) seconds in between: a harvest another process holds (its lease), a
-    node lost. Input errors are the same on every try and are not retried."""
+    node lost. Input errors are the same on every try and are not retried. ``tries[0]``
+    counts the tries."""
     for attempt in range(retries + 1):
+        tries[0] += 1
         try:
             return work()
         except NOT_RETRIED:

@@ -213,5 +213,15 @@ def snapshot_files(sweep) -> tuple[dict[str, bytes], str]:
             f"{root}), over the {MAX_SNAPSHOT_BYTES >> 20} MiB a schedule copies into the "
             "store: put large data on a shared file system and name it by an absolute path"
         )
+    for path in paths:  # what the snapshot could not give back as the job reads it
+        rel = PurePosixPath(path.relative_to(root).as_posix())
+        hidden = any(part.startswith(".") for part in rel.parts)
+        pattern = _excluded(rel)
+        if hidden or pattern:
+            why = "a hidden path" if hidden else f"excluded from uploads ({pattern})"
+            raise ConfigError(
+                f"{sweep.source}: its job reads {path}, {why}: a schedule cannot carry "
+                "it; name it by an absolute path on a shared file system, or move it"
+            )
     files = {p.relative_to(root).as_posix(): p.read_bytes() for p in paths}
     return files, Path(sweep.source).resolve().relative_to(root).as_posix()

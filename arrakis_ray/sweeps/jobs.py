@@ -109,12 +109,31 @@ def submission_id_for_sweep(sweep, store: str | os.PathLike, plan=None) -> str:
     run id and point key): the same sweep over the same inputs into the same store is the
     same job, and new data at the same path (a new run id) a new one. ``plan``: the
     sweep's ``SweepPlan`` (planned here, without Ray, if not given)."""
+    from arrakis_ray.errors import DataError, ModelLoadError
     from arrakis_ray.sweeps.plan import plan_sweep
 
     store_text = canonical_store(store)
-    plan = plan or plan_sweep(sweep, store_text)
-    lines = [sweep.sweep_id, store_text, *(f"{p.run_id} {p.point_key}" for p in plan.points)]
+    try:
+        plan = plan or plan_sweep(sweep, store_text)
+    except (DataError, ModelLoadError, FileNotFoundError) as exc:
+        # inputs only the cluster sees (a shared filesystem's absolute paths): the id
+        # falls back to how they are written, with the stamps of those seen here
+        log.info("submission id from the inputs as written (%s)", exc)
+        lines = [sweep.sweep_id, store_text, *_inputs_as_written(sweep)]
+    else:
+        lines = [sweep.sweep_id, store_text, *(f"{p.run_id} {p.point_key}" for p in plan.points)]
     return SWEEP_PREFIX + hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _inputs_as_written(sweep) -> list[str]:
+    """Each input file of the sweep's jobs as written, with its stamp where it exists."""
+
+    lines = []
+    for item in job_inputs(sweep):
+        path = Path(item.path)
+        stamp = f"{path.stat().st_size} {path.stat().st_mtime_ns}" if path.is_file() else "-"
+        lines.append(f"{item.written or item.path} {stamp}")
+    return sorted(lines)
 
 
 def sweep_entrypoint(sweep, store: str, working_dir: Path) -> str:

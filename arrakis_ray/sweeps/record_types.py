@@ -162,9 +162,9 @@ class ScheduleRecord:
     """The sweep's id when the schedule was added (joins ``sweeps.sweep_id``); None in
     records written before it was kept."""
     snapshot: str | None = None
-    """The sweep file's path inside the schedule's snapshot (``schedules/<name>/files/``:
-    the files a firing submits, taken at ``schedule add``); None: a record without a
-    snapshot, whose firings read the sweep file at ``sweep``."""
+    """The sweep file's path below ``schedules/<name>/``, its snapshot folder first
+    (``files-<hash>/...``: the files a firing submits, taken at ``schedule add``); None:
+    a record without a snapshot, whose firings read the sweep file at ``sweep``."""
 
     def checked(self) -> ScheduleRecord:
         """This record with its times in UTC form; StoreError naming a field that is wrong."""

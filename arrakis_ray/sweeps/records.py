@@ -5,7 +5,7 @@ Layout (under the store root, beside ``runs/`` and ``experiments/``)::
     sweeps/<sweep_id>/sweep.json                                 schemas/sweep.v1.json
     sweeps/<sweep_id>/runs/<point_key>/<time>-<hex>.json         schemas/sweep_run.v1.json
     schedules/<name>/schedule.json                               schemas/schedule.v1.json
-    schedules/<name>/files/...                                   the files a firing submits
+    schedules/<name>/files-<hash>/...                            the files a firing submits
     schedules/<name>/firings/<fire time>/<time>-<hex>.json       schemas/schedule_firing.v1.json
 
 A sweep is written once (its id is a hash of its content). What happens to a point of
@@ -30,10 +30,12 @@ catalog: ``sweeps``, ``sweep_runs``, ``sweep_run_events``, ``schedules``,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import secrets
+import shutil
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 
 SWEEPS_DIR = "sweeps"
 SCHEDULES_DIR = "schedules"
-FILES_DIR = "files"  # schedules/<name>/files/: the snapshot a firing submits
+FILES_DIR = "files"  # schedules/<name>/files-<hash>/: the snapshot a firing submits
 
 # -- writing ----------------------------------------------------------------------
 
@@ -99,39 +101,69 @@ def write_schedule(store: str | StorePath, record: ScheduleRecord) -> StorePath:
 
 
 def remove_schedule(store: str | StorePath, name: str) -> None:
-    """Remove a schedule (its firings stay: the history, and what no scheduler may
-    submit again); StoreError if there is none of that name."""
-    path = store_path(store) / SCHEDULES_DIR / check_name(name, "schedule name")
-    path = path / "schedule.json"
+    """Remove a schedule and its snapshot (its firings stay: the history, and what no
+    scheduler may submit again); StoreError if there is none of that name."""
+    root = store_path(store) / SCHEDULES_DIR / check_name(name, "schedule name")
+    path = root / "schedule.json"
     if not path.exists():
         raise StoreError(f"{store}: no schedule named {name!r}")
     path.unlink()
+    prune_schedule_files(store, name, keep=None)
 
 
-def write_schedule_files(store: str | StorePath, name: str, files: dict[str, bytes]) -> None:
-    """Replace the schedule's snapshot (``schedules/<name>/files/``) by ``files``
-    (relative '/'-separated path -> content). Written before its record: a record never
-    names files that are not there yet."""
+def write_schedule_files(store: str | StorePath, name: str, files: dict[str, bytes]) -> str:
+    """Write a schedule's snapshot (relative '/'-separated path -> content) into a folder
+    of its own, ``schedules/<name>/files-<content hash>/``; the folder's name. Written
+    before its record, which names it: a scheduler reading the previous record keeps
+    reading the previous folder, whole (``prune_schedule_files`` removes it after)."""
+    folder = snapshot_folder(files)
     root = _writable(store, create=True) / SCHEDULES_DIR / check_name(name, "schedule name")
-    base = root / FILES_DIR
-    for rel in _listing(base):  # an earlier snapshot (schedule add --replace)
-        (base / rel).unlink()
     for rel, data in sorted(files.items()):
-        with atomic_open(base / _safe_relative(rel), "wb") as f:
+        with atomic_open(root / folder / _safe_relative(rel), "wb") as f:
             f.write(data)
+    return folder
 
 
-def read_schedule_files(store: str | StorePath, name: str) -> dict[str, bytes]:
-    """The schedule's snapshot: relative path -> content ({} without one); StoreError
-    naming a file that cannot be read."""
-    base = store_path(store) / SCHEDULES_DIR / check_name(name, "schedule name") / FILES_DIR
-    names = [n for n in _listing(base) if not any(p.startswith(".") for p in n.split("/"))]
+def snapshot_folder(files: dict[str, bytes]) -> str:
+    """The folder a snapshot of ``files`` is written to: ``files-`` and 12 hex of their
+    names and contents."""
+    digest = hashlib.sha256()
+    for rel, data in sorted(files.items()):
+        digest.update(f"{_safe_relative(rel)}\0{len(data)}\0".encode())
+        digest.update(data)
+    return f"{FILES_DIR}-{digest.hexdigest()[:12]}"
+
+
+def prune_schedule_files(store: str | StorePath, name: str, keep: str | None) -> None:
+    """Remove the schedule's snapshot folders but ``keep``."""
+    root = store_path(store) / SCHEDULES_DIR / check_name(name, "schedule name")
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if folder.name != keep and folder.name.startswith(FILES_DIR) and folder.is_dir():
+            for rel in _listing(folder):
+                (folder / rel).unlink()
+            if not is_remote(root):
+                shutil.rmtree(folder, ignore_errors=True)  # the emptied directories
+
+
+def read_schedule_files(store: str | StorePath, name: str, folder: str = FILES_DIR) -> dict:
+    """The schedule's snapshot in ``folder``: relative path -> content ({} without one);
+    StoreError naming a file that cannot be read."""
+    base = store_path(store) / SCHEDULES_DIR / check_name(name, "schedule name")
+    base = base / check_name(folder, "snapshot folder")
+    names = [_safe_relative(n) for n in _listing(base) if not _temporary(n)]
     found = {}
     for rel, data in zip(names, _contents(base, names), strict=True):
         if isinstance(data, BaseException):
             raise StoreError(f"{base / rel}: cannot read the schedule's file ({data})")
         found[rel] = data
     return found
+
+
+def _temporary(rel: str) -> bool:
+    """An atomic write's temp file (``store/atomic.py``), never a snapshot's."""
+    return PurePosixPath(rel).name.startswith(".")
 
 
 def _safe_relative(rel: str) -> str:

@@ -2,7 +2,7 @@
 
 Ray has no cron. A schedule (``schedule add``) is a record in the store: a sweep file,
 a cron expression in UTC (``croniter``), the store, the Ray Jobs address and a catch-up
-policy, with a snapshot of the files its jobs read (``schedules/<name>/files/``: the
+policy, with a snapshot of the files its jobs read (``schedules/<name>/files-<hash>/``: the
 sweep, its base pipeline, the data and prompts they name by relative paths, at most
 ``MAX_SNAPSHOT_BYTES``), taken where the schedule is added (a laptop) and submitted
 from where the scheduler runs (the head node). A file changed after ``schedule add``
@@ -96,7 +96,9 @@ def add_schedule(
     from arrakis_ray.sweeps.plan import plan_sweep
     from arrakis_ray.sweeps.records import (
         ScheduleRecord,
+        prune_schedule_files,
         read_schedule,
+        snapshot_folder,
         write_schedule,
         write_schedule_files,
     )
@@ -118,6 +120,7 @@ def add_schedule(
             "another --name, or --replace it"
         )
     files, sweep_rel = snapshot_files(sweep)
+    folder = snapshot_folder(files)
     record = ScheduleRecord(
         name=name,
         sweep=str(path),
@@ -128,10 +131,11 @@ def add_schedule(
         catch_up=catch_up,
         created_at=_utc(now or datetime.now(UTC)).isoformat(),
         sweep_id=sweep.sweep_id,
-        snapshot=sweep_rel,
+        snapshot=f"{folder}/{sweep_rel}",
     ).checked()  # a bad record is refused before its files are written
     write_schedule_files(store_text, name, files)
-    write_schedule(store_text, record)
+    write_schedule(store_text, record)  # from here on firings read the new folder
+    prune_schedule_files(store_text, name, keep=folder)
     log.info(
         "schedule %s: %s UTC, sweep %s (%d files, %d bytes), store %s",
         name, cron, path, len(files), sum(map(len, files.values())), store_text,
@@ -303,7 +307,7 @@ def _submit_snapshot(schedule, store, address: str, submission_id: str, meta: di
     """Write the schedule's snapshot into a temporary working dir and submit the sweep
     from it (Ray uploads the dir during the call); (the ``Submission``, the sweep id)."""
     from arrakis_ray.sweeps.jobs import submit_sweep
-    from arrakis_ray.sweeps.records import read_schedule_files
+    from arrakis_ray.sweeps.records import FILES_DIR, read_schedule_files
     from arrakis_ray.sweeps.spec import load_sweep
 
     if schedule.snapshot is None:  # a record from before snapshots: the file on disk
@@ -316,8 +320,11 @@ def _submit_snapshot(schedule, store, address: str, submission_id: str, meta: di
         sweep = load_sweep(path)
         return submit_sweep(sweep, store, address, submission_id=submission_id,
                             metadata=meta), sweep.sweep_id  # fmt: skip
-    files = read_schedule_files(store, schedule.name)
-    if schedule.snapshot not in files:
+    folder, sep, sweep_rel = schedule.snapshot.partition("/")
+    if not (sep and folder.startswith(f"{FILES_DIR}-")):  # a record from before folders
+        folder, sweep_rel = FILES_DIR, schedule.snapshot
+    files = read_schedule_files(store, schedule.name, folder)
+    if sweep_rel not in files:
         raise ConfigError(
             f"schedule {schedule.name}: its snapshot in {store} lacks the sweep file "
             f"{schedule.snapshot}: add the schedule again (schedule add --replace)"
@@ -329,7 +336,7 @@ def _submit_snapshot(schedule, store, address: str, submission_id: str, meta: di
             (root / rel).write_bytes(data)
         # the job runs in its working dir: relative model paths are checked from there
         with contextlib.chdir(root):
-            sweep = load_sweep(root / schedule.snapshot)
+            sweep = load_sweep(root / sweep_rel)
             done = submit_sweep(sweep, store, address, root, submission_id=submission_id,
                                 metadata=meta)  # fmt: skip
     return done, sweep.sweep_id

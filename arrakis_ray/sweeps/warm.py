@@ -119,11 +119,13 @@ class WarmPool:
     ) -> dict:
         """Harvest ``pending`` shards of ``plan``'s run on the warm actors of its model."""
         import ray
+        from ray.exceptions import RayActorError
 
         if len(plan.stages) != 1:  # the stages' residual hand-over is Ray Data's (above)
             raise ValueError(f"run {plan.run_id} is staged: harvest it without a warm pool")
         config = plan.config
-        actors = self._actors(self.key(config, plan.identity["model"]), config)
+        key = self.key(config, plan.identity["model"])
+        actors = self._actors(key, config)
         stage = list(plan.stages[0])
         args = (
             config,
@@ -148,8 +150,8 @@ class WarmPool:
                 (ready,), _ = ray.wait(list(in_flight), num_returns=1)
                 load[in_flight.pop(ready)] -= 1
                 row = ray.get(ready)
-                for key in ("tokens", "bytes", "sequences"):
-                    done[key] += int(row[key])
+                for total in ("tokens", "bytes", "sequences"):
+                    done[total] += int(row[total])
                 done["shards"] += 1
                 elapsed = time.perf_counter() - t0
                 log.info(
@@ -160,12 +162,17 @@ class WarmPool:
                     len(pending),
                     done["tokens"] / elapsed if elapsed > 0 else 0.0,
                 )
-        except BaseException:
+        except BaseException as exc:
             for ref in in_flight:  # the driver records the failure; stop the rest
                 ray.cancel(ref)
+            if isinstance(exc, RayActorError):  # out of restarts: a retry gets new actors
+                self.release(key)
             raise
         finally:
-            ray.get([a.forget.remote(layout.run_id, call) for a in actors])
+            try:  # never hides the shard's own error
+                ray.get([a.forget.remote(layout.run_id, call) for a in actors], timeout=60)
+            except Exception as exc:
+                log.warning("run %s: warm actors could not drop its steps: %s", plan.run_id, exc)
         return done
 
     def loads(self) -> int:
@@ -183,10 +190,17 @@ class WarmPool:
 
         with self._lock:
             pool = self._pools.pop(key, [])
-        if pool:
-            self._released_loads += sum(ray.get([a.loads.remote() for a in pool]))
-            for actor in pool:
-                ray.kill(actor)
+        if not pool:
+            return
+        try:  # a dead or unplaceable actor must not stop the release
+            n = sum(ray.get([a.loads.remote() for a in pool], timeout=10))
+        except Exception as exc:
+            n = 0
+            log.warning("warm pool: model loads not counted (%s)", exc)
+        for actor in pool:
+            ray.kill(actor)
+        with self._lock:
+            self._released_loads += n
 
     def close(self) -> None:
         """End every warm actor (their models go with them)."""

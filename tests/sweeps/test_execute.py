@@ -212,3 +212,28 @@ def test_warm_actors_harvest_what_ray_data_actors_harvest(ray_session, tmp_path)
     query = "SELECT * EXCLUDE (block) FROM act_resid_post ORDER BY layer, seq_id, pos"
     with Store(tmp_path / "warm") as a, Store(tmp_path / "cold") as b:
         assert a.sql(query).equals(b.sql(query))
+
+
+def test_a_tool_setting_shared_by_points_is_computed_once(ray_session, tmp_path):
+    """Two points differ in one tool's threshold and share another tool's setting: the
+    shared setting runs once (its counter counts one call of its one shard)."""
+    from arrakis_ray.sweeps.execute import run_sweep
+    from arrakis_ray.sweeps.plan import plan_sweep
+    from arrakis_ray.sweeps.spec import load_sweep
+
+    counter = tmp_path / "calls"
+    path = _write_sweep(
+        tmp_path,
+        {"analyze.sparsity_analyzer.params.threshold": {"values": THRESHOLDS}},
+        analyze=[
+            {"tool": "sparsity_analyzer", "params": {"kurtosis_family": None}},
+            {"tool": f"{__name__}:Flaky", "params": {"tries_to_fail": 0, "counter": str(counter)}},
+        ],
+    )
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["harvest"]["shard_size"] = 16  # one shard: one task per call
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    store = tmp_path / "store"
+    outcome = run_sweep(plan_sweep(load_sweep(path), store), store, echo=lambda _line: None)
+    assert outcome.ran == [0, 1] and not outcome.failed
+    assert counter.read_text() == "1"

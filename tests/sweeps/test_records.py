@@ -355,15 +355,22 @@ def test_schedule_records_keep_their_sweep_id_and_snapshot(tmp_path: Path) -> No
     store = tmp_path / "store"
     record = ScheduleRecord("nightly", "/laptop/s.yaml", "name: s\n", "0 3 * * *", str(store),
                             sweep_id=SWEEP, snapshot="sweeps/s.yaml")  # fmt: skip
-    records.write_schedule_files(store, "nightly", {"sweeps/s.yaml": b"a", "data.jsonl": b"b"})
+    first = records.write_schedule_files(
+        store, "nightly", {"sweeps/s.yaml": b"a", "data.jsonl": b"b"}
+    )
+    assert first == records.snapshot_folder({"data.jsonl": b"b", "sweeps/s.yaml": b"a"})
     write_schedule(store, record)
     assert records.read_schedule(store, "nightly").sweep_id == SWEEP
-    assert records.read_schedule_files(store, "nightly") == {
+    assert records.read_schedule_files(store, "nightly", first) == {
         "data.jsonl": b"b", "sweeps/s.yaml": b"a",
     }  # fmt: skip
-    # a new snapshot replaces the old one whole
-    records.write_schedule_files(store, "nightly", {"s.yaml": b"c"})
-    assert records.read_schedule_files(store, "nightly") == {"s.yaml": b"c"}
+    # a new snapshot goes to a folder of its own; pruning then leaves only it
+    second = records.write_schedule_files(store, "nightly", {"s.yaml": b"c"})
+    assert second != first
+    assert records.read_schedule_files(store, "nightly", first)["sweeps/s.yaml"] == b"a"
+    records.prune_schedule_files(store, "nightly", keep=second)
+    assert records.read_schedule_files(store, "nightly", first) == {}
+    assert records.read_schedule_files(store, "nightly", second) == {"s.yaml": b"c"}
     with pytest.raises(StoreError, match="not a relative path inside"):
         records.write_schedule_files(store, "nightly", {"../x": b""})
     # a record written before sweep_id and snapshot were kept still reads

@@ -155,8 +155,10 @@ def test_schedule_add_list_remove(tmp_path, tiny_sweep, capsys):
     )  # fmt: skip
     assert record.sweep_text == path.read_text()
     # the files its jobs read are copied into the store, as laid out in the working dir
-    assert (record.sweep_id, record.snapshot) == (_load(path).sweep_id, "sweep.yaml")
-    assert read_schedule_files(store, "nightly") == {
+    folder, _, sweep_rel = record.snapshot.partition("/")
+    assert (record.sweep_id, sweep_rel) == (_load(path).sweep_id, "sweep.yaml")
+    assert folder.startswith("files-")
+    assert read_schedule_files(store, "nightly", folder) == {
         name: (path.parent / name).read_bytes()
         for name in ("base.yaml", "data.jsonl", "sweep.yaml")
     }
@@ -172,6 +174,45 @@ def test_schedule_add_list_remove(tmp_path, tiny_sweep, capsys):
     assert out.splitlines()[0].endswith("last never")
     assert _cli(["schedule", "remove", "nightly", "--store", str(store)])[0] == 0
     assert read_schedules(store) == []
+    assert not (store / "schedules" / "nightly" / folder).exists()  # its snapshot too
+
+
+def test_a_replaced_schedule_reads_its_new_snapshot_and_drops_the_old(tmp_path, tiny_sweep):
+    """The new files go to a folder of their own before the record names it: a scheduler
+    reading the old record meanwhile reads the old folder whole."""
+    from arrakis_ray.sweeps.records import read_schedule_files
+    from arrakis_ray.sweeps.schedules import add_schedule
+
+    path, store = tiny_sweep(tmp_path / "work"), tmp_path / "store"
+    old = add_schedule(path, "0 3 * * *", store, name="nightly", now=T0)
+    data = path.parent / "data.jsonl"
+    data.write_text(data.read_text().splitlines()[0] + "\n")  # one document now
+    new = add_schedule(path, "0 3 * * *", store, name="nightly", now=T0, replace=True)
+    old_folder, new_folder = old.snapshot.split("/")[0], new.snapshot.split("/")[0]
+    assert old_folder != new_folder
+    folders = sorted(p.name for p in (store / "schedules" / "nightly").iterdir() if p.is_dir())
+    assert folders == [new_folder]
+    assert read_schedule_files(store, "nightly", new_folder)["data.jsonl"] == data.read_bytes()
+
+
+def test_a_file_a_snapshot_cannot_carry_is_refused_at_add(tmp_path, tiny_sweep):
+    """A hidden data file would be stored but never read back; an excluded one never
+    uploaded: both refused when the schedule is added, naming the file."""
+    import yaml
+
+    from arrakis_ray.errors import ConfigError
+    from arrakis_ray.sweeps.schedules import add_schedule
+
+    path, store = tiny_sweep(tmp_path / "work"), tmp_path / "store"
+    hidden = path.parent / ".data" / "data.jsonl"
+    hidden.parent.mkdir()
+    (path.parent / "data.jsonl").rename(hidden)
+    base = yaml.safe_load((path.parent / "base.yaml").read_text())
+    base["data"]["path"] = ".data/data.jsonl"
+    (path.parent / "base.yaml").write_text(yaml.safe_dump(base))
+    with pytest.raises(ConfigError, match=r"\.data/data\.jsonl, a hidden path"):
+        add_schedule(path, "0 3 * * *", store, now=T0)
+    assert not (store / "schedules").exists()
 
 
 def test_the_snapshot_is_submitted_not_the_files_on_disk(tmp_path, tiny_sweep):
