@@ -120,10 +120,11 @@ def test_a_local_store_a_node_cannot_see_is_refused_before_any_work(cluster):
 def test_an_s3_store_is_harvested_across_the_nodes(cluster, reference, moto_s3, monkeypatch):
     step = _step(cluster, "replicas")  # the replicas' harvest went to the bucket
     assert step["run_dir"].startswith(f"s3://{moto_s3['bucket']}/cluster/")
-    assert len(set(step["actor_nodes"])) == 2  # both nodes wrote into it
-    assert {n for nodes in step["shard_nodes"].values() for n in nodes} == set(
-        cluster["nodes"]["workers"]
-    )
+    assert len(set(step["actor_nodes"])) == 2  # an actor on each worker node
+    # every shard was harvested by a worker node's actor; which one is Ray Data's choice
+    # (an actor whose model loaded first may take every shard of this small run)
+    shard_nodes = {n for nodes in step["shard_nodes"].values() for n in nodes}
+    assert shard_nodes and shard_nodes <= set(cluster["nodes"]["workers"])
     _assert_same_values(_run_dir(step, moto_s3, monkeypatch), reference)
 
 
