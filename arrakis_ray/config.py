@@ -187,15 +187,20 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     raw = dict(raw)
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        data_path = Path(data["path"])
-        if not data_path.is_absolute():
-            raw["data"] = {**data, "path": str((path.parent / data_path).resolve())}
+    if isinstance(raw.get("data"), dict):
+        raw["data"] = resolve_data_path(raw["data"], path.parent)
     steps = raw.get("analyze")
     if isinstance(steps, list):  # a live tool's prompts file, like data.path
         raw["analyze"] = [resolve_prompts(step, path.parent) for step in steps]
     return pipeline_from_dict(raw, source=str(path))
+
+
+def resolve_data_path(data: dict, base: Path) -> dict:
+    """A pipeline's ``data`` section with its relative ``path`` resolved against ``base``,
+    the pipeline's (or sweep's) directory."""
+    if isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
+        return {**data, "path": str((base / data["path"]).resolve())}
+    return data
 
 
 def resolve_prompts(step: Any, base: Path) -> Any:

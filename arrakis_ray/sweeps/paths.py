@@ -16,7 +16,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from arrakis_ray.config import PipelineConfig, ToolRun, field_types, resolve_prompts
+from arrakis_ray.config import (
+    PipelineConfig,
+    ToolRun,
+    field_types,
+    resolve_data_path,
+    resolve_prompts,
+)
 from arrakis_ray.errors import ConfigError
 
 Key = tuple[str | int, ...]
@@ -143,8 +149,7 @@ def resolve_relative(raw: dict, keys: list[Key], base: Path) -> None:
     for key in keys:
         data = raw.get("data")
         if key[0] == "data" and key[1:2] in ((), ("path",)) and isinstance(data, dict):
-            if isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
-                data["path"] = str((base / data["path"]).resolve())
+            raw["data"] = resolve_data_path(data, base)
         steps = raw.get("analyze")
         sets_prompts = key[2:] in ((), ("params",), ("params", "prompts"))
         if key[0] == "analyze" and isinstance(steps, list) and sets_prompts:
