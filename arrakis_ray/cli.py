@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_cmd_harvest, uses_ray=True)
 
     r = sub.add_parser("run", help="harvest, run the pipeline's tools, write the report")
-    r.add_argument("pipeline", help="pipeline YAML file")
+    r.add_argument("pipeline", help="pipeline YAML file, or a study (a sweep file with a report)")
     r.add_argument(
         "--store",
         required=True,
@@ -195,8 +195,31 @@ def _cmd_harvest(args) -> None:
     _print_harvest(result)
 
 
-def _cmd_run(args) -> None:
+def _cmd_run(args) -> int | None:
+    if _is_sweep_file(Path(args.pipeline)):  # a study: a sweep with a report
+        from arrakis_ray.cli_sweeps import cmd_sweep
+
+        sweep_args = argparse.Namespace(
+            sweep=args.pipeline,
+            store=args.store,
+            dry_run=False,
+            address=None,
+            working_dir=None,
+            resubmit=False,
+        )
+        return cmd_sweep(sweep_args)
     run_pipeline(Path(args.pipeline), args.store)
+    return None
+
+
+def _is_sweep_file(path: Path) -> bool:
+    """True for a sweep (or study) file: it names a ``base`` pipeline at the top level."""
+    from arrakis_ray.strict_yaml import read_strict_yaml
+
+    if not path.is_file():
+        return False  # load_pipeline says so, in its words
+    raw = read_strict_yaml(path)
+    return isinstance(raw, dict) and "base" in raw
 
 
 def _cmd_analyze(args) -> None:

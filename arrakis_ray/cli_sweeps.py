@@ -134,7 +134,13 @@ def cmd_sweep(args) -> int:
     )
     outcome = run_sweep(plan, args.store, echo=print)
     print(outcome.summary())
-    return 1 if outcome.failed else 0
+    if outcome.failed:
+        return 1
+    if sweep.report is not None:
+        from arrakis_ray.sweeps.study import write_study_report
+
+        print(f"report: {write_study_report(sweep, args.store)}")
+    return 0
 
 
 def _submit(args, sweep) -> int:

@@ -28,7 +28,7 @@ StorageDtype = Literal["float16", "float32"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model to hook. Exactly one of ``zoo``, ``path`` or ``arch``."""
+    """Which model to hook. Exactly one of ``zoo``, ``path``, ``arch`` or ``factory``."""
 
     zoo: str | None = None
     """Name of a model shipped with arrakis-ray (``facts-gpt2``); needs no download."""
@@ -37,24 +37,33 @@ class ModelConfig:
     arch: str | None = None
     """Random-init architecture (gpt2, gpt-neo, gpt-neox, llama, gemma, phi3, qwen2,
     mistral, stablelm); sizes come from ``config``."""
+    factory: str | None = None
+    """A custom torch model: ``package.module:function`` returning a ``TorchModel``
+    (``arrakis_ray/models/custom.py``); ``config`` holds its keyword arguments."""
+    checkpoint: str | None = None
+    """State dict of a ``factory`` model (.safetensors or .pt; relative paths are relative
+    to the pipeline file). None: random init from ``seed``."""
     config: dict[str, Any] = field(default_factory=dict)
-    """HF config overrides for ``arch`` (e.g. ``num_hidden_layers: 4``)."""
+    """HF config overrides for ``arch`` (e.g. ``num_hidden_layers: 4``), or the
+    ``factory``'s keyword arguments."""
     tokenizer: str | None = None
     """Tokenizer for texts: a local directory or ``zoo:NAME``. Defaults to the one saved
-    with a zoo/path model; required for ``arch`` models."""
+    with a zoo/path model; required for ``arch`` and ``factory`` models."""
     seed: int = 0
-    """Seed of the random init (``arch`` only)."""
+    """Seed of the random init (``arch``, or ``factory`` without a checkpoint)."""
     dtype: Dtype = "float32"
     """Dtype the model computes in."""
 
     def __post_init__(self) -> None:
-        given = [k for k in ("zoo", "path", "arch") if getattr(self, k)]
+        given = [k for k in ("zoo", "path", "arch", "factory") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of zoo, path or arch (got {', '.join(given) or 'none'})"
+                f"give exactly one of zoo, path, arch or factory (got {', '.join(given) or 'none'})"
             )
-        if self.config and not self.arch:
-            raise ValueError("config overrides only apply to a random-init 'arch' model")
+        if self.config and not (self.arch or self.factory):
+            raise ValueError("config applies only to an 'arch' or a 'factory' model")
+        if self.checkpoint and not self.factory:
+            raise ValueError("checkpoint applies only to a 'factory' model (use path for HF)")
 
 
 @dataclass(frozen=True)
@@ -178,8 +187,9 @@ class PipelineConfig:
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Read and validate a pipeline YAML file; relative data paths (``data.path``, a
-    tool's ``prompts``) resolve against it."""
+    """Read and validate a pipeline YAML file; relative paths (``data.path``,
+    ``model.checkpoint``, ``model.tokenizer``, a tool's ``prompts`` or ``path``) resolve
+    against it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
@@ -189,6 +199,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     raw = dict(raw)
     if isinstance(raw.get("data"), dict):
         raw["data"] = resolve_data_path(raw["data"], path.parent)
+    if isinstance(raw.get("model"), dict):
+        raw["model"] = resolve_model_paths(raw["model"], path.parent)
     steps = raw.get("analyze")
     if isinstance(steps, list):  # a live tool's prompts file, like data.path
         raw["analyze"] = [resolve_prompts(step, path.parent) for step in steps]
@@ -203,16 +215,34 @@ def resolve_data_path(data: dict, base: Path) -> dict:
     return data
 
 
+FILE_PARAMS = ("prompts", "path")
+"""Tool parameters that name a file: relative ones resolve against the pipeline file."""
+
+
 def resolve_prompts(step: Any, base: Path) -> Any:
-    """An analyze step (a dict) with its relative ``params.prompts`` path resolved
-    against ``base``, the pipeline's (or sweep's) directory."""
+    """An analyze step (a dict) with its relative file parameters (``params.prompts``,
+    ``params.path``) resolved against ``base``, the pipeline's (or sweep's) directory."""
     params = step.get("params") if isinstance(step, dict) else None
-    if not isinstance(params, dict) or not isinstance(params.get("prompts"), str):
+    if not isinstance(params, dict):
         return step
-    prompts = Path(params["prompts"])
-    if prompts.is_absolute():
-        return step
-    return {**step, "params": {**params, "prompts": str((base / prompts).resolve())}}
+    resolved = dict(params)
+    for name in FILE_PARAMS:
+        value = params.get(name)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            resolved[name] = str((base / value).resolve())
+    return step if resolved == params else {**step, "params": resolved}
+
+
+def resolve_model_paths(model: dict, base: Path) -> dict:
+    """A pipeline's ``model`` section with its relative ``checkpoint`` and ``tokenizer``
+    (not ``zoo:NAME``) resolved against ``base``, the pipeline's (or sweep's) directory."""
+    resolved = dict(model)
+    for name in ("checkpoint", "tokenizer"):
+        value = model.get(name)
+        if isinstance(value, str) and not value.startswith("zoo:") and value:
+            if not Path(value).expanduser().is_absolute():
+                resolved[name] = str((base / value).resolve())
+    return resolved
 
 
 def pipeline_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:

@@ -39,7 +39,7 @@ from arrakis_ray.errors import UnknownHookError
 
 Kind = Literal["dense", "head", "pattern"]
 Where = Literal["before", "block", "after"]
-Requirement = Literal["learned_pos", "sequential_block", "norm_scale"]
+Requirement = Literal["learned_pos", "sequential_block", "norm_scale", "final_norm"]
 
 KINDS: tuple[Kind, ...] = ("dense", "head", "pattern")
 DIMS: tuple[str, ...] = ("d_model", "d_mlp", "d_head", "d_vocab")
@@ -49,6 +49,7 @@ REQUIREMENTS: dict[Requirement, str] = {
     "learned_pos": "models with learned position embeddings",
     "sequential_block": "sequential blocks (not parallel attn+mlp ones)",
     "norm_scale": "models whose final norm has an eps attribute (eps, variance_epsilon)",
+    "final_norm": "models with a final norm (a custom model may have none)",
 }
 """What a model needs to have the hooks of a spec with ``requires`` set, in words."""
 
@@ -206,6 +207,7 @@ HOOK_SPECS: tuple[HookSpec, ...] = (
         "after",
         "d_model",
         "final norm output, weight (and bias) applied [batch, pos, d_model]",
+        requires="final_norm",
     ),
     # not a TransformerLens hook point (TL returns logits), read-only: the forward's result
     _dense("logits", "logits", "after", "d_vocab", "logits [batch, pos, d_vocab]", writable=False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,3 +105,15 @@ def with_run_id(items, run_id: str = "local"):
     import pyarrow as pa
 
     return items.append_column("run_id", pa.array([run_id] * items.num_rows, pa.string()))
+
+
+def study_page(store: str, sweep_id: str, out: Path) -> None:
+    """A study report: each point's checkpoint and run, as the store's SQL has them."""
+    from arrakis_ray.store.catalog import Store
+
+    with Store(store) as db:
+        rows = db.sql(
+            "SELECT params['model.checkpoint'] AS checkpoint, run_id FROM sweep_runs "
+            f"WHERE sweep_id = '{sweep_id}' ORDER BY checkpoint"
+        ).rows()
+    out.write_text(json.dumps([list(r) for r in rows]))

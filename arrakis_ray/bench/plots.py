@@ -263,7 +263,6 @@ def first_sequence(model: HookedModel, input_ids: Any) -> tuple[torch.Tensor, in
     ``input_ids``: a tensor, array or list, ``(batch, pos)`` or ``(pos,)``."""
     import torch
 
-    from arrakis_ray.harvest.checks import position_limit
 
     if input_ids is None:
         raise ToolError("plot_results: input_ids is required (a (batch, pos) list or tensor)")
@@ -285,7 +284,7 @@ def first_sequence(model: HookedModel, input_ids: Any) -> tuple[torch.Tensor, in
             f"input_ids: token id {bad} is outside the model's vocabulary "
             f"(0..{model.vocab_size - 1})"
         )
-    limit = position_limit(model.model.config)
+    limit = model.max_positions
     if model.adapter.pos_embed is not None and limit is not None and first.shape[1] > limit:
         raise ToolError(
             f"input_ids: {first.shape[1]} tokens exceed the model's {limit} learned positions"

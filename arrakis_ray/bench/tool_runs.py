@@ -83,7 +83,6 @@ def _sequences(inputs: Any, here: ModelHere, where: str) -> tuple[list[np.ndarra
     """(token id sequences, kept columns) of texts, token ids, or a table of texts in
     column ``text`` whose other columns are labels (kept as ``data.keep_columns``)."""
     from arrakis_ray.bench.versions import as_arrow_table
-    from arrakis_ray.harvest.checks import position_limit
 
     documents: dict[str, list] = {}
     if isinstance(inputs, str):
@@ -95,7 +94,7 @@ def _sequences(inputs: Any, here: ModelHere, where: str) -> tuple[list[np.ndarra
         seqs = here.encode(list(inputs), where)
     else:
         seqs = _token_ids(inputs, here.model.vocab_size, where)
-    limit = position_limit(here.model.model.config)
+    limit = here.model.max_positions
     longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
     if limit is not None and len(seqs[longest]) > limit:
         raise DataError(

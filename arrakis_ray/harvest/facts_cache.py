@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from arrakis_ray.config import ModelConfig, to_dict
-from arrakis_ray.harvest.checks import position_limit
 from arrakis_ray.harvest.model_source import (
     check_config_overrides,
     checkpoint_dir,
     describe_model,
+    load_model,
     load_tokenizer,
     model_source_fingerprint,
     tokenizer_dir,
@@ -166,21 +166,51 @@ def model_fingerprint(cfg: ModelConfig) -> str:
     """``model_source_fingerprint``: a checkpoint's is kept by its files' stamps (it
     reads every byte of the weights); a random-init model's is a hash of its config."""
     path = checkpoint_dir(cfg)
+    if cfg.factory:  # config, checkpoint bytes and the factory's code (kept by stamps)
+        key = {"model": to_dict(cfg), "code": factory_code_stamp(cfg.factory)}
+        if cfg.checkpoint:
+            key["files"] = file_stamp(Path(cfg.checkpoint).expanduser())
+        return cached("fingerprint", key, lambda: _factory_fingerprint(cfg, key), _hex64)
     if path is None:
         return model_source_fingerprint(cfg)
     # it depends on the checkpoint's files, dtype and tokenizer, not the seed
     key = {"zoo": cfg.zoo, "path": cfg.path, "dtype": cfg.dtype, "tokenizer": cfg.tokenizer}
     files = dir_stamps(path)
 
-    def parse(value: str) -> str:
-        if not (isinstance(value, str) and len(value) == 64 and int(value, 16) >= 0):
-            raise ValueError(f"fingerprint {value!r}")
-        return value
-
     def compute() -> str:
         return _fingerprint(json.dumps(key), json.dumps(files))
 
-    return cached("fingerprint", {**key, "files": files}, compute, parse)
+    return cached("fingerprint", {**key, "files": files}, compute, _hex64)
+
+
+def _hex64(value: str) -> str:
+    if not (isinstance(value, str) and len(value) == 64 and int(value, 16) >= 0):
+        raise ValueError(f"fingerprint {value!r}")
+    return value
+
+
+def _factory_fingerprint(cfg: ModelConfig, _key: dict) -> str:
+    """A factory model's fingerprint as ``models.load.model_fingerprint`` computes it on
+    the loaded model: its factory, config and state dict (built under the seed when no
+    checkpoint is given: then the factory's code decides the weights)."""
+    from arrakis_ray.models.load import model_fingerprint as of_model
+
+    return of_model(load_model(cfg, device="cpu"))
+
+
+def factory_code_stamp(factory: str) -> str | None:
+    """sha256 of the source file of a factory's module (found without importing it)."""
+    import importlib.util
+
+    module_name = factory.partition(":")[0]
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None  # loading the model says what is wrong, with the field's name
+    origin = getattr(spec, "origin", None)
+    if not origin or not Path(origin).is_file():
+        return None
+    return hashlib.sha256(Path(origin).read_bytes()).hexdigest()
 
 
 @lru_cache(maxsize=64)
@@ -284,6 +314,9 @@ def shape_key(cfg: ModelConfig) -> str:
     path = checkpoint_dir(cfg)
     if path is not None:
         key["stamp"] = file_stamp(path / "config.json")
+    if cfg.factory:
+        key["factory"] = cfg.factory
+        key["stamp"] = factory_code_stamp(cfg.factory)
     return json.dumps(key, sort_keys=True)
 
 
@@ -308,5 +341,5 @@ def _describe_facts(key: str) -> dict:
     return {
         "shape": asdict(model_shape(model)),
         "hooks": hooks,
-        "position_limit": position_limit(model.model.config),
+        "position_limit": model.max_positions,
     }

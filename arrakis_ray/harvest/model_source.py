@@ -46,7 +46,7 @@ def check_config_overrides(cfg: ModelConfig, source: str) -> None:
     takes it for every family). A key outside those that HF consumes anyway (a legacy
     name such as gpt-neox's ``rotary_pct``, folded into ``rope_parameters``) is kept.
     """
-    if not cfg.config:
+    if not cfg.config or cfg.factory:  # a factory refuses unknown keywords itself
         return
     from transformers import AutoConfig
 
@@ -116,6 +116,20 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> HookedModel:
     """The real model, weights and all, on ``device``."""
     from arrakis_ray.models import build_model, load_pretrained
 
+    if cfg.factory:
+        from arrakis_ray.models.custom import build_custom
+        from arrakis_ray.models.load import torch_dtype
+
+        model = build_custom(
+            cfg.factory,
+            cfg.config,
+            checkpoint=cfg.checkpoint,
+            seed=cfg.seed,
+            dtype=torch_dtype(cfg.dtype),
+            device=device,
+        )
+        model.tokenizer = load_tokenizer(cfg)
+        return model
     path = checkpoint_dir(cfg)
     if path is not None:
         model = load_pretrained(path, dtype=cfg.dtype, device=device)
@@ -132,6 +146,18 @@ def describe_model(cfg: ModelConfig) -> HookedModel:
 
     from arrakis_ray.models import HookedModel, tiny_config
 
+    if cfg.factory:
+        from arrakis_ray.models.custom import describe_custom
+
+        try:
+            return describe_custom(cfg.factory, cfg.config)
+        except ArrakisError:
+            raise
+        except Exception as exc:  # sizes the factory cannot build
+            raise ModelLoadError(
+                f"model.factory {cfg.factory}: cannot build a model of this config: "
+                f"{type(exc).__name__}: {_one_line(exc)}"
+            ) from None
     path = checkpoint_dir(cfg)
     if path is not None:
         field = "model.path"
@@ -206,8 +232,9 @@ def tokenizer_dir(cfg: ModelConfig) -> Path:
         return path
     path = checkpoint_dir(cfg)
     if path is None:
+        kind = "a 'factory'" if cfg.factory else "a random-init 'arch'"
         raise ConfigError(
-            "model.tokenizer: a random-init 'arch' model needs a tokenizer for its texts "
+            f"model.tokenizer: {kind} model needs a tokenizer for its texts "
             "(a local tokenizer directory or zoo:NAME)"
         )
     return path
@@ -223,7 +250,12 @@ def model_source_fingerprint(cfg: ModelConfig) -> str:
     """sha256 of what determines the weights: checkpoint bytes, or config + seed."""
     digest = hashlib.sha256()
     path = checkpoint_dir(cfg)
-    if path is None:
+    if cfg.factory and cfg.checkpoint:  # the factory's code is stamped by the facts cache
+        digest.update(json.dumps(to_dict(cfg), sort_keys=True).encode())
+        with open(Path(cfg.checkpoint).expanduser(), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    elif path is None:
         digest.update(json.dumps(to_dict(cfg), sort_keys=True).encode())
     else:
         for file in sorted(p for p in path.rglob("*") if p.is_file()):

@@ -121,11 +121,17 @@ def model_shape(model) -> ModelShape:
         n_kv_heads=model.n_kv_heads,
         d_head=model.d_head,
         d_vocab=model.vocab_size,
-        # gemma's (1 + w) gain is a parametrisation of RMSNorm, not another norm
-        norm="layernorm" if model.adapter.norm == "layernorm" else "rmsnorm",
-        positional="learned" if model.adapter.pos_embed is not None else "rotary",
+        norm=_norm_name(model.adapter.norm),
+        positional=model.positional,
         parallel_blocks=model.parallel_residual,
     )
+
+
+def _norm_name(kind: str | None) -> str:
+    # gemma's (1 + w) gain is a parametrisation of RMSNorm, not another norm
+    if kind is None:
+        return "none"
+    return "layernorm" if kind == "layernorm" else "rmsnorm"
 
 
 def _plan_shards(path: str, shard_size: int, max_documents: int | None) -> tuple[Shard, ...]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from arrakis_ray.errors import ToolError
-from arrakis_ray.harvest.checks import position_limit
 from arrakis_ray.hooks import spec_of
 from arrakis_ray.live.stage_worker import StageRequest
 from arrakis_ray.models.stage import stage_owns
@@ -57,7 +56,7 @@ class LiveModel:
         self.d_model, self.d_head, self.d_mlp = meta.d_model, meta.d_head, meta.d_mlp
         self.vocab_size = meta.vocab_size
         self.dtype = meta.dtype
-        self.max_positions: int | None = position_limit(meta.model.config)
+        self.max_positions: int | None = meta.max_positions
         """Tokens one sequence may hold (learned or declared positions); None: no limit."""
         self.stages = [(w.stage.start, w.stage.stop) for w in self.workers]
         self._lock = threading.Lock()

@@ -22,8 +22,10 @@ checked against the transformers 5.23 modeling source of its family:
 ``norm`` declares what every norm of the family computes (``models/norms.py`` reads
 the norms through it and checks the declaration on a probe input).
 
-Only HF causal LMs are served today: ``HookedModel`` reads sizes from the HF config and
-looks modules up by these paths, so a plain torch model needs more than an ``Adapter``.
+A plain torch model (``models/custom.py``) brings its own ``Adapter`` with the same
+paths. It may leave out the norms (``ln1``, ``ln2``, ``final_norm`` and ``norm`` None:
+no LayerNorm at all, as in the grokking model) and names a ``pattern`` module instead of
+returning attention weights from ``attn``.
 """
 
 from __future__ import annotations
@@ -57,12 +59,15 @@ class Adapter:
     embed: str
     pos_embed: str | None
     layers: str
-    final_norm: str
+    final_norm: str | None
+    """None: the model has no final norm (no ``ln_final.*`` hooks; ``ln_final`` is identity)."""
     lm_head: str
     # --- paths relative to one decoder layer
     attn: str
-    """Module returning ``(attn_out, attn_weights)``; weights are the eager pattern."""
-    ln1: str
+    """Module returning ``(attn_out, attn_weights)`` (HF: weights are the eager pattern),
+    or only ``attn_out`` when ``pattern`` names where the pattern is."""
+    ln1: str | None
+    """Norm in front of the attention; None when the model has no norms."""
     ln2: str | None
     """Norm in front of the mlp in the sequential block; its input is resid_mid."""
     o_proj: str
@@ -70,8 +75,8 @@ class Adapter:
     mlp_in: str
     """Linear whose output is mlp.hook_pre (c_fc, gate_proj, gate_up_proj, dense_h_to_4h)."""
     mlp_down: str
-    norm: NormKind
-    """What the family's norms (ln1, ln2, final norm) compute."""
+    norm: NormKind | None
+    """What the family's norms (ln1, ln2, final norm) compute; None: it has none."""
     q: str | None = None
     k: str | None = None
     v: str | None = None
@@ -84,6 +89,10 @@ class Adapter:
     """Separate up projection of a gated mlp (None for plain or fused-gate mlps)."""
     parallel_flag: str | None = None
     """Config attribute that switches the parallel attn+mlp block on."""
+    pattern: str | None = None
+    """Module (in a layer) whose output is the softmaxed pattern ``[batch, head, q, k]``,
+    e.g. an ``nn.Identity`` a custom attention passes its pattern through. None: read the
+    pattern from ``attn``'s second output (HF eager attention)."""
 
     def is_parallel(self, config: object) -> bool:
         """True when attention and mlp both read resid_pre (no resid_mid exists)."""

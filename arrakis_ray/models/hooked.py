@@ -1,4 +1,4 @@
-"""HookedModel: an HF causal LM with TransformerLens-style hook points.
+"""HookedModel: an HF causal LM or a custom torch model, with TransformerLens hook points.
 
 Hook points are PyTorch forward hooks / forward pre-hooks on the model's real modules,
 located through a per-architecture ``Adapter``. They are registered for one call and
@@ -17,12 +17,15 @@ import torch
 
 from arrakis_ray.errors import UnknownHookError
 from arrakis_ray.hooks import HOOK_SPECS, REQUIREMENTS, HookSpec, find_spec
-from arrakis_ray.models.adapters import Adapter, adapter_for, get_module, linear_params
+from arrakis_ray.models.adapters import Adapter, get_module, linear_params
+from arrakis_ray.models.backends import HFBackend, TorchBackend
 from arrakis_ray.models.norms import norm_eps
 from arrakis_ray.models.points import Point, build_point
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
+
+    from arrakis_ray.models.custom import TorchModel
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ class _StopForward(Exception):
 
 
 class HookedModel:
-    """An HF ``*ForCausalLM`` (eval mode) with TransformerLens hook names.
+    """An HF ``*ForCausalLM`` or a custom torch model (eval mode) with TransformerLens
+    hook names. What differs between the two is the ``backend`` (``models/backends.py``).
 
     Hook names: ``hook_embed``, ``hook_pos_embed`` (learned positions only),
     ``blocks.{L}.hook_resid_pre|mid|post`` (no ``resid_mid`` in parallel blocks),
@@ -48,16 +52,22 @@ class HookedModel:
     implementation of the wrapped model for its duration.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter | None = None, tokenizer: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter | None = None,
+        tokenizer: Any = None,
+        backend: HFBackend | TorchBackend | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.adapter = adapter or adapter_for(model.config)
-        cfg = model.config
+        self.backend = backend or HFBackend(model)
+        self.adapter = adapter or self.backend.adapter()
         self.arch: str = self.adapter.arch
         self.n_layers: int = len(self.adapter.layer_modules(model))
-        self.d_model: int = int(cfg.hidden_size)
-        self.n_heads: int = int(cfg.num_attention_heads)
-        self.n_kv_heads: int = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.d_model: int = self.backend.d_model()
+        self.n_heads: int = self.backend.n_heads()
+        self.n_kv_heads: int = self.backend.n_kv_heads()
         # Read widths off the weights rather than the config: head_dim conventions
         # differ per family (some ignore config.head_dim, some default it).
         w_o, _ = linear_params(self.adapter.sub(model, 0, self.adapter.o_proj))
@@ -69,12 +79,16 @@ class HookedModel:
         param = next(model.parameters())
         self.device: torch.device = param.device
         self.dtype: torch.dtype = param.dtype
-        self.parallel_residual: bool = self.adapter.is_parallel(cfg)
+        self.parallel_residual: bool = self.backend.parallel(self.adapter)
+        self.max_positions: int | None = self.backend.position_limit()
+        """The longest sequence the model takes (None: no declared limit)."""
         # what the optional hook specs need (HookSpec.requires) that this model has
+        final = self.adapter.final_norm
         has = {
             "learned_pos": self.adapter.pos_embed is not None,
             "sequential_block": not self.parallel_residual,
-            "norm_scale": norm_eps(get_module(model, self.adapter.final_norm)) is not None,
+            "final_norm": final is not None,
+            "norm_scale": final is not None and norm_eps(get_module(model, final)) is not None,
         }
         self._has = frozenset(req for req, present in has.items() if present)
         self._dims = {
@@ -85,6 +99,24 @@ class HookedModel:
         }
         self._names = self._all_hook_names()
         self._order = {name: i for i, name in enumerate(self._names)}
+
+    @classmethod
+    def from_torch(cls, built: TorchModel, tokenizer: Any = None) -> HookedModel:
+        """Hook a plain torch model (``models/custom.py``) through its own adapter."""
+        return cls(built.module, built.adapter, tokenizer, TorchBackend(built))
+
+    @property
+    def positional(self) -> str:
+        """``learned`` (hook_pos_embed exists), ``rotary`` or ``none``."""
+        if self.adapter.pos_embed is not None:
+            return "learned"
+        if isinstance(self.backend, TorchBackend):
+            return self.backend.spec.positional or "none"
+        return "rotary"  # every supported HF family without learned positions
+
+    def describe(self) -> dict[str, Any]:
+        """What the model is, for its fingerprint: the HF config, or factory and config."""
+        return self.backend.describe()
 
     def __repr__(self) -> str:
         return (
@@ -253,15 +285,15 @@ class HookedModel:
         points = {name: build_point(self, name, batch) for name in sorted(want | set(fns))}
 
         input_ids = input_ids.to(self.device)
-        kwargs: dict[str, Any] = {"use_cache": False}
+        position_ids = None
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-            kwargs["attention_mask"] = attention_mask
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
         cache: dict[str, Tensor] = {}
         handles = []
-        restore_attn = self._switch_attention(any(n.endswith("hook_pattern") for n in want))
+        need_patterns = any(n.endswith("hook_pattern") for n in want)
+        restore_attn = self.backend.patterns_on(self.arch) if need_patterns else None
         try:
             for name in sorted(points, key=self._order.__getitem__):
                 handles.append(
@@ -269,7 +301,7 @@ class HookedModel:
                 )
             logits = None
             try:
-                logits = self.model(input_ids, **kwargs).logits
+                logits = self.backend.forward(input_ids, attention_mask, position_ids)
                 logits = logits if grad else logits.detach()
             except _StopForward:
                 pass
@@ -284,21 +316,7 @@ class HookedModel:
             for handle in handles:
                 handle.remove()
             if restore_attn is not None:
-                self.model.set_attn_implementation(restore_attn)
-
-    def _switch_attention(self, need_eager: bool) -> str | None:
-        """Switch to eager attention (the only one returning weights); return the old one."""
-        current = self.model.config._attn_implementation
-        if not need_eager or current == "eager":
-            return None
-        if not self.model._can_set_attn_implementation():
-            raise UnknownHookError(
-                f"this {self.arch} model runs {current!r} attention and cannot switch to eager, "
-                "so attention patterns are unavailable"
-            )
-        log.debug("switching %s attention from %s to eager for patterns", self.arch, current)
-        self.model.set_attn_implementation("eager")
-        return current
+                restore_attn()
 
     # ------------------------------------------------------------------ pieces
 
@@ -306,7 +324,10 @@ class HookedModel:
     # with one of those as input these run in inference mode, otherwise they keep grad.
 
     def ln_final(self, resid: Tensor) -> Tensor:
-        """Apply the model's final norm to a residual-stream tensor ``[..., d_model]``."""
+        """Apply the model's final norm to a residual-stream tensor ``[..., d_model]``
+        (the identity for a model without one)."""
+        if self.adapter.final_norm is None:
+            return resid
         with torch.inference_mode(resid.is_inference()):
             return get_module(self.model, self.adapter.final_norm)(resid)
 
@@ -314,7 +335,7 @@ class HookedModel:
         """Logits from final-normed residuals: lm_head (with any bias) and softcapping."""
         with torch.inference_mode(normed.is_inference()):
             logits = get_module(self.model, self.adapter.lm_head)(normed)
-            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            cap = self.backend.logit_softcap()
             if cap:
                 logits = torch.tanh(logits / cap) * cap
             return logits

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,7 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
+def torch_dtype(dtype: str) -> torch.dtype:
     import torch
 
     if dtype not in _DTYPES:
@@ -72,12 +73,12 @@ def build_model(
     from arrakis_ray.models.hooked import HookedModel
 
     arch = canonical_arch(arch)
-    torch_dtype = _torch_dtype(dtype)
+    dtype_ = torch_dtype(dtype)
     config = tiny_config(arch, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    model = model.to(device=device, dtype=torch_dtype)
+    model = model.to(device=device, dtype=dtype_)
     return HookedModel(model)
 
 
@@ -92,7 +93,7 @@ def load_pretrained(
     from arrakis_ray.models.hooked import HookedModel
 
     path = Path(path).expanduser()
-    torch_dtype = _torch_dtype(dtype)
+    dtype_ = torch_dtype(dtype)
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist")
     if not (path / "config.json").is_file():
@@ -104,7 +105,7 @@ def load_pretrained(
     adapter = adapter_for(config, where=str(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, local_files_only=True, dtype=torch_dtype
+            path, config=config, local_files_only=True, dtype=dtype_
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -122,22 +123,28 @@ def load_pretrained(
     return HookedModel(model, adapter=adapter, tokenizer=tokenizer)
 
 
-def _config_fingerprint_dict(config: Any) -> dict[str, Any]:
-    return {k: v for k, v in sorted(config.to_dict().items()) if k not in _VOLATILE_CONFIG_KEYS}
+def _config_fingerprint_dict(described: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sorted(described.items()) if k not in _VOLATILE_CONFIG_KEYS}
 
 
 def model_fingerprint(model: HookedModel) -> str:
-    """sha256 hex of the model's config and parameters (name, dtype, shape, bytes).
+    """sha256 hex of the model's config and parameters (name, dtype, shape, bytes); for a
+    custom model the config is its factory and the factory's arguments.
 
     Stable across processes and across ``save_pretrained``/``load_pretrained``; reads
     every parameter once (about a second per GB).
     """
+    return state_fingerprint(model.describe(), model.model.state_dict())
+
+
+def state_fingerprint(described: dict[str, Any], state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 hex of a config dict (less how it was saved or run) and a state dict."""
     import torch
 
     digest = hashlib.sha256()
-    config = _config_fingerprint_dict(model.model.config)
+    config = _config_fingerprint_dict(described)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())

@@ -81,6 +81,8 @@ def read_norm(model: HookedModel, module: nn.Module, where: str) -> Norm:
     import torch
 
     kind = model.adapter.norm
+    if kind is None:
+        raise ToolError(f"this {model.arch} model declares no norm kind (adapter.norm)")
     name = f"{where} {type(module).__name__} of this {model.arch} model"
     eps = norm_eps(module)
     if eps is None:
@@ -116,10 +118,14 @@ def _check(norm: Norm, module: nn.Module, model: HookedModel, name: str) -> None
 
 def final_norm(model: HookedModel) -> Norm:
     """The norm in front of the unembedding (``ln_final``)."""
+    if model.adapter.final_norm is None:
+        raise ToolError(f"this {model.arch} model has no final norm (ln_final)")
     return read_norm(model, get_module(model.model, model.adapter.final_norm), "final norm")
 
 
 def ln1_norm(model: HookedModel, layer: int) -> Norm:
     """The norm in front of ``layer``'s attention (ln1): what the heads read through."""
+    if model.adapter.ln1 is None:
+        raise ToolError(f"this {model.arch} model has no norm in front of its attention (ln1)")
     module = model.adapter.sub(model.model, layer, model.adapter.ln1)
     return read_norm(model, module, f"layer {layer} ln1")

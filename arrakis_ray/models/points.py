@@ -152,8 +152,8 @@ def build_point(hm: HookedModel, name: str, batch: int) -> Point:
     if hook == "hook_resid_post":
         return Point(block, False, _first_output, _replace_first_output)
     if hook == "hook_resid_mid":
-        # the input of the pre-mlp norm (sequential blocks only)
-        return Point(sub(a.ln2), True, _first_input, None)
+        # the input of the pre-mlp norm (sequential blocks only), or of the mlp without one
+        return Point(sub(a.ln2 or a.mlp), True, _first_input, None)
     if hook in ("attn.hook_q", "attn.hook_k", "attn.hook_v"):
         which = hook[-1]
         if a.qkv is not None:
@@ -172,6 +172,8 @@ def build_point(hm: HookedModel, name: str, batch: int) -> Point:
 
         return Point(sub(a.o_proj), True, read_z, _flat_input)
     if hook == "attn.hook_pattern":
+        if a.pattern is not None:  # a custom attention passes its pattern through a module
+            return Point(sub(a.pattern), False, _first_output, None)
         return Point(sub(a.attn), False, lambda _a, _k, out: out[1], None)
     if hook == "hook_attn_out":
         return Point(sub(a.attn), False, _first_output, _replace_first_output)

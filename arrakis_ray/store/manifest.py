@@ -50,10 +50,12 @@ class ModelShape:
     """Key/value heads (fewer than n_heads under grouped-query attention)."""
     d_head: int
     d_vocab: int
-    norm: Literal["layernorm", "rmsnorm"]
-    """LayerNorm (centres, may have a bias) or RMSNorm (scales only)."""
-    positional: Literal["learned", "rotary"]
-    """Learned position embeddings (hook_pos_embed exists) or rotary."""
+    norm: Literal["layernorm", "rmsnorm", "none"]
+    """LayerNorm (centres, may have a bias), RMSNorm (scales only), or none (a custom
+    model without norms)."""
+    positional: Literal["learned", "rotary", "none"]
+    """Learned position embeddings (hook_pos_embed exists), rotary, or none (a custom
+    model that takes no positions, or says it adds them some other way)."""
     parallel_blocks: bool
     """Attention and MLP both read resid_pre (then there is no resid_mid)."""
 

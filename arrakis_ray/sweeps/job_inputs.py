@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from arrakis_ray.config import FILE_PARAMS
 from arrakis_ray.errors import ClusterError, ConfigError
 from arrakis_ray.sweeps.paths import set_value
 
@@ -83,10 +84,16 @@ def job_inputs(sweep) -> list[JobInput]:
         found.append(_input(point.config.data.path, data.get("path"), "data.path"))
         steps = raw.get("analyze") if isinstance(raw.get("analyze"), list) else []
         for i, step in enumerate(point.config.analyze):
-            prompts = step.params.get("prompts") if isinstance(step.params, dict) else None
-            if isinstance(prompts, str):
-                as_written = _get(steps, i, "params", "prompts")
-                found.append(_input(prompts, as_written, f"analyze.{i}.params.prompts"))
+            for name in FILE_PARAMS:
+                value = step.params.get(name) if isinstance(step.params, dict) else None
+                if isinstance(value, str):
+                    as_written = _get(steps, i, "params", name)
+                    found.append(_input(value, as_written, f"analyze.{i}.params.{name}"))
+        model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        for name in ("checkpoint", "tokenizer"):
+            value = getattr(point.config.model, name)
+            if value and not value.startswith("zoo:"):
+                found.append(_input(value, model.get(name), f"model.{name}"))
         if point.config.model.path:
             # read against the current directory here, against the working dir there
             found.append(_input(point.config.model.path, point.config.model.path, "model.path"))

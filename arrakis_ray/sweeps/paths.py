@@ -21,6 +21,7 @@ from arrakis_ray.config import (
     ToolRun,
     field_types,
     resolve_data_path,
+    resolve_model_paths,
     resolve_prompts,
 )
 from arrakis_ray.errors import ConfigError
@@ -144,14 +145,19 @@ def set_value(raw: dict, key: Key, value: Any) -> None:
 
 
 def resolve_relative(raw: dict, keys: list[Key], base: Path) -> None:
-    """Resolve the relative ``data.path`` and tools' ``prompts`` that ``keys`` may set,
+    """Resolve the relative ``data.path``, ``model.checkpoint``/``tokenizer`` and tools'
+    ``prompts``/``path`` that ``keys`` may set,
     against ``base`` (as ``config.load_pipeline`` does against a pipeline file)."""
     for key in keys:
         data = raw.get("data")
         if key[0] == "data" and key[1:2] in ((), ("path",)) and isinstance(data, dict):
             raw["data"] = resolve_data_path(data, base)
+        model = raw.get("model")
+        model_paths = ((), ("checkpoint",), ("tokenizer",))
+        if key[0] == "model" and key[1:2] in model_paths and isinstance(model, dict):
+            raw["model"] = resolve_model_paths(model, base)
         steps = raw.get("analyze")
-        sets_prompts = key[2:] in ((), ("params",), ("params", "prompts"))
+        sets_prompts = key[2:] in ((), ("params",), ("params", "prompts"), ("params", "path"))
         if key[0] == "analyze" and isinstance(steps, list) and sets_prompts:
             for i in range(len(steps)) if len(key) == 1 else [key[1]]:
                 steps[i] = resolve_prompts(steps[i], base)

@@ -66,6 +66,7 @@ SWEEP_KEYS = (
     "seed",
     "max_concurrent",
     "retries",
+    "report",
 )
 MAX_POINTS = 100_000  # a bigger grid is a typo (a list where a value was meant), not a plan
 MAX_LISTED = 3  # invalid points' errors shown in the one message; the rest are counted
@@ -115,6 +116,8 @@ class Sweep:
     """The grid axes in spec order (a zip group is one)."""
     base_raw: dict[str, Any] = field(repr=False, compare=False)
     """The base pipeline as a dict, its relative data and prompts paths resolved."""
+    report: str | None = None
+    """A study's report, ``package.module:function`` (``study.py``); None: no page."""
 
     @property
     def size(self) -> int:
@@ -190,7 +193,12 @@ def load_sweep(path: str | Path) -> Sweep:
         text=path.read_text(encoding="utf-8"),
         axes=tuple(axes),
         base_raw=base_raw,
+        report=raw.get("report"),
     )
+    if sweep.report is not None:
+        from arrakis_ray.sweeps.study import report_function
+
+        report_function(sweep.report, source)  # a typo fails before any run
     if sweep.size > MAX_POINTS:
         raise ConfigError(f"{source}: {sweep.size:,} points, over the limit of {MAX_POINTS:,}")
     return sweep
@@ -219,7 +227,7 @@ def _read_base(path: Path, base: Any) -> tuple[Path, dict, dict]:
     if not isinstance(written, dict):
         raise ConfigError(f"{base_path}: expected a mapping at the top level")
     raw = copy.deepcopy(written)
-    resolve_relative(raw, [("data",), ("analyze",)], base_path.parent)
+    resolve_relative(raw, [("data",), ("model",), ("analyze",)], base_path.parent)
     config = pipeline_from_dict(raw, source=str(base_path))
     for i, step in enumerate(config.analyze):
         make_tool(step.tool, step.params, source=f"{base_path}: analyze.{i}")
