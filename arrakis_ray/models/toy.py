@@ -13,6 +13,7 @@ computation. Use it in a pipeline as::
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -90,27 +91,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_mlp: int):
+    def __init__(self, d_model: int, n_heads: int, d_mlp: int, norms: bool):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        if norms:  # else no module at all: the adapter says there is none
+            self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.norms = norms
         self.attn, self.mlp = Attention(d_model, n_heads), MLP(d_model, d_mlp)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        x = x + self.attn(self.ln1(x), attention_mask)
-        return x + self.mlp(self.ln2(x))
+        x = x + self.attn(self.ln1(x) if self.norms else x, attention_mask)
+        return x + self.mlp(self.ln2(x) if self.norms else x)
 
 
 class ToyTransformer(nn.Module):
     """Token and learned position embeddings, pre-LN blocks, a final norm, an unembedding."""
 
-    def __init__(
-        self, n_layers: int, d_model: int, n_heads: int, d_mlp: int, vocab: int, max_positions: int
-    ):
+    def __init__(self, sizes: dict[str, int], norms: bool):
         super().__init__()
+        d_model, vocab = sizes["d_model"], sizes["vocab"]
         self.embed = nn.Embedding(vocab, d_model)
-        self.pos_embed = nn.Embedding(max_positions, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_mlp) for _ in range(n_layers))
-        self.ln_final = nn.LayerNorm(d_model)
+        self.pos_embed = nn.Embedding(sizes["max_positions"], d_model)
+        self.blocks = nn.ModuleList(
+            Block(d_model, sizes["n_heads"], sizes["d_mlp"], norms)
+            for _ in range(sizes["n_layers"])
+        )
+        self.ln_final = nn.LayerNorm(d_model) if norms else nn.Identity()
         self.unembed = nn.Linear(d_model, vocab)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -122,6 +127,9 @@ class ToyTransformer(nn.Module):
         return self.unembed(self.ln_final(x))
 
 
+NORM_FREE = replace(ADAPTER, arch="toy-no-norms", final_norm=None, ln1=None, ln2=None, norm=None)
+
+
 def build(
     n_layers: int = 2,
     d_model: int = 32,
@@ -129,9 +137,20 @@ def build(
     d_mlp: int = 64,
     vocab: int = 386,
     max_positions: int = 64,
+    norms: bool = True,
 ) -> TorchModel:
-    """The toy transformer of the given sizes, described for ``HookedModel``."""
+    """The toy transformer of the given sizes, described for ``HookedModel``;
+    ``norms=False`` leaves out every LayerNorm (as the grokking model does)."""
     if d_model % n_heads:
         raise ValueError(f"d_model {d_model} is not a multiple of n_heads {n_heads}")
-    module = ToyTransformer(n_layers, d_model, n_heads, d_mlp, vocab, max_positions)
-    return TorchModel(module, ADAPTER, n_heads=n_heads, max_positions=max_positions)
+    sizes = dict(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_mlp=d_mlp,
+        vocab=vocab,
+        max_positions=max_positions,
+    )
+    module = ToyTransformer(sizes, norms)
+    adapter = ADAPTER if norms else NORM_FREE
+    return TorchModel(module, adapter, n_heads=n_heads, max_positions=max_positions)

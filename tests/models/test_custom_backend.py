@@ -257,3 +257,67 @@ def test_a_factory_pipeline_is_refused_before_any_work_on_bad_input(ray_session,
     with pytest.raises(ArrakisError, match="unexpected keyword argument 'nope'"):
         harvest(pipeline_from_dict(raw), tmp_path / "store")
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.parquet"))
+
+
+def test_a_model_without_norms_has_no_ln_final_hooks_and_a_norm_tool_says_why(
+    ray_session, tmp_path
+):
+    bare = build_custom(FACTORY, {**CONFIG, "norms": False}, seed=3)
+    names = bare.hook_names()
+    assert not [n for n in names if n.startswith("ln_final")]
+    with pytest.raises(ArrakisError, match="ln_final.hook_normalized exists only in models with"):
+        bare.resolve_hooks(["ln_final.hook_normalized"])
+    ids = torch.randint(0, CONFIG["vocab"], (2, 5), generator=torch.Generator().manual_seed(4))
+    logits, cache = bare.run_with_cache(ids, hooks=["blocks.1.hook_resid_post", "logits"])
+    resid = cache["blocks.1.hook_resid_post"]
+    torch.testing.assert_close(bare.unembed(bare.ln_final(resid)), logits)  # no norm: identity
+    raw = {
+        "name": "toy-no-norms",
+        "model": {
+            "factory": FACTORY,
+            "config": {**CONFIG, "norms": False},
+            "tokenizer": "zoo:facts-gpt2",
+        },
+        "data": {"path": str(DEMO_DATA), "context_length": 8, "max_documents": 4},
+        "harvest": {
+            "hooks": [
+                "blocks.*.hook_resid_post",
+                "blocks.*.attn.hook_z",
+                "blocks.*.mlp.hook_post",
+                "hook_embed",
+                "hook_pos_embed",
+            ]
+        },
+    }
+    result = harvest(pipeline_from_dict(raw), tmp_path / "store")
+    with pytest.raises(ArrakisError, match="has no final norm") as info:
+        analyze(result.run_dir, "logit_attribution")
+    assert "\n" not in str(info.value)
+
+
+def test_a_live_tool_intervenes_on_a_custom_model(ray_session, tmp_path, toy):
+    """Zero ablation of head 2 in layer 1: the tool's loss equals the manual forward's."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the capital of france is", "answer": "paris"}\n')
+    result = harvest(_pipeline(), tmp_path / "store")
+    analyze(result.run_dir, "ablation", {"prompts": str(prompts), "components": ["L1H2"]})
+    row = pq.read_table(result.run_dir / "results" / "ablation").to_pylist()[0]
+    tokenizer = toy.tokenizer or _facts_tokenizer()
+    ids = tokenizer("the capital of france is paris", add_special_tokens=True)["input_ids"]
+    if ids[0] != tokenizer.bos_token_id:
+        ids = [tokenizer.bos_token_id, *ids]
+    ids = torch.tensor([ids])
+    state = toy.model.state_dict()
+    for logits, key in (
+        (manual_forward(state, ids, zero_head=(1, 2))["logits"], "loss"),
+        (manual_forward(state, ids)["logits"], "base_loss"),
+    ):
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        assert row[key] == pytest.approx(float(loss), rel=1e-4)
+
+
+def _facts_tokenizer():
+    from arrakis_ray.config import ModelConfig
+    from arrakis_ray.harvest.model_source import load_tokenizer
+
+    return load_tokenizer(ModelConfig(zoo="facts-gpt2"))
