@@ -104,9 +104,15 @@ _SHARED: dict[tuple, ModelHolder] = {}  # ModelHolder.shared's one holder
 
 
 def _checkpoint_stamps(model: ModelConfig) -> tuple:
-    """(name, size, mtime_ns) of the files of the model's checkpoint directory, if any."""
+    """(name, size, mtime_ns) of the files of the model's checkpoint directory (or of a
+    custom model's checkpoint file), if any."""
+    from pathlib import Path
+
     from arrakis_ray.harvest.model_source import checkpoint_dir
 
+    if model.checkpoint:
+        file = Path(model.checkpoint).expanduser()
+        return ((file.name, file.stat().st_size, file.stat().st_mtime_ns),)
     directory = checkpoint_dir(model)
     if directory is None:
         return ()

@@ -316,18 +316,18 @@ def induction_scores(
     """layer -> induction score per head, from the live model on repeated random tokens."""
     import torch
 
-    cfg = model.model.config
     tokenizer = model.tokenizer
     if tokenizer is not None:
         special = set(tokenizer.all_special_ids)
         n_tokens = min(model.vocab_size, len(tokenizer))
         bos = tokenizer.bos_token_id
     else:
-        special = {getattr(cfg, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        declared = model.backend.special_ids()
+        special = set(declared.values())
         n_tokens = model.vocab_size
-        bos = getattr(cfg, "bos_token_id", None)
+        bos = declared["bos_token_id"]
     offset = 0 if bos is None else 1
-    context = getattr(cfg, "max_position_embeddings", None)
+    context = model.max_positions
     if context is not None and offset + 2 * seq_len > context:
         raise ToolError(
             f"attention_tools: induction sequences of {offset + 2 * seq_len} tokens exceed "

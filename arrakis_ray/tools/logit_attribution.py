@@ -125,7 +125,7 @@ class LogitAttribution(Tool):
         from arrakis_ray.models.norms import final_norm
         from arrakis_ray.models.weights import unembed_weights
 
-        if getattr(model.model.config, "final_logit_softcapping", None):
+        if model.backend.logit_softcap():
             log.warning(
                 "%s applies final logit softcapping: attributions sum to the logit before it",
                 model.arch,
