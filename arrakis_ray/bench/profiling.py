@@ -214,9 +214,11 @@ def _hooked_modules(model: HookedModel) -> list[tuple[nn.Module, _Timed]]:
     add("embed", get_module(root, a.embed), a.pos_embed and get_module(root, a.pos_embed))
     for layer, block in enumerate(a.layer_modules(root)):
         ln2 = get_module(block, a.ln2) if a.ln2 else None  # None in a parallel stablelm block
-        add(f"blocks.{layer}.attn", get_module(block, a.attn), get_module(block, a.ln1))
+        ln1 = get_module(block, a.ln1) if a.ln1 else None  # None in a model without norms
+        add(f"blocks.{layer}.attn", get_module(block, a.attn), ln1)
         add(f"blocks.{layer}.mlp", get_module(block, a.mlp), ln2)
-    add("ln_final", get_module(root, a.final_norm))
+    if a.final_norm is not None:
+        add("ln_final", get_module(root, a.final_norm))
     add("unembed", get_module(root, a.lm_head))
     return found
 

@@ -13,7 +13,7 @@ kind fails loudly instead of folding the wrong gain.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from arrakis_ray.errors import ToolError
 from arrakis_ray.models.adapters import NormKind, get_module
@@ -36,7 +36,8 @@ class Norm:
     centring, ``scale = sqrt(mean(x^2) + eps)``; gemma's gain is ``1 + weight``.
     """
 
-    kind: NormKind
+    kind: NormKind | Literal["none"]
+    """``none``: a model without this norm; it is the identity (gain 1, scale 1)."""
     eps: float
     gain: Tensor
     """``[d_model]``: what multiplies the normalised input (``1 + weight`` for gemma)."""
@@ -53,6 +54,8 @@ class Norm:
 
     def scale(self, x: Tensor) -> Tensor:
         """The denominator for each vector of ``x [..., d]``."""
+        if self.kind == "none":
+            return x.new_ones(x.shape[:-1])
         c = self.centre(x)
         return (c.pow(2).mean(-1) + self.eps).sqrt()
 
@@ -116,16 +119,24 @@ def _check(norm: Norm, module: nn.Module, model: HookedModel, name: str) -> None
         )
 
 
+def identity_norm(model: HookedModel) -> Norm:
+    """What a model without a norm has in its place: ``x`` itself."""
+    import torch
+
+    return Norm("none", 0.0, torch.ones(model.d_model), None).to(model.device)
+
+
 def final_norm(model: HookedModel) -> Norm:
-    """The norm in front of the unembedding (``ln_final``)."""
+    """The norm in front of the unembedding (``ln_final``; the identity without one)."""
     if model.adapter.final_norm is None:
-        raise ToolError(f"this {model.arch} model has no final norm (ln_final)")
+        return identity_norm(model)
     return read_norm(model, get_module(model.model, model.adapter.final_norm), "final norm")
 
 
 def ln1_norm(model: HookedModel, layer: int) -> Norm:
-    """The norm in front of ``layer``'s attention (ln1): what the heads read through."""
+    """The norm in front of ``layer``'s attention (ln1): what the heads read through (the
+    identity in a model without norms)."""
     if model.adapter.ln1 is None:
-        raise ToolError(f"this {model.arch} model has no norm in front of its attention (ln1)")
+        return identity_norm(model)
     module = model.adapter.sub(model.model, layer, model.adapter.ln1)
     return read_norm(model, module, f"layer {layer} ln1")

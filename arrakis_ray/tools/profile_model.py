@@ -130,7 +130,7 @@ class ProfileModel(Tool):
                 params[m.kind],
                 flops[m.kind],
                 memory[m.name],
-                seconds[m.name],
+                seconds.get(m.name, 0.0),  # no final norm: no time
             )
             for m in modules
         ]
@@ -176,6 +176,9 @@ def parameter_counts(meta: HookedModel) -> dict[str, int]:
     a, root = meta.adapter, meta.model
     seen: set[int] = set()
 
+    def at(base: nn.Module, path: str | None) -> nn.Module | None:
+        return None if path is None else get_module(base, path)  # a model without norms
+
     def count(*modules: nn.Module | None) -> int:
         total = 0
         for module in modules:
@@ -185,15 +188,15 @@ def parameter_counts(meta: HookedModel) -> dict[str, int]:
                     total += param.numel()
         return total
 
-    embed = count(get_module(root, a.embed), a.pos_embed and get_module(root, a.pos_embed))
+    embed = count(get_module(root, a.embed), at(root, a.pos_embed))
     block = a.layer_modules(root)[0]
-    attn = count(get_module(block, a.ln1), get_module(block, a.attn))
+    attn = count(at(block, a.ln1), get_module(block, a.attn))
     mlp = count(block)  # what is left of the block: ln2, the mlp (and any other norm)
     return {
         "embed": embed,
         "attn": attn,
         "mlp": mlp,
-        "norm": count(get_module(root, a.final_norm)),
+        "norm": count(at(root, a.final_norm)),
         "unembed": count(get_module(root, a.lm_head)),
     }
 
@@ -270,9 +273,13 @@ LOGITS_READY = "logits"
 is read-only, and a probe runs as an intervention)."""
 
 
-def intervals(stages: list[tuple[int, int]], n_layers: int) -> list[tuple[str, str, str]]:
+def intervals(
+    stages: list[tuple[int, int]], n_layers: int, final_norm: bool = True
+) -> list[tuple[str, str, str]]:
     """(module, stamp where its time starts, stamp where it ends) in forward order; both
-    stamps of a module are taken by the stage that runs it."""
+    stamps of a module are taken by the stage that runs it. Without a final norm (a
+    custom model may have none) its time is nil and the unembedding starts at the last
+    block's output."""
     starts = {start for start, _ in stages}
     spans = [("embed", "hook_embed", "blocks.0.hook_resid_pre")]
     for layer in range(n_layers):
@@ -288,6 +295,8 @@ def intervals(stages: list[tuple[int, int]], n_layers: int) -> list[tuple[str, s
             (f"blocks.{layer}.mlp", attn_out, f"blocks.{layer}.hook_resid_post"),
         ]
     last = f"blocks.{n_layers - 1}.hook_resid_post"
+    if not final_norm:
+        return spans + [("unembed", last, LOGITS_READY)]
     return spans + [
         ("ln_final", last, "ln_final.hook_normalized"),
         ("unembed", "ln_final.hook_normalized", LOGITS_READY),
@@ -318,7 +327,7 @@ def time_modules(
     stage that runs it."""
     import torch
 
-    spans = intervals(model.stages, model.n_layers)
+    spans = intervals(model.stages, model.n_layers, model.meta.adapter.final_norm is not None)
     hooks = {hook for _, *bounds in spans for hook in bounds} - {LOGITS_READY}
     probes = {hook: stamp for hook in hooks}
     generator = torch.Generator().manual_seed(0)

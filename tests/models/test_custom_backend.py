@@ -259,40 +259,58 @@ def test_a_factory_pipeline_is_refused_before_any_work_on_bad_input(ray_session,
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.parquet"))
 
 
-def test_a_model_without_norms_has_no_ln_final_hooks_and_a_norm_tool_says_why(
+def test_a_model_without_norms_has_no_ln_final_hooks_and_norm_tools_use_the_identity(
     ray_session, tmp_path
 ):
+    """No LayerNorm at all (as in the grokking model): no ``ln_final.*`` hook points, and
+    direct logit attribution reads the identity in the final norm's place, so the
+    components still sum to the logit (less the unembedding bias)."""
     bare = build_custom(FACTORY, {**CONFIG, "norms": False}, seed=3)
-    names = bare.hook_names()
-    assert not [n for n in names if n.startswith("ln_final")]
+    assert not [n for n in bare.hook_names() if n.startswith("ln_final")]
     with pytest.raises(ArrakisError, match="ln_final.hook_normalized exists only in models with"):
         bare.resolve_hooks(["ln_final.hook_normalized"])
-    ids = torch.randint(0, CONFIG["vocab"], (2, 5), generator=torch.Generator().manual_seed(4))
-    logits, cache = bare.run_with_cache(ids, hooks=["blocks.1.hook_resid_post", "logits"])
-    resid = cache["blocks.1.hook_resid_post"]
-    torch.testing.assert_close(bare.unembed(bare.ln_final(resid)), logits)  # no norm: identity
     raw = {
         "name": "toy-no-norms",
         "model": {
             "factory": FACTORY,
             "config": {**CONFIG, "norms": False},
             "tokenizer": "zoo:facts-gpt2",
+            "seed": 3,
         },
         "data": {"path": str(DEMO_DATA), "context_length": 8, "max_documents": 4},
         "harvest": {
             "hooks": [
+                "hook_*",
                 "blocks.*.hook_resid_post",
                 "blocks.*.attn.hook_z",
-                "blocks.*.mlp.hook_post",
-                "hook_embed",
-                "hook_pos_embed",
-            ]
+                "blocks.*.hook_mlp_out",
+                "blocks.*.hook_attn_out",
+            ],
+            "storage_dtype": "float32",
         },
     }
     result = harvest(pipeline_from_dict(raw), tmp_path / "store")
-    with pytest.raises(ArrakisError, match="has no final norm") as info:
-        analyze(result.run_dir, "logit_attribution")
-    assert "\n" not in str(info.value)
+    analyze(result.run_dir, "logit_attribution")
+    table = pq.read_table(result.run_dir / "results" / "logit_attribution").to_pylist()
+    totals: dict[tuple[int, int, int], float] = {}
+    for row in table:
+        key = (row["seq_id"], row["pos"], row["target_token_id"])
+        totals[key] = totals.get(key, 0.0) + row["contribution"]
+    seqs = _stored_sequences(result.run_dir)
+    bias = bare.model.unembed.bias
+    for (seq, pos, target), total in list(totals.items())[:12]:
+        logits, _ = bare.run_with_cache(torch.tensor(seqs[seq])[None])
+        want = float(logits[0, pos, target] - bias[target])
+        assert total == pytest.approx(want, rel=1e-4, abs=1e-4)
+    # the live profile has no final norm to time or count
+    analyze(result.run_dir, "profile_model", {"repeats": 1, "warmup": 0})
+    profile = pq.read_table(result.run_dir / "results" / "profile_model").to_pylist()
+    by_module = {row["module"]: row for row in profile}
+    assert by_module["ln_final"]["params"] == 0
+    assert by_module["ln_final"]["seconds_per_forward"] == 0.0
+    block = bare.model.blocks[0]
+    assert by_module["blocks.0.attn"]["params"] == sum(p.numel() for p in block.attn.parameters())
+    assert by_module["blocks.0.mlp"]["params"] == sum(p.numel() for p in block.mlp.parameters())
 
 
 def test_a_live_tool_intervenes_on_a_custom_model(ray_session, tmp_path, toy):
