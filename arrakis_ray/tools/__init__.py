@@ -12,10 +12,13 @@ from arrakis_ray.store.reader import RunReader
 from arrakis_ray.tools.ablation import Ablation
 from arrakis_ray.tools.activation_patching import ActivationPatching
 from arrakis_ray.tools.attention_head_composition import AttentionHeadComposition
+from arrakis_ray.tools.attention_to_equals import AttentionToEquals
 from arrakis_ray.tools.attention_tools import AttentionTools
 from arrakis_ray.tools.attribution_patching import AttributionPatching
 from arrakis_ray.tools.base import ShardInputs, Tool
 from arrakis_ray.tools.causal_tracing import CausalTracing
+from arrakis_ray.tools.fourier_embedding import FourierEmbedding
+from arrakis_ray.tools.fourier_neurons import FourierNeurons
 from arrakis_ray.tools.knowledge_graph import KnowledgeGraphExtractor
 from arrakis_ray.tools.knowledge_prober import KnowledgeProber
 from arrakis_ray.tools.logit_attribution import LogitAttribution
@@ -23,11 +26,13 @@ from arrakis_ray.tools.logit_lens import LogitLens
 from arrakis_ray.tools.model_surgery import ModelSurgery
 from arrakis_ray.tools.neuron_dashboard import NeuronDashboard
 from arrakis_ray.tools.profile_model import ProfileModel
+from arrakis_ray.tools.progress_measures import ProgressMeasures
 from arrakis_ray.tools.read_write_heads import ReadWriteHeads
 from arrakis_ray.tools.residual_decomposition import ResidualDecomposition
 from arrakis_ray.tools.residual_tools import ResidualTools
 from arrakis_ray.tools.sparsity_analyzer import SparsityAnalyzer
 from arrakis_ray.tools.superposition_disentangler import SuperpositionDisentangler
+from arrakis_ray.tools.training_curves import TrainingCurves
 
 TOOLS: dict[str, type[Tool]] = {
     cls.name: cls
@@ -43,6 +48,13 @@ TOOLS: dict[str, type[Tool]] = {
         SuperpositionDisentangler,
         KnowledgeProber,
         NeuronDashboard,
+        # training history shipped with a checkpoint (no activations, no weights)
+        TrainingCurves,
+        # modular arithmetic (the grokking study): Fourier views of the model
+        FourierEmbedding,
+        FourierNeurons,
+        AttentionToEquals,
+        ProgressMeasures,
         # live: they run the model again (arrakis_ray.live)
         ActivationPatching,
         AttributionPatching,
@@ -53,6 +65,18 @@ TOOLS: dict[str, type[Tool]] = {
         ProfileModel,
     )
 }
+
+STUDY_TOOLS: frozenset[str] = frozenset(
+    {
+        "training_curves",
+        "fourier_embedding",
+        "fourier_neurons",
+        "attention_to_equals",
+        "progress_measures",
+    }
+)
+"""Built-in tools that need a study's inputs (a curves file shipped with a checkpoint, a
+modular-arithmetic model on all its input pairs), so the demo pipeline cannot run them."""
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -74,4 +98,4 @@ def register_tool(cls: type[Tool]) -> type[Tool]:
     return cls
 
 
-__all__ = ["TOOLS", "RunReader", "ShardInputs", "Tool", "register_tool"]
+__all__ = ["STUDY_TOOLS", "TOOLS", "RunReader", "ShardInputs", "Tool", "register_tool"]

@@ -16,7 +16,7 @@ from support import REPO, pipeline_dict
 from arrakis_ray.config import load_pipeline, pipeline_from_dict
 from arrakis_ray.harvest.driver import harvest
 from arrakis_ray.store.reader import RunReader
-from arrakis_ray.tools import TOOLS
+from arrakis_ray.tools import STUDY_TOOLS, TOOLS
 from arrakis_ray.tools.runner import analyze, tool_class
 
 DEMO_HOOKS = list(load_pipeline(REPO / "pipelines" / "demo.yaml").harvest.hooks)
@@ -50,7 +50,8 @@ def two_runs(ray_session, tmp_path_factory):
 
 def test_the_demo_runs_every_registered_tool():
     built_in = {n for n, c in TOOLS.items() if c.__module__.startswith("arrakis_ray.tools.")}
-    assert {name for name, _ in EVERY_DEMO_TOOL} == built_in
+    # the studies' tools need their own inputs (a curves file, all p^2 modular pairs)
+    assert {name for name, _ in EVERY_DEMO_TOOL} == built_in - STUDY_TOOLS
 
 
 @pytest.mark.parametrize(("tool", "params"), DEMO_TOOLS, ids=[t for t, _ in DEMO_TOOLS])
