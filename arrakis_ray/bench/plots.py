@@ -263,7 +263,6 @@ def first_sequence(model: HookedModel, input_ids: Any) -> tuple[torch.Tensor, in
     ``input_ids``: a tensor, array or list, ``(batch, pos)`` or ``(pos,)``."""
     import torch
 
-
     if input_ids is None:
         raise ToolError("plot_results: input_ids is required (a (batch, pos) list or tensor)")
     try:
