@@ -144,6 +144,25 @@ def _has_module(root: nn.Module, path: str) -> bool:
     return True
 
 
+def causal_softmax(scores: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """The attention pattern from raw scores ``[b, head, q_pos, k_pos]``: a softmax over
+    the keys a query may see. Keys after the query are masked, and so are padding keys
+    (``attention_mask [b, k_pos]``, 0 = padding). Queries and keys are aligned at the end
+    (query ``i`` sits at position ``k_pos - q_pos + i``). A query that sees no key at all (a
+    padding query in front) gets a row of zeros, not NaNs, which would otherwise reach real
+    tokens through ``0 * NaN``. For custom models' attention (the contract asks them to
+    honour the mask)."""
+    import torch
+
+    q_pos, k_pos = scores.shape[-2:]
+    rows = torch.arange(q_pos, device=scores.device)[:, None] + (k_pos - q_pos)
+    allowed = (torch.arange(k_pos, device=scores.device)[None, :] <= rows)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    pattern = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return torch.where(allowed.any(-1, keepdim=True), pattern, torch.zeros_like(pattern))
+
+
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` file or a torch ``.pt`` state dict."""
     import torch

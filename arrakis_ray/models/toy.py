@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from arrakis_ray.models.adapters import Adapter
-from arrakis_ray.models.custom import TorchModel
+from arrakis_ray.models.custom import TorchModel, causal_softmax
 
 ADAPTER = Adapter(
     arch="toy",
@@ -45,20 +45,6 @@ ADAPTER = Adapter(
 )
 
 
-def causal_pattern(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over keys of ``scores [b, h, q, k]``; keys after the query, and padding
-    keys (``attention_mask [b, k]`` 0), get no weight. Padding takes the dtype's lowest
-    value rather than -inf, so a padding query (every key it sees is padding) gets a
-    finite pattern instead of NaNs that would reach real tokens through 0 * NaN."""
-    q_len, k_len = scores.shape[-2:]
-    future = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
-    if attention_mask is not None:
-        padding = attention_mask[:, None, None, :] == 0
-        scores = scores.masked_fill(padding, torch.finfo(scores.dtype).min)
-    return scores.softmax(-1)
-
-
 class Attention(nn.Module):
     """Scaled dot-product attention; the pattern passes through ``hook_pattern``."""
 
@@ -76,7 +62,7 @@ class Attention(nn.Module):
             for f in (self.q, self.k, self.v)
         )
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
-        pattern = self.hook_pattern(causal_pattern(scores, attention_mask))
+        pattern = self.hook_pattern(causal_softmax(scores, attention_mask))
         z = (pattern @ v).transpose(1, 2).reshape(b, p, -1)  # heads side by side
         return self.o(z)
 

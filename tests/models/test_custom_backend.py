@@ -149,7 +149,7 @@ def test_a_checkpoint_loads_and_the_fingerprint_follows_the_weights(tmp_path, to
         ("arrakis_ray.models.toy", {}, "write it as 'package.module:function'"),
         ("arrakis_ray.no_such:build", {}, "cannot import arrakis_ray.no_such"),
         ("arrakis_ray.models.toy:nothing", {}, "has no function nothing"),
-        ("arrakis_ray.models.toy:causal_pattern", {}, "model.config for"),
+        ("arrakis_ray.models.custom:causal_softmax", {}, "model.config for"),
         (FACTORY, {"n_layer": 2}, "unexpected keyword argument 'n_layer'"),
     ],
 )

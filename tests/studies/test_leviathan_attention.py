@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from arrakis_ray.models.custom import causal_softmax
 from arrakis_ray.studies.leviathan.attention import (
     CausalSelfAttention,
     correlation_scores,
     lag_matrix,
-    masked_softmax,
 )
 
 B, H, P, D = 2, 3, 5, 6
@@ -61,7 +61,7 @@ def test_lag_matrix_is_the_banded_toeplitz_of_the_weights():
 def test_lag_zero_is_scaled_dot_product_attention_exactly():
     q, k, v = _qkv(1)
     w = torch.ones(H, 1, dtype=torch.float64)
-    ours = masked_softmax(correlation_scores(q, k, w)) @ v
+    ours = causal_softmax(correlation_scores(q, k, w)) @ v
     causal = torch.ones(P, P, dtype=torch.bool).tril()
     manual = (
         torch.softmax((q @ k.transpose(-1, -2) / math.sqrt(D)).masked_fill(~causal, -math.inf), -1)
@@ -74,7 +74,7 @@ def test_lag_zero_is_scaled_dot_product_attention_exactly():
     w_wide = torch.zeros(H, 9, dtype=torch.float64)
     w_wide[:, 4] = 1.0
     torch.testing.assert_close(
-        masked_softmax(correlation_scores(q, k, w_wide)) @ v, manual, rtol=0, atol=1e-12
+        causal_softmax(correlation_scores(q, k, w_wide)) @ v, manual, rtol=0, atol=1e-12
     )
 
 
@@ -83,7 +83,7 @@ def test_gradcheck_in_float64():
     w = torch.randn(H, 5, dtype=torch.float64, requires_grad=True)
 
     def attend(q, k, v, w):
-        return masked_softmax(correlation_scores(q, k, w)) @ v
+        return causal_softmax(correlation_scores(q, k, w)) @ v
 
     assert torch.autograd.gradcheck(attend, (q, k, v, w))
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from arrakis_ray.models.custom import build_custom
-from arrakis_ray.studies.leviathan.attention import correlation_scores, dot_scores, masked_softmax
+from arrakis_ray.models.custom import build_custom, causal_softmax
+from arrakis_ray.studies.leviathan.attention import correlation_scores, dot_scores
 from arrakis_ray.studies.leviathan.model import build, parameter_count
 from arrakis_ray.studies.leviathan.train import DEFAULT_EXCERPT, DEFAULT_OUT, KINDS
 
@@ -64,7 +64,7 @@ def test_the_hooked_pattern_is_the_attention_computed_from_the_weights(shipped):
             scores = correlation_scores(q, k, state[f"blocks.{layer}.attn.lag_weights"])
         else:
             scores = dot_scores(q, k)
-        want = masked_softmax(scores)
+        want = causal_softmax(scores)
         torch.testing.assert_close(
             cache[f"blocks.{layer}.attn.hook_pattern"], want, rtol=1e-5, atol=1e-6
         )

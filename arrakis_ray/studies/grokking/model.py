@@ -21,6 +21,8 @@ import math
 import torch
 from torch import nn
 
+from arrakis_ray.models.custom import causal_softmax
+
 P = 113
 """The modulus: the numbers are 0..112."""
 
@@ -45,12 +47,7 @@ class Attention(nn.Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)  # [b, head, q_pos, k_pos]
         n = x.shape[1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        allowed = causal[None, None]
-        if attention_mask is not None:  # 0 marks a padding key
-            allowed = allowed & attention_mask.bool()[:, None, None, :]
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        pattern = self.hook_pattern(scores.softmax(dim=-1))
+        pattern = self.hook_pattern(causal_softmax(scores, attention_mask))
         z = (pattern @ v).transpose(1, 2).reshape(x.shape[0], n, -1)  # [b, pos, head*d_head]
         return self.o(z)
 

@@ -36,6 +36,8 @@ import math
 import torch
 from torch import nn
 
+from arrakis_ray.models.custom import causal_softmax
+
 
 def lag_matrix(lag_weights: torch.Tensor, d_head: int) -> torch.Tensor:
     """The banded Toeplitz matrices ``T [H, d, d]``, ``T[h, m, c] = w[h, m - c + L]``.
@@ -62,26 +64,6 @@ def correlation_scores(q: torch.Tensor, k: torch.Tensor, lag_weights: torch.Tens
 def dot_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Unmasked scaled dot-product scores ``[b, H, p_q, p_k]``."""
     return q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-
-
-def masked_softmax(
-    scores: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Causal softmax over keys; ``attention_mask [b, p_k]`` (0 = padding) masks keys too.
-
-    Queries and keys are aligned at the end (query ``i`` is position ``p_k - p_q + i``).
-    A query whose every key is masked (a padding query in front) gets an all-zero row.
-    """
-    p_q, p_k = scores.shape[-2:]
-    rows = torch.arange(p_q, device=scores.device)[:, None] + (p_k - p_q)
-    allowed = torch.arange(p_k, device=scores.device)[None, :] <= rows  # [p_q, p_k]
-    allowed = allowed[None, None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :].bool()
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    pattern = torch.softmax(scores, dim=-1)
-    # rows with no allowed key are NaN after the softmax: make them zero
-    return torch.where(allowed.any(-1, keepdim=True), pattern, torch.zeros_like(pattern))
 
 
 class CausalSelfAttention(nn.Module):
@@ -122,7 +104,7 @@ class CausalSelfAttention(nn.Module):
             scores = correlation_scores(q, k, self.lag_weights)
         else:
             scores = dot_scores(q, k)
-        pattern = self.hook_pattern(masked_softmax(scores, attention_mask))
+        pattern = self.hook_pattern(causal_softmax(scores, attention_mask))
         z = pattern @ v  # [b, H, p, d_head]
         return self.o(z.transpose(1, 2).reshape(b, p, self.n_heads * self.d_head))
 
