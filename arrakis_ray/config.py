@@ -228,7 +228,7 @@ def resolve_prompts(step: Any, base: Path) -> Any:
     resolved = dict(params)
     for name in FILE_PARAMS:
         value = params.get(name)
-        if isinstance(value, str) and not Path(value).is_absolute():
+        if isinstance(value, str) and not Path(value).is_absolute() and "://" not in value:
             resolved[name] = str((base / value).resolve())
     return step if resolved == params else {**step, "params": resolved}
 
@@ -239,8 +239,8 @@ def resolve_model_paths(model: dict, base: Path) -> dict:
     resolved = dict(model)
     for name in ("checkpoint", "tokenizer"):
         value = model.get(name)
-        if isinstance(value, str) and not value.startswith("zoo:") and value:
-            if not Path(value).expanduser().is_absolute():
+        if isinstance(value, str) and not value.startswith("zoo:") and "://" not in value:
+            if value and not Path(value).expanduser().is_absolute():
                 resolved[name] = str((base / value).resolve())
     return resolved
 

@@ -117,3 +117,8 @@ def study_page(store: str, sweep_id: str, out: Path) -> None:
             f"WHERE sweep_id = '{sweep_id}' ORDER BY checkpoint"
         ).rows()
     out.write_text(json.dumps([list(r) for r in rows]))
+
+
+def failing_study_page(store: str, sweep_id: str, out: Path) -> None:
+    """A study report that finds nothing to draw (as a report of a wrong store would)."""
+    raise ValueError(f"sweep {sweep_id}: no completed run of the final checkpoint")

@@ -136,6 +136,8 @@ def model_facts(cfg: ModelConfig, source: str) -> ModelFacts:
         )
 
     key = {"model": to_dict(cfg), "files": dir_stamps(checkpoint_dir(cfg))}
+    if cfg.factory:  # the shape is what the factory's code builds
+        key["code"] = factory_code_stamp(cfg.factory)
     return cached("model", key, compute, parse)
 
 
@@ -190,16 +192,29 @@ def _hex64(value: str) -> str:
 
 
 def _factory_fingerprint(cfg: ModelConfig, _key: dict) -> str:
-    """A factory model's fingerprint as ``models.load.model_fingerprint`` computes it on
-    the loaded model: its factory, config and state dict (built under the seed when no
-    checkpoint is given: then the factory's code decides the weights)."""
-    from arrakis_ray.models.load import model_fingerprint as of_model
+    """A factory model's fingerprint, as ``models.load.model_fingerprint`` computes it on
+    the loaded model: its factory, config and state dict. With a checkpoint the state
+    dict is read from the file (cast to the model's dtype, as loading does), without
+    building the model; a random-init model is built under its seed, since then the
+    factory's code decides the weights."""
+    from arrakis_ray.models import load
+    from arrakis_ray.models.custom import read_checkpoint
 
-    return of_model(load_model(cfg, device="cpu"))
+    if not cfg.checkpoint:
+        return load.model_fingerprint(load_model(cfg, device="cpu"))
+    dtype = load.torch_dtype(cfg.dtype)
+    state = {
+        name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+        for name, tensor in read_checkpoint(cfg.checkpoint).items()
+    }
+    described = {"factory": cfg.factory, "config": dict(cfg.config)}
+    return load.state_fingerprint(described, state)
 
 
 def factory_code_stamp(factory: str) -> str | None:
-    """sha256 of the source file of a factory's module (found without importing it)."""
+    """sha256 of the Python files beside a factory's module (its module and the modules
+    it most likely builds from, such as a sibling ``attention.py``), located by
+    ``importlib.util.find_spec`` (which imports the parent packages, not the module)."""
     import importlib.util
 
     module_name = factory.partition(":")[0]
@@ -210,7 +225,10 @@ def factory_code_stamp(factory: str) -> str | None:
     origin = getattr(spec, "origin", None)
     if not origin or not Path(origin).is_file():
         return None
-    return hashlib.sha256(Path(origin).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(Path(origin).parent.glob("*.py")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 @lru_cache(maxsize=64)

@@ -250,12 +250,7 @@ def model_source_fingerprint(cfg: ModelConfig) -> str:
     """sha256 of what determines the weights: checkpoint bytes, or config + seed."""
     digest = hashlib.sha256()
     path = checkpoint_dir(cfg)
-    if cfg.factory and cfg.checkpoint:  # the factory's code is stamped by the facts cache
-        digest.update(json.dumps(to_dict(cfg), sort_keys=True).encode())
-        with open(Path(cfg.checkpoint).expanduser(), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    elif path is None:
+    if path is None:
         digest.update(json.dumps(to_dict(cfg), sort_keys=True).encode())
     else:
         for file in sorted(p for p in path.rglob("*") if p.is_file()):

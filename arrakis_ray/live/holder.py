@@ -104,15 +104,20 @@ _SHARED: dict[tuple, ModelHolder] = {}  # ModelHolder.shared's one holder
 
 
 def _checkpoint_stamps(model: ModelConfig) -> tuple:
-    """(name, size, mtime_ns) of the files of the model's checkpoint directory (or of a
-    custom model's checkpoint file), if any."""
+    """(name, size, mtime_ns) of the files of the model's checkpoint directory; for a
+    custom model, its code's stamp and its checkpoint file's."""
     from pathlib import Path
 
     from arrakis_ray.harvest.model_source import checkpoint_dir
 
-    if model.checkpoint:
-        file = Path(model.checkpoint).expanduser()
-        return ((file.name, file.stat().st_size, file.stat().st_mtime_ns),)
+    if model.factory:  # the checkpoint file (if any) and the code that builds the model
+        from arrakis_ray.harvest.facts_cache import factory_code_stamp
+
+        stamps: tuple = (factory_code_stamp(model.factory),)
+        file = Path(model.checkpoint or "").expanduser()
+        if model.checkpoint and file.is_file():  # a missing one: loading says so
+            stamps += ((file.name, file.stat().st_size, file.stat().st_mtime_ns),)
+        return stamps
     directory = checkpoint_dir(model)
     if directory is None:
         return ()

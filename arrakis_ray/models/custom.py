@@ -87,6 +87,11 @@ def make_torch_model(factory: str, config: Mapping[str, Any]) -> TorchModel:
         built = fn(**config)
     except TypeError as exc:  # an unknown or missing keyword argument
         raise ModelLoadError(f"model.config for {factory}: {exc}") from None
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # a value the factory refuses (sizes that do not divide, ...)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelLoadError(f"model.factory {factory}: {type(exc).__name__}: {text}") from None
     if not isinstance(built, TorchModel):
         raise ModelLoadError(
             f"model.factory {factory!r} returned {type(built).__name__}, not a TorchModel"

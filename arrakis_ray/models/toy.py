@@ -1,7 +1,7 @@
 """A hand-written pre-LayerNorm transformer: the example of a custom model.
 
 Nothing here comes from a model library: it shows the contract of ``models/custom.py``
-in about a hundred lines, and the tests check every hook point of it against a manual
+in about 150 lines, and the tests check every hook point of it against a manual
 computation. Use it in a pipeline as::
 
     model:

@@ -153,6 +153,8 @@ def check_working_dir(sweep, working_dir: str | os.PathLike) -> Path:
             continue
         if item.what == "model.path":
             _check_checkpoint(item, root)
+        if item.what == "model.checkpoint" and item.path.is_file():
+            _check_size(item)
         if not path.is_relative_to(root):
             raise ClusterError(
                 f"--working-dir {root} does not hold {path} ({item.what} of the sweep "
@@ -181,10 +183,15 @@ def _check_checkpoint(item: JobInput, root: Path) -> None:
             f"directory), but the job would read {there} (relative to the working dir): "
             f"submit from {root}, or give model.path as an absolute path every node sees"
         )
+    _check_size(item)
+
+
+def _check_size(item: JobInput) -> None:
+    """A checkpoint uploaded with a job must fit in Ray's working-dir upload."""
     size = tree_bytes(item.path)
     if size > MAX_CHECKPOINT_BYTES:
         raise ClusterError(
-            f"model.path {item.path}: {size / 2**20:.0f} MiB, over the "
+            f"{item.what} {item.path}: {size / 2**20:.0f} MiB, over the "
             f"{MAX_CHECKPOINT_BYTES >> 20} MiB uploaded with a job: put it on a shared file "
             "system and give its absolute path"
         )

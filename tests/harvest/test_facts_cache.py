@@ -249,3 +249,33 @@ def test_a_second_dry_run_imports_neither_torch_nor_transformers(tmp_path):
     assert warm == {"torch": False, "transformers": False}
     assert second == first
     assert "1000 points: 1000 distinct" in first
+
+
+FACTORY_SOURCE = """
+from arrakis_ray.models.toy import build as toy_build
+
+def build(**config):
+    return toy_build(n_layers={n_layers}, d_model=16, n_heads=2, d_mlp=32)
+"""
+
+
+def test_a_factory_model_is_learned_again_when_its_code_changes(tmp_path, monkeypatch, cache):
+    """A custom model's shape and fingerprint come from its factory's code: an edit to it
+    (or to a module beside it) is a new model, never the cached facts of the old one."""
+    from arrakis_ray.config import ModelConfig
+
+    package = tmp_path / "my_models"
+    package.mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = ModelConfig(factory="my_models.net:build", tokenizer="zoo:facts-gpt2")
+    seen = []
+    for n_layers in (2, 3):
+        (package / "net.py").write_text(FACTORY_SOURCE.format(n_layers=n_layers))
+        sys.modules.pop("my_models.net", None)  # as a new process would import it
+        sys.modules.pop("my_models", None)
+        fresh_process(monkeypatch)
+        facts = facts_cache.model_facts(model, SOURCE)
+        seen.append((facts.shape.n_layers, facts_cache.model_fingerprint(model)))
+    assert [n for n, _ in seen] == [2, 3]
+    assert seen[0][1] != seen[1][1]
+    assert entries(cache, "model")  # both kept on disk, under different keys

@@ -78,3 +78,15 @@ def test_a_study_report_that_does_not_exist_is_refused_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match="study.yaml: report: support has no function"):
         load_sweep(study)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_report_that_fails_says_so_in_one_line_and_keeps_the_runs(ray_session, tmp_path, capsys):
+    study, _ = _study(tmp_path, "support:failing_study_page")
+    store = tmp_path / "store"
+    assert main(["run", str(study), "--store", str(store)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"arrakis-ray: error: {study}: report support:failing_study_page:")
+    assert "no completed run of the final checkpoint" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    runs = [p for p in (store / "runs").iterdir() if not p.name.startswith(".")]
+    assert len(runs) == 2  # the sweep's runs stay
