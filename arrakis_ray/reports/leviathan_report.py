@@ -9,7 +9,8 @@
 - ``results_logit_lens``: each character's predicted probability on the validation
   excerpt (the last layer gives the excerpt's bpc, earlier layers the logit lens');
 - ``results_residual_layers``: the residual norm and movement per layer;
-- ``results_attention_head_scores``: per-head entropy, previous-token and induction scores;
+- ``results_attention_head_scores``: per-head entropy, previous-token and duplicate-token
+  scores;
 - ``act_attn_pattern``: the patterns of one window, for both models side by side;
 - ``runs.manifest``: the correlation run's checkpoint, whose learned lag weights are shown
   (the one thing not in the store's tables: they are weights, not activations).
@@ -31,13 +32,14 @@ from typing import Any
 from arrakis_ray.reports.html import write_report as write_html
 from arrakis_ray.reports.site_pages import sql_text
 from arrakis_ray.store.catalog import Store
+from arrakis_ray.sweeps.study import point_results_sql, points_sql
 
 log = logging.getLogger(__name__)
 
 LAST_EVALS = 5  # evaluations averaged for the verdict
 EQUAL_WITHIN = 0.01  # relative bpc difference under which the two models are "equal"
 PATTERN_POSITIONS = 32  # query and key positions of the window shown
-ATTENTION = '"model.config.attention"'  # the params field that tells the models apart
+ATTENTION_PARAM = "model.config.attention"  # the swept parameter that tells the models apart
 
 
 @dataclass(frozen=True)
@@ -124,20 +126,12 @@ def write_report(store: str, sweep_id: str, out: Path) -> None:
 
 def _points(sweep_id: str) -> str:
     """SQL CTE ``points``: each completed point's attention kind, run and tool variants."""
-    return (
-        f"WITH points AS (SELECT params.{ATTENTION} AS attention, run_id, variants "
-        f"FROM sweep_runs WHERE sweep_id = {sql_text(sweep_id)} "
-        "AND status IN ('complete', 'skipped')) "
-    )
+    return points_sql(sweep_id, ATTENTION_PARAM, "attention")
 
 
 def _results(tool: str, view: str, columns: str, sweep_id: str, where: str = "") -> str:
     """The rows of a point's own call of ``tool`` in ``view``, with its attention kind."""
-    return (
-        f"{_points(sweep_id)}SELECT p.attention, {columns} FROM {view} r JOIN points p "
-        f"ON r.run_id = p.run_id AND r.variant IS NOT DISTINCT FROM p.variants[{sql_text(tool)}] "
-        f"{where}"
-    )
+    return point_results_sql(sweep_id, ATTENTION_PARAM, "attention", tool, view, columns, where)
 
 
 def _runs(db: Store, sweep_id: str) -> dict[str, str]:
@@ -229,7 +223,7 @@ def _lag_chart(lags):
         alt.Chart(lags.to_pandas())
         .mark_rect()
         .encode(
-            x=alt.X("lag:O", title="lag l (key index minus query index)"),
+            x=alt.X("lag:O", title="lag l (key dimension minus query dimension, within a head)"),
             y=alt.Y("head:O"),
             color=alt.Color("weight:Q", scale=alt.Scale(scheme="redblue", domainMid=0)),
             column=alt.Column("layer:O", title="layer"),
@@ -250,9 +244,8 @@ def _lag_note(lags) -> str:
         f"<p>Learned lags: {100 * at_zero.abs().sum() / total:.0f} % of the lag weights' "
         f"absolute mass sits at lag 0, whose weight (a per-head inverse temperature) ranges "
         f"{at_zero.min():.2f} to {at_zero.max():.2f}; the largest off-zero lag weight is "
-        f"{lags.filter(pl.col('lag') != 0)['weight'].abs().max():.3f}. Both models start "
-        "from the same weights and see the same batches, so where the lags stay near "
-        "lag 0 the two models' patterns stay alike.</p>"
+        f"{lags.filter(pl.col('lag') != 0)['weight'].abs().max():.3f}. The lag weights "
+        "start at lag 0 only (weight 1), which is dot-product attention.</p>"
     )
 
 

@@ -13,10 +13,16 @@ import pytest
 
 from arrakis_ray.cli import main
 from arrakis_ray.reports.browser import render_in_browser
-from arrakis_ray.reports.leviathan_report import EQUAL_WITHIN, LAST_EVALS, verdict_from_curves
+from arrakis_ray.reports.leviathan_report import (
+    EQUAL_WITHIN,
+    LAST_EVALS,
+    verdict_from_curves,
+    write_report,
+)
 from arrakis_ray.resources import data_dir
 from arrakis_ray.store.catalog import Store
 from arrakis_ray.studies.leviathan.train import DEFAULT_OUT, KINDS
+from arrakis_ray.tools.runner import analyze
 
 STUDY = data_dir("pipelines") / "studies" / "leviathan.yaml"
 
@@ -97,8 +103,10 @@ def test_the_harvest_gives_each_models_bpc_on_the_excerpt_and_their_patterns(stu
     with Store(study_store) as db:
         for kind, run_id in runs.items():
             bpc = db.sql(
-                "SELECT avg(-log2(target_prob)) AS bpc FROM results_logit_lens "
-                f"WHERE run_id = '{run_id}' AND layer = 1 AND target_prob IS NOT NULL"
+                "SELECT avg(-log2(r.target_prob)) AS bpc FROM results_logit_lens r "
+                "JOIN sweep_runs s ON r.run_id = s.run_id "
+                "AND r.variant = s.variants['logit_lens'] "
+                f"WHERE r.run_id = '{run_id}' AND r.layer = 1 AND r.target_prob IS NOT NULL"
             )["bpc"][0]
             assert abs(bpc - summary["models"][kind]["final_validation_bpc"]) < 0.3, kind
             rows = db.sql(
@@ -139,3 +147,36 @@ def test_the_report_shows_the_verdict_and_every_chart(study_store):
     assert not math.isnan(expected.seconds_per_step["correlation"])
     rendered = render_in_browser(page)  # every chart draws, offline
     assert rendered.statuses == ["rendered"] * 8 and not rendered.errors
+
+
+def test_the_report_reads_each_points_own_tool_call(study_store, tmp_path):
+    # Last in the module: it adds a result variant to the shared store. Another call of
+    # training_curves on the dot run (here: the correlation model's curves, as a rerun
+    # with another path would be) must change neither the verdict nor any chart.
+    sweep_id = _sweep_id(study_store)
+    before = tmp_path / "before.html"
+    write_report(str(study_store), sweep_id, before)
+    other = DEFAULT_OUT / "correlation_curves.parquet"
+    analyze(
+        _runs(study_store)["dot"],
+        "training_curves",
+        {"path": str(other)},
+        store=str(study_store),
+        variant="another-checkout",
+    )
+    with Store(study_store) as db:  # the second call is there, beside the point's own
+        variants = db.sql(
+            "SELECT DISTINCT variant FROM results_training_curves "
+            f"WHERE run_id = '{_runs(study_store)['dot']}'"
+        )["variant"]
+    assert len(variants) == 2
+    after = tmp_path / "after.html"
+    write_report(str(study_store), sweep_id, after)
+    assert after.read_text() == before.read_text()
+
+
+def _sweep_id(store) -> str:
+    with Store(store) as db:
+        ids = db.sql("SELECT DISTINCT sweep_id FROM sweep_runs")["sweep_id"].to_list()
+    assert len(ids) == 1
+    return ids[0]

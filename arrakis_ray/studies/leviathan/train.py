@@ -8,10 +8,12 @@ weights draw no random numbers), the same batches in the same order and the same
 optimiser settings. Their steps are interleaved (dot, correlation, then the other order)
 so that a change in machine load hits both alike; each step is timed on its own.
 
-Time: 2000 steps of 32 x 128 characters per model took 1045 s in all (17 min; 0.245 s
-per step and model, evaluations included in the total) with one torch thread on a
-2-core machine shared with two other jobs; about 0.155 s per step, 11 minutes, when the
-machine is quiet. The run is deterministic: the same command gives the same bytes.
+Time (``train_config.json``): 2000 steps of 32 x 128 characters per model took 1045 s
+in all (17 min, evaluations included) with one torch thread on a 2-core machine shared
+with two other jobs: 0.245 s per optimiser step for the dot model, 0.243 s for the
+correlation one. Every random draw is seeded (torch for the initial weights, NumPy for
+the batches and the validation windows), so a rerun with the same torch version and
+thread count should repeat the weights and the losses; the wall times will differ.
 
 Written to ``--out`` (default: ``checkpoints/`` next to this file):
 
