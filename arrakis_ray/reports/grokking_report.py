@@ -2,7 +2,8 @@
 
 ``write_report(store, sweep_id, out)`` is the study's ``report:`` function
 (``pipelines/studies/grokking.yaml``: one run per checkpoint). Everything comes from the
-store through SQL:
+store through SQL, each point's rows from its own call of each tool (a store may hold
+other calls of a tool on the same run, as variants: ``sweeps.study.point_results_sql``):
 
 - ``sweep_runs``: the study's runs and the checkpoint each loaded (its epoch is in the
   file name, ``epoch_NNNNN.safetensors``); the last epoch is "the final model";
@@ -14,6 +15,10 @@ store through SQL:
 - ``results_fourier_neurons``, ``results_fourier_neuron_grid``,
   ``results_fourier_neuron_spectrum``: the neurons over (a, b) and in the 2D Fourier basis;
 - ``results_progress_measures``: the measures of every checkpoint.
+
+The key frequencies the page states are measured: those the final model's neurons
+cluster on (``results_fourier_neurons``); the page says so when progress_measures used
+others (its ``key_frequencies`` parameter).
 
 The phases: memorisation until the train accuracy first reaches 100 %; circuit
 formation until the test loss, past its peak, has fallen to half of it; cleanup until
@@ -34,10 +39,12 @@ from arrakis_ray.reports import grokking_charts as gc
 from arrakis_ray.reports.html import write_report as write_html
 from arrakis_ray.reports.site_pages import sql_text
 from arrakis_ray.store.catalog import Store
+from arrakis_ray.studies.grokking.phases import phase_epochs, rise_and_fall
+from arrakis_ray.sweeps.study import point_results_sql, points_sql
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = '"model.checkpoint"'  # the params field the study sweeps
+PARAM = "model.checkpoint"  # the parameter the study sweeps
 N_COMPONENTS = 8  # principal components analysed for their frequencies (as the seed)
 N_HEATMAP = 20  # principal components in the heatmap (the rest look like noise)
 
@@ -45,11 +52,11 @@ N_HEATMAP = 20  # principal components in the heatmap (the rest look like noise)
 def write_report(store: str, sweep_id: str, out: Path) -> None:
     """Write the study's page to ``out`` (an ``.html`` file; its folder is created)."""
     out = Path(out)
-    with Store(store) as db:  # a sweep records its tool calls as variants
+    with Store(store) as db:
         runs = study_runs(db, sweep_id)
         final = runs[max(runs)]
-        frames = {name: query(db, final) for name, query in _FINAL_QUERIES.items()}
-        frames["checkpoints"] = _per_checkpoint(db, runs)
+        frames = {name: query(db, sweep_id, final) for name, query in _FINAL_QUERIES.items()}
+        frames["checkpoints"] = _per_checkpoint(db, sweep_id, runs)
     curves = frames["curves"]
     phases = phase_epochs(curves)
     charts = _charts(frames, phases)
@@ -65,8 +72,7 @@ def write_report(store: str, sweep_id: str, out: Path) -> None:
 def study_runs(db: Store, sweep_id: str) -> dict[int, str]:
     """``{epoch: run id}`` of the study's completed points (epoch from the checkpoint name)."""
     rows = db.sql(
-        f"SELECT params.{CHECKPOINT} AS checkpoint, run_id FROM sweep_runs "
-        f"WHERE sweep_id = {sql_text(sweep_id)} AND status IN ('complete', 'skipped')"
+        f"{points_sql(sweep_id, PARAM, 'checkpoint')}SELECT checkpoint, run_id FROM points"
     ).rows(named=True)
     runs = {}
     for row in rows:
@@ -78,12 +84,23 @@ def study_runs(db: Store, sweep_id: str) -> dict[int, str]:
     return dict(sorted(runs.items()))
 
 
-def _select(table: str, columns: str, order: str, rounded: bool = True, where: str = "true"):
-    def query(db: Store, run_id: str):
-        frame = db.sql(
-            f"SELECT {columns} FROM results_{table} "
-            f"WHERE run_id = {sql_text(run_id)} AND {where} ORDER BY {order}"
-        ).to_pandas()
+def _select(
+    tool: str, table: str, columns: str, order: str, rounded: bool = True, where: str = "true"
+):
+    """A query of one results table for one run: only the rows of the run's own call of
+    ``tool`` in the sweep (a store may hold other calls of it, as other variants)."""
+
+    def query(db: Store, sweep_id: str, run_id: str):
+        sql = point_results_sql(
+            sweep_id,
+            PARAM,
+            "checkpoint",
+            tool,
+            f"results_{table}",
+            ", ".join(f"r.{c.strip()}" for c in columns.split(",")),
+            where=f"WHERE r.run_id = {sql_text(run_id)} AND {where} ORDER BY {order}",
+        )
+        frame = db.sql(sql).to_pandas().drop(columns="checkpoint")
         return gc.compact(frame) if rounded else frame
 
     return query
@@ -91,99 +108,81 @@ def _select(table: str, columns: str, order: str, rounded: bool = True, where: s
 
 _FINAL_QUERIES = {
     "curves": _select(
-        "training_curves", "step, split, metric, value", "split, metric, step", rounded=False
+        "training_curves",
+        "training_curves",
+        "step, split, metric, value",
+        "split, metric, step",
+        rounded=False,
     ),
     "embed": _select(
+        "fourier_embedding",
         "fourier_embedding",
         "frequency, norm_sq, fraction, rank, cumulative_fraction, in_top_k",
         "frequency",
     ),
     "embed_matrix": _select(
-        "fourier_embedding_matrix", "component, label, dim, value", "component, dim"
+        "fourier_embedding",
+        "fourier_embedding_matrix",
+        "component, label, dim, value",
+        "component, dim",
     ),
-    "svd": _select("embedding_svd", "component, singular_value, token, value", "component, token"),
-    "attention": _select("attention_to_equals", "head, a, b, weight", "head, a, b"),
-    "neurons": _select("fourier_neurons", "neuron, frequency, fraction, explained", "neuron"),
-    "grid": _select("fourier_neuron_grid", "neuron, a, b, activation", "neuron, a, b"),
+    "svd": _select(
+        "fourier_embedding",
+        "embedding_svd",
+        "component, singular_value, token, value",
+        "component, token",
+    ),
+    "attention": _select(
+        "attention_to_equals", "attention_to_equals", "head, a, b, weight", "head, a, b"
+    ),
+    "neurons": _select(
+        "fourier_neurons",
+        "fourier_neurons",
+        "neuron, frequency, fraction, explained",
+        "neuron",
+    ),
+    "grid": _select(
+        "fourier_neurons", "fourier_neuron_grid", "neuron, a, b, activation", "neuron, a, b"
+    ),
     "spectrum": _select(
+        "fourier_neurons",
         "fourier_neuron_spectrum",
         "a_component, b_component, value",
         "a_component, b_component",
-        where="neuron = 0",
+        where="r.neuron = 0",
     ),
 }
 
 
-def _per_checkpoint(db: Store, runs: dict[int, str]):
-    """Every checkpoint's measures: progress_measures, top-5 share, neurons explained."""
+def _per_checkpoint(db: Store, sweep_id: str, runs: dict[int, str]):
+    """Every checkpoint's measures: progress_measures, and the share of neurons explained
+    by one frequency (fourier_neurons), each from the point's own call of the tool."""
     import pandas as pd
 
-    cases = " ".join(f"WHEN {sql_text(r)} THEN {e}" for e, r in runs.items())
-    ids = ", ".join(sql_text(r) for r in runs.values())
-    epoch = f"CASE run_id {cases} END AS epoch"
     parts = [
-        db.sql(
-            f"SELECT {epoch}, metric, value FROM results_progress_measures WHERE run_id IN ({ids})"
+        point_results_sql(
+            sweep_id,
+            PARAM,
+            "checkpoint",
+            "progress_measures",
+            "results_progress_measures",
+            "r.run_id, r.metric, r.value",
         ),
-        db.sql(
-            f"SELECT {epoch}, 'neurons_explained' AS metric, avg(explained::DOUBLE) AS value "
-            f"FROM results_fourier_neurons WHERE run_id IN ({ids}) GROUP BY ALL"
+        point_results_sql(
+            sweep_id,
+            PARAM,
+            "checkpoint",
+            "fourier_neurons",
+            "results_fourier_neurons",
+            "r.run_id, 'neurons_explained' AS metric, avg(r.explained::DOUBLE) AS value",
+            where="GROUP BY ALL",
         ),
     ]
-    return pd.concat([p.to_pandas() for p in parts]).sort_values(["metric", "epoch"])
-
-
-def _first(curves: Any, split: str, metric: str, at_least: float) -> int | None:
-    rows = curves[
-        (curves["split"] == split) & (curves["metric"] == metric) & (curves["value"] >= at_least)
-    ]
-    return int(rows["step"].min()) if len(rows) else None
-
-
-def phase_epochs(curves: Any) -> list[tuple[str, float, float]]:
-    """``(phase, start, end)`` epochs of memorisation, circuit formation and cleanup.
-
-    Memorisation ends when the train accuracy first reaches 100 %; circuit formation when
-    the test loss, past its peak, has fallen to half of it; cleanup when the test
-    accuracy first reaches 99 %.
-    """
-    last = float(curves["step"].max())
-    memorised = _first(curves, "train", "accuracy", 1.0) or 0
-    grokked = _first(curves, "test", "accuracy", 0.99) or int(last)
-    test = curves[(curves["split"] == "test") & (curves["metric"] == "loss")].sort_values("step")
-    after = test[test["step"] >= memorised]
-    falling = int(grokked)
-    if len(after):
-        peak = after.loc[after["value"].idxmax()]
-        half = after[(after["step"] > peak["step"]) & (after["value"] <= peak["value"] / 2)]
-        falling = int(half["step"].iloc[0]) if len(half) else falling
-    falling = min(max(falling, memorised), grokked)
-    return [
-        ("1 memorisation", 0.0, float(memorised)),
-        ("2 circuit formation", float(memorised), float(falling)),
-        ("3 cleanup", float(falling), float(grokked)),
-        ("4 generalised", float(grokked), last),
-    ]
-
-
-def rise_and_fall(curves: Any) -> tuple[int | None, int | None]:
-    """Epochs at which, after memorisation, the excluded loss first doubles its value at
-    memorisation, and the test loss first falls below 1 nat (chance: log 113 = 4.7)."""
-    memorised = _first(curves, "train", "accuracy", 1.0)
-    if memorised is None:
-        return None, None
-    excluded = curves[(curves["split"] == "progress") & (curves["metric"] == "excluded_loss")]
-    excluded = excluded[excluded["step"] >= memorised].sort_values("step")
-    test = curves[(curves["split"] == "test") & (curves["metric"] == "loss")]
-    test = test[test["step"] > memorised].sort_values("step")
-    rose = (
-        excluded[excluded["value"] > 2 * excluded["value"].iloc[0]] if len(excluded) else excluded
-    )
-    fell = test[test["value"] < 1.0]
-    return (
-        int(rose["step"].iloc[0]) if len(rose) else None,
-        int(fell["step"].iloc[0]) if len(fell) else None,
-    )
+    frame = pd.concat([db.sql(q).to_pandas() for q in parts])
+    epoch_of = {run: epoch for epoch, run in runs.items()}
+    frame = frame[frame["run_id"].isin(epoch_of)]
+    frame.insert(0, "epoch", frame["run_id"].map(epoch_of))
+    return frame[["epoch", "metric", "value"]].sort_values(["metric", "epoch"])
 
 
 def _charts(frames: dict[str, Any], phases) -> list[tuple[str, Any]]:
@@ -363,12 +362,41 @@ def _charts(frames: dict[str, Any], phases) -> list[tuple[str, Any]]:
     ]
 
 
+def measured_key_frequencies(neurons: Any) -> list[int]:
+    """The final model's key frequencies as measured: the frequencies its neurons cluster
+    on, from ``results_fourier_neurons`` (each neuron's dominant frequency and whether
+    one frequency explains it), by the rule of ``fourier.key_frequencies``."""
+    from arrakis_ray.studies.grokking import fourier
+
+    return fourier.cluster_frequencies(
+        neurons["frequency"].to_numpy(), neurons["explained"].to_numpy(dtype=bool)
+    )
+
+
+def _key_frequencies_item(neurons: Any, used: list[int], value: dict[str, float]) -> str:
+    """The list item on the key frequencies: measured on the final model's neurons, and
+    whether progress_measures (a study parameter) used the same ones."""
+    keys = measured_key_frequencies(neurons)
+    same = (
+        "the progress measures use the same ones"
+        if keys == used
+        else f"<b>the progress measures used others</b>: {', '.join(map(str, used)) or 'none'} "
+        "(the study's progress_measures key_frequencies)"
+    )
+    return (
+        "<li>Key frequencies, measured on the final model (the frequencies its neurons "
+        f"cluster on, tool fourier_neurons): <b>{', '.join(map(str, keys)) or 'none'}</b>; "
+        f"{100 * value.get('neurons_explained', float('nan')):.0f} % of the neurons are "
+        f"explained by one frequency; {same}.</li>"
+    )
+
+
 def _intro(frames: dict[str, Any], phases, runs: dict[int, str]) -> str:
     checkpoints = frames["checkpoints"]
     final_epoch = max(runs)
     at_end = checkpoints[checkpoints["epoch"] == final_epoch]
     value = dict(zip(at_end["metric"], at_end["value"], strict=False))
-    keys = sorted(int(v) for v in at_end[at_end["metric"] == "key_frequency"]["value"])
+    used = sorted(int(v) for v in at_end[at_end["metric"] == "key_frequency"]["value"])
     embed = frames["embed"]
     top5 = float(embed[embed["rank"] == 5]["cumulative_fraction"].iloc[0])
     top = ", ".join(str(int(f)) for f in embed.sort_values("rank")["frequency"][:5])
@@ -385,9 +413,7 @@ def _intro(frames: dict[str, Any], phases, runs: dict[int, str]) -> str:
         f"{100 * value.get('train_accuracy', float('nan')):.2f} %.</li>"
         f"<li>The top 5 frequencies of W_E ({html.escape(top)}) hold <b>{100 * top5:.1f} %</b> "
         "of its norm<sup>2</sup>.</li>"
-        f"<li>Key frequencies (the neurons' clusters): <b>{', '.join(map(str, keys))}</b>; "
-        f"{100 * value.get('neurons_explained', float('nan')):.0f} % of the neurons are "
-        "explained by one frequency.</li>"
+        f"{_key_frequencies_item(frames['neurons'], used, value)}"
         f"<li>At the end the restricted loss is {value.get('restricted_loss', float('nan')):.3g} "
         f"and the excluded loss {value.get('excluded_loss', float('nan')):.3g}.</li>"
         f"<li>The excluded loss doubles (from its value at memorisation) at epoch {rose}, "

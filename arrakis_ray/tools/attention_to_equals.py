@@ -1,10 +1,15 @@
-"""Attention from ``=`` to an operand, per head, over the inputs ``a, b, =``.
+"""The attention paid BY ``=`` TO an operand, per head, over the inputs ``a, b, =``.
+
+Despite the tool's name (kept for the stores and pipelines that use it), the rows are
+attention *from* ``=``: the query is the ``=`` token (position 2, the only position
+whose output is the answer) and the key is ``source_pos`` (0 = a, the default; 1 = b).
+Each row's ``weight`` is ``pattern[head, q_pos=2, k_pos=source_pos]`` of the stored
+``blocks.L.attn.hook_pattern`` (the softmaxed, causal pattern), with the input's a and
+b. The issue's "attention from a to =" and the seed's figure mean this same quantity.
 
 In the modular-addition transformer (Nanda et al. 2023) the query at ``=`` reads a and
-b; how much each head gives to ``a`` (key position 0) as a function of (a, b) is
-periodic in the key frequencies. One row per (head, input): the pattern weight from
-the ``=`` position (the last, query) to ``source_pos`` (the key), with the input's a and
-b, read from the stored ``blocks.L.attn.hook_pattern``.
+b; how much each head gives to a, as a function of (a, b), is periodic in the key
+frequencies.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from arrakis_ray.errors import ToolError
 from arrakis_ray.hooks import family_hook
 from arrakis_ray.tools.base import ShardInputs, Tool
-from arrakis_ray.tools.fourier_embedding import check_vocab
+from arrakis_ray.tools.modular import check_modulus, check_vocab
 
 if TYPE_CHECKING:
     from arrakis_ray.store.manifest import RunManifest
@@ -32,18 +37,20 @@ class AttentionToEqualsParams:
     layer: int = 0
     """Block whose attention pattern is read."""
     source_pos: int = 0
-    """Key position attended to: 0 = a, 1 = b."""
+    """Key position that ``=`` (the query) attends to: 0 = a, 1 = b."""
 
     def __post_init__(self) -> None:
+        check_modulus(self.p)
         if self.source_pos not in (0, 1):
             raise ValueError("source_pos must be 0 (a) or 1 (b)")
 
 
 class AttentionToEquals(Tool):
-    """Per head and input (a, b): the attention ``=`` pays to a (or b)."""
+    """Per head and input (a, b): the attention weight with ``=`` as the query and a (or b,
+    ``source_pos``) as the key."""
 
     name = "attention_to_equals"
-    summary = "per head and input (a, b): attention weight from '=' to a (or b)"
+    summary = "per head and input (a, b): attention weight of query '=' on key a (or b)"
     reference = (
         "Nanda et al., 'Progress measures for grokking via mechanistic interpretability' (2023)"
     )

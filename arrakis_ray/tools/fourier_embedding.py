@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from arrakis_ray.errors import ToolError
 from arrakis_ray.tools.base import Tool
+from arrakis_ray.tools.modular import check_modulus, check_vocab
 
 if TYPE_CHECKING:
     from arrakis_ray.store.manifest import RunManifest
@@ -37,22 +37,9 @@ class ModularParams:
     """Frequencies marked ``in_top_k`` (the share the top k hold is ``cumulative_fraction``)."""
 
     def __post_init__(self) -> None:
-        if self.p < 3 or self.p % 2 == 0:
-            raise ValueError("p must be an odd modulus >= 3")
+        check_modulus(self.p)
         if not 1 <= self.top_k <= (self.p - 1) // 2:
             raise ValueError(f"top_k must be in 1..{(self.p - 1) // 2}")
-
-
-def check_vocab(tool: str, manifest: RunManifest, p: int, equals: bool = False) -> None:
-    """ToolError unless the model's vocabulary holds the numbers 0..p-1 (and ``=`` as id
-    p, when the tool runs the model on ``a b =`` itself)."""
-    need = p + 1 if equals else p
-    if manifest.shape.d_vocab < need:
-        tokens = f"the numbers 0..{p - 1}" + (f" and '=' (id {p})" if equals else "")
-        raise ToolError(
-            f"{tool}: needs a modular-arithmetic model with {tokens} as tokens; "
-            f"this model's vocabulary has {manifest.shape.d_vocab} tokens"
-        )
 
 
 class FourierEmbedding(Tool):

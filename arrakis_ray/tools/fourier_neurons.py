@@ -26,7 +26,7 @@ import numpy as np
 from arrakis_ray.errors import ToolError
 from arrakis_ray.hooks import family_hook
 from arrakis_ray.tools.base import Tool
-from arrakis_ray.tools.fourier_embedding import check_vocab
+from arrakis_ray.tools.modular import check_modulus, check_vocab
 
 if TYPE_CHECKING:
     from arrakis_ray.store.manifest import RunManifest
@@ -47,6 +47,7 @@ class FourierNeuronsParams:
     """Neurons 0..grid_neurons-1 get their (a, b) grid and 2D spectrum stored."""
 
     def __post_init__(self) -> None:
+        check_modulus(self.p)
         if not 0 < self.threshold <= 1:
             raise ValueError("threshold must be in (0, 1]")
         if self.grid_neurons < 0:

@@ -8,16 +8,18 @@ its neurons cluster on):
 
 - ``train_loss``, ``test_loss``, ``train_accuracy``, ``test_accuracy`` on the seeded
   split (``train_fraction``, ``data_seed``);
-- ``restricted_loss`` (all inputs, only the key-frequency components of the neurons) and
-  ``excluded_loss`` (training inputs, those components removed);
+- ``restricted_loss`` (all inputs: the logits keep only their components along
+  ``cos/sin(w (a + b))`` for the key frequencies, plus each output's mean) and
+  ``excluded_loss`` (training inputs: the logits with those components removed);
 - ``gini_embed``, ``gini_neuron_logit``: Gini coefficients of the per-frequency norms of
   W_E and of the neuron-logit map W_U W_out;
 - ``weight_norm_sq``: the total sum of squared parameters; ``top5_fraction``: the share
   of W_E's norm^2 in its top 5 frequencies;
 - ``key_frequency``: one row per key frequency used (value = the frequency).
 
-The neurons are the last block's ``mlp.hook_post`` at ``=``; the neuron-logit map is
-their direct path to the logits, so the measures are exact for a one-layer model.
+The model must have one layer and no norms (the grokking transformer): the neurons are
+its ``mlp.hook_post`` at ``=``, and the neuron-logit map W_U W_out is then their whole
+path to the logits.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from arrakis_ray.tools.base import Tool
-from arrakis_ray.tools.fourier_embedding import check_vocab
+from arrakis_ray.tools.modular import (
+    check_modulus,
+    check_one_layer_without_norms,
+    check_vocab,
+)
 
 if TYPE_CHECKING:
     from arrakis_ray.store.manifest import RunManifest
@@ -50,6 +56,7 @@ class ProgressMeasuresParams:
     """Seed of the train/test split."""
 
     def __post_init__(self) -> None:
+        check_modulus(self.p)
         bad = [k for k in self.key_frequencies if not 1 <= k <= (self.p - 1) // 2]
         if bad:
             raise ValueError(f"key_frequencies {bad} outside 1..{(self.p - 1) // 2}")
@@ -71,6 +78,7 @@ class ProgressMeasures(Tool):
 
     def check(self, manifest: RunManifest) -> None:
         check_vocab(self.name, manifest, self.params.p, equals=True)
+        check_one_layer_without_norms(self.name, manifest)
 
     def compute_run(self, inputs, model):
         import pyarrow as pa
@@ -113,7 +121,7 @@ def measure(model, params: ProgressMeasuresParams) -> list[tuple[str, float]]:
     w_out, _ = mlp_out_weights(model, last)  # [d_mlp, d_model]
     w_nl = (w_out @ w_u[:, :p]).T.double().cpu().numpy()  # [p, d_mlp]
     weight_norm = float(sum((w.detach().double() ** 2).sum() for w in model.model.parameters()))
-    rows = fourier.progress_measures(logits, acts, w_e, w_nl, weight_norm, labels, train, freqs)
+    rows = fourier.progress_measures(logits, w_e, w_nl, weight_norm, labels, train, freqs)
     predicted = logits.argmax(axis=1) == labels
     for split, rows_of in (("train", train), ("test", ~train)):
         rows[f"{split}_loss"] = fourier.cross_entropy(logits[rows_of], labels[rows_of])

@@ -15,9 +15,13 @@ import torch
 
 from arrakis_ray.studies.grokking import fourier, task
 from arrakis_ray.studies.grokking.model import P, load
+from arrakis_ray.studies.grokking.phases import rise_and_fall
 from arrakis_ray.studies.grokking.train import DEFAULT_OUT, answer_internals
+from arrakis_ray.tools.training_curves import read_curves
 
 META = json.loads((DEFAULT_OUT / "training.json").read_text())
+RISE_AND_FALL = (2800, 6120)
+"""Epochs at which the excluded loss doubles and the test loss falls below 1 nat (README)."""
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +69,18 @@ def test_the_key_frequencies_are_the_embeddings_top_ones(final):
 
 def test_restricted_loss_at_the_end_is_far_below_the_excluded_loss(final, curves):
     end = curves.iloc[-1]
-    assert end["progress/restricted_loss"] < 0.1 * end["progress/excluded_loss"]
-    # recomputed from the shipped (rounded) weights: the same measures
-    logits, acts = answer_internals(final, torch.from_numpy(task.all_pairs()))
-    w_nl = (final.unembed.weight[:P] @ final.blocks[0].mlp.w_out.weight).detach().double().numpy()
-    restricted, excluded = fourier.restricted_and_excluded_loss(
-        logits, acts, w_nl, task.labels(), task.train_mask(), META["key_frequencies"]
+    assert end["progress/restricted_loss"] < 1e-6 and end["progress/excluded_loss"] > 5.0
+    assert end["progress/restricted_loss"] == pytest.approx(
+        META["final"]["progress/restricted_loss"]
     )
-    assert restricted == pytest.approx(end["progress/restricted_loss"], rel=0.05, abs=1e-3)
-    assert excluded == pytest.approx(end["progress/excluded_loss"], rel=0.05)
+    assert end["progress/excluded_loss"] == pytest.approx(META["final"]["progress/excluded_loss"])
+    # recomputed from the shipped (float16) weights: the same measures
+    logits, _ = answer_internals(final, torch.from_numpy(task.all_pairs()))
+    restricted, excluded = fourier.restricted_and_excluded_loss(
+        logits, task.labels(), task.train_mask(), META["key_frequencies"]
+    )
+    assert restricted == pytest.approx(end["progress/restricted_loss"], abs=1e-5)
+    assert excluded == pytest.approx(end["progress/excluded_loss"], rel=0.01)
 
 
 def test_the_excluded_loss_rises_before_the_test_loss_falls(curves):
@@ -87,6 +94,9 @@ def test_the_excluded_loss_rises_before_the_test_loss_falls(curves):
     # ... before the test loss falls below 1 nat (chance is log 113 = 4.7)
     fell = curves.index[(curves.index > memorised) & (curves["test/loss"] < 1.0)][0]
     assert memorised < rose < fell
+    # the report's reading of the same curves (long form, as the store holds them)
+    long = read_curves(DEFAULT_OUT / "curves.parquet", "r").to_pandas()
+    assert rise_and_fall(long) == (rose, fell) == RISE_AND_FALL
 
 
 def test_generalisation_is_delayed(curves):
@@ -104,3 +114,31 @@ def test_the_tokenizer_has_the_numbers_and_equals_only():
     assert len(tok) == P + 1
     assert tok("3 112 =")["input_ids"] == [3, 112, P]
     assert tok.bos_token is None and tok.eos_token is None
+
+
+def test_the_shipped_checkpoints_are_the_phases_they_are_named(curves):
+    """Train accuracy 100 % at the memorisation checkpoint, test accuracy >= 99 % at the
+    grokked one (plain forward of the float16 weights), as the curves recorded."""
+    ids = torch.from_numpy(task.all_pairs())
+    test = ~task.train_mask()
+    accuracy = {}
+    for phase in ("memorised", "grokked"):
+        model = load(str(DEFAULT_OUT / META["checkpoints"][phase]))
+        with torch.no_grad():
+            right = model(ids)[:, -1, :P].argmax(-1).numpy() == task.labels()
+        accuracy[phase] = (right[~test].mean(), right[test].mean())
+    assert META["checkpoints"]["memorised"] == "epoch_00200.safetensors"
+    assert accuracy["memorised"][0] == 1.0 and accuracy["memorised"][1] < 0.2
+    assert META["checkpoints"]["grokked"] == "epoch_06600.safetensors"
+    assert accuracy["grokked"][1] >= 0.99
+    assert curves.loc[200, "train/accuracy"] == 1.0 and curves.loc[6600, "test/accuracy"] >= 0.99
+
+
+def test_the_key_frequencies_are_the_final_neurons_clusters(final):
+    """79 % of the final model's neurons are explained by one frequency, and the
+    frequencies they cluster on are training.json's key frequencies."""
+    _, acts = answer_internals(final, torch.from_numpy(task.all_pairs()))
+    freq, explained = fourier.neuron_clusters(acts)
+    assert explained.mean() == pytest.approx(0.79, abs=0.005)
+    assert fourier.cluster_frequencies(freq, explained) == META["key_frequencies"]
+    assert META["key_frequencies"] == [17, 29, 42, 44, 45]

@@ -74,27 +74,61 @@ def test_gini_matches_the_mean_absolute_difference():
 
 
 def test_restricted_and_excluded_loss_of_a_pure_fourier_model():
-    """Logits made only of the neurons' cos(w(a+b-c)) terms: the restricted loss is the
-    real loss, the excluded loss that of all-equal logits (log p)."""
+    """Logits made only of cos(w(a+b-c)) terms of the key frequencies: the restricted loss
+    is the real loss, the excluded loss that of all-equal logits (log p)."""
     a, b = np.divmod(np.arange(P * P), P)
-    freqs = [14, 41]
-    acts, w_nl = [], []
     c = np.arange(P)
-    for k in freqs:
-        w = 2 * np.pi * k / P
-        acts += [np.cos(w * (a + b)), np.sin(w * (a + b))]
-        w_nl += [np.cos(w * c), np.sin(w * c)]  # cos(w(a+b))cos(wc) + sin sin = cos(w(a+b-c))
-    acts = 50 * np.stack(acts, axis=1)
-    w_nl = np.stack(w_nl, axis=1)  # [p, n]
-    logits = acts @ w_nl.T
+    freqs = [14, 41]
+    logits = sum(50 * np.cos(2 * np.pi * k / P * (a[:, None] + b[:, None] - c)) for k in freqs)
     labels = (a + b) % P
     train = np.random.default_rng(0).random(P * P) < 0.3
-    restricted, excluded = fourier.restricted_and_excluded_loss(
-        logits, acts, w_nl, labels, train, freqs
-    )
+    restricted, excluded = fourier.restricted_and_excluded_loss(logits, labels, train, freqs)
     assert restricted == pytest.approx(fourier.cross_entropy(logits, labels))
     assert excluded == pytest.approx(np.log(P))
     assert restricted < 0.01 * excluded
+    # a memorising part (any function of (a, b) without those frequencies) is all excluded
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=(P * P, P))
+    noise -= fourier.key_logit_part(noise, freqs)
+    restricted2, excluded2 = fourier.restricted_and_excluded_loss(
+        logits + noise, labels, train, freqs
+    )
+    mean = (logits + noise).mean(axis=0, keepdims=True)
+    assert restricted2 == pytest.approx(fourier.cross_entropy(logits + mean, labels))
+    assert excluded2 == pytest.approx(fourier.cross_entropy(noise[train], labels[train]))
+
+
+def test_the_key_part_is_the_papers_2d_fourier_projection():
+    """The paper's code projects each output's logits over the (a, b) grid on the 2D
+    Fourier directions (cos a cos b - sin a sin b) / sqrt 2 and (sin a cos b + cos a sin b)
+    / sqrt 2 of each key frequency (cos and sin of w (a + b), by the angle-sum identities)."""
+    basis, _ = fourier.fourier_basis(P)
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(P * P, 6))
+    freqs = [3, 56]
+    expected = np.zeros_like(logits)
+    for k in freqs:
+        cos, sin = basis[2 * k - 1], basis[2 * k]
+        for d in (
+            (np.outer(cos, cos) - np.outer(sin, sin)) / np.sqrt(2),
+            (np.outer(sin, cos) + np.outer(cos, sin)) / np.sqrt(2),
+        ):
+            d = d.reshape(-1)  # row a * p + b
+            expected += np.outer(d, d @ logits)
+    np.testing.assert_allclose(fourier.key_logit_part(logits, freqs), expected, atol=1e-12)
+
+
+def test_the_clusters_of_stored_neurons_give_the_key_frequencies():
+    a, b = np.divmod(np.arange(P * P), P)
+    rng = np.random.default_rng(6)
+    cols = [np.cos(2 * np.pi * 7 / P * (a + b) + rng.uniform(0, 6)) for _ in range(30)]
+    cols += [np.cos(2 * np.pi * 20 / P * a + rng.uniform(0, 6)) for _ in range(10)]
+    cols += [rng.normal(size=P * P) for _ in range(60)]  # noise: no frequency explains it
+    acts = np.stack(cols, axis=1)
+    freq, explained = fourier.neuron_clusters(acts)
+    assert fourier.key_frequencies(acts) == [7, 20]
+    assert fourier.cluster_frequencies(freq, explained) == [7, 20]
+    assert fourier.cluster_frequencies(freq, explained, min_share=0.2) == [7]
 
 
 def test_cross_entropy_against_a_direct_formula():

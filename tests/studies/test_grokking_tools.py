@@ -18,6 +18,7 @@ from arrakis_ray.errors import ToolError
 from arrakis_ray.studies.grokking import fourier, task
 from arrakis_ray.studies.grokking.model import P, load
 from arrakis_ray.studies.grokking.train import DEFAULT_OUT, answer_internals
+from arrakis_ray.studies.grokking.train import progress_measures as train_measures
 from arrakis_ray.tools import TOOLS
 from arrakis_ray.tools.fourier_embedding import ModularParams, embedding_tables
 from arrakis_ray.tools.fourier_neurons import FourierNeuronsParams, neuron_tables
@@ -81,14 +82,69 @@ def test_the_neuron_tables_against_the_activations(final):
     assert const == pytest.approx(np.fft.fft2(acts[:, 0].reshape(P, P))[0, 0].real / P, rel=1e-4)
 
 
-@pytest.mark.parametrize(
-    "tool", ["fourier_embedding", "fourier_neurons", "attention_to_equals", "progress_measures"]
-)
-def test_a_model_without_the_numbers_is_refused_in_one_line(tool):
-    manifest = SimpleNamespace(shape=synthetic_shape(d_vocab=50, n_layers=1))
+MODULAR_TOOLS = ["fourier_embedding", "fourier_neurons", "attention_to_equals", "progress_measures"]
+
+
+@pytest.mark.parametrize("tool", MODULAR_TOOLS)
+@pytest.mark.parametrize("d_vocab", [50, 50257])
+def test_a_model_without_the_numbers_is_refused_in_one_line(tool, d_vocab):
+    manifest = SimpleNamespace(shape=synthetic_shape(d_vocab=d_vocab, n_layers=1, norm="none"))
     with pytest.raises(ToolError) as caught:
         TOOLS[tool](TOOLS[tool].Params()).check(manifest)
     assert "0..112" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("tool", MODULAR_TOOLS)
+def test_the_numbers_with_or_without_equals_pass(tool):
+    for d_vocab in (P, P + 1):
+        manifest = SimpleNamespace(shape=synthetic_shape(d_vocab=d_vocab, n_layers=1, norm="none"))
+        if tool == "progress_measures" and d_vocab == P:
+            with pytest.raises(ToolError, match="'=' \\(id 113\\)"):
+                TOOLS[tool](TOOLS[tool].Params()).check(manifest)
+        else:
+            TOOLS[tool](TOOLS[tool].Params()).check(manifest)
+
+
+@pytest.mark.parametrize(("n_layers", "norm"), [(2, "none"), (1, "layernorm")])
+def test_progress_measures_needs_one_layer_without_norms(n_layers, norm):
+    manifest = SimpleNamespace(shape=synthetic_shape(d_vocab=P + 1, n_layers=n_layers, norm=norm))
+    with pytest.raises(ToolError, match="one-layer model without norms") as caught:
+        TOOLS["progress_measures"](TOOLS["progress_measures"].Params()).check(manifest)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("tool", MODULAR_TOOLS)
+@pytest.mark.parametrize("p", [1, 2, 114])
+def test_the_modulus_must_be_odd_and_at_least_3(tool, p):
+    with pytest.raises(ValueError, match="odd modulus >= 3"):
+        TOOLS[tool].Params(p=p)
+
+
+def test_the_tools_progress_measures_equal_trainings_and_the_curves(final):
+    """The tool (through the custom backend's hooks) against train.py's computation on the
+    same weights, and against the last row of curves.parquet (the unrounded weights)."""
+    from arrakis_ray.models.custom import build_custom
+    from arrakis_ray.tools.progress_measures import ProgressMeasuresParams, measure
+
+    path = DEFAULT_OUT / META["checkpoints"]["final"]
+    hooked = build_custom("arrakis_ray.studies.grokking.model:build", {}, checkpoint=path)
+    keys = META["key_frequencies"]
+    tool = dict(measure(hooked, ProgressMeasuresParams(key_frequencies=tuple(keys))))
+    trained = train_measures(final, keys, task.train_mask())
+    end = pd.read_parquet(DEFAULT_OUT / "curves.parquet").iloc[-1]
+    for name in ("restricted_loss", "excluded_loss", "gini_embed", "gini_neuron_logit"):
+        assert tool[name] == pytest.approx(trained[f"progress/{name}"], rel=1e-6), name
+    for name in ("weight_norm_sq", "top5_fraction"):
+        assert tool[name] == pytest.approx(trained[f"progress/{name}"], rel=1e-9), name
+    for name in ("excluded_loss", "gini_embed", "gini_neuron_logit", "weight_norm_sq"):
+        assert tool[name] == pytest.approx(end[f"progress/{name}"], rel=2e-3), name
+    # the restricted loss is ~1e-7 nats: float16 rounding moves it by more than its size
+    assert tool["restricted_loss"] == pytest.approx(end["progress/restricted_loss"], abs=1e-5)
+    assert tool["test_accuracy"] == end["test/accuracy"]
+    assert tool["train_loss"] == pytest.approx(end["train/loss"], abs=1e-5)
+    # without key_frequencies the tool measures the checkpoint's own: the same ones here
+    own = measure(hooked, ProgressMeasuresParams())
+    assert sorted(v for m, v in own if m == "key_frequency") == keys
 
 
 def test_training_curves_reads_wide_and_long_files(tmp_path):

@@ -93,8 +93,18 @@ def key_frequencies(
     The paper's definition: the frequencies the MLP neurons cluster on.
     """
     freq, explained = neuron_clusters(acts, threshold)
-    counts = np.bincount(freq[explained], minlength=(int(np.sqrt(acts.shape[0])) + 1) // 2 + 1)
-    return [int(k) for k in np.flatnonzero(counts >= min_share * acts.shape[1])]
+    return cluster_frequencies(freq, explained, min_share)
+
+
+def cluster_frequencies(
+    frequency: np.ndarray, explained: np.ndarray, min_share: float = 0.02
+) -> list[int]:
+    """The key frequencies from each neuron's dominant ``frequency`` and whether one
+    frequency ``explained`` it: those that at least ``min_share`` of all neurons are
+    explained by, sorted (what ``fourier_neurons`` stores gives the same answer)."""
+    frequency, explained = np.asarray(frequency), np.asarray(explained, dtype=bool)
+    counts = np.bincount(frequency[explained].astype(np.int64), minlength=1)
+    return [int(k) for k in np.flatnonzero(counts >= min_share * len(frequency)) if k > 0]
 
 
 def gini(values: np.ndarray) -> float:
@@ -125,34 +135,38 @@ def sum_directions(p: int, freqs: list[int]) -> np.ndarray:
     return dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
 
 
-def restricted_and_excluded_loss(
-    logits: np.ndarray,
-    neuron_acts: np.ndarray,
-    neuron_to_logit: np.ndarray,
-    labels: np.ndarray,
-    train: np.ndarray,
-    freqs: list[int],
-) -> tuple[float, float]:
-    """The paper's two progress measures, from the MLP neurons at ``=``.
+def key_logit_part(logits: np.ndarray, freqs: list[int]) -> np.ndarray:
+    """The part of ``logits [p*p, classes]`` along ``cos/sin(w (a + b))`` for ``freqs``.
 
-    ``logits [p*p, p]`` and ``neuron_acts [p*p, n]`` are over all inputs,
-    ``neuron_to_logit [p, n]`` is ``W_U @ W_out`` (the neurons' direct effect).
-
-    - restricted loss (all inputs): the neurons keep only their mean and their
-      components along ``cos/sin(w (a + b))`` for the key frequencies ``w``; the logits
-      are those neurons' effect, shifted to the real logits' mean per class.
-    - excluded loss (training inputs): the real logits minus the effect of those
-      components. It rises while the model still memorises the training set, as the
-      general algorithm comes to carry the training loss.
+    Each output's logits are a function on the ``(a, b)`` grid; this projects every
+    column onto the key-frequency directions (orthonormal for distinct frequencies, and
+    orthogonal to the constant, so each column keeps its mean in the rest).
     """
-    p = logits.shape[1]
-    acts = neuron_acts.astype(np.float64)
-    w_nl = neuron_to_logit.astype(np.float64)
+    p = int(round(np.sqrt(logits.shape[0])))
     dirs = sum_directions(p, freqs)  # [2f, p*p]
-    key_part = dirs.T @ (dirs @ acts)  # the acts' projection on the key directions
-    restricted = (acts.mean(axis=0, keepdims=True) + key_part) @ w_nl.T
-    restricted += logits.mean(axis=0, keepdims=True) - restricted.mean(axis=0, keepdims=True)
-    excluded = logits.astype(np.float64) - key_part @ w_nl.T
+    z = logits.astype(np.float64)
+    return dirs.T @ (dirs @ z)
+
+
+def restricted_and_excluded_loss(
+    logits: np.ndarray, labels: np.ndarray, train: np.ndarray, freqs: list[int]
+) -> tuple[float, float]:
+    """The paper's two progress measures, from the logits at ``=`` over all ``p^2`` inputs.
+
+    ``logits [p*p, p]`` are ordered like ``task.all_pairs``. As in Nanda et al. (2023):
+
+    - restricted loss (all inputs): the logits keep only their components along
+      ``cos/sin(w (a + b))`` for the key frequencies ``w``, plus each output's mean
+      (the paper's bias correction). It falls before the test loss does, as the
+      general algorithm forms.
+    - excluded loss (training inputs): the logits with those components removed. It
+      rises while the training loss stays low, as the general algorithm comes to carry
+      the training set in place of memorisation.
+    """
+    z = logits.astype(np.float64)
+    key_part = key_logit_part(z, freqs)
+    restricted = key_part + z.mean(axis=0, keepdims=True)
+    excluded = z - key_part
     return cross_entropy(restricted, labels), cross_entropy(excluded[train], labels[train])
 
 
@@ -163,7 +177,6 @@ def weight_norm_sq(weights: dict[str, np.ndarray]) -> float:
 
 def progress_measures(
     logits: np.ndarray,
-    neuron_acts: np.ndarray,
     w_e: np.ndarray,
     neuron_to_logit: np.ndarray,
     weight_norm: float,
@@ -176,9 +189,7 @@ def progress_measures(
     ``w_e [p, d]`` is the number tokens' embedding; the Gini coefficients are over the
     per-frequency norms of W_E and of the neuron-logit map (W_U W_out, over the outputs).
     """
-    restricted, excluded = restricted_and_excluded_loss(
-        logits, neuron_acts, neuron_to_logit, labels, train, freqs
-    )
+    restricted, excluded = restricted_and_excluded_loss(logits, labels, train, freqs)
     return {
         "restricted_loss": restricted,
         "excluded_loss": excluded,
