@@ -58,7 +58,7 @@ class TrainingCurves(Tool):
 def read_curves(path: str | Path, run_id: str, schema: pa.Schema | None = None) -> pa.Table:
     """The file's metrics as a long table ``(run_id, step, split, metric, value)``."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    from pyarrow import parquet as pq  # the curves file the user names (not a store file)
 
     try:
         table = pq.read_table(path)

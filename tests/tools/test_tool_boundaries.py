@@ -17,7 +17,8 @@ import arrakis_ray.tools as tools_package
 from arrakis_ray.tools.runner import harvest_hint
 
 TOOLS_DIR = Path(tools_package.__file__).parent
-INFRASTRUCTURE = {"__init__", "base", "runner", "decompose", "patching", "live_metrics"}  # shared
+# shared modules, not tools (modular: the modular-arithmetic tools' checks)
+INFRASTRUCTURE = {"__init__", "base", "runner", "decompose", "patching", "live_metrics", "modular"}
 TOOL_MODULES = sorted(p for p in TOOLS_DIR.glob("*.py") if p.stem not in INFRASTRUCTURE)
 # the neuron dashboard is one tool in several modules (sketch, contexts, histograms,
 # logit effects, SAE access): they may import each other, and no other tool them
